@@ -1,0 +1,35 @@
+"""dtnh_jax: DTNH ("Towards Making Deep Transfer Learning Never Hurt") for JAX.
+
+The core is :func:`dtnh`, an ``optax`` gradient transformation that takes the
+tuple ``(empirical_grad, regularizer_grad)`` and returns DTNH's descent
+direction, and :func:`split_value_and_grad`, which computes both gradients
+from one forward pass. Models, regularizers, data and training live in the
+submodules ``dtnh_jax.models``, ``dtnh_jax.regularizers``, ``dtnh_jax.data`` and
+``dtnh_jax.train``, imported on first use.
+"""
+
+import importlib
+
+from dtnh_jax.gradients import ClosedFormRegularizer, split_value_and_grad
+from dtnh_jax.projection import Diagnostics
+from dtnh_jax.transform import DTNHState, dtnh, projection_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClosedFormRegularizer",
+    "DTNHState",
+    "Diagnostics",
+    "dtnh",
+    "projection_groups",
+    "split_value_and_grad",
+]
+
+_SUBMODULES = ("models", "regularizers", "data", "train", "cli")
+
+
+def __getattr__(name):
+  # Submodules pull in flax/tfds; load them only when asked for.
+  if name in _SUBMODULES:
+    return importlib.import_module(f"dtnh_jax.{name}")
+  raise AttributeError(f"module 'dtnh_jax' has no attribute {name!r}")

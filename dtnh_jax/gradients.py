@@ -1,0 +1,110 @@
+"""Both gradients DTNH needs, from ONE forward pass.
+
+DTNH needs ``∇J`` and ``∇Ω`` apart. Calling ``jax.value_and_grad`` twice would
+run the network forward twice; instead we linearize once with ``jax.vjp`` and
+pull back one cotangent per loss term (one backward pass each). A regularizer
+with a closed-form gradient (L2-SP: ``α (w - w0)``) needs no backward pass at
+all: pass it as a :class:`ClosedFormRegularizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class ClosedFormRegularizer(NamedTuple):
+  """A regularizer of the parameters alone whose gradient is known in closed form.
+
+  Attributes:
+    value: ``params -> scalar``, the regularizer.
+    grad: ``params -> pytree``, its gradient; leaves it does not touch may be
+      ``None`` (DTNH and :func:`split_value_and_grad` treat them as zeros).
+  """
+
+  value: Callable[[PyTree], jax.Array]
+  grad: Callable[[PyTree], PyTree]
+
+
+def _as_terms(out) -> tuple[jax.Array, ...]:
+  terms = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+  for i, term in enumerate(terms):
+    if jnp.ndim(term) != 0:
+      name = "the empirical loss" if i == 0 else f"regularizer #{i}"
+      raise TypeError(
+          f"split_value_and_grad: {name} must be a scalar, got shape {jnp.shape(term)}. "
+          "The function must return `empirical` or `(empirical, reg_1, ..., reg_m)`"
+          " (and `aux` after it when has_aux=True)."
+      )
+  return terms
+
+
+def split_value_and_grad(
+    fun: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    closed_form: Sequence[ClosedFormRegularizer] = (),
+    backward: str = "sequential",
+) -> Callable[..., tuple[Any, tuple[PyTree, ...]]]:
+  """Like ``jax.value_and_grad``, but one gradient per loss term and one forward pass.
+
+  Args:
+    fun: ``fun(params, *args, **kwargs)`` returning the empirical loss, or a
+      tuple ``(empirical, reg_1, ..., reg_m)`` of scalars computed from one
+      forward pass of the model (e.g. KnowDist from the same feature maps);
+      with ``has_aux``, ``(that, aux)``.
+    has_aux: whether ``fun`` returns auxiliary data (e.g. BatchNorm statistics).
+    closed_form: regularizers of the parameters alone with known gradients;
+      their values and gradients are appended after ``fun``'s terms.
+    backward: ``"sequential"`` pulls back each cotangent with its own call to
+      the VJP; ``"vmap"`` batches the pull-backs (more memory, sometimes faster).
+
+  Returns:
+    A function with ``fun``'s signature returning ``(values, grads)``, or
+    ``((values, aux), grads)`` with ``has_aux``, where ``values`` and ``grads``
+    are tuples ``(empirical, reg_1, ..., reg_k)``; ``grads`` is exactly what
+    :func:`dtnh_jax.dtnh`'s ``update`` takes.
+
+  Example::
+
+    def loss_fn(params, batch):
+      logits, features = model.apply(params, batch["image"], return_features=True)
+      return cross_entropy(logits, batch["label"]), feature_distance(features, ...)
+
+    (ce, kd), (g_ce, g_kd) = split_value_and_grad(loss_fn)(params, batch)
+  """
+  if backward not in ("sequential", "vmap"):
+    raise ValueError(f"split_value_and_grad: backward must be 'sequential' or 'vmap', got {backward!r}.")
+
+  def value_and_grads(params, *args, **kwargs):
+    forward = lambda p: fun(p, *args, **kwargs)
+    if has_aux:
+      out, pullback, aux = jax.vjp(forward, params, has_aux=True)
+    else:
+      out, pullback = jax.vjp(forward, params)
+    terms = _as_terms(out)
+
+    def cotangent(index):
+      one_hot = tuple(jnp.ones_like(t) if i == index else jnp.zeros_like(t) for i, t in enumerate(terms))
+      return one_hot if isinstance(out, (tuple, list)) else one_hot[0]
+
+    if backward == "vmap" and len(terms) > 1:
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[cotangent(i) for i in range(len(terms))])
+      batched = jax.vmap(lambda ct: pullback(ct)[0])(stacked)
+      grads = [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(len(terms))]
+    else:
+      grads = [pullback(cotangent(i))[0] for i in range(len(terms))]
+
+    values = list(terms)
+    for regularizer in closed_form:
+      values.append(regularizer.value(params))
+      grads.append(regularizer.grad(params))
+    values, grads = tuple(values), tuple(grads)
+    return ((values, aux), grads) if has_aux else (values, grads)
+
+  return value_and_grads

@@ -1,0 +1,255 @@
+"""``dtnh()``: DTNH as an optax gradient transformation, its state and options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dtnh_jax import projection as projection_lib
+from dtnh_jax.projection import Diagnostics
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+Granularity = Union[str, PyTree, Callable[[PyTree], PyTree]]
+
+_GRANULARITIES = ("tree", "leaf", "module")
+
+
+class DTNHState(NamedTuple):
+  """State of :func:`dtnh`: a step counter (for schedules) and the last diagnostics."""
+
+  count: jax.Array
+  diagnostics: Diagnostics
+
+
+def _is_structural_zero(x) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _keystr(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
+  """Leaves of one regularizer gradient aligned with the empirical ones.
+
+  ``None`` and ``optax.MaskedNode()`` stand for leaves (or whole subtrees, e.g.
+  ``{"fc": None}`` for a new head) that the regularizer does not touch. Raises
+  ``ValueError`` naming the first path where the trees differ.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(regularizer, is_leaf=_is_structural_zero)
+  name = f"regularizer gradient #{index}" if index else "regularizer gradient"
+  aligned, position = [], 0
+  for path, empirical_leaf in zip(empirical_paths, empirical_leaves):
+    if position >= len(flat):
+      raise ValueError(
+          f"dtnh: the {name} lacks the leaf {_keystr(path)} of the empirical "
+          "gradient; pass None for leaves the regularizer does not touch."
+      )
+    reg_path, leaf = flat[position]
+    covers = _is_structural_zero(leaf) and tuple(path[:len(reg_path)]) == tuple(reg_path)
+    if reg_path != path and not covers:
+      raise ValueError(
+          f"dtnh: the {name} and the empirical gradient differ in structure: "
+          f"the first differing path is {_keystr(path)} in the empirical gradient "
+          f"vs {_keystr(reg_path)} in the {name}. Compute both with respect to the "
+          "same parameters (use None for untouched leaves)."
+      )
+    if covers:
+      aligned.append(None)
+      following = len(aligned)
+      if following == len(empirical_paths) or tuple(empirical_paths[following][:len(reg_path)]) != tuple(reg_path):
+        position += 1  # the zero subtree ends here
+      continue
+    if jnp.shape(leaf) != jnp.shape(empirical_leaf):
+      raise ValueError(
+          f"dtnh: leaf {_keystr(path)} has shape {jnp.shape(leaf)} in the {name} "
+          f"but {jnp.shape(empirical_leaf)} in the empirical gradient."
+      )
+    aligned.append(leaf)
+    position += 1
+  if position < len(flat):
+    raise ValueError(
+        f"dtnh: the {name} has a leaf at {_keystr(flat[position][0])} that the empirical "
+        "gradient lacks; both must have the structure of the parameters."
+    )
+  return aligned
+
+
+def _split_updates(updates, params):
+  if not isinstance(updates, (tuple, list)) or len(updates) < 2:
+    raise TypeError(
+        "dtnh expects `updates` to be a tuple (empirical_grad, regularizer_grad, ...) "
+        f"of two or more pytrees with the parameters' structure; got {type(updates).__name__}"
+        + (f" of length {len(updates)}" if isinstance(updates, (tuple, list)) else "")
+        + ". Compute the gradients separately, e.g. with dtnh_jax.split_value_and_grad."
+    )
+  if params is not None and jax.tree.structure(updates) == jax.tree.structure(params):
+    raise TypeError(
+        "dtnh expects `updates` to be a tuple (empirical_grad, regularizer_grad, ...), "
+        "but got a single pytree shaped like the parameters. Compute the two gradients "
+        "separately, e.g. with dtnh_jax.split_value_and_grad."
+    )
+  return updates[0], list(updates[1:])
+
+
+def _normalize_weights(reg_weight) -> tuple[list[ScalarOrSchedule], bool]:
+  """The list of per-regularizer weights, and whether there is exactly one."""
+  if callable(reg_weight):
+    weights, single = [reg_weight], True
+  elif isinstance(reg_weight, (list, tuple)):
+    weights, single = list(reg_weight), False
+  elif jnp.ndim(reg_weight) == 0:
+    weights, single = [reg_weight], True
+  elif jnp.ndim(reg_weight) == 1:
+    weights, single = [reg_weight[i] for i in range(jnp.shape(reg_weight)[0])], False
+  else:
+    raise ValueError(f"dtnh: reg_weight must be a scalar, a schedule or a sequence; got shape {jnp.shape(reg_weight)}")
+  if not weights:
+    raise ValueError("dtnh: reg_weight is an empty sequence; give one weight per regularizer.")
+  for weight in weights:
+    if isinstance(weight, (int, float)) and weight < 0:
+      raise ValueError(f"dtnh: reg_weight must be >= 0, got {weight}.")
+  return weights, single
+
+
+def _labels(granularity: Granularity, paths, tree) -> list[Hashable]:
+  if isinstance(granularity, str):
+    if granularity == "tree":
+      return [0] * len(paths)
+    if granularity == "leaf":
+      return list(range(len(paths)))
+    if granularity == "module":
+      return [tuple(path[:-1]) for path in paths]
+    raise ValueError(f"dtnh: granularity must be one of {_GRANULARITIES}, a label pytree or a function; got {granularity!r}.")
+  labels = granularity(tree) if callable(granularity) else granularity
+  return _leaves_like(labels, tree, "granularity labels")
+
+
+def _leaves_like(prefix_tree, tree, what: str) -> list:
+  """Leaves of a pytree matching ``tree``'s structure, one per leaf of ``tree``."""
+  try:
+    return jax.tree.leaves(jax.tree.map(lambda _, value: value, tree, prefix_tree))
+  except ValueError as error:
+    raise ValueError(f"dtnh: the {what} must have the structure of the parameters: {error}") from None
+
+
+def _unprojected_flags(unprojected, tree, num_leaves) -> list[bool]:
+  if unprojected is None:
+    return [False] * num_leaves
+  mask = unprojected(tree) if callable(unprojected) else unprojected
+  return [bool(flag) for flag in _leaves_like(mask, tree, "unprojected mask")]
+
+
+def dtnh(
+    reg_weight: ScalarOrSchedule | Sequence[ScalarOrSchedule],
+    *,
+    granularity: Granularity = "tree",
+    projection: str = "conflict",
+    unprojected: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DTNH: a descent direction that never slows the empirical loss down.
+
+  Given the empirical gradient :math:`g = \nabla J(\omega)` and the regularizer
+  gradient :math:`r = \nabla \Omega(\omega, \omega_s)` (Algorithm 1 of Wan et al.)
+
+  .. math::
+
+    d = \begin{cases}
+      g + \lambda r & \text{if } \langle g, r\rangle \ge 0 \\
+      g + \lambda \left(r - \frac{\langle g, r\rangle}{\|g\|^2} g\right) & \text{otherwise,}
+    \end{cases}
+
+  so :math:`\langle d, g\rangle \ge \|g\|^2` and :math:`\langle d - g, r\rangle \ge 0`.
+  Chain it before the optimizer, which then sees :math:`d` as the gradient.
+  Inner products accumulate in float32 (or wider); each leaf of ``d`` keeps the
+  dtype of the empirical gradient's leaf. NaN or Inf in either gradient is
+  not masked: it reaches ``d`` (and the diagnostics), so the usual checks see it.
+
+  Args:
+    reg_weight: :math:`\lambda`, a float or an ``optax`` schedule of the step
+      count (the paper decays it per epoch); for several regularizers, a
+      sequence with one weight or schedule each.
+    granularity: over which parameters each projection is computed:
+      ``"tree"`` (the paper: one projection over the whole vector), ``"leaf"``
+      (each parameter tensor on its own, as in the authors' released code),
+      ``"module"`` (leaves sharing a parent path, e.g. one group per layer),
+      a pytree of hashable labels with the parameters' structure, or a
+      function from the parameters to such a pytree.
+    projection: ``"conflict"`` projects only when :math:`\langle g, r\rangle < 0`
+      (the paper); ``"always"`` removes the component along :math:`g` in every
+      step (the authors' released code); ``"none"`` never projects: ``d = g + λ r``,
+      the plain regularized gradient, with the same diagnostics (the baseline
+      a DTNH run is compared with).
+    unprojected: a pytree of booleans (or a function of the parameters giving
+      one); True leaves are never projected (``d = g + λ r`` there) and take
+      no part in the groups' inner products (the released code skips the new
+      classifier head this way).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update((g, r_1, ..., r_k),
+    state, params=None, **extra_args)`` returns ``(d, state)``. A regularizer
+    gradient may hold ``None`` (or ``optax.MaskedNode()``) for leaves it does
+    not touch. ``state.diagnostics`` holds :class:`~dtnh_jax.Diagnostics`.
+
+  Example::
+
+    tx = optax.chain(dtnh_jax.dtnh(reg_weight=0.01),
+                     optax.sgd(learning_rate=0.01, momentum=0.9))
+    updates, opt_state = tx.update((g_emp, g_reg), opt_state, params)
+    print(opt_state[0].diagnostics.angle1)   # or optax.tree.get(opt_state, "diagnostics")
+
+  References:
+    Wan, Xiong, Li, Zhu, Huan, `Towards Making Deep Transfer Learning Never
+    Hurt <https://arxiv.org/abs/1911.07489>`_, ICDM 2019.
+  """
+  weights, single = _normalize_weights(reg_weight)
+  if projection not in projection_lib.PROJECTIONS:
+    raise ValueError(f"dtnh: projection must be one of {projection_lib.PROJECTIONS}, got {projection!r}.")
+
+  def init_fn(params):
+    del params
+    return DTNHState(count=jnp.zeros([], jnp.int32), diagnostics=Diagnostics.zeros(len(weights), single))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    empirical, regularizers = _split_updates(updates, params)
+    if len(regularizers) != len(weights):
+      raise ValueError(
+          f"dtnh: got {len(regularizers)} regularizer gradient(s) but {len(weights)} "
+          "reg_weight(s); give one weight per regularizer."
+      )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(empirical)
+    paths = [path for path, _ in flat]
+    empirical_leaves = [leaf for _, leaf in flat]
+    regularizer_leaves = [
+        _flatten_regularizer(paths, empirical_leaves, reg, i + 1 if len(regularizers) > 1 else 0)
+        for i, reg in enumerate(regularizers)
+    ]
+    tree_for_labels = empirical if params is None else params
+    grouping = projection_groups(tree_for_labels, granularity, unprojected)
+    reg_weights = jnp.stack([
+        jnp.asarray(w(state.count) if callable(w) else w, jnp.float32) for w in weights
+    ])
+    direction_leaves, diagnostics = projection_lib.project(
+        empirical_leaves, regularizer_leaves, reg_weights, grouping, projection, single
+    )
+    direction = jax.tree_util.tree_unflatten(treedef, direction_leaves)
+    return direction, DTNHState(count=optax.safe_increment(state.count), diagnostics=diagnostics)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def projection_groups(tree: PyTree, granularity: Granularity = "tree", unprojected=None) -> projection_lib.Grouping:
+  """The :class:`~dtnh_jax.projection.Grouping` that :func:`dtnh` uses for ``tree``.
+
+  Handy to check which parameters share a projection before training.
+  """
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  labels = _labels(granularity, paths, tree)
+  flags = _unprojected_flags(unprojected, tree, len(paths))
+  return projection_lib.group_leaves(labels, flags)

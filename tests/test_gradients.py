@@ -1,0 +1,100 @@
+"""split_value_and_grad: both gradients from one forward pass, equal to separate jax.grad calls."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dtnh_jax
+
+KEY = jax.random.PRNGKey(0)
+PARAMS = {
+    "layer1": {"kernel": jax.random.normal(KEY, (4, 6)) * 0.5},
+    "fc": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (6, 3)) * 0.5},
+}
+SOURCE = jax.tree.map(lambda x: x + 0.1, PARAMS)
+BATCH = {"x": jax.random.normal(jax.random.PRNGKey(2), (8, 4)), "y": jnp.arange(8) % 3}
+
+
+def features(params, x):
+  return jnp.tanh(x @ params["layer1"]["kernel"])
+
+
+def cross_entropy(params, batch):
+  logits = features(params, batch["x"]) @ params["fc"]["kernel"]
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), batch["y"]])
+
+
+def knowdist(params, batch):
+  return jnp.mean((features(params, batch["x"]) - features(SOURCE, batch["x"])) ** 2)
+
+
+def both(params, batch):
+  """One forward pass: the feature map feeds the head and the distance."""
+  h = features(params, batch["x"])
+  logits = h @ params["fc"]["kernel"]
+  ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), batch["y"]])
+  return ce, jnp.mean((h - features(SOURCE, batch["x"])) ** 2)
+
+
+@pytest.mark.parametrize("backward", ["sequential", "vmap"])
+def test_split_gradients_equal_two_separate_grad_calls(backward):
+  (ce, kd), (g_ce, g_kd) = jax.jit(dtnh_jax.split_value_and_grad(both, backward=backward))(PARAMS, BATCH)
+  np.testing.assert_allclose(ce, cross_entropy(PARAMS, BATCH), rtol=1e-6)
+  np.testing.assert_allclose(kd, knowdist(PARAMS, BATCH), rtol=1e-6)
+  chex.assert_trees_all_close(g_ce, jax.grad(cross_entropy)(PARAMS, BATCH), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(g_kd, jax.grad(knowdist)(PARAMS, BATCH), rtol=1e-5, atol=1e-7)
+
+
+def test_the_forward_pass_runs_once():
+  calls = []
+
+  def counted(params, batch):
+    calls.append(1)
+    return both(params, batch)
+
+  jax.make_jaxpr(dtnh_jax.split_value_and_grad(counted))(PARAMS, BATCH)
+  assert len(calls) == 1
+
+
+def test_has_aux_returns_the_auxiliary_output():
+  def with_aux(params, batch):
+    ce, kd = both(params, batch)
+    return (ce, kd), {"mean_feature": jnp.mean(features(params, batch["x"]))}
+
+  ((ce, kd), aux), (g_ce, _) = dtnh_jax.split_value_and_grad(with_aux, has_aux=True)(PARAMS, BATCH)
+  np.testing.assert_allclose(aux["mean_feature"], jnp.mean(features(PARAMS, BATCH["x"])), rtol=1e-6)
+  chex.assert_trees_all_close(g_ce, jax.grad(cross_entropy)(PARAMS, BATCH), rtol=1e-5, atol=1e-7)
+
+
+def test_closed_form_regularizer_skips_the_backward_pass():
+  alpha = 0.1
+  l2_sp = dtnh_jax.ClosedFormRegularizer(
+      value=lambda p: alpha / 2 * sum(jnp.sum((w - s) ** 2) for w, s in zip(jax.tree.leaves(p), jax.tree.leaves(SOURCE))),
+      grad=lambda p: jax.tree.map(lambda w, s: alpha * (w - s), p, SOURCE),
+  )
+  fn = dtnh_jax.split_value_and_grad(cross_entropy, closed_form=[l2_sp])
+  (ce, reg), (g_ce, g_reg) = fn(PARAMS, BATCH)
+  chex.assert_trees_all_close(g_reg, jax.grad(l2_sp.value)(PARAMS), rtol=1e-6)
+  chex.assert_trees_all_close(g_ce, jax.grad(cross_entropy)(PARAMS, BATCH), rtol=1e-5, atol=1e-7)
+  # as many matmuls as one value_and_grad of the empirical loss: no second backward pass
+  count = lambda f: str(jax.make_jaxpr(f)(PARAMS, BATCH)).count("dot_general")
+  assert count(fn) == count(jax.value_and_grad(cross_entropy))
+
+
+def test_single_scalar_function_gives_a_one_element_tuple():
+  values, grads = dtnh_jax.split_value_and_grad(cross_entropy)(PARAMS, BATCH)
+  assert len(values) == 1 and len(grads) == 1
+
+
+def test_split_gradients_feed_dtnh_directly():
+  tx = dtnh_jax.dtnh(0.5)
+  _, grads = dtnh_jax.split_value_and_grad(both)(PARAMS, BATCH)
+  direction, state = tx.update(grads, tx.init(PARAMS), PARAMS)
+  chex.assert_trees_all_equal_structs(direction, PARAMS)
+
+
+def test_non_scalar_loss_is_refused_with_a_clear_message():
+  with pytest.raises(TypeError, match="regularizer #1 must be a scalar"):
+    dtnh_jax.split_value_and_grad(lambda p, b: (cross_entropy(p, b), features(p, b["x"])))(PARAMS, BATCH)

@@ -1,0 +1,205 @@
+"""dtnh() behaves like an optax optimizer: the bar of optax/contrib/_common_test.py, and more."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dtnh_jax
+from reference import dtnh_vectors, flat
+
+PARAMS = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.1, -0.2, 0.3])}
+SOURCE = jax.tree.map(lambda x: x + 1.0, PARAMS)
+
+
+def empirical_loss(params):
+  return jnp.sum(jnp.sin(params["w"]) ** 2) + jnp.sum((params["b"] - 2.0) ** 2)
+
+
+def l2_sp(params):
+  return 0.5 * sum(jnp.sum((p - s) ** 2) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(SOURCE)))
+
+
+def grads(params):
+  return jax.grad(empirical_loss)(params), jax.grad(l2_sp)(params)
+
+
+def leaves64(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def test_update_ignores_unknown_extra_args():
+  tx = dtnh_jax.dtnh(0.1)
+  state = tx.init(PARAMS)
+  plain, _ = tx.update(grads(PARAMS), state, PARAMS)
+  extra, _ = tx.update(grads(PARAMS), state, PARAMS, value=1.0, unexpected_extra_arg=3)
+  chex.assert_trees_all_equal(plain, extra)
+
+
+def test_jitted_step_does_not_recompile_on_second_call():
+  tx = optax.chain(dtnh_jax.dtnh(optax.exponential_decay(0.1, 5, 0.5)), optax.sgd(0.01, momentum=0.9))
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grads(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = step(PARAMS, tx.init(PARAMS))
+  params, state = step(params, state)
+  assert step._cache_size() == 1
+
+
+def test_inject_hyperparams_gives_identical_numbers():
+  tx = dtnh_jax.dtnh(0.3, granularity="leaf")
+  injected = optax.inject_hyperparams(dtnh_jax.dtnh)(reg_weight=0.3, granularity="leaf")
+  direction, state = jax.jit(tx.update)(grads(PARAMS), tx.init(PARAMS), PARAMS)
+  direction_i, state_i = jax.jit(injected.update)(grads(PARAMS), injected.init(PARAMS), PARAMS)
+  chex.assert_trees_all_close(direction, direction_i, rtol=1e-6)
+  chex.assert_trees_all_close(state, state_i.inner_state, rtol=1e-6)
+
+
+def test_inject_hyperparams_can_change_the_weight_between_steps():
+  injected = optax.inject_hyperparams(dtnh_jax.dtnh)(reg_weight=0.3)
+  state = injected.init(PARAMS)
+  state.hyperparams["reg_weight"] = jnp.asarray(2.0)
+  direction, state = injected.update(grads(PARAMS), state, PARAMS)
+  want, _ = dtnh_jax.dtnh(2.0).update(grads(PARAMS), dtnh_jax.dtnh(2.0).init(PARAMS), PARAMS)
+  chex.assert_trees_all_close(direction, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_updates_keep_the_parameters_dtype(dtype):
+  params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+  tx = optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.01, momentum=0.9))
+  g, r = jax.tree.map(lambda x: x.astype(dtype), grads(PARAMS))
+  updates, _ = jax.jit(tx.update)((g, r), tx.init(params), params)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+
+
+def test_state_is_stable_under_lax_cond():
+  tx = dtnh_jax.dtnh(0.1)
+  state = tx.init(PARAMS)
+
+  @jax.jit
+  def maybe_update(flag, state):
+    return jax.lax.cond(flag, lambda s: tx.update(grads(PARAMS), s, PARAMS)[1], lambda s: s, state)
+
+  updated = maybe_update(True, state)
+  kept = maybe_update(False, state)
+  chex.assert_trees_all_equal_structs(updated, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updated, state)
+  assert int(updated.count) == 1 and int(kept.count) == 0
+
+
+def test_chain_with_sgd_momentum_equals_sgd_on_the_dtnh_direction():
+  lam, lr = 0.5, 0.05
+  tx = optax.chain(dtnh_jax.dtnh(lam), optax.sgd(lr, momentum=0.9))
+  state = tx.init(PARAMS)
+  params, velocity = PARAMS, None
+  for _ in range(3):
+    g, r = grads(params)
+    updates, state = tx.update((g, r), state, params)
+    d = dtnh_vectors(flat(leaves64(g)), [flat(leaves64(r))], [lam])
+    velocity = d if velocity is None else d + 0.9 * velocity
+    np.testing.assert_allclose(flat(leaves64(updates)), -lr * velocity, rtol=1e-5, atol=1e-7)
+    params = optax.apply_updates(params, updates)
+
+
+def test_chain_with_adam_equals_adam_on_the_dtnh_direction():
+  lam = 0.5
+  tx = optax.chain(dtnh_jax.dtnh(lam), optax.adam(1e-2))
+  adam = optax.adam(1e-2)
+  state, adam_state = tx.init(PARAMS), adam.init(PARAMS)
+  params = PARAMS
+  for _ in range(3):
+    g, r = grads(params)
+    updates, state = tx.update((g, r), state, params)
+    d, _ = dtnh_jax.dtnh(lam).update((g, r), dtnh_jax.dtnh(lam).init(params), params)
+    want, adam_state = adam.update(d, adam_state, params)
+    chex.assert_trees_all_close(updates, want, rtol=1e-6)
+    params = optax.apply_updates(params, updates)
+
+
+def test_schedule_weight_is_evaluated_at_the_step_count():
+  schedule = optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5)
+  tx = dtnh_jax.dtnh(schedule)
+  state = tx.init(PARAMS)
+  for step in range(3):
+    _, state = tx.update(grads(PARAMS), state, PARAMS)
+    np.testing.assert_allclose(state.diagnostics.reg_weight, 0.5 ** step)
+
+
+def test_diagnostics_are_found_in_a_chain_state_by_name():
+  tx = optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.01, momentum=0.9))
+  _, state = tx.update(grads(PARAMS), tx.init(PARAMS), PARAMS)
+  diagnostics = optax.tree.get(state, "diagnostics")
+  assert diagnostics is state[0].diagnostics
+  assert float(diagnostics.empirical_norm) > 0
+
+
+def test_tree_map_params_leaves_the_state_usable():
+  tx = optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.01, momentum=0.9))
+  state = optax.tree.map_params(tx, lambda v: v, tx.init(PARAMS))
+  tx.update(grads(PARAMS), state, PARAMS)
+
+
+# --- errors ------------------------------------------------------------------
+
+def test_structure_mismatch_names_the_first_differing_path():
+  g, r = grads(PARAMS)
+  r = {"w": r["w"], "c": r["b"]}
+  with pytest.raises(ValueError, match=r"\['b'\].*\['c'\]"):
+    dtnh_jax.dtnh(0.1).update((g, r), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+def test_missing_leaf_in_the_regularizer_is_named():
+  g, r = grads(PARAMS)
+  with pytest.raises(ValueError, match=r"lacks the leaf \['w'\]"):
+    dtnh_jax.dtnh(0.1).update((g, {"b": r["b"]}), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+def test_shape_mismatch_names_the_leaf_and_both_shapes():
+  g, r = grads(PARAMS)
+  r = {**r, "b": jnp.zeros(4)}
+  with pytest.raises(ValueError, match=r"\['b'\] has shape \(4,\).*\(3,\)"):
+    dtnh_jax.dtnh(0.1).update((g, r), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("updates", [{"w": 1.0}, (PARAMS,), [PARAMS]])
+def test_updates_that_are_not_a_tuple_of_gradients_raise_type_error(updates):
+  with pytest.raises(TypeError, match=r"tuple \(empirical_grad, regularizer_grad"):
+    dtnh_jax.dtnh(0.1).update(updates, dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+def test_single_gradient_that_happens_to_be_a_tuple_is_refused():
+  params = (jnp.ones(2), jnp.ones(3))
+  with pytest.raises(TypeError, match="single pytree shaped like the parameters"):
+    dtnh_jax.dtnh(0.1).update(params, dtnh_jax.dtnh(0.1).init(params), params)
+
+
+def test_number_of_weights_must_match_number_of_regularizers():
+  g, r = grads(PARAMS)
+  with pytest.raises(ValueError, match="2 regularizer gradient.*1 reg_weight"):
+    dtnh_jax.dtnh(0.1).update((g, r, r), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"reg_weight": -1.0}, "reg_weight must be >= 0"),
+    ({"reg_weight": 0.1, "projection": "sometimes"}, "projection must be one of"),
+])
+def test_bad_options_are_refused_at_construction(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    dtnh_jax.dtnh(**kwargs)
+
+
+def test_unknown_granularity_string_is_refused():
+  with pytest.raises(ValueError, match="granularity must be one of"):
+    dtnh_jax.dtnh(0.1, granularity="layer").update(grads(PARAMS), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
+
+
+def test_projection_groups_reports_the_grouping():
+  grouping = dtnh_jax.projection_groups(PARAMS, "leaf", unprojected={"w": False, "b": True})
+  assert grouping.num_groups == 1
+  assert grouping.leaf_group == (1, 0)  # leaves in jax order: b, w
