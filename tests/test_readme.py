@@ -1,0 +1,23 @@
+"""The README's code runs as written, and CI runs the README's test command."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_python_examples_run():
+  blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_quickstart_has_exactly_two_commands_and_ci_runs_the_second():
+  section = README.split("## Quickstart", 1)[1]
+  block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+  commands = [line for line in block.splitlines() if line.strip()]
+  assert len(commands) == 2
+  assert "pytest" in commands[1]
+  assert "README.md" in (ROOT / ".ci" / "run").read_text()
