@@ -1,0 +1,27 @@
+"""Flax ResNets laid out like torchvision, and checkpoint conversion.
+
+:mod:`~dtnh_jax.models.resnet` holds the models, :mod:`~dtnh_jax.models.convert`
+the torchvision <-> Flax conversion and the orbax checkpoints that record how
+to rebuild a model.
+"""
+
+from dtnh_jax.models.convert import CheckpointMismatchError
+from dtnh_jax.models.convert import convert_torchvision
+from dtnh_jax.models.convert import load_torchvision_checkpoint
+from dtnh_jax.models.convert import load_variables
+from dtnh_jax.models.convert import model_from_metadata
+from dtnh_jax.models.convert import save_variables
+from dtnh_jax.models.convert import to_torchvision
+from dtnh_jax.models.resnet import ARCHITECTURES
+from dtnh_jax.models.resnet import BasicBlock
+from dtnh_jax.models.resnet import BatchNorm
+from dtnh_jax.models.resnet import Bottleneck
+from dtnh_jax.models.resnet import create_model
+from dtnh_jax.models.resnet import FEATURE_NAMES
+from dtnh_jax.models.resnet import IMAGENET_MEAN
+from dtnh_jax.models.resnet import IMAGENET_STD
+from dtnh_jax.models.resnet import replace_head
+from dtnh_jax.models.resnet import ResNet
+from dtnh_jax.models.resnet import resnet18
+from dtnh_jax.models.resnet import resnet34
+from dtnh_jax.models.resnet import resnet50

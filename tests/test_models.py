@@ -1,0 +1,295 @@
+"""The Flax ResNets compute what torchvision's compute.
+
+Differential tests: a torchvision model with random weights and random
+BatchNorm statistics is converted and both are run on the same images; the
+logits, the running statistics after a train-mode step, the intermediate
+feature maps and masked forward passes must agree to float32 rounding.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtnh_jax.models import convert
+from dtnh_jax.models import resnet
+
+# Max-abs difference allowed, relative to max(1, max |reference|).
+RTOL = 1e-4
+# The running variance is an average of squares of activations deep in a
+# random network; PyTorch's own float32 result is ~5e-5 (relative) away from
+# its float64 one for ResNet-50, so allow a little more than for logits.
+STATS_RTOL = 2e-4
+BATCH = 2
+
+ARCHS = [
+    "resnet18",
+    pytest.param("resnet50", marks=pytest.mark.slow),
+]
+# An even and an odd size: the odd one catches wrong padding arithmetic,
+# the even one Flax's asymmetric 'SAME' padding on stride-2 layers.
+SIZES = [64, 57]
+
+
+def _images(size, batch=BATCH, seed=0):
+  return np.random.RandomState(seed).randn(batch, size, size, 3).astype(
+      np.float32)
+
+
+def _to_torch(images_nhwc):
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.from_numpy(
+      np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+
+
+def _nchw_to_nhwc(tensor):
+  return tensor.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _max_abs_diff(actual, reference):
+  return float(np.max(np.abs(np.asarray(actual, np.float64)
+                             - np.asarray(reference, np.float64))))
+
+
+def _assert_close(actual, reference, rtol, record=None, name=None):
+  reference = np.asarray(reference)
+  assert np.shape(actual) == reference.shape
+  difference = _max_abs_diff(actual, reference)
+  scale = float(np.max(np.abs(reference)))
+  if record is not None:
+    record(name, difference, scale)
+  assert difference <= rtol * max(1.0, scale), (difference, scale)
+
+
+@pytest.fixture
+def converted(random_torchvision_resnet):
+  """(torchvision model, Flax model, Flax variables) for an arch."""
+
+  def make(arch):
+    torch_model = random_torchvision_resnet(arch)
+    variables = convert.convert_torchvision(torch_model.state_dict(), arch)
+    return torch_model, resnet.create_model(arch), variables
+
+  return make
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_logits_match_torchvision(converted, record_parity, arch, size):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_model, model, variables = converted(arch)
+  images = _images(size)
+  with torch.no_grad():
+    expected = torch_model.eval()(_to_torch(images)).numpy()
+  with jax.default_matmul_precision("highest"):
+    logits = model.apply(variables, images, train=False)
+  assert logits.dtype == jnp.float32
+  _assert_close(logits, expected, RTOL, record_parity,
+                f"{arch} eval logits ({size}x{size})")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_mode_matches_torchvision(converted, record_parity, arch, size):
+  """Batch statistics normalize; running statistics move with momentum 0.1."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_model, model, variables = converted(arch)
+  images = _images(size)
+  with torch.no_grad():
+    expected = torch_model.train()(_to_torch(images)).numpy()
+  with jax.default_matmul_precision("highest"):
+    logits, updates = model.apply(variables, images, train=True,
+                                  mutable=["batch_stats"])
+  _assert_close(logits, expected, RTOL, record_parity,
+                f"{arch} train logits ({size}x{size})")
+
+  updated = convert.to_torchvision(
+      {"params": variables["params"], **updates}, arch)
+  worst = (0.0, 1.0)
+  for key, tensor in torch_model.state_dict().items():
+    if "running_" in key:
+      reference = tensor.numpy()
+      _assert_close(updated[key], reference, STATS_RTOL)
+      scale = max(1.0, float(np.max(np.abs(reference))))
+      difference = _max_abs_diff(updated[key], reference)
+      worst = max(worst, (difference, scale), key=lambda d: d[0] / d[1])
+  record_parity(f"{arch} running stats ({size}x{size})", *worst)
+
+
+def test_running_variance_is_unbiased_like_pytorch():
+  # 2 images of 1x1 pixel: n = 2, so PyTorch stores var * 2 / 1.
+  norm = resnet.BatchNorm(use_running_average=False, momentum=0.0)
+  x = jnp.array([1.0, 3.0]).reshape(2, 1, 1, 1)
+  variables = norm.init(jax.random.key(0), x)
+  y, updates = norm.apply(variables, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], [2.0])
+  np.testing.assert_allclose(updates["batch_stats"]["var"], [2.0])
+  # The output itself uses the biased variance (1.0).
+  np.testing.assert_allclose(y.ravel(), [-1.0, 1.0], atol=1e-5)
+
+
+def test_features_are_torchvision_stage_outputs(converted, record_parity):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_model, model, variables = converted("resnet18")
+  images = _images(57)
+  captured = {}
+  names = ["layer1", "layer2", "layer3", "layer4", "avgpool"]
+  hooks = [getattr(torch_model, name).register_forward_hook(
+      lambda _, __, out, name=name: captured.__setitem__(name, out))
+           for name in names]
+  with torch.no_grad():
+    torch_model(_to_torch(images))
+  for hook in hooks:
+    hook.remove()
+
+  with jax.default_matmul_precision("highest"):
+    logits, features = model.apply(variables, images, return_features=True)
+  assert set(features) == set(resnet.FEATURE_NAMES)
+  np.testing.assert_array_equal(logits, model.apply(variables, images))
+  for name in names[:4]:
+    _assert_close(features[name], _nchw_to_nhwc(captured[name]), RTOL,
+                  record_parity, f"resnet18 feature {name} (57x57)")
+  _assert_close(features["pool"], captured["avgpool"].flatten(1).numpy(), RTOL)
+
+
+@pytest.mark.parametrize(
+    "stage, per_example",
+    [("layer4", False), ("layer2", True)],
+    ids=["layer4_channel_mask", "layer2_per_example_mask"])
+def test_feature_mask_equals_zeroing_in_torchvision(converted, stage,
+                                                    per_example):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_model, model, variables = converted("resnet18")
+  images = _images(57)
+  channels = variables["params"][f"{stage}_1"]["bn2"]["scale"].shape[0]
+  mask = np.ones((BATCH, 1, 1, channels) if per_example else (channels,),
+                 np.float32)
+  mask[..., 3] = 0.0
+  if per_example:
+    mask[1, ..., 5] = 0.0  # only the second image loses channel 5
+
+  torch_mask = torch.from_numpy(
+      mask.reshape(BATCH, channels, 1, 1) if per_example
+      else mask.reshape(1, channels, 1, 1))
+  hook = getattr(torch_model, stage).register_forward_hook(
+      lambda _, __, out: out * torch_mask)
+  with torch.no_grad():
+    expected = torch_model(_to_torch(images)).numpy()
+  hook.remove()
+
+  with jax.default_matmul_precision("highest"):
+    logits, features = model.apply(variables, images, return_features=True,
+                                   feature_masks={stage: mask})
+    unmasked = model.apply(variables, images)
+  _assert_close(logits, expected, RTOL)
+  assert _max_abs_diff(unmasked, expected) > 1e-3  # the mask matters
+  assert np.all(np.asarray(features[stage])[..., 3] == 0.0)
+
+
+def _tiny_model(**kwargs):
+  options = dict(num_classes=10, width=0.25, small_stem=True)
+  options.update(kwargs)
+  return resnet.resnet18(**options)
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+  """Variables of ``_tiny_model()`` from ``model.init`` (once: it compiles)."""
+  return _tiny_model().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_init_gives_torchvision_defaults(tiny_variables):
+  params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
+  np.testing.assert_array_equal(params["bn1"]["scale"], np.ones(16))
+  np.testing.assert_array_equal(params["bn1"]["bias"], np.zeros(16))
+  np.testing.assert_array_equal(stats["bn1"]["mean"], np.zeros(16))
+  np.testing.assert_array_equal(stats["bn1"]["var"], np.ones(16))
+  # kaiming_normal_(mode="fan_out"): std sqrt(2 / (3 * 3 * 128)).
+  kernel = params["layer4_1"]["conv2"]["kernel"]
+  assert abs(float(jnp.std(kernel)) / np.sqrt(2 / (9 * 128)) - 1) < 0.05
+  assert float(jnp.max(jnp.abs(params["fc"]["kernel"]))) <= 1 / np.sqrt(128)
+
+
+def test_unknown_feature_mask_name_is_rejected(tiny_variables):
+  with pytest.raises(ValueError, match="layer_4"):
+    _tiny_model().apply(tiny_variables, jnp.zeros((1, 16, 16, 3)),
+                        feature_masks={"layer_4": jnp.ones(128)})
+
+
+def test_feature_masks_work_under_jit(tiny_variables):
+  model = _tiny_model()
+  x = jnp.asarray(_images(16))
+
+  @jax.jit
+  def masked_logits(variables, mask):
+    return model.apply(variables, x, feature_masks={"layer4": mask})
+
+  ones = jnp.ones(128)
+  np.testing.assert_allclose(masked_logits(tiny_variables, ones),
+                             model.apply(tiny_variables, x),
+                             rtol=1e-5, atol=1e-5)
+  zeros = jnp.zeros(128)
+  bias = tiny_variables["params"]["fc"]["bias"]
+  np.testing.assert_allclose(masked_logits(tiny_variables, zeros),
+                             jnp.broadcast_to(bias, (BATCH, 10)), atol=1e-6)
+
+
+def test_width_and_small_stem_set_channels_and_resolution(tiny_variables):
+  x = jnp.zeros((BATCH, 32, 32, 3))
+  assert tiny_variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 16)
+  logits, features = _tiny_model().apply(tiny_variables, x,
+                                         return_features=True)
+  assert logits.shape == (BATCH, 10)
+  assert features["layer1"].shape == (BATCH, 32, 32, 16)
+  assert features["layer2"].shape == (BATCH, 16, 16, 32)
+  assert features["layer3"].shape == (BATCH, 8, 8, 64)
+  assert features["layer4"].shape == (BATCH, 4, 4, 128)
+  assert features["pool"].shape == (BATCH, 128)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("resnet18", 11_689_512), ("resnet34", 21_797_672),
+    ("resnet50", 25_557_032)])
+def test_parameter_count_is_torchvisions(arch, expected):
+  model = resnet.create_model(arch)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 64, 64, 3)))
+  assert sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == (
+      expected)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_variables):
+  x = jnp.asarray(_images(16))
+  model16 = _tiny_model(dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(model16.init, jax.random.key(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+  logits, features = model16.apply(tiny_variables, x, return_features=True)
+  assert logits.dtype == jnp.float32
+  assert features["layer4"].dtype == jnp.bfloat16
+  reference = _tiny_model().apply(tiny_variables, x)
+  np.testing.assert_allclose(logits, reference, rtol=0.05,
+                             atol=0.05 * float(jnp.max(jnp.abs(reference))))
+  _, updates = model16.apply(tiny_variables, x, train=True,
+                             mutable=["batch_stats"])
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
+
+
+def test_replace_head_keeps_backbone_and_resizes_fc(tiny_variables):
+  new = resnet.replace_head(tiny_variables, 37, jax.random.key(1))
+
+  assert new["params"]["fc"]["kernel"].shape == (128, 37)
+  assert new["params"]["fc"]["bias"].shape == (37,)
+  bound = 1.0 / np.sqrt(128)
+  for leaf in new["params"]["fc"].values():
+    assert leaf.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(leaf))) <= bound
+  assert new["batch_stats"] is tiny_variables["batch_stats"]
+  old_backbone = {k: v for k, v in tiny_variables["params"].items()
+                  if k != "fc"}
+  new_backbone = {k: v for k, v in new["params"].items() if k != "fc"}
+  jax.tree.map(np.testing.assert_array_equal, new_backbone, old_backbone)
+  assert tiny_variables["params"]["fc"]["kernel"].shape == (128, 10)
+
+  logits = _tiny_model(num_classes=37).apply(new, jnp.asarray(_images(16)))
+  assert logits.shape == (BATCH, 37)
