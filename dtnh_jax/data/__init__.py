@@ -1,0 +1,65 @@
+"""Data for DTNH: the paper's datasets, the input pipeline, offline arrays.
+
+* :mod:`~dtnh_jax.data.datasets`: the registry of the paper's datasets
+  (``DATASETS``), :class:`DatasetInfo`, :class:`ArraySource`, and
+  :func:`prepare` (TFDS, ``array_record`` format).
+* :mod:`~dtnh_jax.data.builders`: TFDS builders for Caltech-256 and
+  MIT Indoor-67 (manual download).
+* :mod:`~dtnh_jax.data.pipeline`: :func:`make_train_loader` (endless,
+  shuffled, augmented, resumable, sharded) and :func:`make_eval_batches`
+  (one masked pass), on grain; the paper's resize / crop / mirror /
+  normalization.
+* :mod:`~dtnh_jax.data.offline`: a small transfer problem that needs no
+  download (scikit-learn's digits as target, a related and an unrelated
+  source).
+
+Example::
+
+  from dtnh_jax import data
+
+  loader = data.make_train_loader("cifar10", batch_size=48, seed=0)
+  batch = next(loader)            # {"image": (48, 224, 224, 3) f32, "label"}
+  state = loader.get_state()      # JSON-serializable; loader.set_state(state)
+  for batch in data.make_eval_batches("cifar10", batch_size=100):
+    ...                           # batch["mask"] marks the real examples
+
+  train, test = data.offline.target(seed=0)
+  loader = data.make_train_loader(train, batch_size=32, seed=0,
+                                  resize=36, crop=32)
+"""
+
+from dtnh_jax.data import offline
+from dtnh_jax.data.datasets import ArraySource
+from dtnh_jax.data.datasets import data_source
+from dtnh_jax.data.datasets import DATASETS
+from dtnh_jax.data.datasets import dataset_info
+from dtnh_jax.data.datasets import DatasetInfo
+from dtnh_jax.data.datasets import DatasetSpec
+from dtnh_jax.data.datasets import prepare
+from dtnh_jax.data.errors import DatasetNotPreparedError
+from dtnh_jax.data.errors import ManualDownloadRequiredError
+from dtnh_jax.data.pipeline import EvalBatches
+from dtnh_jax.data.pipeline import IMAGENET_MEAN
+from dtnh_jax.data.pipeline import IMAGENET_STD
+from dtnh_jax.data.pipeline import make_eval_batches
+from dtnh_jax.data.pipeline import make_train_loader
+from dtnh_jax.data.pipeline import TrainLoader
+
+__all__ = [
+    "ArraySource",
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotPreparedError",
+    "DatasetSpec",
+    "EvalBatches",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ManualDownloadRequiredError",
+    "TrainLoader",
+    "data_source",
+    "dataset_info",
+    "make_eval_batches",
+    "make_train_loader",
+    "offline",
+    "prepare",
+]

@@ -1,0 +1,149 @@
+"""The offline transfer problem: deterministic, disjoint, no download."""
+
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from dtnh_jax import data  # pylint: disable=wrong-import-position
+from dtnh_jax.data import offline  # pylint: disable=wrong-import-position
+
+NUM_DIGITS = 1797  # sklearn.datasets.load_digits()
+
+
+def _pool_sizes():
+  """(target pool, source pool) sizes: each class split in halves."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  per_class = np.bincount(load_digits().target)
+  source = int(np.sum(per_class // 2))
+  return NUM_DIGITS - source, source
+
+
+@pytest.fixture(scope="module")
+def target0():
+  return offline.target(seed=0)
+
+
+@pytest.fixture(scope="module")
+def related0():
+  return offline.source("related", seed=0)
+
+
+@pytest.fixture(scope="module")
+def unrelated0():
+  return offline.source("unrelated", seed=0, num_examples=1000)
+
+
+def _same(a, b):
+  return (np.array_equal(a.images, b.images)
+          and np.array_equal(a.labels, b.labels)
+          and np.array_equal(a.ids, b.ids))
+
+
+def test_offline_data_are_built_without_network(monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError("offline data must not touch the network")
+
+  monkeypatch.setattr(socket, "socket", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  offline._digits.cache_clear()  # pylint: disable=protected-access
+  train, _ = offline.target(seed=0, image_size=16)
+  unrelated = offline.source("unrelated", seed=0, image_size=16,
+                             num_examples=20)
+  assert len(train) == 100 and len(unrelated) == 20
+
+
+def test_target_is_determined_by_its_seed(target0):
+  again = offline.target(seed=0)
+  assert _same(target0[0], again[0]) and _same(target0[1], again[1])
+  other_train, _ = offline.target(seed=1)
+  assert not np.array_equal(target0[0].ids, other_train.ids)
+
+
+def test_target_has_few_training_digits_per_class_and_the_rest_as_test(
+    target0):
+  train, test = target0
+  assert train.num_classes == test.num_classes == 10
+  assert np.bincount(train.labels).tolist() == [10] * 10
+  assert not set(train.ids) & set(test.ids)
+  # Half of each class (rounded up) is the target pool: 901 of 1797 digits.
+  assert len(train) + len(test) == _pool_sizes()[0]
+  assert sorted(np.unique(test.labels)) == list(range(10))
+
+
+def test_target_images_are_upsampled_gray_digits(target0):
+  train, _ = target0
+  assert train.images.shape == (100, 32, 32, 3)
+  assert train.images.dtype == np.uint8
+  np.testing.assert_array_equal(train.images[..., 0], train.images[..., 2])
+  small, _ = offline.target(seed=0, image_size=16, train_per_class=3)
+  assert small.images.shape == (30, 16, 16, 3)
+
+
+def test_related_source_never_contains_a_target_digit(target0, related0):
+  for seed in (0, 1):
+    train, test = target0 if seed == 0 else offline.target(seed=seed)
+    assert not set(related0.ids) & (set(train.ids) | set(test.ids))
+  assert set(related0.ids) | set(target0[0].ids) | set(target0[1].ids) == set(
+      range(NUM_DIGITS))
+
+
+def test_related_source_is_digits_labelled_by_identity(related0):
+  assert related0.num_classes == 10
+  assert len(set(related0.ids)) == _pool_sizes()[1]
+  assert len(related0) == 4 * _pool_sizes()[1]  # copies=4 renderings each
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  np.testing.assert_array_equal(related0.labels,
+                                load_digits().target[related0.ids])
+
+
+def test_sources_are_determined_by_their_seed(related0, unrelated0):
+  assert _same(related0, offline.source("related", seed=0))
+  assert not np.array_equal(related0.images,
+                            offline.source("related", seed=1).images)
+  assert _same(unrelated0, offline.source("unrelated", seed=0,
+                                          num_examples=1000))
+  assert not np.array_equal(
+      unrelated0.images,
+      offline.source("unrelated", seed=1, num_examples=1000).images)
+
+
+def test_unrelated_source_is_color_photo_patches_in_ten_balanced_classes(
+    unrelated0):
+  assert unrelated0.num_classes == offline.NUM_CLASSES["unrelated"] == 10
+  counts = np.bincount(unrelated0.labels, minlength=10)
+  assert counts.min() > 60  # 1000 patches, about 100 per class
+  channels = unrelated0.images.astype(int)
+  assert np.abs(channels[..., 0] - channels[..., 2]).mean() > 5  # not gray
+
+
+def test_every_offline_dataset_declares_its_class_count(target0, related0,
+                                                         unrelated0):
+  datasets = {"target": target0[0], "related": related0,
+              "unrelated": unrelated0}
+  for name, dataset in datasets.items():
+    assert dataset.num_classes == offline.NUM_CLASSES[name]
+    assert set(np.unique(dataset.labels)) == set(range(dataset.num_classes))
+  assert set(offline.SOURCES) == {"related", "unrelated"}
+
+
+def test_unknown_source_is_rejected():
+  with pytest.raises(ValueError, match="related"):
+    offline.source("imagenet")
+
+
+def test_offline_datasets_feed_the_loaders(target0, unrelated0):
+  train, test = target0
+  loader = data.make_train_loader(unrelated0, batch_size=16, seed=0,
+                                  resize=36, crop=32)
+  batch = next(loader)
+  assert batch["image"].shape == (16, 32, 32, 3)
+  assert loader.num_classes == 10
+  batches = data.make_eval_batches(test, batch_size=100, resize=36, crop=32)
+  assert sum(int(b["mask"].sum()) for b in batches) == len(test)
+  assert next(data.make_train_loader(train, batch_size=8, seed=0, resize=36,
+                                     crop=32))["label"].dtype == np.int32
