@@ -6,6 +6,7 @@ logits, the running statistics after a train-mode step, the intermediate
 feature maps and masked forward passes must agree to float32 rounding.
 """
 
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -195,8 +196,8 @@ def _tiny_model(**kwargs):
 
 @pytest.fixture(scope="module")
 def tiny_variables():
-  """Variables of ``_tiny_model()`` from ``model.init`` (once: it compiles)."""
-  return _tiny_model().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  """Variables of ``_tiny_model()``, from ``init_variables``."""
+  return resnet.init_variables(_tiny_model(), jax.random.key(0), 16)
 
 
 def test_init_gives_torchvision_defaults(tiny_variables):
@@ -209,6 +210,64 @@ def test_init_gives_torchvision_defaults(tiny_variables):
   kernel = params["layer4_1"]["conv2"]["kernel"]
   assert abs(float(jnp.std(kernel)) / np.sqrt(2 / (9 * 128)) - 1) < 0.05
   assert float(jnp.max(jnp.abs(params["fc"]["kernel"]))) <= 1 / np.sqrt(128)
+
+
+def test_init_variables_equals_jitted_model_init():
+  model = _tiny_model(width=0.125)
+  key = jax.random.key(3)
+  expected = jax.jit(model.init)(key, jnp.zeros((1, 16, 16, 3)))
+  actual = resnet.init_variables(model, key, (16, 16))
+  assert jax.tree.structure(actual) == jax.tree.structure(dict(expected))
+  jax.tree.map(np.testing.assert_array_equal, actual, dict(expected))
+
+
+def test_init_variables_accepts_raw_keys_and_int_seeds():
+  model = _tiny_model(width=0.125)
+  from_int = resnet.init_variables(model, 5, 8)
+  from_key = resnet.init_variables(model, jax.random.key(5), 8)
+  jax.tree.map(np.testing.assert_array_equal, from_int, from_key)
+  from_raw = resnet.init_variables(model, jax.random.PRNGKey(5), 8)
+  assert jax.tree.structure(from_raw) == jax.tree.structure(from_key)
+
+
+def test_new_widths_and_sizes_compile_no_new_random_number_code(caplog):
+  key = jax.random.key(0)
+  resnet.init_variables(_tiny_model(width=0.125), key, 8)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    for width, size in [(0.25, 16), (0.5, 12)]:
+      resnet.init_variables(_tiny_model(width=width, num_classes=7), key, size)
+    jax.jit(lambda x: x + 1)(jnp.ones(3))  # shows that compiles are logged
+  compiled = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling ")]
+  assert any("<lambda>" in message for message in compiled)
+  assert not [m for m in compiled if "random" in m or "threefry" in m], compiled
+
+
+def test_conv_kernel_spanning_several_blocks_is_kaiming_normal_fan_out():
+  shape = (3, 3, 128, 96)  # 110_592 values: two blocks of draws
+  assert np.prod(shape) > resnet._BLOCK_SIZE
+  kernel = np.asarray(resnet._conv_kernel_init(jax.random.key(1), shape))
+  std = np.sqrt(2 / (3 * 3 * 96))
+  assert abs(kernel.std() / std - 1) < 0.01
+  assert abs(kernel.mean()) < 0.01 * std
+  flat = kernel.reshape(-1)
+  block = resnet._BLOCK_SIZE
+  # The second block is drawn anew, not a copy of the first.
+  head, tail = flat[:flat.size - block], flat[block:]
+  assert abs(np.corrcoef(head, tail)[0, 1]) < 0.02
+  other = np.asarray(resnet._conv_kernel_init(jax.random.key(2), shape))
+  assert abs(np.corrcoef(flat, other.reshape(-1))[0, 1]) < 0.02
+
+
+def test_linear_init_is_torch_uniform():
+  kernel = np.asarray(resnet._linear_kernel_init(jax.random.key(1),
+                                                 (400, 300)))
+  bias = np.asarray(resnet._linear_bias_init(400)(jax.random.key(2), (300,)))
+  bound = 1 / np.sqrt(400)
+  assert np.all(np.abs(kernel) <= bound) and np.all(np.abs(bias) <= bound)
+  # U(-b, b): variance b^2 / 3.
+  assert abs(kernel.var() / (bound**2 / 3) - 1) < 0.02
+  assert abs(kernel.mean()) < 0.01 * bound
 
 
 def test_unknown_feature_mask_name_is_rejected(tiny_variables):

@@ -20,6 +20,7 @@ from dtnh_jax.models.resnet import create_model
 from dtnh_jax.models.resnet import FEATURE_NAMES
 from dtnh_jax.models.resnet import IMAGENET_MEAN
 from dtnh_jax.models.resnet import IMAGENET_STD
+from dtnh_jax.models.resnet import init_variables
 from dtnh_jax.models.resnet import replace_head
 from dtnh_jax.models.resnet import ResNet
 from dtnh_jax.models.resnet import resnet18
