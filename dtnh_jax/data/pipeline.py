@@ -109,19 +109,42 @@ def normalize(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) * scale - IMAGENET_MEAN / IMAGENET_STD
 
 
-class _TrainTransform:
-  """Example -> resized, randomly cropped and mirrored uint8 image + label."""
+class _Resize:
+  """Example -> uint8 RGB image resized to ``size × size`` + label (deterministic)."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def __call__(self, example: Mapping[str, Any]):
+    return {"image": resize(example["image"], self.size), "label": np.int32(example["label"])}
+
+
+class _BatchAugment:
+  """Batch of resized uint8 images -> randomly cropped, mirrored, normalized float32.
+
+  Whole batches at once with NumPy indexing: one random generator per batch
+  instead of one per image keeps the loader far ahead of a small model.
+  """
 
   def __init__(self, resize_to: int, crop: int, mirror: bool):
     self.resize_to, self.crop, self.mirror = resize_to, crop, mirror
 
-  def __call__(self, example: Mapping[str, Any], rng: np.random.Generator):
-    image = resize(example["image"], self.resize_to)
-    top, left = rng.integers(0, self.resize_to - self.crop + 1, size=2)
-    image = image[top:top + self.crop, left:left + self.crop]
-    if self.mirror and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {"image": image, "label": np.int32(example["label"])}
+  def __call__(self, batch: Mapping[str, np.ndarray], rng: np.random.Generator):
+    images = batch["image"]
+    count = len(images)
+    top, left = rng.integers(0, self.resize_to - self.crop + 1, size=(2, count))
+    rows = top[:, None] + np.arange(self.crop)                       # (N, crop)
+    cols = left[:, None] + np.arange(self.crop)                      # (N, crop)
+    if self.mirror:
+      flip = rng.random(count) < 0.5
+      cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    images = images[np.arange(count)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return {"image": normalize(images), "label": batch["label"]}
+
+
+def _stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  return {"image": np.stack([e["image"] for e in examples]),
+          "label": np.array([e["label"] for e in examples], np.int32)}
 
 
 class _EvalTransform:
@@ -358,8 +381,9 @@ def make_train_loader(source, *, batch_size: int, seed: int,
   if num_examples == 0:
     raise ValueError(f"{name} (shard {shard_index}/{shard_count}) is empty")
   batches = (dataset.seed(seed).shuffle().repeat()
-             .random_map(_TrainTransform(resize, crop, mirror))
-             .batch(batch_size, drop_remainder=True, batch_fn=_collate))
+             .map(_Resize(resize))
+             .batch(batch_size, drop_remainder=True, batch_fn=_stack)
+             .random_map(_BatchAugment(resize, crop, mirror)))
   # Plain Python values: the state must survive JSON.
   config = {"source": str(name), "split": split,
             "num_examples": int(len(records)), "batch_size": int(batch_size),

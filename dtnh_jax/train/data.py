@@ -1,0 +1,91 @@
+"""The data of one run, from ``config.dataset``: a TFDS name or an offline dataset.
+
+``offline-digits`` is the offline default's target (scikit-learn's digits);
+``offline-related`` and ``offline-unrelated`` are its sources, which the
+offline default pre-trains on (90% for training, 10% held out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from dtnh_jax import data as data_lib
+from dtnh_jax.train.config import ConfigError, TrainConfig
+
+OFFLINE_TARGET = "offline-digits"
+OFFLINE_PREFIX = "offline-"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """Loaders of one run's training and test data, and their sizes."""
+
+  name: str
+  num_classes: int
+  num_train: int
+  batch_size: int
+  train_loader: Callable[[int], data_lib.TrainLoader]   # seed -> endless resumable loader
+  eval_batches: Callable[[], Iterable[dict]]             # -> one pass over the test split
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return max(1, self.num_train // self.batch_size)
+
+
+def _subset(source: data_lib.ArraySource, indices, name: str) -> data_lib.ArraySource:
+  return data_lib.ArraySource(source.images[indices], source.labels[indices], num_classes=source.num_classes,
+                              name=name)
+
+
+def _offline_sources(dataset: str, image_size: int) -> tuple[data_lib.ArraySource, data_lib.ArraySource]:
+  if dataset == OFFLINE_TARGET:
+    return data_lib.offline.target(seed=0, image_size=image_size)
+  name = dataset[len(OFFLINE_PREFIX):]
+  if name not in data_lib.offline.SOURCES:
+    known = [OFFLINE_TARGET] + [OFFLINE_PREFIX + s for s in data_lib.offline.SOURCES]
+    raise ConfigError(f"unknown offline dataset {dataset!r}; choose one of {known}.")
+  full = data_lib.offline.source(name, seed=0, image_size=image_size)
+  order = np.random.default_rng(0).permutation(len(full))
+  held_out = len(full) // 10
+  return _subset(full, np.sort(order[held_out:]), f"{name}/train"), _subset(full, np.sort(order[:held_out]), f"{name}/test")
+
+
+def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -> RunData:
+  """The loaders for ``config``; this process reads shard ``shard_index`` of ``shard_count``.
+
+  Raises:
+    ConfigError: the dataset is unknown or not prepared (the message says
+      how to download and prepare it).
+  """
+  sizes = {"resize": config.resize, "crop": config.crop}
+  shard = {"shard_index": shard_index, "shard_count": shard_count}
+  if config.batch_size % shard_count:
+    raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({shard_count}).")
+  per_process_batch = config.batch_size // shard_count
+  if config.dataset.startswith(OFFLINE_PREFIX):
+    train, test = _offline_sources(config.dataset, config.resize)
+    num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
+  else:
+    try:
+      data_lib.data_source(config.dataset, "train", data_dir=config.data_dir)  # fails early if not prepared
+      info = data_lib.dataset_info(config.dataset, data_dir=config.data_dir)
+    except data_lib.DatasetNotPreparedError as error:
+      raise ConfigError(str(error)) from None
+    except (KeyError, ValueError) as error:
+      raise ConfigError(f"--dataset {config.dataset!r}: {error}") from None
+    num_classes, num_train = info.num_classes, info.num_train
+    train_source = test_source = config.dataset
+    tfds_args = {"data_dir": config.data_dir}
+
+  def train_loader(seed: int):
+    return data_lib.make_train_loader(train_source, batch_size=per_process_batch, seed=seed, **sizes, **shard,
+                                      **tfds_args)
+
+  def eval_batches():
+    return data_lib.make_eval_batches(test_source, batch_size=config.eval_batch_size // shard_count or 1, **sizes,
+                                      **shard, **tfds_args)
+
+  return RunData(config.dataset, num_classes, num_train, config.batch_size, train_loader, eval_batches)

@@ -1,0 +1,72 @@
+"""Where the pre-trained weights come from: ``--source``.
+
+A source is an orbax checkpoint written by ``dtnh-convert`` (a directory), a
+torchvision ``.pth``/``.pt``/``.safetensors`` file, or the name of one of the
+offline sources that the package pre-trains itself (``related``,
+``unrelated``), or ``scratch`` (random initialization: no transfer).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from dtnh_jax import models
+from dtnh_jax.train.config import ConfigError, TrainConfig
+
+#: Sources that need no file.
+SCRATCH = "scratch"
+
+_DOWNLOAD_HELP = {
+    "imagenet": "torchvision's ImageNet ResNet-18 weights, resnet18-f37072fd.pth "
+                "(https://download.pytorch.org/models/resnet18-f37072fd.pth)",
+    "places365": "the Places365 ResNet-18, resnet18_places365.pth.tar "
+                 "(http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar)",
+}
+
+
+def _model_options(config: TrainConfig) -> dict[str, Any]:
+  return {"arch": config.arch, "width": config.width, "small_stem": config.small_stem}
+
+
+def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
+  """The source network's variables ``{"params", "batch_stats"}`` (head of the source task).
+
+  Raises:
+    ConfigError: the source is missing, unreadable, or of another architecture
+      than ``config`` (the message says what to do).
+  """
+  source = config.source
+  if offline_sources is not None and source in offline_sources:
+    return offline_sources[source](config)
+  if source == SCRATCH:
+    model = models.create_model(config.arch, num_classes=1, width=config.width, small_stem=config.small_stem)
+    return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.crop))
+  if source in _DOWNLOAD_HELP and not os.path.exists(source):
+    raise ConfigError(
+        f"--source {source}: the weights cannot be downloaded here. Download {_DOWNLOAD_HELP[source]}, "
+        f"convert it with `dtnh-convert FILE DIR --arch {config.arch}` (or pass the file itself) and "
+        "use --source with that path.")
+  if os.path.isdir(source):
+    try:
+      variables, metadata = models.load_variables(source)
+    except Exception as error:
+      raise ConfigError(f"--source {source}: not a readable orbax checkpoint ({type(error).__name__}: {error}).")
+    wanted = _model_options(config)
+    differs = {k: (metadata.get(k), v) for k, v in wanted.items() if k in metadata and metadata.get(k) != v}
+    if differs:
+      raise ConfigError(
+          f"--source {source}: the checkpoint's architecture does not match the run: "
+          + ", ".join(f"{k} is {have!r} in the checkpoint but {want!r} in the run" for k, (have, want) in differs.items())
+          + ". Pass matching --arch/--width/--small-stem.")
+    return variables
+  if os.path.isfile(source):
+    try:
+      return models.load_torchvision_checkpoint(source, arch=config.arch)
+    except (ValueError, OSError, ImportError) as error:
+      raise ConfigError(f"--source {source}: {error}")
+  raise ConfigError(
+      f"--source {source!r} is neither a file, an orbax checkpoint directory, nor one of "
+      f"{sorted(set(offline_sources or ()) | {SCRATCH})}.")

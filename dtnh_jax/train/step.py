@@ -1,0 +1,191 @@
+"""One train step for every method, and the eval step.
+
+The step is ``(state, batch, reference) -> (state, metrics)`` under one
+``jax.jit``. ``reference`` holds what the regularizers compare against: the
+variables fine-tuning started from (source backbone + new head; L2-SP's
+``w0`` and the frozen network KnowDist/DELTA take feature maps from) and
+DELTA's channel attention. It is an argument, not a closure, so runs from
+different sources or seeds reuse one compiled step.
+
+BatchNorm during fine-tuning: the target network runs in train mode, so it
+normalizes with the statistics of the batch and updates its running
+statistics (Flax momentum 0.9, PyTorch's 0.1) — what torchvision fine-tuning
+does with ``model.train()``; evaluation uses the running statistics. The
+frozen source network always runs in eval mode (its own running statistics),
+as in the DELTA authors' code. The BatchNorm scales and biases are trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+import dtnh_jax
+from dtnh_jax import regularizers
+from dtnh_jax.train.config import TrainConfig
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue bit-exactly from a checkpoint."""
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+
+class Reference(NamedTuple):
+  """What the regularizers compare the target network with (fixed during a run)."""
+
+  variables: PyTree           # {"params", "batch_stats"} fine-tuning started from
+  attention: PyTree = None    # DELTA's per-layer channel attention, else None
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with momentum and step-wise learning rate drops, behind DTNH when there is a regularizer.
+
+  The plain regularized methods use ``dtnh(..., projection="none")``: the same
+  transformation computing ``g + λ r`` and the same diagnostics, so that the
+  only difference between a method and its DTNH variant is the projection.
+  """
+  learning_rate = optax.piecewise_constant_schedule(
+      config.learning_rate, {int(step): config.lr_drop_factor for step in config.lr_drop_steps})
+  sgd = optax.sgd(learning_rate, momentum=config.momentum)
+  method = config.method_spec
+  if not method.has_regularizer:
+    return sgd
+  reg_weight = optax.exponential_decay(
+      config.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.reg_decay, staircase=True)
+  projection = config.projection if method.dtnh else "none"
+  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.granularity, projection=projection), sgd)
+
+
+def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A fresh state; it owns copies of ``variables`` (the step donates its state,
+  and the originals stay in use as the regularizers' reference)."""
+  variables = jax.tree.map(jnp.array, variables)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=rng)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def _closed_form(config: TrainConfig, reference: Reference) -> list[dtnh_jax.ClosedFormRegularizer]:
+  method = config.method_spec.regularizer
+  if method == "l2":
+    return [regularizers.l2_regularizer(config.l2_weight)]
+  if method == "l2-sp":
+    return [regularizers.l2_sp_regularizer(reference.variables["params"], config.l2_sp_alpha, config.l2_sp_beta)]
+  return []
+
+
+def _feature_regularizer(config: TrainConfig, reference: Reference) -> Callable | None:
+  method = config.method_spec.regularizer
+  layers = config.feature_layers
+  if method == "knowdist":
+    return lambda feats, source: config.knowdist_weight * regularizers.feature_distance(feats, source, layers)
+  if method == "delta":
+    return lambda feats, source: config.delta_weight * regularizers.delta(feats, source, reference.attention, layers)
+  return None
+
+
+def step_config(config: TrainConfig) -> TrainConfig:
+  """``config`` without the settings the compiled step does not depend on (seed, source, data).
+
+  Runs that differ only in those share one compiled step (see :func:`compiled_steps`).
+  """
+  return config.replace(seed=0, source="", dataset="", data_dir=None, eval_every=1, log_every=1,
+                        checkpoint_every=1, keep_checkpoints=1)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_steps(model, config: TrainConfig, steps_per_epoch: int):
+  """``(tx, train_step, eval_step)`` for ``config``, cached: a grid of runs compiles each method once."""
+  config = step_config(config)
+  tx = make_optimizer(config, steps_per_epoch)
+  return tx, make_train_step(model, config, tx), make_eval_step(model)
+
+
+def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation):
+  """The jitted train step of ``config``'s method: ``(state, batch, reference) -> (state, metrics)``."""
+  method = config.method_spec
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
+    images, labels = batch["image"], batch["label"]
+    feature_regularizer = _feature_regularizer(config, reference)
+    source_features = (
+        regularizers.source_features(model, reference.variables, images, config.feature_layers)
+        if feature_regularizer is not None else None)
+
+    def loss_terms(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      (logits, features), updated = model.apply(
+          variables, images, train=True, return_features=True, mutable=["batch_stats"])
+      terms = (_cross_entropy(logits, labels),)
+      if feature_regularizer is not None:
+        terms += (feature_regularizer(features, source_features),)
+      return terms, (updated["batch_stats"], logits)
+
+    grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True, closed_form=_closed_form(config, reference))
+    (values, (batch_stats, logits)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = {
+        "loss_empirical": values[0],
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    }
+    if method.has_regularizer:
+      diagnostics = optax.tree.get(opt_state, "diagnostics")
+      metrics.update(
+          loss_regularizer=values[1],
+          reg_weight=diagnostics.reg_weight,
+          loss_total=values[0] + diagnostics.reg_weight * values[1],
+          conflict=diagnostics.conflict,
+          angle1=diagnostics.angle1, angle2=diagnostics.angle2,
+          angle3=diagnostics.angle3, angle4=diagnostics.angle4,
+          inner_product=diagnostics.inner_product,
+          empirical_norm=diagnostics.empirical_norm,
+          regularizer_norm=diagnostics.regularizer_norm,
+      )
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval_step(model):
+  """Sums of test loss and correct predictions over the real (``mask``) examples of a batch."""
+
+  @jax.jit
+  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_step, state: TrainState, batches) -> dict[str, float]:
+  """Test loss and accuracy over a whole split (partial last batch counted exactly)."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  count = float(totals["count"])
+  return {"test_loss": float(totals["loss_sum"]) / count, "test_accuracy": float(totals["correct"]) / count}

@@ -1,0 +1,141 @@
+"""dtnh-train end to end: every method through one step, the CLI, resume, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dtnh_jax import cli
+from dtnh_jax.train import ALL_METHODS, ConfigError, Method, TrainConfig, loop, offline
+from dtnh_jax.train.config import OFFLINE_PRESET
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+# The offline problem at a size that runs in seconds: the same code as the default.
+TINY = {**OFFLINE_PRESET, "resize": 10, "crop": 8, "batch_size": 16, "steps": 6, "lr_drop_steps": (4,),
+        "eval_every": 3, "log_every": 2, "checkpoint_every": 2, "eval_batch_size": 200}
+
+
+@pytest.fixture(autouse=True)
+def small_offline_sources(tmp_path_factory, monkeypatch):
+  """Pre-train the offline sources for a few steps only, cached once per test session."""
+  monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+  monkeypatch.setattr(offline, "PRETRAIN", {**offline.PRETRAIN, "steps": 4, "lr_drop_steps": (3,),
+                                            "eval_every": 4, "checkpoint_every": 4, "log_every": 2})
+
+
+def tiny(**changes):
+  return TrainConfig(**{**TINY, "source": "related", **changes})
+
+
+def test_method_names_parse_to_regularizer_and_dtnh_flag():
+  assert Method.parse("dtnh-l2-sp") == Method("l2-sp", dtnh=True)
+  assert Method.parse("KnowDist").label == "KnowDist"
+  assert Method("delta", dtnh=True).label == "DTNH (DELTA)"
+  assert len(ALL_METHODS) == 9
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"method": "dropout"}, "unknown method 'dropout'"),
+    ({"method": "dtnh-fine-tune"}, "no regularizer"),
+    ({"reg_weight": -0.1}, "--reg-weight must be >= 0"),
+    ({"reg_decay": 1.5}, "--reg-decay"),
+    ({"crop": 300}, "cannot exceed --resize"),
+])
+def test_bad_settings_are_refused_with_the_flag_named(changes, message):
+  with pytest.raises(ConfigError, match=message):
+    tiny(**changes)
+
+
+@pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
+def test_every_method_trains_through_the_same_step(method, tmp_path):
+  results = loop.train(tiny(method=method, steps=2, eval_every=2), tmp_path, offline_sources=offline.OFFLINE_SOURCES,
+                       plots=False)
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train_records] == [1, 2]  # every step is logged
+  if Method.parse(method).has_regularizer:
+    assert {"loss_empirical", "loss_regularizer", "angle1", "angle4", "conflict"} <= set(train_records[0])
+
+
+def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(tmp_path):
+  config = tiny(method="dtnh-knowdist")
+  straight = loop.train(config, tmp_path / "straight", offline_sources=offline.OFFLINE_SOURCES, plots=False)
+  stopped = loop.train(config, tmp_path / "resumed", offline_sources=offline.OFFLINE_SOURCES, stop_after=3)
+  assert stopped == {"stopped_at": 3}
+  resumed = loop.train(config, tmp_path / "resumed", offline_sources=offline.OFFLINE_SOURCES, plots=False)
+  assert resumed == straight
+  lines = lambda run: open(tmp_path / run / "metrics.jsonl").read()
+  assert lines("resumed") == lines("straight")
+
+
+def test_checkpoint_holds_state_data_position_and_rng(tmp_path):
+  loop.train(tiny(method="l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES, stop_after=2)
+  assert {"data", "extra", "state"} <= set(os.listdir(tmp_path / "checkpoints" / "2"))
+  from dtnh_jax.train import checkpoint
+  step, state, data_state, extra = checkpoint.Checkpoints(tmp_path).restore(None)
+  assert step == 2 and data_state["step"] == 2 and extra["method"] == "l2-sp"
+  assert {"params", "batch_stats", "opt_state", "rng", "step"} <= set(state)
+
+
+def test_last_n_checkpoints_are_kept(tmp_path):
+  loop.train(tiny(method="l2", keep_checkpoints=2), tmp_path, offline_sources=offline.OFFLINE_SOURCES, plots=False)
+  assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [4, 6]
+
+
+def test_other_settings_in_the_same_workdir_are_refused(tmp_path):
+  loop.train(tiny(method="l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES, stop_after=1)
+  with pytest.raises(ConfigError, match="holds a run with other settings"):
+    loop.train(tiny(method="knowdist"), tmp_path, offline_sources=offline.OFFLINE_SOURCES)
+
+
+def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
+  loop.train(tiny(method="dtnh-l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES)
+  for name in ("metrics.jsonl", "results.json", "results.md", "losses.png", "angles.png", "config.json"):
+    assert (tmp_path / name).exists(), name
+  assert any((tmp_path / "tensorboard").iterdir())
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["label"] == "DTNH (L2-SP)"
+
+
+def test_cli_offline_default_prints_the_paper_style_table(tmp_path, capsys):
+  args = ["--workdir", str(tmp_path), "--seeds", "0,1", "--method", "fine-tune,l2-sp,dtnh-l2-sp",
+          "--no-progress"] + [f"--{k.replace('_', '-')}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
+                              for k, v in TINY.items() if k not in ("dataset", "small_stem")]
+  assert cli.train_main(args) == 0
+  out = capsys.readouterr().out
+  assert "| source | target | Fine-tuning | L2-SP | DTNH (L2-SP) |" in out
+  assert "| related | offline-digits |" in out and "| unrelated | offline-digits |" in out
+  for name in ("results.md", "results.json", "figure3_losses.png", "figure4_5_angles.png"):
+    assert (tmp_path / name).exists(), name
+  assert len(json.load(open(tmp_path / "results.json"))) == 2 * 3 * 2
+
+
+def test_cli_trains_on_mock_tfds_data_and_exports_the_model(tmp_path, capsys):
+  export = tmp_path / "exported"
+  args = ["--dataset", "cifar10", "--source", "scratch", "--method", "dtnh-l2-sp", "--workdir", str(tmp_path / "run"),
+          "--width", "0.125", "--small-stem", "--resize", "10", "--crop", "8", "--batch-size", "8", "--steps", "3",
+          "--lr-drop-steps", "2", "--eval-every", "3", "--eval-batch-size", "8", "--export", str(export)]
+  with tfds.testing.mock_data(num_examples=24):
+    assert cli.train_main(args) == 0
+  from dtnh_jax import models
+  variables, metadata = models.load_variables(export)
+  assert metadata["arch"] == "resnet18" and variables["params"]["fc"]["kernel"].shape[-1] == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "dropout"], "unknown method"),
+    (["--reg-weight", "-1"], "--reg-weight must be >= 0"),
+    (["--dataset", "mit_indoor67", "--source", "scratch"], "manual"),
+    (["--dataset", "cifar10", "--source", "no/such/file.pth"], "neither a file"),
+    (["--dataset", "cifar10", "--source", "imagenet"], "resnet18-f37072fd.pth"),
+])
+def test_cli_bad_input_exits_with_code_2_and_a_message(args, message, capsys, tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    with tfds.testing.mock_data(num_examples=8):
+      cli.train_main(args + ["--workdir", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert message.lower() in capsys.readouterr().err.lower()
