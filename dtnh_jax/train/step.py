@@ -92,11 +92,12 @@ def _closed_form(config: TrainConfig, reference: Reference) -> list[dtnh_jax.Clo
 
 def _feature_regularizer(config: TrainConfig, reference: Reference) -> Callable | None:
   method = config.method_spec.regularizer
-  layers = config.feature_layers
+  options = {"layers": config.feature_layers, "normalize": config.feature_normalize}
   if method == "knowdist":
-    return lambda feats, source: config.knowdist_weight * regularizers.feature_distance(feats, source, layers)
+    return lambda feats, source: config.knowdist_weight * regularizers.feature_distance(feats, source, **options)
   if method == "delta":
-    return lambda feats, source: config.delta_weight * regularizers.delta(feats, source, reference.attention, layers)
+    return lambda feats, source: config.delta_weight * regularizers.delta(feats, source, reference.attention,
+                                                                          **options)
   return None
 
 
