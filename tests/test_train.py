@@ -126,16 +126,20 @@ def test_cli_trains_on_mock_tfds_data_and_exports_the_model(tmp_path, capsys):
   assert metadata["arch"] == "resnet18" and variables["params"]["fc"]["kernel"].shape[-1] == 10
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "dropout"], "unknown method"),
-    (["--reg-weight", "-1"], "--reg-weight must be >= 0"),
-    (["--dataset", "mit_indoor67", "--source", "scratch"], "manual"),
-    (["--dataset", "cifar10", "--source", "no/such/file.pth"], "neither a file"),
-    (["--dataset", "cifar10", "--source", "imagenet"], "resnet18-f37072fd.pth"),
+@pytest.mark.parametrize("args,message,mock", [
+    (["--method", "dropout"], "unknown method", False),
+    (["--reg-weight", "-1"], "--reg-weight must be >= 0", False),
+    (["--dataset", "mit_indoor67", "--source", "scratch"], "manual", False),
+    (["--dataset", "cifar10", "--source", "no/such/file.pth"], "neither a file", True),
+    (["--dataset", "cifar10", "--source", "imagenet"], "resnet18-f37072fd.pth", True),
 ])
-def test_cli_bad_input_exits_with_code_2_and_a_message(args, message, capsys, tmp_path):
+def test_cli_bad_input_exits_with_code_2_and_a_message(args, message, mock, capsys, tmp_path, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # nothing prepared there
   with pytest.raises(SystemExit) as exit_info:
-    with tfds.testing.mock_data(num_examples=8):
+    if mock:
+      with tfds.testing.mock_data(num_examples=8):
+        cli.train_main(args + ["--workdir", str(tmp_path)])
+    else:
       cli.train_main(args + ["--workdir", str(tmp_path)])
   assert exit_info.value.code == 2
   assert message.lower() in capsys.readouterr().err.lower()
