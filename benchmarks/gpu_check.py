@@ -1,0 +1,129 @@
+"""Throughput of every method's train step, with and without DTNH, on one accelerator.
+
+ResNet-18 (full width, torchvision layout) at 224x224, batch 48 (the paper's
+setting), synthetic data and random source weights. For each method of the
+paper's tables (fine-tuning, L2, L2-SP, KnowDist, DELTA, and DTNH of each
+regularizer) the library's own jitted train step (``make_train_step``) is
+compiled once and timed in blocks of ``--steps`` steps; a method and its DTNH
+variant run in interleaved blocks, and the DTNH-to-plain ratio is the median
+of the per-block ratios. DELTA's attention is a fixed random one (computed
+once before fine-tuning, not part of the step). Meant for a GPU (about three
+minutes on an H100, most of it compiling); ``--small`` runs the same code at
+a size a CPU finishes in seconds. The last line printed is one JSON object:
+the DTNH-to-plain ratios under ``l2``, ``l2sp``, ``knowdist``, ``delta``, and
+images/s per method under ``images_per_s``.
+
+    python benchmarks/gpu_check.py [--size 224 --batch 48 --steps 20 --rounds 5]
+    python benchmarks/gpu_check.py --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step_overhead as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dtnh_jax.train.config import ALL_METHODS, Method  # pylint: disable=wrong-import-position
+
+#: JSON key of each regularizer's ratio.
+RATIO_KEYS = {"l2": "l2", "l2-sp": "l2sp", "knowdist": "knowdist", "delta": "delta"}
+#: Defaults of a run, and of a ``--small`` one (explicit flags win over both).
+FULL = {"size": 224, "batch": 48, "width": 1.0, "steps": 20, "rounds": 5}
+SMALL = {"size": 32, "batch": 4, "width": 0.125, "steps": 2, "rounds": 2}
+
+
+def time_blocks(steps: dict[str, bench.CompiledStep], count: int, rounds: int) -> dict[str, np.ndarray]:
+  """Seconds per block of ``count`` steps, the steps of ``steps`` in interleaved blocks (order rotating)."""
+  names = list(steps)
+  for name in names:
+    steps[name](2)  # warm-up: first calls allocate and, on GPU, settle autotuned kernels
+  times = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      steps[name](count)
+      times[name].append(time.perf_counter() - start)
+  return {name: np.array(values) for name, values in times.items()}
+
+
+def peak_device_mib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", type=int, help=f"image height and width (default: {FULL['size']})")
+  parser.add_argument("--batch", type=int, help=f"batch size (default: {FULL['batch']})")
+  parser.add_argument("--width", type=float, help="ResNet-18 width multiplier (default: 1, full width)")
+  parser.add_argument("--steps", type=int, help=f"steps per timed block (default: {FULL['steps']})")
+  parser.add_argument("--rounds", type=int, help=f"timed blocks per method (default: {FULL['rounds']})")
+  parser.add_argument("--methods", default="all",
+                      help="comma-separated regularizers among fine-tune, l2, l2-sp, knowdist, delta (each is run "
+                      "plain and, except fine-tune, with DTNH), or 'all' (default)")
+  parser.add_argument("--small", action="store_true",
+                      help="a CPU-sized smoke run; defaults become "
+                      + ", ".join(f"--{k} {v}" for k, v in SMALL.items()))
+  args = parser.parse_args(argv)
+  for name, value in (SMALL if args.small else FULL).items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  known = list(dict.fromkeys(m.regularizer for m in ALL_METHODS))
+  chosen = known if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = sorted(set(chosen) - set(known))
+  if unknown:
+    parser.error(f"unknown method(s) {unknown}; choose among {', '.join(known)}")
+
+  started = time.perf_counter()
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s)")
+  print(f"ResNet-18 width {args.width:g}, {args.size}x{args.size} images, batch {args.batch}, "
+        f"{args.rounds} interleaved blocks of {args.steps} steps per method")
+  problem = bench.make_problem(args.size, args.batch, args.width)
+
+  rows, images_per_s, ratios = [], {}, {}
+  for regularizer in chosen:
+    variants = ("plain",) if regularizer == "fine-tune" else ("plain", "dtnh")
+    steps = bench.build_steps(problem, regularizer, args, variants)
+    times = time_blocks(steps, args.steps, args.rounds)
+    for variant, step in steps.items():
+      name = Method(regularizer, variant == "dtnh").name
+      seconds_per_step = float(np.median(times[variant])) / args.steps
+      images_per_s[name] = args.batch / seconds_per_step
+      rows.append((name, images_per_s[name], 1e3 * seconds_per_step, step.lower_s + step.compile_s,
+                   step.memory.get("peak")))
+    if "dtnh" in steps:
+      ratios[RATIO_KEYS[regularizer]] = bench.median_ratio(times, "dtnh", "plain")
+    print(f"{regularizer}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    del steps
+
+  print(f"\n{'method':<15} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'XLA peak MiB':>13}")
+  for name, ips, ms, compile_s, peak in rows:
+    peak_text = f"{peak:13.0f}" if peak is not None else f"{'n/a':>13}"
+    print(f"{name:<15} {ips:9.1f} {ms:8.2f} {compile_s:10.1f} {peak_text}")
+  print("\nDTNH / plain step time (median of per-block ratios): "
+        + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
+  peak = peak_device_mib()
+  if peak is not None:
+    print(f"device peak memory in use: {peak:.0f} MiB")
+  result = {**ratios, "images_per_s": {k: round(v, 1) for k, v in images_per_s.items()},
+            "device": device.device_kind, "platform": device.platform, "device_peak_mib": peak,
+            "config": {k: getattr(args, k) for k in ("size", "batch", "width", "steps", "rounds")},
+            "total_s": round(time.perf_counter() - started, 1)}
+  print(f"total {result['total_s']:.0f} s")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
