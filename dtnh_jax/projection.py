@@ -164,19 +164,11 @@ class Diagnostics(NamedTuple):
 
   @classmethod
   def zeros(cls, num_regularizers: int, single: bool) -> "Diagnostics":
+    # one buffer per field: a jitted step may donate the state, and XLA refuses
+    # to donate one buffer twice
+    per_regularizer_fields = ("inner_product", "regularizer_norm", "conflict", "reg_weight")
     per_reg = () if single else (num_regularizers,)
-    scalar = jnp.zeros((), jnp.float32)
-    return cls(
-        inner_product=jnp.zeros(per_reg, jnp.float32),
-        empirical_norm=scalar,
-        regularizer_norm=jnp.zeros(per_reg, jnp.float32),
-        conflict=jnp.zeros(per_reg, jnp.float32),
-        angle1=scalar,
-        angle2=scalar,
-        angle3=scalar,
-        angle4=scalar,
-        reg_weight=jnp.zeros(per_reg, jnp.float32),
-    )
+    return cls(**{name: jnp.zeros(per_reg if name in per_regularizer_fields else (), jnp.float32) for name in cls._fields})
 
 
 def diagnostics(
