@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Sequence
 
@@ -62,6 +63,15 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def _comma_separated(kind, text: str) -> tuple:
+  """``"1,2"`` -> ``(1, 2)`` for a tuple-valued setting; argparse reports the error."""
+  try:
+    return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated {'integers' if kind is int else 'names'}, got {text!r}") from None
+
+
 def _train_parser():
   import dataclasses  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train.config import METHODS, TrainConfig  # pylint: disable=g-import-not-at-top
@@ -84,6 +94,13 @@ def _train_parser():
                       "override its settings")
   parser.add_argument("--export", help="also write the final variables of a single run here (orbax)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  multihost = parser.add_argument_group(
+      "multi-host", "Run one dtnh-train per process, all with the same arguments and a --workdir they all see. "
+      "Without these flags jax.distributed starts by itself when the environment announces several processes "
+      "(SLURM_NTASKS or OMPI_COMM_WORLD_SIZE > 1, a multi-host Cloud TPU slice).")
+  multihost.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  multihost.add_argument("--num-processes", type=int, help="number of processes of the job")
+  multihost.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
   defaults = TrainConfig()
   for field in dataclasses.fields(TrainConfig):
     if field.name == "method":
@@ -94,8 +111,7 @@ def _train_parser():
       parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction)
     elif isinstance(default, tuple):
       kind = int if field.name == "lr_drop_steps" else str
-      parser.add_argument(flag, dest=field.name, default=None,
-                          type=lambda text, kind=kind: tuple(kind(v) for v in text.split(",") if v),
+      parser.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
                           help=f"comma-separated (default: {','.join(map(str, default))})")
     else:
       kind = type(default) if default is not None else str
@@ -110,14 +126,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser = _train_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-  from dtnh_jax.train import config as config_lib, offline  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, loop as loop_lib, offline  # pylint: disable=g-import-not-at-top
 
   settings = {k: v for k, v in vars(args).items()
-              if v is not None and k not in ("workdir", "method", "seeds", "offline", "export", "no_progress")}
+              if v is not None and k not in ("workdir", "method", "seeds", "offline", "export", "no_progress",
+                                             "coordinator", "num_processes", "process_id")}
   offline_default = args.offline or "dataset" not in settings
   try:
+    _start_distributed(args)  # before any JAX computation
     methods = _parse_methods(args.method or ("all" if offline_default else "l2-sp"))
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+    for flag, path in (("--workdir", args.workdir), ("--export", args.export)):
+      if path and os.path.exists(path) and not os.path.isdir(path):
+        raise config_lib.ConfigError(f"{flag} {path} is a file; it must be a directory (or not exist yet).")
     if offline_default:
       base = config_lib.TrainConfig(**{**config_lib.OFFLINE_PRESET, **settings})
       seeds = seeds or [0, 1, 2]
@@ -143,11 +164,44 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                        show_progress=not args.no_progress)
   except config_lib.ConfigError as error:
     parser.exit(2, f"dtnh-train: error: {error}\n")
+  except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
+    parser.exit(1, f"dtnh-train: error: {error}\n")
   return 0
 
 
 def _parse_methods(text: str):
-  from dtnh_jax.train.config import ALL_METHODS, Method  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train.config import ALL_METHODS, ConfigError, Method  # pylint: disable=g-import-not-at-top
   if text.strip().lower() == "all":
     return list(ALL_METHODS)
-  return [Method.parse(name) for name in text.split(",") if name.strip()]
+  methods = [Method.parse(name) for name in text.split(",") if name.strip()]
+  if not methods:
+    raise ConfigError(f"--method {text!r} names no method; e.g. --method l2-sp,dtnh-l2-sp, or all.")
+  return methods
+
+
+def _parse_seeds(text: str) -> list[int]:
+  from dtnh_jax.train.config import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}.") from None
+  if not seeds:
+    raise ConfigError(f"--seeds {text!r} names no seed; e.g. --seeds 0,1,2.")
+  return seeds
+
+
+def _start_distributed(args) -> None:
+  """``jax.distributed`` from --coordinator/--num-processes/--process-id or the cluster's environment."""
+  from dtnh_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train.config import ConfigError  # pylint: disable=g-import-not-at-top
+  if args.num_processes is not None and args.num_processes < 1:
+    raise ConfigError(f"--num-processes must be positive, got {args.num_processes}.")
+  if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    raise ConfigError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}.")
+  if (args.num_processes or 1) > 1 and args.coordinator is None and not sharding.cluster_detected():
+    raise ConfigError("--num-processes > 1 needs --coordinator host:port (process 0's address) outside a "
+                      "cluster jax detects (SLURM, Open MPI, Cloud TPU).")
+  try:
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  except (ValueError, TypeError, RuntimeError) as error:  # e.g. no --process-id outside a detected cluster
+    raise ConfigError(f"multi-host start-up (--coordinator, --num-processes, --process-id): {error}") from None

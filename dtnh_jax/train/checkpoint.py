@@ -3,7 +3,9 @@
 Saves are asynchronous (training goes on while the previous checkpoint is
 written) and the last ``keep`` are kept. Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a run killed mid-save
-leaves the previous checkpoints intact.
+leaves the previous checkpoints intact (the temporary folder is removed at the
+next start); a step folder that is corrupted or incomplete anyway is skipped
+by :meth:`Checkpoints.restore`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+# The file orbax writes into a step folder when the step is complete, last, before
+# the atomic rename (orbax.checkpoint._src.path.atomicity_types.COMMIT_SUCCESS_FILE).
+_COMMIT_MARKER = "commit_success.txt"
+
 
 class Checkpoints:
   """The checkpoints of one run, in ``workdir/checkpoints``."""
@@ -23,7 +29,9 @@ class Checkpoints:
     self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                             # the temporary folders of saves a kill interrupted
+                                             cleanup_tmp_directories=True),
     )
 
   def latest_step(self) -> int | None:
@@ -47,27 +55,59 @@ class Checkpoints:
   def restore(self, abstract_state: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
     """The newest readable checkpoint as ``(step, state, data_state, extra)``, or None.
 
-    A checkpoint that cannot be read (corrupted, half-written by a killed
-    process outside orbax's atomic rename) is skipped with a warning naming
-    it, and the previous one is used.
+    A checkpoint that cannot be read (corrupted, or half-written outside
+    orbax's atomic rename: its step folder lacks orbax's commit marker) is
+    skipped with a warning naming it, and the previous one is used. The
+    skipped folder is moved to ``workdir/unreadable-checkpoints/`` (nothing is
+    deleted), so that the resumed run can write that step again.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                extra=ocp.args.JsonRestore(),
-            ),
-        )
-      except Exception as error:  # orbax raises many kinds for unreadable files
-        warnings.warn(
-            f"checkpoint at step {step} in {self.directory} is unreadable ({type(error).__name__}: "
-            f"{str(error)[:200]}); falling back to the previous checkpoint.", RuntimeWarning, stacklevel=2)
-        continue
-      return step, restored["state"], restored["data"], dict(restored["extra"])
-    return None
+    steps = self.all_steps()
+    # Orbax (>= 0.11) writes the marker into every step folder it completes; without any,
+    # this orbax does not write it and only readability counts.
+    markers = any(os.path.exists(self._commit_marker(step)) for step in steps)
+    unreadable = []
+    try:
+      for step in reversed(steps):
+        if markers and not os.path.exists(self._commit_marker(step)):
+          problem = f"it has no commit marker ({_COMMIT_MARKER}): it was not completely written"
+        else:
+          try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    extra=ocp.args.JsonRestore(),
+                ),
+            )
+            return step, restored["state"], restored["data"], dict(restored["extra"])
+          except Exception as error:  # orbax raises many kinds for unreadable files
+            problem = f"it is unreadable ({type(error).__name__}: {str(error)[:200]})"
+        unreadable.append(step)
+        earlier = [s for s in steps if s < step]
+        fallback = (f"falling back to the previous checkpoint (step {earlier[-1]})" if earlier
+                    else "no earlier checkpoint: starting from the beginning")
+        warnings.warn(f"checkpoint at step {step} in {self.directory}: {problem}; {fallback}.",
+                      RuntimeWarning, stacklevel=2)
+      return None
+    finally:
+      if unreadable:
+        self._set_aside(unreadable)
+
+  def _commit_marker(self, step: int) -> str:
+    return os.path.join(self.directory, str(step), _COMMIT_MARKER)
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable step folders out of orbax's sight (kept for inspection)."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "unreadable-checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target, copy = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):
+          target, copy = os.path.join(aside, f"{step}.{copy}"), copy + 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

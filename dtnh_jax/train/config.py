@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 #: Regularizers of the paper (L2-SP, KnowDist), its baselines and DELTA.
 METHODS = ("fine-tune", "l2", "l2-sp", "knowdist", "delta")
 _LABELS = {"fine-tune": "Fine-tuning", "l2": "L2", "l2-sp": "L2-SP", "knowdist": "KnowDist", "delta": "DELTA"}
+# As dtnh_jax.models.ARCHITECTURES and FEATURE_NAMES (kept here so that configs load without jax; a test
+# checks that they agree).
+ARCHS = ("resnet18", "resnet34", "resnet50")
+FEATURE_LAYERS = ("layer1", "layer2", "layer3", "layer4", "pool")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -112,6 +119,15 @@ class TrainConfig:
   # DTNH's options (see dtnh_jax.dtnh)
   granularity: str = "tree"
   projection: str = "conflict"
+  # numerics: "bfloat16" runs the network in bf16; parameters, BatchNorm statistics,
+  # gradients, the regularizers' sums and DTNH's inner products stay float32
+  compute_dtype: str = "float32"
+  # a step whose loss or update is NaN/Inf is never applied; then "stop" the run
+  # (the last checkpoint stays the last good one) or "skip" the step and go on
+  on_nonfinite: str = "stop"
+  # scale-out (dtnh_jax.train.sharding): the batch is always split over all devices; with fsdp the
+  # parameters and optimizer state are sharded over them too instead of replicated
+  fsdp: bool = False
   # bookkeeping
   seed: int = 0
   eval_every: int = 1000
@@ -122,13 +138,17 @@ class TrainConfig:
 
   def __post_init__(self):
     self.method_spec  # validates the method name
+    for field in dataclasses.fields(self):  # NaN would pass every comparison below
+      value = getattr(self, field.name)
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
     positive = ("batch_size", "steps", "resize", "crop", "eval_every", "log_every", "checkpoint_every",
-                "keep_checkpoints", "eval_batch_size")
+                "keep_checkpoints", "eval_batch_size", "width")
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
     non_negative = ("learning_rate", "momentum", "reg_weight", "l2_weight", "l2_sp_alpha", "l2_sp_beta",
-                    "knowdist_weight", "delta_weight", "width")
+                    "knowdist_weight", "delta_weight", "lr_drop_factor")
     for name in non_negative:
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
@@ -142,6 +162,20 @@ class TrainConfig:
       raise ConfigError(f"--feature-normalize must be sum, spatial_mean or mean, got {self.feature_normalize!r}.")
     if self.projection not in ("conflict", "always"):
       raise ConfigError(f"--projection must be conflict or always, got {self.projection!r}.")
+    if self.arch not in ARCHS:
+      raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
+    unknown_layers = [layer for layer in self.feature_layers if layer not in FEATURE_LAYERS]
+    if unknown_layers or not self.feature_layers:
+      raise ConfigError(f"--feature-layers takes comma-separated names among {', '.join(FEATURE_LAYERS)}, got "
+                        f"{','.join(self.feature_layers)!r}.")
+    if any(step <= 0 for step in self.lr_drop_steps):
+      raise ConfigError(f"--lr-drop-steps must be positive steps, got {','.join(map(str, self.lr_drop_steps))}.")
+    if not 0 <= self.seed < 2**31:
+      raise ConfigError(f"--seed must be in [0, 2**31), got {self.seed}.")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
+    if self.on_nonfinite not in ON_NONFINITE:
+      raise ConfigError(f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}.")
 
   @property
   def method_spec(self) -> Method:

@@ -20,7 +20,7 @@ from typing import Any
 
 from dtnh_jax import data as data_lib
 from dtnh_jax import models, regularizers
-from dtnh_jax.train import loop, report
+from dtnh_jax.train import loop, report, sharding
 from dtnh_jax.train.config import ALL_METHODS, OFFLINE_PRESET, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
 
@@ -53,8 +53,9 @@ def pretrained_source(name: str, config: TrainConfig) -> dict[str, Any]:
     _LOADED[path], _ = models.load_variables(path)
     return _LOADED[path]
   workdir = path + ".run"
+  # float32 whatever the run's compute dtype: the cache key does not hold it
   pretrain = config.replace(method="fine-tune", source="scratch", dataset=OFFLINE_PREFIX + name, seed=0,
-                            reg_decay=1.0, **PRETRAIN)
+                            reg_decay=1.0, compute_dtype="float32", **PRETRAIN)
   print(f"pre-training the offline source {name!r} once (cached in {path})", file=sys.stderr, flush=True)
   loop.train(pretrain, workdir, export_to=path, plots=False)
   _LOADED[path], _ = models.load_variables(path)
@@ -86,9 +87,9 @@ def run_grid(
   ``results.json``, and, when the runs exist, ``figure3_losses.png`` (L2-SP vs
   DTNH (L2-SP) from the last source) and ``figure4_5_angles.png``.
   """
-  data = load_data(base)
+  data = load_data(base, *sharding.process_shard())  # this process's shard of the data
   results = []
-  bar = _progress_bar(len(sources) * len(methods) * len(seeds)) if show_progress else None
+  bar = _progress_bar(len(sources) * len(methods) * len(seeds)) if show_progress and sharding.is_chief() else None
   started = time.perf_counter()
   for source in sources:
     attention = None
@@ -106,8 +107,9 @@ def run_grid(
           bar.update()
   if bar is not None:
     bar.close()
-  _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
-                 _safe_name(sources[-1]), base.dataset)
+  if sharding.is_chief():  # with several processes, process 0 writes the table and figures
+    _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
+                   _safe_name(sources[-1]), base.dataset)
   return results
 
 
@@ -129,10 +131,11 @@ def _shared_attention(config: TrainConfig, data, directory: str):
   path = os.path.join(directory, "delta_attention.npz")
   if os.path.exists(path):
     return regularizers.load_attention(path)
-  model = models.create_model(config.arch, num_classes=data.num_classes, width=config.width,
-                              small_stem=config.small_stem)
+  model = loop.create_model(config, data.num_classes)
   attention = loop.delta_attention(model, loop.initial_variables(config, data, OFFLINE_SOURCES), data, config)
-  regularizers.save_attention(path, attention)
+  with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # a kill leaves no half-written cache
+    regularizers.save_attention(f, attention)
+  os.replace(f"{path}.tmp{os.getpid()}", path)
   return attention
 
 

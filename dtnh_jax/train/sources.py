@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
 
 from dtnh_jax import models
 from dtnh_jax.train.config import ConfigError, TrainConfig
@@ -29,6 +31,26 @@ _DOWNLOAD_HELP = {
 
 def _model_options(config: TrainConfig) -> dict[str, Any]:
   return {"arch": config.arch, "width": config.width, "small_stem": config.small_stem}
+
+
+def _check_backbone(source: str, variables: Any, config: TrainConfig) -> None:
+  """Refuses variables whose tensors (all but the head, which is replaced) do not fit the run's model."""
+  model = models.create_model(config.arch, num_classes=1, width=config.width, small_stem=config.small_stem)
+  expected = jax.eval_shape(lambda: models.init_variables(model, 0, config.crop))
+  params_first = lambda item: item[0][0] != "params"  # the message lists conv1/kernel first
+  backbone = lambda tree: {"/".join(path): tuple(np.shape(leaf))
+                           for path, leaf in sorted(flatten_dict(dict(tree)).items(), key=params_first)
+                           if path[1:2] != ("fc",)}
+  have, want = backbone(variables), backbone(expected)
+  problems = [f"{name} is missing" for name in want if name not in have]
+  problems += [f"{name} is not in the model" for name in have if name not in want]
+  problems += [f"{name} is {have[name]}, expected {shape}" for name, shape in want.items()
+               if name in have and have[name] != shape]
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+    raise ConfigError(
+        f"--source {source}: the checkpoint does not fit the run's {config.arch} (width {config.width}, "
+        f"small_stem {config.small_stem}): {shown}. Pass the --arch/--width/--small-stem it was trained with.")
 
 
 def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
@@ -61,12 +83,15 @@ def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
           f"--source {source}: the checkpoint's architecture does not match the run: "
           + ", ".join(f"{k} is {have!r} in the checkpoint but {want!r} in the run" for k, (have, want) in differs.items())
           + ". Pass matching --arch/--width/--small-stem.")
+    _check_backbone(source, variables, config)  # also for checkpoints without that metadata
     return variables
   if os.path.isfile(source):
     try:
-      return models.load_torchvision_checkpoint(source, arch=config.arch)
+      # strict: every tensor of the run's backbone, with its shape, and nothing else
+      return models.load_torchvision_checkpoint(source, arch=config.arch, width=config.width,
+                                                small_stem=config.small_stem)
     except (ValueError, OSError, ImportError) as error:
-      raise ConfigError(f"--source {source}: {error}")
+      raise ConfigError(f"--source {source}: {error}") from None
   raise ConfigError(
       f"--source {source!r} is neither a file, an orbax checkpoint directory, nor one of "
       f"{sorted(set(offline_sources or ()) | {SCRATCH})}.")

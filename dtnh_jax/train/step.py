@@ -77,6 +77,11 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng:
                     opt_state=tx.init(params), rng=rng)
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+  """Whether every value of ``tree`` is finite (a scalar bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
@@ -107,7 +112,7 @@ def step_config(config: TrainConfig) -> TrainConfig:
   Runs that differ only in those share one compiled step (see :func:`compiled_steps`).
   """
   return config.replace(seed=0, source="", dataset="", data_dir=None, eval_every=1, log_every=1,
-                        checkpoint_every=1, keep_checkpoints=1)
+                        checkpoint_every=1, keep_checkpoints=1, on_nonfinite="stop")
 
 
 @functools.lru_cache(maxsize=32)
@@ -140,15 +145,23 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
 
     grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True, closed_form=_closed_form(config, reference))
     (values, (batch_stats, logits)), grads = grad_fn(state.params)
-    updates, opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
+    # A NaN/Inf loss or update is never applied: parameters, optimizer state and
+    # BatchNorm statistics keep their last good values (a select, not a branch:
+    # one program for every step). The step counter, the RNG and the data
+    # position advance; the loop stops the run or goes on (config.on_nonfinite).
+    finite = _all_finite((values, updates))
+    params = optax.tree.where(finite, optax.apply_updates(state.params, updates), state.params)
+    opt_state = optax.tree.where(finite, new_opt_state, state.opt_state)
+    batch_stats = optax.tree.where(finite, batch_stats, state.batch_stats)
 
     metrics = {
         "loss_empirical": values[0],
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "skipped": jnp.logical_not(finite).astype(jnp.float32),
     }
     if method.has_regularizer:
-      diagnostics = optax.tree.get(opt_state, "diagnostics")
+      diagnostics = optax.tree.get(new_opt_state, "diagnostics")  # this step's, also when it is skipped
       metrics.update(
           loss_regularizer=values[1],
           reg_weight=diagnostics.reg_weight,

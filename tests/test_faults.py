@@ -1,0 +1,417 @@
+"""Faults: kills, damaged checkpoints, bad input, NaN losses.
+
+A run killed at random points and resumed by running the same command again
+ends bit-identical to an uninterrupted one (CPU); a corrupted or half-written
+newest checkpoint is set aside with a warning and the previous one is used;
+bad command-line input exits with code 2 and a message that names it; a
+NaN/Inf loss stops the run before its next checkpoint, or skips the step.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dtnh_jax import cli, models
+from dtnh_jax.train import TrainConfig, checkpoint, loop, offline
+from dtnh_jax.train import config as config_lib
+from dtnh_jax.train.data import load_data
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# The offline problem at a size that runs in seconds, from a random initialization
+# (no source network to pre-train): the same code as the default.
+FAST = {**config_lib.OFFLINE_PRESET, "source": "scratch", "method": "dtnh-l2-sp", "resize": 10, "crop": 8,
+        "batch_size": 16, "steps": 6, "lr_drop_steps": (4,), "eval_every": 3, "log_every": 3,
+        "checkpoint_every": 2, "keep_checkpoints": 3, "eval_batch_size": 200}
+
+
+def _flags(settings):
+  """``dtnh-train`` flags for ``settings`` (the offline default's own settings left out)."""
+  flags = []
+  for key, value in settings.items():
+    if key in ("dataset", "small_stem", "method") or config_lib.OFFLINE_PRESET.get(key) == value:
+      continue
+    flags += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+  return flags
+
+
+def _assert_trees_equal(actual, expected, what="state"):
+  actual_leaves, actual_structure = jax.tree_util.tree_flatten_with_path(actual)
+  expected_leaves, expected_structure = jax.tree_util.tree_flatten_with_path(expected)
+  assert actual_structure == expected_structure, what
+  for (path, a), (_, b) in zip(actual_leaves, expected_leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def _newest_checkpoint(workdir):
+  checkpoints = checkpoint.Checkpoints(workdir)
+  try:
+    return checkpoints.restore(None)
+  finally:
+    checkpoints.close()
+
+
+def _checkpoint_at(workdir, step):
+  """``{"state", "data"}`` of the checkpoint at ``step``."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                          data=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted FAST run: what every resumed run must equal."""
+  workdir = tmp_path_factory.mktemp("straight")
+  loop.train(TrainConfig(**FAST), workdir, plots=False)
+  return workdir
+
+
+# --- a run killed at random points resumes exactly -------------------------------------------------------------
+
+# The run as a command (a subprocess that SIGKILL stops anywhere): 30 steps, a checkpoint
+# every 3 (with the metrics every 2 and evaluations every 10 in between), the last 2 kept.
+KILLED_RUN = {**FAST, "steps": 30, "lr_drop_steps": (20,), "checkpoint_every": 3, "keep_checkpoints": 2,
+              "log_every": 2, "eval_every": 10}
+# dtnh-train, without TensorBoard (importing it imports torch: seconds per start; metrics.jsonl is the record)
+_ENTRY = ("import sys; sys.modules['tensorboardX'] = None; "
+          "from dtnh_jax.cli import train_main; sys.exit(train_main(sys.argv[1:]))")
+
+
+def _command(workdir):
+  return [sys.executable, "-c", _ENTRY, "--method", KILLED_RUN["method"], "--seeds", "0", "--no-progress",
+          "--workdir", str(workdir)] + _flags(KILLED_RUN)
+
+
+def _command_env(tmp_path):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  env.update(
+      JAX_PLATFORMS="cpu",  # bit-exact equality is a CPU promise; accelerators may pick other kernels per process
+      DTNH_JAX_CACHE=str(tmp_path / "cache"),
+      # the processes after the first load the compiled programs instead of compiling them again
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  return env
+
+
+def _completed_checkpoints(run):
+  """Steps whose checkpoint orbax has completed (renamed, with its commit marker)."""
+  directory = run / "checkpoints"
+  try:
+    names = os.listdir(directory)
+  except FileNotFoundError:
+    return set()
+  return {int(name) for name in names
+          if name.isdigit() and os.path.exists(directory / name / checkpoint._COMMIT_MARKER)}
+
+
+def _save_started(run, step):
+  """Whether the checkpoint of ``step`` is being written (orbax's temporary folder) or done."""
+  try:
+    return any(name.split(".")[0] == str(step) for name in os.listdir(run / "checkpoints"))
+  except FileNotFoundError:
+    return False
+
+
+def _run_dir(workdir):
+  return workdir / "scratch" / KILLED_RUN["method"] / "seed0"
+
+
+def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(tmp_path):
+  env, log = _command_env(tmp_path), tmp_path / "commands.log"
+
+  def start(workdir):
+    with open(log, "ab") as output:
+      return subprocess.Popen(_command(workdir), env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
+
+  def output():
+    return log.read_text(errors="replace")[-4000:]
+
+  straight = start(tmp_path / "straight")
+  assert straight.wait(timeout=300) == 0, output()
+
+  rng = random.Random(0)
+  # one kill during start-up, then kills at random times after the saves of random checkpoints begin
+  # (during the save itself, the steps after it, an evaluation, the metrics' writing)
+  targets = sorted(rng.sample(range(KILLED_RUN["checkpoint_every"], 25, KILLED_RUN["checkpoint_every"]), 3))
+  plan = [(None, rng.uniform(0.5, 4.0))] + [(target, rng.uniform(0.0, 0.3)) for target in targets]
+  run = _run_dir(tmp_path / "killed")
+  completed_before_kills, newest, interrupted_saves = set(), 0, 0
+  for target, delay in plan:
+    process, started = start(tmp_path / "killed"), time.monotonic()
+    while target is not None and not _save_started(run, target) and process.poll() is None:
+      assert time.monotonic() - started < 300, f"step {target} never checkpointed\n{output()}"
+      time.sleep(0.005)
+    time.sleep(delay)
+    assert process.poll() is None, f"the run ended before the kill after step {target}\n{output()}"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    completed = _completed_checkpoints(run)
+    if (run / "checkpoints").is_dir():
+      interrupted_saves += any(".orbax-checkpoint-tmp" in name for name in os.listdir(run / "checkpoints"))
+    assert max(completed, default=0) >= newest, "a completed checkpoint was lost"
+    newest = max(completed, default=0)
+    completed_before_kills |= completed
+  resumed = start(tmp_path / "killed")
+  assert resumed.wait(timeout=300) == 0, output()
+
+  expected = _run_dir(tmp_path / "straight")
+  assert (run / "metrics.jsonl").read_text() == (expected / "metrics.jsonl").read_text()
+  assert json.loads((run / "results.json").read_text()) == json.loads((expected / "results.json").read_text())
+  step, state, data_state, _ = _newest_checkpoint(run)
+  expected_step, expected_state, expected_data_state, _ = _newest_checkpoint(expected)
+  assert step == expected_step == KILLED_RUN["steps"] and data_state == expected_data_state
+  _assert_trees_equal(state, expected_state)  # params, batch stats, optimizer state, RNG: bit-exact
+  final = _completed_checkpoints(run)
+  for step in completed_before_kills:  # gone only by the rotation to the newest keep_checkpoints
+    assert step in final or sum(s > step for s in final) >= KILLED_RUN["keep_checkpoints"], step
+  assert sorted(os.listdir(run / "checkpoints")) == sorted(map(str, final))  # no temporary folder left
+  assert not (run / "unreadable-checkpoints").exists()  # a kill never leaves a damaged checkpoint
+  print(f"{len(plan)} kills (after the saves of steps {targets} began), {interrupted_saves} of them during a save; "
+        f"completed checkpoints seen: {sorted(completed_before_kills)}")
+
+
+def test_metric_lines_after_the_checkpoint_resumed_from_are_not_written_twice(straight_run, tmp_path):
+  config = TrainConfig(**FAST)
+  loop.train(config, tmp_path, stop_after=4)
+  with open(tmp_path / "metrics.jsonl", "a") as f:  # as a kill after writing them and before the next checkpoint
+    f.writelines(line for line in open(straight_run / "metrics.jsonl") if json.loads(line)["step"] > 4)
+    f.write('{"step": 6, "kind": "train", "loss_emp')  # and a line cut short
+  loop.train(config, tmp_path, plots=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
+
+
+# --- a damaged newest checkpoint --------------------------------------------------------------------------------
+
+
+def _truncate_array_data(step_dir):
+  chunks = [path for path in (step_dir / "state" / "d").iterdir() if path.is_file()]
+  assert chunks
+  for path in chunks:
+    with open(path, "r+b") as f:
+      f.truncate(path.stat().st_size // 2)
+
+
+DAMAGES = {
+    "truncated array data": _truncate_array_data,
+    "deleted array index": lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(),
+    "deleted data position": lambda step_dir: (step_dir / "data" / "metadata").unlink(),
+    "no commit marker": lambda step_dir: (step_dir / checkpoint._COMMIT_MARKER).unlink(),
+}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, after a failed restore
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_one_used(damage, straight_run,
+                                                                                         tmp_path):
+  config = TrainConfig(**FAST)
+  loop.train(config, tmp_path, stop_after=4)
+  DAMAGES[damage](tmp_path / "checkpoints" / "4")
+  with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*falling back to the previous checkpoint \(step 2\)"):
+    loop.train(config, tmp_path, plots=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
+  _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
+  assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()  # kept for inspection, out of orbax's way
+
+
+# --- bad input: exit code 2 and a message that names the problem -------------------------------------------------
+
+
+def _cli_error(args, capsys, code=2):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.train_main(args)
+  captured = capsys.readouterr()
+  assert exit_info.value.code == code, captured.err
+  assert "Traceback" not in captured.err + captured.out
+  return captured.err
+
+
+def _run_args(tmp_path, **changes):
+  return ["--workdir", str(tmp_path / "runs"), "--method", FAST["method"], "--seeds", "0", "--no-progress"] + _flags(
+      {**FAST, **changes})
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--steps", "ten", "argument --steps: invalid int value: 'ten'"),
+    ("--learning-rate", "fast", "argument --learning-rate: invalid float value: 'fast'"),
+    ("--lr-drop-steps", "4,x", "expected comma-separated integers, got '4,x'"),
+    ("--seeds", "0,one", "--seeds takes comma-separated integers"),
+    ("--width", "nan", "--width must be a finite number"),
+    ("--reg-weight", "inf", "--reg-weight must be a finite number"),
+    ("--width", "0", "--width must be positive"),
+    ("--seed", "-1", "--seed must be in [0, 2**31)"),
+    ("--arch", "resnet99", "--arch must be one of resnet18, resnet34, resnet50"),
+    ("--feature-layers", "layer9", "--feature-layers takes comma-separated names"),
+    ("--lr-drop-factor", "-0.1", "--lr-drop-factor must be >= 0"),
+    ("--compute-dtype", "float16", "--compute-dtype must be one of float32, bfloat16"),
+    ("--on-nonfinite", "ignore", "--on-nonfinite must be one of stop, skip"),
+    ("--method", ",", "names no method"),
+    ("--granularity", "layer", "--granularity must be tree, leaf or module"),
+])
+def test_bad_value_exits_with_code_2_naming_the_flag(flag, value, message, tmp_path, capsys):
+  args = _run_args(tmp_path) + [flag, value]  # the last occurrence wins in argparse
+  assert message in _cli_error(args, capsys)
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path, capsys):
+  (tmp_path / "runs").write_text("not a directory")
+  assert f"--workdir {tmp_path / 'runs'} is a file" in _cli_error(_run_args(tmp_path), capsys)
+
+
+def _garbage(path, content=b"\x80\x04 this is not a checkpoint"):
+  path.write_bytes(content)
+  return path
+
+
+def _orbax_source(path, width, metadata=True):
+  model = models.create_model("resnet18", num_classes=10, width=width, small_stem=True)
+  variables = models.init_variables(model, 0, 8)
+  if metadata:
+    models.save_variables(path, variables, {"arch": "resnet18", "width": width, "small_stem": True})
+  else:  # a plain orbax checkpoint: no metadata to compare, only the tensors
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path.resolve(), variables)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+  return path
+
+
+def _resnet50_safetensors(path):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  model = models.create_model("resnet50", num_classes=10, width=0.125)
+  state_dict = models.to_torchvision(models.init_variables(model, 0, 32), arch="resnet50", width=0.125)
+  safetensors.numpy.save_file(state_dict, str(path))
+  return path
+
+
+@pytest.mark.parametrize("make_source,message", [
+    (lambda d: _garbage(d / "weights.pth"), r"--source \S*weights.pth: (could not read .* weights_only=True|.*PyTorch)"),
+    (lambda d: _garbage(d / "weights.safetensors"), r"--source \S*weights.safetensors: could not read .* safetensors"),
+    (lambda d: _garbage(d / "weights.bin", b""), r"--source \S*weights.bin: could not read"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", r"--source \S*empty: not a readable orbax checkpoint"),
+    (lambda d: _orbax_source(d / "wide", 0.25),
+     r"--source \S*wide: the checkpoint's architecture does not match the run: width is 0.25 in the checkpoint "
+     r"but 0.125 in the run"),
+    (lambda d: _orbax_source(d / "wide-no-metadata", 0.25, metadata=False),
+     r"--source \S*wide-no-metadata: the checkpoint does not fit the run's resnet18 \(width 0.125.*conv1/kernel is "
+     r"\(3, 3, 3, 16\), expected \(3, 3, 3, 8\)"),
+    (lambda d: _resnet50_safetensors(d / "resnet50.safetensors"),
+     r"--source \S*resnet50.safetensors: checkpoint does not match resnet18.*look like a resnet50"),
+], ids=["garbage .pth", "garbage .safetensors", "empty .bin", "empty directory", "orbax of another width",
+        "orbax without metadata of another width", "resnet50 .safetensors for a resnet18"])
+def test_unusable_source_checkpoint_exits_with_code_2_and_says_why(make_source, message, tmp_path, capsys):
+  (tmp_path / "sources").mkdir()
+  source = make_source(tmp_path / "sources")
+  args = _run_args(tmp_path) + ["--source", str(source)]
+  assert re.search(message, _cli_error(args, capsys), re.DOTALL)
+
+
+def test_no_untrusted_file_is_unpickled():
+  """Checkpoints are read with safetensors, orbax, or torch.load(weights_only=True); never pickle."""
+  for path in (REPO / "dtnh_jax").rglob("*.py"):
+    text = path.read_text()
+    assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.MULTILINE), path
+    for call in re.findall(r"torch\.load\([^)]*\)", text):
+      assert "weights_only=True" in call, (path, call)
+    assert "allow_pickle=True" not in text, path
+
+
+def test_config_names_agree_with_the_models():
+  assert set(config_lib.ARCHS) == set(models.ARCHITECTURES)
+  assert config_lib.FEATURE_LAYERS == tuple(models.FEATURE_NAMES)
+
+
+# --- NaN/Inf -------------------------------------------------------------------------------------------------------
+
+
+class _NaNBatchAt:
+  """The run's training batches, with NaN images in the batch of step ``step`` (counting from 1)."""
+
+  def __init__(self, loader, step):
+    self._loader, self._step = loader, step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._loader)
+    if self._loader.step == self._step:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    return batch
+
+  def get_state(self):
+    return self._loader.get_state()
+
+  def set_state(self, state):
+    self._loader.set_state(state)
+
+
+def _data_with_nan_batch(config, step, *shard):
+  data = load_data(config, *shard)
+  return dataclasses.replace(data, train_loader=lambda seed: _NaNBatchAt(data.train_loader(seed), step))
+
+
+def _all_finite(tree):
+  return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = TrainConfig(**{**FAST, "log_every": 5})  # found when the checkpoint of step 4 is due
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"step 3: the loss or the update is not finite.*newest checkpoint \(step 2\)"):
+    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+  step, state, _, _ = _newest_checkpoint(tmp_path)
+  assert step == 2 and sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2]
+  assert _all_finite(state)
+  last = _metrics(tmp_path)[-1]
+  assert last["step"] == 3 and last["skipped"] == 1.0 and math.isnan(last["loss_empirical"])
+
+  # the message's advice: the same run goes on from there, skipping the step
+  with pytest.warns(RuntimeWarning, match=r"step 3: .*skipped"):
+    loop.train(config.replace(on_nonfinite="skip"), tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+  assert [r["skipped"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
+
+
+def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(offline, "load_data", lambda config, *shard: _data_with_nan_batch(config, 2, *shard))
+  error = _cli_error(_run_args(tmp_path), capsys, code=1)
+  assert "step 2: the loss or the update is not finite" in error and "--on-nonfinite skip" in error
+
+
+def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchanged(tmp_path):
+  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "checkpoint_every": 1, "keep_checkpoints": 10})
+  with pytest.warns(RuntimeWarning, match=r"step 3: the loss or the update is not finite.*skipped"):
+    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+  before, skipped, after = (_checkpoint_at(tmp_path, step) for step in (2, 3, 4))
+  for part in ("params", "opt_state", "batch_stats"):
+    _assert_trees_equal(skipped["state"][part], before["state"][part], part)
+  # the step counter, the RNG and the data position advance as for any step
+  assert skipped["state"]["step"] == before["state"]["step"] + 1
+  assert skipped["data"]["step"] == before["data"]["step"] + 1
+  assert not np.array_equal(skipped["state"]["rng"], before["state"]["rng"])
+  assert not np.array_equal(after["state"]["params"]["fc"]["kernel"], skipped["state"]["params"]["fc"]["kernel"])
+  assert _all_finite(after["state"])
+  assert [r["skipped"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]

@@ -1,0 +1,101 @@
+"""Mixed precision: bf16 compute, float32 parameters, gradients, regularizers and DTNH.
+
+With ``compute_dtype="bfloat16"`` the network's convolutions and activations
+run in bf16; its parameters and BatchNorm statistics stay float32, so the
+gradients of the loss terms come back float32 (a gradient has its parameter's
+dtype), and DTNH's inner products, projection and the optimizer work in
+float32 as under full precision.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dtnh_jax
+from dtnh_jax import models, regularizers
+from dtnh_jax.train import TrainConfig, checkpoint, loop
+from dtnh_jax.train.config import OFFLINE_PRESET
+
+BF16 = {**OFFLINE_PRESET, "source": "scratch", "compute_dtype": "bfloat16", "resize": 10, "crop": 8,
+        "batch_size": 16, "steps": 2, "lr_drop_steps": (1,), "eval_every": 2, "log_every": 2, "checkpoint_every": 2,
+        "eval_batch_size": 200}
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _dtypes(tree):
+  return {str(np.asarray(leaf).dtype) for leaf in jax.tree.leaves(tree)}
+
+
+def test_bf16_model_computes_in_bf16_and_keeps_float32_parameters():
+  model = loop.create_model(TrainConfig(**BF16), num_classes=10)
+  variables = models.init_variables(model, 0, 8)
+  logits, features = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, jnp.zeros((2, 8, 8, 3)))
+  assert {features[layer].dtype for layer in LAYERS} == {jnp.dtype(jnp.bfloat16)}
+  assert logits.dtype == jnp.float32
+  assert _dtypes(variables) == {"float32"}
+
+
+@pytest.mark.parametrize("method", ["dtnh-l2", "dtnh-l2-sp", "dtnh-knowdist", "dtnh-delta"])
+def test_bf16_train_step_runs_for_every_regularizer(method, tmp_path):
+  loop.train(TrainConfig(**{**BF16, "method": method}), tmp_path, plots=False)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [1, 2]
+  for record in train:
+    assert record["skipped"] == 0.0
+    assert np.isfinite([record["loss_empirical"], record["loss_regularizer"], record["angle1"]]).all()
+  checkpoints = checkpoint.Checkpoints(tmp_path)
+  _, state, _, _ = checkpoints.restore(None)
+  checkpoints.close()
+  assert _dtypes(state["params"]) == _dtypes(state["batch_stats"]) == {"float32"}
+
+
+def _vdot64(a, b):
+  """<a, b> in float64 from the float32 values: the exact value of the step's numbers."""
+  return sum(float(np.vdot(np.asarray(x, np.float64), np.asarray(y, np.float64)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("regularizer", ["l2-sp", "knowdist", "delta"])
+def test_dtnh_invariants_hold_on_the_gradients_of_a_bf16_step(regularizer):
+  model = models.create_model("resnet18", num_classes=10, width=0.125, small_stem=True, dtype=jnp.bfloat16)
+  source = models.init_variables(model, 0, 8)   # the "pre-trained" network
+  target = models.init_variables(model, 1, 8)   # the network being fine-tuned, away from it
+  images = jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 3))
+  labels = jnp.arange(16) % 10
+  source_features = regularizers.source_features(model, source, images, LAYERS)
+  attention = {layer: jnp.full(source_features[layer].shape[-1:], 1.0 / source_features[layer].shape[-1])
+               for layer in LAYERS}
+
+  def loss_terms(params):
+    (logits, features), _ = model.apply({"params": params, "batch_stats": target["batch_stats"]}, images,
+                                        train=True, return_features=True, mutable=["batch_stats"])
+    empirical = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if regularizer == "knowdist":
+      return empirical, regularizers.feature_distance(features, source_features, LAYERS, normalize="spatial_mean")
+    if regularizer == "delta":
+      return empirical, regularizers.delta(features, source_features, attention, LAYERS)
+    return empirical
+
+  closed_form = [regularizers.l2_sp_regularizer(source["params"], 1.0, 0.01)] if regularizer == "l2-sp" else []
+  grad_fn = jax.jit(dtnh_jax.split_value_and_grad(loss_terms, closed_form=closed_form))
+  _, (empirical, regularizer_grad) = grad_fn(target["params"])
+  assert _dtypes(empirical) == _dtypes(regularizer_grad) == {"float32"}  # bf16 compute, float32 gradients
+
+  tx = dtnh_jax.dtnh(reg_weight=0.5)
+  conflicts = []
+  for sign in (1.0, -1.0):  # one of r and -r conflicts with g (the projection is exercised)
+    r = jax.tree.map(lambda leaf, sign=sign: sign * leaf, regularizer_grad)
+    d, _ = tx.update((empirical, r), tx.init(target["params"]), target["params"])
+    assert _dtypes(d) == {"float32"}
+    g_g, d_g, kept_r = _vdot64(empirical, empirical), _vdot64(d, empirical), _vdot64(
+        jax.tree.map(jnp.subtract, d, empirical), r)
+    tolerance = 1e-5 * np.sqrt(_vdot64(d, d) * max(g_g, _vdot64(r, r)))  # float32 rounding of the step
+    assert d_g >= g_g - tolerance, (sign, d_g, g_g)            # never slower on the empirical loss
+    assert kept_r >= -tolerance, (sign, kept_r)                 # what is kept of r points along r
+    conflicts.append(_vdot64(empirical, r) < 0)
+  assert any(conflicts)
