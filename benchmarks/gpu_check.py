@@ -7,13 +7,22 @@ regularizer) the library's own jitted train step (``make_train_step``) is
 compiled once and timed in blocks of ``--steps`` steps; a method and its DTNH
 variant run in interleaved blocks, and the DTNH-to-plain ratio is the median
 of the per-block ratios. DELTA's attention is a fixed random one (computed
-once before fine-tuning, not part of the step). Meant for a GPU (about three
-minutes on an H100, most of it compiling); ``--small`` runs the same code at
-a size a CPU finishes in seconds. The last line printed is one JSON object:
-the DTNH-to-plain ratios under ``l2``, ``l2sp``, ``knowdist``, ``delta``, and
+once before fine-tuning, not part of the step).
+
+The library's plain step already holds the two gradients apart (it is
+``dtnh(projection="none")``), so DTNH-to-plain measures the projection alone;
+``--summed`` also times each regularizer written as one ``value_and_grad`` of
+``J + λΩ`` (see ``train_step_overhead.py``), the baseline for what holding the
+gradients apart costs.
+
+Meant for a GPU: 9 compiles (13 with ``--summed``) and a few hundred steps,
+sized to finish in under five minutes on an H100 (not yet run on one);
+``--small`` runs the same code at a size a CPU finishes in a minute or two.
+The last line printed is one JSON object: the DTNH-to-plain ratios under
+``l2``, ``l2sp``, ``knowdist``, ``delta`` (``*_vs_summed`` with ``--summed``),
 images/s per method under ``images_per_s``.
 
-    python benchmarks/gpu_check.py [--size 224 --batch 48 --steps 20 --rounds 5]
+    python benchmarks/gpu_check.py [--size 224 --batch 48 --steps 20 --rounds 5] [--summed]
     python benchmarks/gpu_check.py --small
 """
 
@@ -71,6 +80,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--methods", default="all",
                       help="comma-separated regularizers among fine-tune, l2, l2-sp, knowdist, delta (each is run "
                       "plain and, except fine-tune, with DTNH), or 'all' (default)")
+  parser.add_argument("--summed", action="store_true",
+                      help="also time each regularizer's plain step written as one value_and_grad of J + λΩ "
+                      "(one backward pass, no DTNH; see train_step_overhead.py) and report DTNH against it "
+                      "(4 more compiles)")
   parser.add_argument("--small", action="store_true",
                       help="a CPU-sized smoke run; defaults become "
                       + ", ".join(f"--{k} {v}" for k, v in SMALL.items()))
@@ -93,25 +106,27 @@ def main(argv=None) -> dict:
 
   rows, images_per_s, ratios = [], {}, {}
   for regularizer in chosen:
-    variants = ("plain",) if regularizer == "fine-tune" else ("plain", "dtnh")
+    variants = ("plain",) if regularizer == "fine-tune" else ("plain", "dtnh") + (("summed",) if args.summed else ())
     steps = bench.build_steps(problem, regularizer, args, variants)
     times = time_blocks(steps, args.steps, args.rounds)
     for variant, step in steps.items():
-      name = Method(regularizer, variant == "dtnh").name
+      name = Method(regularizer, variant == "dtnh").name + (" (summed)" if variant == "summed" else "")
       seconds_per_step = float(np.median(times[variant])) / args.steps
       images_per_s[name] = args.batch / seconds_per_step
-      rows.append((name, images_per_s[name], 1e3 * seconds_per_step, step.lower_s + step.compile_s,
-                   step.memory.get("peak")))
+      rows.append((name, images_per_s[name], 1e3 * seconds_per_step, step.stats.lower_s + step.stats.compile_s,
+                   step.stats.memory.get("peak")))
     if "dtnh" in steps:
       ratios[RATIO_KEYS[regularizer]] = bench.median_ratio(times, "dtnh", "plain")
+    if "summed" in steps:
+      ratios[RATIO_KEYS[regularizer] + "_vs_summed"] = bench.median_ratio(times, "dtnh", "summed")
     print(f"{regularizer}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     del steps
 
-  print(f"\n{'method':<15} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'XLA peak MiB':>13}")
+  print(f"\n{'method':<20} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'XLA peak MiB':>13}")
   for name, ips, ms, compile_s, peak in rows:
     peak_text = f"{peak:13.0f}" if peak is not None else f"{'n/a':>13}"
-    print(f"{name:<15} {ips:9.1f} {ms:8.2f} {compile_s:10.1f} {peak_text}")
-  print("\nDTNH / plain step time (median of per-block ratios): "
+    print(f"{name:<20} {ips:9.1f} {ms:8.2f} {compile_s:10.1f} {peak_text}")
+  print("\nDTNH step time over plain (and over summed; medians of per-block ratios): "
         + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
   peak = peak_device_mib()
   if peak is not None:

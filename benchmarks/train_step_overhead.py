@@ -1,44 +1,58 @@
 """Step time of the whole ResNet-18 train step with DTNH against without it.
 
-For each regularizer X in L2-SP, KnowDist and DELTA, four jitted train steps
-(SGD with momentum 0.9; the model, batch, reference and settings are the same)
-are timed side by side:
+For each regularizer X in L2-SP, KnowDist and DELTA, five train steps (SGD
+with momentum 0.9; the same model, batch, reference and settings) are timed
+side by side:
 
-- ``plain``: the library's step for X, ``make_train_step`` with ``Method(X)``.
-  It computes the empirical and the regularizer gradient apart (one forward
-  pass, one backward pass per traced term) and hands them to
+- ``plain``: the library's jitted step for X, ``make_train_step`` with
+  ``Method(X)``. It holds the empirical and the regularizer gradient apart
+  (``split_value_and_grad``: one forward pass, one backward pass per traced
+  term, none for L2-SP's closed form) and hands them to
   ``dtnh(projection="none")``, which forms ``g + λ r`` and the diagnostics.
-- ``dtnh``: the library's step for DTNH(X), ``Method(X, dtnh=True)``.
-- ``naive``: DTNH(X) as one would write it without ``split_value_and_grad``:
-  ``jax.value_and_grad`` of the empirical loss and ``jax.value_and_grad`` of
-  the regularizer, each tracing its own forward pass of the target network,
-  then the same ``chain(dtnh, sgd)``.
-- ``fused``: X without DTNH and without the split: one ``jax.value_and_grad``
-  of ``J + λ Ω`` (one backward pass; L2-SP's gradient added in closed form),
-  plain SGD — what X costs in a training script that does not use this library.
+- ``dtnh``: the library's jitted step for DTNH(X), ``Method(X, dtnh=True)``.
+- ``naive``: DTNH(X) in one jitted step written without
+  ``split_value_and_grad``: ``jax.value_and_grad`` of the empirical loss and
+  ``jax.value_and_grad`` of the regularizer, each tracing its own forward pass
+  of the target network, then the same ``chain(dtnh, sgd)``.
+- ``separate``: the same two ``jax.value_and_grad`` calls jitted apart, and
+  the DTNH update jitted on its own: three programs per step, so XLA cannot
+  merge the two forward passes.
+- ``summed``: X as usually written: one ``jax.value_and_grad`` of
+  ``J + λ Ω`` (one backward pass; L2-SP's gradient added in closed form) and
+  SGD, no DTNH and no diagnostics: what X costs without this library.
 
 The frozen source network's forward pass (KnowDist, DELTA) is part of every
 step; DELTA's channel attention is a fixed random one (it is computed once
 before fine-tuning and is not part of the step). Data is synthetic and the
-source weights are random: step time does not depend on either.
+source weights are random: step time depends on neither.
 
-Runs are interleaved (the four steps in turn, the order rotating every round),
-and ratios are medians of per-round ratios, so the shared, noisy machine
-affects all sides alike. Also reported per step: the compile time
-(``jit(...).lower(...)`` and ``.compile()``) and XLA's memory analysis of the
-compiled step (arguments, outputs, temporaries; ``peak`` is arguments +
-outputs - donated aliases + temporaries, XLA's static buffer assignment, not a
-measured resident size). The last line printed is one JSON object; its keys
-``l2sp``, ``knowdist``, ``delta`` hold the DTNH-to-plain ratios of the
-library's steps.
+Runs are interleaved (each step once per round, the order rotating), and
+ratios are medians of per-round ratios, so the shared, noisy machine affects
+all sides alike. Also reported per step, independent of the machine's load:
+the number of convolutions in the optimized XLA program(s) (each forward or
+backward pass of a ResNet-18 adds about 20, a backward pass 39: weights and
+inputs) and XLA's flop count; and the compile time (``jit(...).lower(...)``
+then ``.compile()``) and XLA's memory analysis of the compiled step
+(arguments, outputs, temporaries; ``peak`` = arguments + outputs - donated
+aliases + temporaries: XLA's static buffer assignment, not a measured resident
+size; for ``separate`` the largest of its programs). The last line printed is
+one JSON object; its keys ``l2sp``, ``knowdist``, ``delta`` hold the
+DTNH-to-plain ratios of the library's steps, the other keys the rest.
 
-    python benchmarks/train_step_overhead.py [--size 64 --batch 16 --repeats 15]
+The default size keeps the last stage's maps at 3x3: at 2x2 (64x64 images)
+XLA:CPU runs the 512-channel 3x3 convolutions ~50 times slower per flop
+(measured 0.7 GFLOP/s against 40-80 at 3x3 and 7x7), which would swamp the
+comparison.
+
+    python benchmarks/train_step_overhead.py [--size 96 --batch 16 --repeats 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -90,7 +104,7 @@ def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, widt
 
 
 # ----------------------------------------------------------------------------
-# The two comparison steps that the library does not have.
+# The comparison steps that the library does not have.
 
 
 def _regularizer_of(config: TrainConfig, reference: step_lib.Reference):
@@ -107,65 +121,85 @@ def _regularizer_of(config: TrainConfig, reference: step_lib.Reference):
   raise ValueError(f"no regularizer for {name!r}")
 
 
-def _forward(model, state, images):
-  (logits, features), updated = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                                            train=True, return_features=True, mutable=["batch_stats"])
-  return logits, features, updated["batch_stats"]
-
-
 def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
+def _separate_losses(model, config: TrainConfig):
+  """``(empirical, regularizer)``: the two losses as separate functions, each running the target network itself.
+
+  ``empirical(params, batch_stats, batch) -> (J, new batch_stats)``;
+  ``regularizer(params, batch_stats, batch, reference) -> Ω``.
+  """
+
+  def forward(params, batch_stats, images):
+    (logits, features), updated = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                              return_features=True, mutable=["batch_stats"])
+    return logits, features, updated["batch_stats"]
+
+  def empirical(params, batch_stats, batch):
+    logits, _, batch_stats = forward(params, batch_stats, batch["image"])
+    return _cross_entropy(logits, batch["label"]), batch_stats
+
+  def regularizer(params, batch_stats, batch, reference):
+    closed_form, feature_regularizer = _regularizer_of(config, reference)
+    if closed_form is not None:
+      return closed_form.value(params)   # autodiff of the value, as one would write it
+    source = regularizers.source_features(model, reference.variables, batch["image"], config.feature_layers)
+    return feature_regularizer(forward(params, batch_stats, batch["image"])[1], source)
+
+  return forward, empirical, regularizer
+
+
+def _apply_dtnh(tx, state, empirical_grad, regularizer_grad, batch_stats, losses):
+  updates, opt_state = tx.update((empirical_grad, regularizer_grad), state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, {"loss_empirical": losses[0], "loss_regularizer": losses[1],
+                     "conflict": optax.tree.get(opt_state, "diagnostics").conflict}
+
+
 def make_naive_step(model, config: TrainConfig, tx: optax.GradientTransformation):
-  """DTNH(X) from two ``jax.value_and_grad`` calls, each with its own forward pass of the target network."""
+  """DTNH(X) in one jitted step from two ``jax.value_and_grad`` calls, each tracing its own forward pass."""
+  _, empirical, regularizer = _separate_losses(model, config)
 
   def train_step(state, batch, reference):
-    images, labels = batch["image"], batch["label"]
-    closed_form, feature_regularizer = _regularizer_of(config, reference)
-    source = (regularizers.source_features(model, reference.variables, images, config.feature_layers)
-              if feature_regularizer is not None else None)
-
-    def empirical(params):
-      logits, _, batch_stats = _forward(model, state.replace(params=params), images)
-      return _cross_entropy(logits, labels), batch_stats
-
-    def regularizer(params):
-      if closed_form is not None:
-        return closed_form.value(params)   # autodiff of the value, as a user would write it
-      _, features, _ = _forward(model, state.replace(params=params), images)
-      return feature_regularizer(features, source)
-
-    (loss, batch_stats), empirical_grad = jax.value_and_grad(empirical, has_aux=True)(state.params)
-    reg_loss, regularizer_grad = jax.value_and_grad(regularizer)(state.params)
-    updates, opt_state = tx.update((empirical_grad, regularizer_grad), state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss_empirical": loss, "loss_regularizer": reg_loss,
-                       "conflict": optax.tree.get(opt_state, "diagnostics").conflict}
+    (loss, batch_stats), empirical_grad = jax.value_and_grad(empirical, has_aux=True)(
+        state.params, state.batch_stats, batch)
+    reg_loss, regularizer_grad = jax.value_and_grad(regularizer)(state.params, state.batch_stats, batch, reference)
+    return _apply_dtnh(tx, state, empirical_grad, regularizer_grad, batch_stats, (loss, reg_loss))
 
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-def make_fused_step(model, config: TrainConfig, tx: optax.GradientTransformation):
-  """X without DTNH: one ``jax.value_and_grad`` of ``J + λ Ω`` (one backward pass), plain SGD."""
-  reg_weight = config.reg_weight
+def make_separate_programs(model, config: TrainConfig, tx: optax.GradientTransformation):
+  """DTNH(X) from two separately jitted ``jax.value_and_grad`` calls and a jitted update: three programs."""
+  _, empirical, regularizer = _separate_losses(model, config)
+  empirical_grad = jax.jit(jax.value_and_grad(empirical, has_aux=True))
+  regularizer_grad = jax.jit(jax.value_and_grad(regularizer))
+  update = jax.jit(functools.partial(_apply_dtnh, tx), donate_argnums=(0,))
+  return empirical_grad, regularizer_grad, update
+
+
+def make_summed_step(model, config: TrainConfig, tx: optax.GradientTransformation):
+  """X as usually written: one ``jax.value_and_grad`` of ``J + λ Ω`` (one backward pass), plain SGD."""
+  forward, _, _ = _separate_losses(model, config)
+  reg_weight = config.reg_weight  # constant: reg_decay is 1
 
   def train_step(state, batch, reference):
-    images, labels = batch["image"], batch["label"]
     closed_form, feature_regularizer = _regularizer_of(config, reference)
-    source = (regularizers.source_features(model, reference.variables, images, config.feature_layers)
+    source = (regularizers.source_features(model, reference.variables, batch["image"], config.feature_layers)
               if feature_regularizer is not None else None)
 
     def total_loss(params):
-      logits, features, batch_stats = _forward(model, state.replace(params=params), images)
-      loss = _cross_entropy(logits, labels)
+      logits, features, batch_stats = forward(params, state.batch_stats, batch["image"])
+      loss = _cross_entropy(logits, batch["label"])
       if feature_regularizer is not None:
         loss = loss + reg_weight * feature_regularizer(features, source)
       return loss, batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
-    if closed_form is not None:
+    if closed_form is not None:  # L2-SP's gradient in closed form, as the library's steps add it
       grads = jax.tree.map(lambda g, r: g + reg_weight * r, grads, closed_form.grad(state.params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -179,30 +213,28 @@ def make_fused_step(model, config: TrainConfig, tx: optax.GradientTransformation
 # Compiling and timing.
 
 
-class CompiledStep:
-  """A compiled step that owns its train state (the step donates it), with its compile stats."""
+class ProgramStats(NamedTuple):
+  lower_s: float
+  compile_s: float
+  memory: dict[str, float]   # MiB, from XLA's memory analysis (empty where the backend gives none)
+  convolutions: int          # convolution ops in the optimized program: forward and backward passes, counted
+  gflop: float | None        # XLA's cost analysis (None where the backend gives none)
 
-  def __init__(self, name: str, jitted: Callable, tx: optax.GradientTransformation, problem: Problem,
-               reference: step_lib.Reference):
-    self.name, self.batch, self.reference = name, problem.batch, reference
-    self.state = step_lib.create_train_state(problem.initial, tx, jax.random.key(0))
-    start = time.perf_counter()
-    lowered = jitted.lower(self.state, self.batch, reference)
-    self.lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    self.compiled = lowered.compile()
-    self.compile_s = time.perf_counter() - start
-    self.memory = memory_mib(self.compiled)
 
-  def __call__(self, count: int = 1):
-    """Runs ``count`` steps back to back and waits for the last one."""
-    for _ in range(count):
-      self.state, metrics = self.compiled(self.state, self.batch, self.reference)
-    return jax.block_until_ready((self.state.params, metrics))
+def compile_program(jitted, *args):
+  """``(compiled, ProgramStats)`` of ``jitted`` for these arguments."""
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  return compiled, ProgramStats(lower_s, compile_s, memory_mib(compiled), count_convolutions(compiled),
+                                gflop_of(compiled))
 
 
 def memory_mib(compiled) -> dict[str, float]:
-  """XLA's memory analysis of a compiled step, in MiB (empty where the backend gives none)."""
+  """XLA's memory analysis of a compiled program in MiB; ``peak`` = arguments + outputs - aliased + temporaries."""
   try:
     stats = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except  (not every backend/version implements it)
@@ -216,7 +248,79 @@ def memory_mib(compiled) -> dict[str, float]:
   return sizes
 
 
-def interleaved_times(steps: dict[str, Callable], repeats: int, warmup: int = 2) -> dict[str, np.ndarray]:
+def count_convolutions(compiled) -> int:
+  try:
+    return len(re.findall(r"\bconvolution\(", compiled.as_text()))
+  except Exception:  # pylint: disable=broad-except
+    return -1
+
+
+def gflop_of(compiled) -> float | None:
+  try:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"]) / 1e9
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def fresh_state(problem: Problem, tx: optax.GradientTransformation) -> step_lib.TrainState:
+  """A train state whose every leaf is its own buffer.
+
+  The steps donate their state, and XLA refuses a buffer donated twice in one
+  call; an optimizer's ``init`` may hand out one array for several leaves
+  (e.g. equal zeros), so each leaf is copied.
+  """
+  return jax.tree.map(jnp.copy, step_lib.create_train_state(problem.initial, tx, jax.random.key(0)))
+
+
+class CompiledStep:
+  """One variant's step, compiled; it owns its train state (the steps donate it)."""
+
+  def __init__(self, jitted: Callable, tx: optax.GradientTransformation, problem: Problem,
+               reference: step_lib.Reference):
+    self.batch, self.reference = problem.batch, reference
+    self.state = fresh_state(problem, tx)
+    self.compiled, self.stats = compile_program(jitted, self.state, self.batch, reference)
+
+  def __call__(self, count: int = 1):
+    """Runs ``count`` steps back to back and waits for the last one."""
+    for _ in range(count):
+      self.state, metrics = self.compiled(self.state, self.batch, self.reference)
+    return jax.block_until_ready((self.state.params, metrics))
+
+
+class SeparateStep(CompiledStep):
+  """The ``separate`` variant: three compiled programs per step; stats summed (memory: the largest program)."""
+
+  def __init__(self, programs, tx: optax.GradientTransformation, problem: Problem, reference: step_lib.Reference):
+    self.batch, self.reference = problem.batch, reference
+    self.state = fresh_state(problem, tx)
+    empirical_grad, regularizer_grad, update = programs
+    params, batch_stats = self.state.params, self.state.batch_stats
+    self.empirical_grad, empirical_stats = compile_program(empirical_grad, params, batch_stats, self.batch)
+    self.regularizer_grad, regularizer_stats = compile_program(regularizer_grad, params, batch_stats, self.batch,
+                                                               reference)
+    (_, new_batch_stats), grad = jax.eval_shape(empirical_grad, params, batch_stats, self.batch)
+    loss = jax.ShapeDtypeStruct((), jnp.float32)
+    self.update, update_stats = compile_program(update, self.state, grad, grad, new_batch_stats, (loss, loss))
+    parts = (empirical_stats, regularizer_stats, update_stats)
+    self.stats = ProgramStats(
+        lower_s=sum(p.lower_s for p in parts), compile_s=sum(p.compile_s for p in parts),
+        memory=max((p.memory for p in parts), key=lambda m: m.get("peak", 0.0)),
+        convolutions=sum(p.convolutions for p in parts),
+        gflop=None if any(p.gflop is None for p in parts) else sum(p.gflop for p in parts))
+
+  def __call__(self, count: int = 1):
+    for _ in range(count):
+      params, batch_stats = self.state.params, self.state.batch_stats
+      (loss, new_batch_stats), empirical = self.empirical_grad(params, batch_stats, self.batch)
+      reg_loss, regularizer = self.regularizer_grad(params, batch_stats, self.batch, self.reference)
+      self.state, metrics = self.update(self.state, empirical, regularizer, new_batch_stats, (loss, reg_loss))
+    return jax.block_until_ready((self.state.params, metrics))
+
+
+def interleaved_times(steps: dict[str, Callable], repeats: int, warmup: int = 1) -> dict[str, np.ndarray]:
   """Seconds per call of each step over ``repeats`` rounds; every round runs each step once, order rotating."""
   names = list(steps)
   for _ in range(warmup):
@@ -236,35 +340,39 @@ def median_ratio(times: dict[str, np.ndarray], a: str, b: str) -> float:
   return float(np.median(times[a] / times[b]))
 
 
-def build_steps(problem: Problem, regularizer: str, args, variants=("plain", "dtnh", "naive", "fused")):
-  """The compiled steps of one regularizer, by variant name."""
+VARIANTS = ("plain", "dtnh", "naive", "separate", "summed")
+
+
+def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> dict[str, CompiledStep]:
+  """The compiled steps of one regularizer, by variant name (see the module's docstring)."""
   reference = step_lib.Reference(problem.initial, problem.attention if regularizer == "delta" else None)
   plain_config = method_config(regularizer, False, args.size, args.batch, args.width)
-  dtnh_config = method_config(regularizer, True, args.size, args.batch, args.width)
   plain_tx = step_lib.make_optimizer(plain_config, STEPS_PER_EPOCH)
-  dtnh_tx = step_lib.make_optimizer(dtnh_config, STEPS_PER_EPOCH)
-  sgd = step_lib.make_optimizer(plain_config.replace(method="fine-tune"), STEPS_PER_EPOCH)
+  if regularizer != "fine-tune":
+    dtnh_config = method_config(regularizer, True, args.size, args.batch, args.width)
+    dtnh_tx = step_lib.make_optimizer(dtnh_config, STEPS_PER_EPOCH)
+    sgd = step_lib.make_optimizer(plain_config.replace(method="fine-tune"), STEPS_PER_EPOCH)
+  model = problem.model
   makers = {
-      "plain": lambda: (step_lib.make_train_step(problem.model, plain_config, plain_tx), plain_tx),
-      "dtnh": lambda: (step_lib.make_train_step(problem.model, dtnh_config, dtnh_tx), dtnh_tx),
-      "naive": lambda: (make_naive_step(problem.model, dtnh_config, dtnh_tx), dtnh_tx),
-      "fused": lambda: (make_fused_step(problem.model, plain_config, sgd), sgd),
+      "plain": lambda: CompiledStep(step_lib.make_train_step(model, plain_config, plain_tx), plain_tx, problem,
+                                    reference),
+      "dtnh": lambda: CompiledStep(step_lib.make_train_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem,
+                                   reference),
+      "naive": lambda: CompiledStep(make_naive_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem, reference),
+      "separate": lambda: SeparateStep(make_separate_programs(model, dtnh_config, dtnh_tx), dtnh_tx, problem,
+                                       reference),
+      "summed": lambda: CompiledStep(make_summed_step(model, plain_config, sgd), sgd, problem, reference),
   }
-  steps = {}
-  for variant in variants:
-    jitted, tx = makers[variant]()
-    steps[variant] = CompiledStep(variant, jitted, tx, problem, reference)
-  return steps
+  return {variant: makers[variant]() for variant in variants}
 
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", type=int, default=64, help="image height and width (default: %(default)s)")
+  parser.add_argument("--size", type=int, default=96, help="image height and width (default: %(default)s)")
   parser.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
-  parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (default: full)")
-  parser.add_argument("--repeats", type=int, default=15, help="timed rounds per regularizer (default: %(default)s)")
-  parser.add_argument("--regularizers", default=",".join(REGULARIZERS),
-                      help="comma-separated subset of %(default)s")
+  parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (default: 1, full width)")
+  parser.add_argument("--repeats", type=int, default=10, help="timed rounds per regularizer (default: %(default)s)")
+  parser.add_argument("--regularizers", default=",".join(REGULARIZERS), help="comma-separated subset of %(default)s")
   args = parser.parse_args(argv)
   chosen = [name for name in args.regularizers.split(",") if name]
   unknown = sorted(set(chosen) - set(REGULARIZERS))
@@ -274,49 +382,57 @@ def main(argv=None) -> dict[str, Any]:
   started = time.perf_counter()
   problem = make_problem(args.size, args.batch, args.width)
   num_params = sum(x.size for x in jax.tree.leaves(problem.initial["params"]))
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"{jax.device_count()} device(s)")
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s)")
   print(f"ResNet-18 width {args.width:g} ({num_params / 1e6:.2f}M parameters), {args.size}x{args.size} images, "
-        f"batch {args.batch}, {args.repeats} interleaved rounds per regularizer")
+        f"batch {args.batch}, {args.repeats} interleaved rounds per regularizer", flush=True)
 
   result: dict[str, Any] = {}
   rows = []
   for key in chosen:
     steps = build_steps(problem, REGULARIZERS[key], args)
     times = interleaved_times(steps, args.repeats)
-    ratios = {"dtnh/plain": median_ratio(times, "dtnh", "plain"),
-              "naive/plain": median_ratio(times, "naive", "plain"),
-              "dtnh/fused": median_ratio(times, "dtnh", "fused"),
-              "plain/fused": median_ratio(times, "plain", "fused"),
-              "naive/dtnh": median_ratio(times, "naive", "dtnh")}
+    ratios = {f"{a}/{b}": median_ratio(times, a, b) for a, b in RATIOS}
     result[key] = ratios["dtnh/plain"]
-    result[f"{key}_naive"] = ratios["naive/plain"]
-    result[f"{key}_vs_fused"] = ratios["dtnh/fused"]
-    result[f"{key}_plain_vs_fused"] = ratios["plain/fused"]
-    result[f"{key}_ms"] = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-    result[f"{key}_compile_s"] = {name: round(s.lower_s + s.compile_s, 2) for name, s in steps.items()}
-    result[f"{key}_peak_mib"] = {name: round(s.memory.get("peak", float("nan")), 1) for name, s in steps.items()}
+    for a, b in RATIOS[1:]:
+      result[f"{key}_{a}_vs_{b}"] = ratios[f"{a}/{b}"]
+    result[f"{key}_ms"] = {name: round(1e3 * float(np.median(t)), 2) for name, t in times.items()}
+    result[f"{key}_compile_s"] = {name: round(s.stats.lower_s + s.stats.compile_s, 2) for name, s in steps.items()}
+    result[f"{key}_peak_mib"] = {name: round(s.stats.memory.get("peak", float("nan")), 1) for name, s in steps.items()}
+    result[f"{key}_convolutions"] = {name: s.stats.convolutions for name, s in steps.items()}
     for name, s in steps.items():
-      rows.append((REGULARIZERS[key], name, 1e3 * float(np.median(times[name])), s.lower_s, s.compile_s, s.memory))
-    print(f"{REGULARIZERS[key]}: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()), flush=True)
+      rows.append((REGULARIZERS[key], name, 1e3 * float(np.median(times[name])), s.stats))
+    print(f"{REGULARIZERS[key]} ({time.perf_counter() - started:.0f} s): "
+          + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()), flush=True)
     del steps
 
-  print("\nmethod    step   median ms  lower s  compile s  args MiB  out MiB  alias MiB  temp MiB  peak MiB")
-  for regularizer, name, ms, lower_s, compile_s, memory in rows:
-    m = lambda k: f"{memory[k]:9.1f}" if k in memory else f"{'n/a':>9}"
-    print(f"{regularizer:<9} {name:<6} {ms:10.1f} {lower_s:8.2f} {compile_s:10.2f} {m('arguments')} {m('outputs')[1:]} "
-          f"{m('aliased'):>10} {m('temporaries')} {m('peak')}")
-  print("\nratios (median of per-round ratios); targets: DTNH/plain <= 1.03x for L2-SP, <= 1.4x for KnowDist/DELTA")
-  print("regularizer  dtnh/plain  naive/plain  dtnh/fused  plain/fused")
+  print("\nper step: median time; lowering + compiling; convolutions in the optimized XLA program(s); XLA's GFLOP;")
+  print("XLA's static memory: arguments + outputs - donated aliases + temporaries = peak (MiB)")
+  print(f"{'method':<9} {'step':<9} {'median ms':>10} {'compile s':>10} {'convs':>6} {'GFLOP':>7} "
+        f"{'args':>7} {'outputs':>8} {'aliased':>8} {'temp':>7} {'peak':>7}")
+  for regularizer, name, ms, stats in rows:
+    memory = lambda k: f"{stats.memory[k]:{7 if k != 'outputs' and k != 'aliased' else 8}.1f}" if k in stats.memory \
+        else "n/a".rjust(7)
+    gflop = f"{stats.gflop:7.2f}" if stats.gflop is not None else "n/a".rjust(7)
+    print(f"{regularizer:<9} {name:<9} {ms:10.1f} {stats.lower_s + stats.compile_s:10.1f} {stats.convolutions:6d} "
+          f"{gflop} {memory('arguments')} {memory('outputs')} {memory('aliased')} {memory('temporaries')} "
+          f"{memory('peak')}")
+  print("\nmedians of per-round time ratios; targets for dtnh/plain: <= 1.03x L2-SP, <= 1.4x KnowDist and DELTA")
+  print(f"{'method':<12}" + "".join(f"{a + '/' + b:>16}" for a, b in RATIOS))
   for key in chosen:
-    print(f"{REGULARIZERS[key]:<12} {result[key]:10.3f} {result[key + '_naive']:12.3f} "
-          f"{result[key + '_vs_fused']:11.3f} {result[key + '_plain_vs_fused']:12.3f}")
+    values = [result[key]] + [result[f"{key}_{a}_vs_{b}"] for a, b in RATIOS[1:]]
+    print(f"{REGULARIZERS[key]:<12}" + "".join(f"{v:16.3f}" for v in values))
   result["config"] = {"size": args.size, "batch": args.batch, "width": args.width, "repeats": args.repeats,
-                      "platform": jax.devices()[0].platform}
+                      "platform": device.platform, "jax": jax.__version__}
   result["total_s"] = round(time.perf_counter() - started, 1)
   print(f"total {result['total_s']:.0f} s")
   print(json.dumps(result))
   return result
+
+
+#: Ratios reported, ``(a, b)`` for time(a) / time(b); the first is the headline DTNH overhead.
+RATIOS = (("dtnh", "plain"), ("naive", "plain"), ("separate", "plain"), ("separate", "dtnh"), ("dtnh", "summed"),
+          ("plain", "summed"))
 
 
 if __name__ == "__main__":

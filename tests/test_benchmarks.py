@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end and end with their JSON line (tiny sizes; no timing checks).
+
+Each script runs as users run it, ``python benchmarks/NAME.py ...``, in a
+subprocess of this interpreter. Compiling a ResNet-18 train step dominates
+their cost on a CPU (several seconds per step), so each smoke run compiles
+few steps: DELTA's five variants (it uses all that the others use: the source
+network's features, the attention, a traced regularizer) and the L2-SP pair
+of the GPU check.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+TIMEOUT_S = 300
+TINY = ["--size", "16", "--batch", "2", "--width", "0.125"]
+# XLA's backend optimizations slow compiling down and change nothing a smoke run checks.
+FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+                "JAX_PLATFORMS": "cpu"}
+
+
+def run_benchmark(name, *args):
+  """The script's printed lines; fails the test with its stderr if it exits non-zero."""
+  process = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
+                           env={**os.environ, **FAST_COMPILE}, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert process.returncode == 0, f"{name} failed:\n{process.stderr[-4000:]}"
+  return process.stdout.strip().splitlines()
+
+
+def import_benchmark(name):
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.slow
+def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
+  lines = run_benchmark("train_step_overhead", *TINY, "--repeats", "1", "--regularizers", "delta")
+  result = json.loads(lines[-1])
+  variants = {"plain", "dtnh", "naive", "separate", "summed"}
+  for key in ("delta", "delta_naive_vs_plain", "delta_separate_vs_dtnh", "delta_dtnh_vs_summed"):
+    assert result[key] > 0
+  for key in ("delta_ms", "delta_compile_s", "delta_peak_mib", "delta_convolutions"):
+    assert set(result[key]) == variants
+  assert any("median ms" in line for line in lines) and any("dtnh/plain" in line for line in lines)
+
+
+def test_train_step_overhead_measures_the_three_regularizers_by_default():
+  assert set(import_benchmark("train_step_overhead").REGULARIZERS) == {"l2sp", "knowdist", "delta"}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_small_on_a_cpu_and_ends_with_json():
+  lines = run_benchmark("gpu_check", "--small", *TINY, "--steps", "1", "--rounds", "1", "--methods", "l2-sp",
+                        "--summed")
+  result = json.loads(lines[-1])
+  assert result["l2sp"] > 0 and result["l2sp_vs_summed"] > 0
+  assert set(result["images_per_s"]) == {"l2-sp", "dtnh-l2-sp", "l2-sp (summed)"}
+  assert result["platform"] == "cpu" and result["config"]["size"] == 16
