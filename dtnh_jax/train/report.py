@@ -39,14 +39,7 @@ def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str, title: str = "
     ax_test.plot(test[:, 0], test[:, 1], "o-", label=label, color=line.get_color())
   ax_train.set(xlabel="step", ylabel="empirical loss", title="empirical loss (training)")
   ax_test.set(xlabel="step", ylabel="test loss", title="test loss")
-  for ax in (ax_train, ax_test):
-    ax.grid(alpha=0.3)
-    ax.legend()
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, (ax_train, ax_test), path, title)
 
 
 def plot_angles(records: list[dict[str, Any]], path: str, title: str = "") -> None:
@@ -60,6 +53,11 @@ def plot_angles(records: list[dict[str, Any]], path: str, title: str = "") -> No
       series = _series(records, "train", key)
       ax.plot(series[:, 0], series[:, 1], lw=1, label=label)
     ax.set(xlabel="step", ylabel="degrees")
+  _save(plt, fig, axes, path, title)
+
+
+def _save(plt, fig, axes, path: str, title: str) -> None:
+  for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
   if title:
