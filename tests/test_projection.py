@@ -232,6 +232,19 @@ def test_nan_and_inf_propagate_to_the_direction(bad, where):
   assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(direction))
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("where", ["empirical", "regularizer"])
+def test_diagnostics_are_not_all_finite_when_a_gradient_is_not(bad, where):
+  # the train step's NaN/Inf guard reads only the diagnostics (no pass over the update)
+  g, r = random_tree(19), random_tree(20)
+  poisoned = {**(g if where == "empirical" else r)}
+  poisoned["fc"] = {**poisoned["fc"], "kernel": poisoned["fc"]["kernel"].at[1, 2].set(bad)}
+  g, r = (poisoned, r) if where == "empirical" else (g, poisoned)
+  for granularity in ("tree", "leaf"):
+    _, diag = apply_dtnh(g, [r], 0.3, granularity=granularity)
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in diag)
+
+
 # --- the two invariants of the design card, as properties -------------------
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

@@ -150,7 +150,15 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
     # BatchNorm statistics keep their last good values (a select, not a branch:
     # one program for every step). The step counter, the RNG and the data
     # position advance; the loop stops the run or goes on (config.on_nonfinite).
-    finite = _all_finite((values, updates))
+    # The check reads no parameter-sized array when there is a regularizer: the
+    # diagnostics' norms and inner products are finite exactly when both
+    # gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and
+    # the SGD update, barring float32 overflow. Deciding before the update is
+    # formed lets XLA fuse the select into the update's own pass.
+    if method.has_regularizer:
+      finite = _all_finite((values, optax.tree.get(new_opt_state, "diagnostics")))
+    else:
+      finite = _all_finite((values, grads))
     params = optax.tree.where(finite, optax.apply_updates(state.params, updates), state.params)
     opt_state = optax.tree.where(finite, new_opt_state, state.opt_state)
     batch_stats = optax.tree.where(finite, batch_stats, state.batch_stats)
