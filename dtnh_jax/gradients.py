@@ -1,8 +1,10 @@
 """Both gradients DTNH needs, from ONE forward pass.
 
-DTNH needs ``∇J`` and ``∇Ω`` apart. Calling ``jax.value_and_grad`` twice would
-run the network forward twice; instead we linearize once with ``jax.vjp`` and
-pull back one cotangent per loss term (one backward pass each). A regularizer
+DTNH needs ``∇J`` and ``∇Ω`` apart. Calling ``jax.value_and_grad`` twice in
+separate programs runs the network forward twice; instead we linearize once
+with ``jax.vjp`` and pull back one cotangent per loss term (one backward pass
+each), or, under ``jax.jit``, differentiate each term on its own trace and let
+XLA merge the identical forward passes (``backward="retrace"``). A regularizer
 with a closed-form gradient (L2-SP: ``α (w - w0)``) needs no backward pass at
 all: pass it as a :class:`ClosedFormRegularizer`.
 """
@@ -44,6 +46,9 @@ def _as_terms(out) -> tuple[jax.Array, ...]:
   return terms
 
 
+BACKWARDS = ("sequential", "retrace", "vmap")
+
+
 def split_value_and_grad(
     fun: Callable[..., Any],
     *,
@@ -61,8 +66,22 @@ def split_value_and_grad(
     has_aux: whether ``fun`` returns auxiliary data (e.g. BatchNorm statistics).
     closed_form: regularizers of the parameters alone with known gradients;
       their values and gradients are appended after ``fun``'s terms.
-    backward: ``"sequential"`` pulls back each cotangent with its own call to
-      the VJP; ``"vmap"`` batches the pull-backs (more memory, sometimes faster).
+    backward: how the per-term gradients are formed.
+      ``"sequential"`` (default): ``fun`` is traced once (one ``jax.vjp``) and
+      each term's one-hot cotangent is pulled back on its own. Unjitted, this
+      is the only mode that runs the forward pass once; but every pull-back
+      also carries the other terms' zero cotangents through their branches
+      (XLA does not fold ``x * 0``: it would change NaN semantics).
+      ``"retrace"``: each term is differentiated on its own trace of ``fun``,
+      so each backward pass holds only that term's path; under ``jax.jit``
+      XLA merges the identical forward passes (common-subexpression
+      elimination), leaving one forward pass in the compiled program (checked
+      by the tests on the convolutions of a compiled CNN step). Fastest inside
+      a jitted train step (ResNet-18 KnowDist step on a CPU: 1.32x of the
+      one-backward ``J + λΩ`` step against 1.38x sequential); unjitted it runs
+      the forward pass once more per term.
+      ``"vmap"``: the pull-backs batched with ``jax.vmap`` (more memory; slower
+      on CPU in our measurements).
 
   Returns:
     A function with ``fun``'s signature returning ``(values, grads)``, or
@@ -78,8 +97,8 @@ def split_value_and_grad(
 
     (ce, kd), (g_ce, g_kd) = split_value_and_grad(loss_fn)(params, batch)
   """
-  if backward not in ("sequential", "vmap"):
-    raise ValueError(f"split_value_and_grad: backward must be 'sequential' or 'vmap', got {backward!r}.")
+  if backward not in BACKWARDS:
+    raise ValueError(f"split_value_and_grad: backward must be one of {BACKWARDS}, got {backward!r}.")
 
   def value_and_grads(params, *args, **kwargs):
     forward = lambda p: fun(p, *args, **kwargs)
@@ -93,7 +112,14 @@ def split_value_and_grad(
       one_hot = tuple(jnp.ones_like(t) if i == index else jnp.zeros_like(t) for i, t in enumerate(terms))
       return one_hot if isinstance(out, (tuple, list)) else one_hot[0]
 
-    if backward == "vmap" and len(terms) > 1:
+    if backward == "retrace" and len(terms) > 1:
+      def term(index):
+        def one_term(p):
+          out = forward(p)
+          return _as_terms(out[0] if has_aux else out)[index]
+        return one_term
+      grads = [jax.grad(term(i))(params) for i in range(len(terms))]
+    elif backward == "vmap" and len(terms) > 1:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[cotangent(i) for i in range(len(terms))])
       batched = jax.vmap(lambda ct: pullback(ct)[0])(stacked)
       grads = [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(len(terms))]

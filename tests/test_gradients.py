@@ -38,7 +38,7 @@ def both(params, batch):
   return ce, jnp.mean((h - features(SOURCE, batch["x"])) ** 2)
 
 
-@pytest.mark.parametrize("backward", ["sequential", "vmap"])
+@pytest.mark.parametrize("backward", dtnh_jax.gradients.BACKWARDS)
 def test_split_gradients_equal_two_separate_grad_calls(backward):
   (ce, kd), (g_ce, g_kd) = jax.jit(dtnh_jax.split_value_and_grad(both, backward=backward))(PARAMS, BATCH)
   np.testing.assert_allclose(ce, cross_entropy(PARAMS, BATCH), rtol=1e-6)
@@ -56,6 +56,42 @@ def test_the_forward_pass_runs_once():
 
   jax.make_jaxpr(dtnh_jax.split_value_and_grad(counted))(PARAMS, BATCH)
   assert len(calls) == 1
+
+
+def _conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+CNN_PARAMS = {"conv1": jax.random.normal(KEY, (3, 3, 2, 4)) * 0.3,
+              "conv2": jax.random.normal(jax.random.PRNGKey(3), (3, 3, 4, 4)) * 0.3,
+              "fc": jax.random.normal(jax.random.PRNGKey(4), (4, 3)) * 0.3}
+CNN_IMAGES = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 2))
+
+
+def cnn_terms(params, images):
+  """Cross-entropy and a distance on both conv layers' maps (toward zero), from one forward pass."""
+  h1 = jax.nn.relu(_conv(images, params["conv1"]))
+  h2 = jax.nn.relu(_conv(h1, params["conv2"]))
+  logits = h2.mean(axis=(1, 2)) @ params["fc"]
+  ce = -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+  return ce, jnp.mean(h1 ** 2) + jnp.mean(h2 ** 2), {"mean": h2.mean()}
+
+
+def _compiled_convolutions(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text().count(" convolution(")
+
+
+def test_retrace_under_jit_compiles_one_forward_pass():
+  # 2 forward convolutions, and per backward pass 3 (two kernel gradients, one input gradient)
+  split = lambda b: dtnh_jax.split_value_and_grad(lambda p, x: (cnn_terms(p, x)[:2], cnn_terms(p, x)[2]),
+                                                  has_aux=True, backward=b)
+  assert _compiled_convolutions(split("sequential"), CNN_PARAMS, CNN_IMAGES) == 2 + 2 * 3
+  assert _compiled_convolutions(split("retrace"), CNN_PARAMS, CNN_IMAGES) == 2 + 2 * 3
+  ((values, aux), grads) = jax.jit(split("retrace"))(CNN_PARAMS, CNN_IMAGES)
+  for i in range(2):
+    chex.assert_trees_all_close(grads[i], jax.grad(lambda p: cnn_terms(p, CNN_IMAGES)[i])(CNN_PARAMS),
+                                rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(aux["mean"], cnn_terms(CNN_PARAMS, CNN_IMAGES)[2]["mean"], rtol=1e-6)
 
 
 def test_has_aux_returns_the_auxiliary_output():
