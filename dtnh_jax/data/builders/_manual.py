@@ -14,12 +14,29 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dtnh_jax.data import errors
 
-__all__ = ["ImageArchive", "manual_dir_of", "to_rgb_jpeg"]
+__all__ = ["ImageArchive", "find_download", "instructions_for", "manual_dir_of", "to_rgb_jpeg"]
+
+#: How the instructions shown by TFDS name the folder (the real one is known only when building).
+TFDS_DEFAULT_MANUAL_DIR = "<data_dir>/downloads/manual/   (TFDS's default manual_dir)"
+
+
+def instructions_for(template: str) -> tuple[str, Callable[[str], str]]:
+  """``(text for TFDS, manual_dir -> text)`` from a template with a ``{manual_dir}`` field.
+
+  The first is a builder's ``MANUAL_DOWNLOAD_INSTRUCTIONS``; the second says
+  what to download and where to put it for the folder a build really reads.
+  """
+
+  def instructions(manual_dir: str) -> str:
+    """What to download and where to put it, for ``manual_dir``."""
+    return template.format(manual_dir=manual_dir)
+
+  return instructions(TFDS_DEFAULT_MANUAL_DIR), instructions
 
 
 def manual_dir_of(dl_manager: Any, builder: Any) -> str:

@@ -59,14 +59,8 @@ to, into this folder:
   {manual_dir}
 """
 
-#: Shown by TFDS; the error raised by the builder names the real folder.
-MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS.format(
-    manual_dir="<data_dir>/downloads/manual/   (TFDS's default manual_dir)")
-
-
-def instructions(manual_dir: str) -> str:
-  """What to download and where to put it, for ``manual_dir``."""
-  return _INSTRUCTIONS.format(manual_dir=manual_dir)
+#: MANUAL_DOWNLOAD_INSTRUCTIONS is shown by TFDS; instructions(manual_dir) names the real folder.
+MANUAL_DOWNLOAD_INSTRUCTIONS, instructions = _manual.instructions_for(_INSTRUCTIONS)
 
 
 @dataclasses.dataclass(eq=False)
