@@ -109,7 +109,7 @@ def test_cli_offline_default_prints_the_paper_style_table(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "| source | target | Fine-tuning | L2-SP | DTNH (L2-SP) |" in out
   assert "| related | offline-digits |" in out and "| unrelated | offline-digits |" in out
-  for name in ("results.md", "results.json", "figure3_losses.png", "figure4_5_angles.png"):
+  for name in ("results.md", "results.json", "results.png", "figure3_losses.png", "figure4_5_angles.png"):
     assert (tmp_path / name).exists(), name
   assert len(json.load(open(tmp_path / "results.json"))) == 2 * 3 * 2
 

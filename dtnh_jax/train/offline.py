@@ -84,8 +84,9 @@ def run_grid(
 
   Each run keeps its own workdir ``workdir/SOURCE/METHOD/seedK``, so an
   interrupted grid resumes where it stopped. Writes ``workdir/results.md``,
-  ``results.json``, and, when the runs exist, ``figure3_losses.png`` (L2-SP vs
-  DTNH (L2-SP) from the last source) and ``figure4_5_angles.png``.
+  ``results.json``, ``results.png`` (the table as bars), and, when the runs
+  exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source)
+  and ``figure4_5_angles.png``.
   """
   data = load_data(base, *sharding.process_shard())  # this process's shard of the data
   results = []
@@ -150,6 +151,8 @@ def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[st
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   print("\n" + header + table)
+  report.plot_results(results, os.path.join(workdir, "results.png"), methods,
+                      f"{dataset}: test accuracy, mean ± std over seeds")
   metrics = lambda method: os.path.join(workdir, figure_source, method, "seed0", "metrics.jsonl")
   figure_runs = {Method.parse(m).label: report.read_metrics(metrics(m))
                  for m in ("l2-sp", "dtnh-l2-sp") if os.path.exists(metrics(m))}

@@ -56,6 +56,31 @@ def plot_angles(records: list[dict[str, Any]], path: str, title: str = "") -> No
   _save(plt, fig, axes, path, title)
 
 
+def plot_results(results: Iterable[dict[str, Any]], path: str, methods: Sequence[str] | None = None,
+                 title: str = "") -> None:
+  """The results table as bars: mean test accuracy (%) per method, ± std over seeds, one panel per source."""
+  plt = _pyplot()
+  cells, labels = _accuracies(results)
+  methods = [m for m in (methods or labels) if m in labels]
+  fig, axes = plt.subplots(1, len(cells), figsize=(1.2 + 0.55 * len(methods) * len(cells), 3.8), squeeze=False)
+  for ax, ((source, dataset), by_method) in zip(axes[0], cells.items()):
+    shown = [m for m in methods if by_method.get(m)]
+    values = [100 * np.asarray(by_method[m]) for m in shown]
+    means = np.array([v.mean() for v in values])
+    colors = ["tab:orange" if labels[m].startswith("DTNH") else "tab:blue" for m in shown]
+    ax.bar(range(len(shown)), means, yerr=[v.std() for v in values], color=colors, capsize=3)
+    ax.set_xticks(range(len(shown)), [labels[m] for m in shown], rotation=60, ha="right", fontsize=8)
+    low = float(min(v.min() for v in values))
+    ax.set_ylim(max(0.0, low - 0.25 * (100 - low) - 1), min(100.0, float(means.max()) + 0.1 * (100 - low) + 1))
+    ax.set(ylabel="test accuracy (%)", title=f"{source} → {dataset}")
+    ax.grid(alpha=0.3, axis="y")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _save(plt, fig, axes, path: str, title: str) -> None:
   for ax in axes:
     ax.grid(alpha=0.3)
@@ -88,11 +113,7 @@ def results_table(results: Iterable[dict[str, Any]], methods: Sequence[str] | No
 
   One table row per (source, dataset), one column per method, over seeds.
   """
-  cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-  labels: dict[str, str] = {}
-  for r in results:
-    cells[(r["source"], r["dataset"])][r["method"]].append(r["test_accuracy"])
-    labels[r["method"]] = r["label"]
+  cells, labels = _accuracies(results)
   methods = [m for m in (methods or labels) if m in labels]
   lines = ["| source | target | " + " | ".join(labels[m] for m in methods) + " |",
            "|---|---|" + "---|" * len(methods)]
@@ -100,3 +121,13 @@ def results_table(results: Iterable[dict[str, Any]], methods: Sequence[str] | No
     row = [_mean_std(by_method[m]) if by_method.get(m) else "–" for m in methods]
     lines.append(f"| {source} | {dataset} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _accuracies(results: Iterable[dict[str, Any]]):
+  """``({(source, dataset): {method: [accuracy per seed]}}, {method: label})`` in the order first seen."""
+  cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+  labels: dict[str, str] = {}
+  for r in results:
+    cells[(r["source"], r["dataset"])][r["method"]].append(r["test_accuracy"])
+    labels[r["method"]] = r["label"]
+  return cells, labels
