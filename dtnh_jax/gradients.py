@@ -65,7 +65,10 @@ def split_value_and_grad(
       with ``has_aux``, ``(that, aux)``.
     has_aux: whether ``fun`` returns auxiliary data (e.g. BatchNorm statistics).
     closed_form: regularizers of the parameters alone with known gradients;
-      their values and gradients are appended after ``fun``'s terms.
+      their values and gradients are appended after ``fun``'s terms. They are
+      evaluated after the traced gradients (an optimization barrier; on a CPU,
+      running them alongside the backward convolutions slowed a ResNet-18
+      L2-SP step at 128x128 from 1.02x to 1.07x of the plain step).
     backward: how the per-term gradients are formed.
       ``"sequential"`` (default): ``fun`` is traced once (one ``jax.vjp``) and
       each term's one-hot cotangent is pulled back on its own. Unjitted, this
@@ -127,6 +130,11 @@ def split_value_and_grad(
       grads = [pullback(cotangent(i))[0] for i in range(len(terms))]
 
     values = list(terms)
+    if closed_form:
+      # The closed forms read only the parameters, so XLA would run them
+      # alongside the backward passes' convolutions, where on a CPU they slow
+      # both; the barrier orders them after the traced gradients.
+      grads, params = jax.lax.optimization_barrier((grads, params))
     for regularizer in closed_form:
       values.append(regularizer.value(params))
       grads.append(regularizer.grad(params))

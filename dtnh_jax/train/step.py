@@ -148,10 +148,10 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
     grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True, closed_form=_closed_form(config, reference),
                                             backward="retrace")
     (values, (batch_stats, logits)), grads = grad_fn(state.params)
-    # Materialize both gradients before DTNH, as separate programs would: left
-    # free, XLA:CPU fuses the closed-form L2-SP gradient into the inner products
-    # and the update through extra, slower passes (ResNet-18 96x96 L2-SP step:
-    # 1.07x of the one-backward step with the barrier, 1.10-1.14x without).
+    # DTNH's passes over the gradients start after the backward passes end: left
+    # free, XLA:CPU runs the inner products alongside the convolutions, which
+    # slows both (ResNet-18 96x96 KnowDist step: 1.28x of the one-backward step
+    # with the barrier, 1.37x without).
     grads = jax.lax.optimization_barrier(grads)
     updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
     # A NaN/Inf loss or update is never applied: parameters, optimizer state and
