@@ -68,7 +68,8 @@ def split_value_and_grad(
       their values and gradients are appended after ``fun``'s terms. They are
       evaluated after the traced gradients (an optimization barrier; on a CPU,
       running them alongside the backward convolutions slowed a ResNet-18
-      L2-SP step at 128x128 from 1.02x to 1.07x of the plain step).
+      L2-SP step at 128x128 from 1.02x to 1.07x of the plain step), values
+      and gradients apart (sharing ``w - w0`` cost another 8% at 96x96).
     backward: how the per-term gradients are formed.
       ``"sequential"`` (default): ``fun`` is traced once (one ``jax.vjp``) and
       each term's one-hot cotangent is pulled back on its own. Unjitted, this
@@ -133,11 +134,14 @@ def split_value_and_grad(
     if closed_form:
       # The closed forms read only the parameters, so XLA would run them
       # alongside the backward passes' convolutions, where on a CPU they slow
-      # both; the barrier orders them after the traced gradients.
-      grads, params = jax.lax.optimization_barrier((grads, params))
-    for regularizer in closed_form:
-      values.append(regularizer.value(params))
-      grads.append(regularizer.grad(params))
+      # both: the barrier orders them after the traced gradients. Values and
+      # gradients read two copies of the parameters (two outputs of the
+      # barrier), so that XLA cannot merge their common subexpressions (L2-SP's
+      # w - w0) into one more array-sized pass between them.
+      grads, grad_params, value_params = jax.lax.optimization_barrier((grads, params, params))
+      for regularizer in closed_form:
+        values.append(regularizer.value(value_params))
+        grads.append(regularizer.grad(grad_params))
     values, grads = tuple(values), tuple(grads)
     return ((values, aux), grads) if has_aux else (values, grads)
 
