@@ -31,9 +31,14 @@ step; DELTA's channel attention is a fixed random one (it is computed once
 before fine-tuning and is not part of the step). Data is synthetic and the
 source weights are random: step time depends on neither.
 
-Runs are interleaved (each step once per round, the order rotating), and
-ratios are medians of per-round ratios, so the shared, noisy machine affects
-all sides alike. Also reported per step, independent of the machine's load:
+Runs are interleaved: each round runs every variant for a block of
+``--block`` consecutive steps (3; the order rotating between rounds), and
+ratios are medians of per-round ratios of the mean step time of the blocks, so
+the shared, noisy machine affects all sides alike. Blocks, not single steps:
+a step timed right after another program's pays for that program's caches,
+and more so the larger its own temporaries (KnowDist's DTNH step measured
+1.38x with single-step rounds, 1.32x in blocks of 3 or with only two
+variants alternating). Also reported per step, independent of the machine's load:
 the number of convolutions in the optimized XLA program(s) (each forward or
 backward pass of a ResNet-18 adds about 20, a backward pass 39: weights and
 inputs) and XLA's flop count; and the compile time (``jit(...).lower(...)``
@@ -49,7 +54,7 @@ XLA:CPU runs the 512-channel 3x3 convolutions ~50 times slower per flop
 (measured 0.7 GFLOP/s against 40-80 at 3x3 and 7x7), which would swamp the
 comparison.
 
-    python benchmarks/train_step_overhead.py [--size 96 --batch 16 --repeats 10]
+    python benchmarks/train_step_overhead.py [--size 96 --batch 16 --repeats 10 --block 3]
 """
 
 from __future__ import annotations
@@ -325,8 +330,15 @@ class SeparateStep(CompiledStep):
     return jax.block_until_ready((self.state.params, metrics))
 
 
-def interleaved_times(steps: dict[str, Callable], repeats: int, warmup: int = 1) -> dict[str, np.ndarray]:
-  """Seconds per call of each step over ``repeats`` rounds; every round runs each step once, order rotating."""
+def interleaved_times(steps: dict[str, Callable], repeats: int, warmup: int = 1, block: int = 1
+                      ) -> dict[str, np.ndarray]:
+  """Seconds per step of each step function over ``repeats`` rounds.
+
+  Every round runs each step function for ``block`` consecutive steps (the
+  order rotating between rounds) and records the mean time per step of the
+  block: back-to-back steps of one program, as in training, so that one
+  program's caches are not measured right after another's.
+  """
   names = list(steps)
   for _ in range(warmup):
     for name in names:
@@ -336,8 +348,8 @@ def interleaved_times(steps: dict[str, Callable], repeats: int, warmup: int = 1)
     shift = round_index % len(names)
     for name in names[shift:] + names[:shift]:
       start = time.perf_counter()
-      steps[name]()
-      times[name].append(time.perf_counter() - start)
+      steps[name](block)
+      times[name].append((time.perf_counter() - start) / block)
   return {name: np.array(values) for name, values in times.items()}
 
 
@@ -377,12 +389,19 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
   parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (default: 1, full width)")
   parser.add_argument("--repeats", type=int, default=10, help="timed rounds per regularizer (default: %(default)s)")
+  parser.add_argument("--block", type=int, default=3,
+                      help="consecutive steps of one variant per timed block (default: %(default)s)")
   parser.add_argument("--regularizers", default=",".join(REGULARIZERS), help="comma-separated subset of %(default)s")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help="comma-separated steps to time, among %(default)s (ratios need both sides)")
   args = parser.parse_args(argv)
   chosen = [name for name in args.regularizers.split(",") if name]
   unknown = sorted(set(chosen) - set(REGULARIZERS))
   if unknown:
     parser.error(f"unknown regularizer(s) {unknown}; choose among {', '.join(REGULARIZERS)}")
+  variants = tuple(name for name in args.variants.split(",") if name)
+  if set(variants) - set(VARIANTS) or not {"dtnh", "summed"} <= set(variants):
+    parser.error(f"--variants must name steps among {', '.join(VARIANTS)}, including dtnh and summed")
 
   started = time.perf_counter()
   problem = make_problem(args.size, args.batch, args.width)
@@ -395,12 +414,13 @@ def main(argv=None) -> dict[str, Any]:
   result: dict[str, Any] = {}
   rows = []
   for key in chosen:
-    steps = build_steps(problem, REGULARIZERS[key], args)
-    times = interleaved_times(steps, args.repeats)
-    ratios = {f"{a}/{b}": median_ratio(times, a, b) for a, b in RATIOS}
+    steps = build_steps(problem, REGULARIZERS[key], args, variants)
+    times = interleaved_times(steps, args.repeats, block=args.block)
+    ratios = {f"{a}/{b}": median_ratio(times, a, b) for a, b in RATIOS if a in steps and b in steps}
     result[key] = ratios["dtnh/summed"]
     for a, b in RATIOS[1:]:
-      result[f"{key}_{a}_vs_{b}"] = ratios[f"{a}/{b}"]
+      if f"{a}/{b}" in ratios:
+        result[f"{key}_{a}_vs_{b}"] = ratios[f"{a}/{b}"]
     result[f"{key}_ms"] = {name: round(1e3 * float(np.median(t)), 2) for name, t in times.items()}
     result[f"{key}_compile_s"] = {name: round(s.stats.lower_s + s.stats.compile_s, 2) for name, s in steps.items()}
     result[f"{key}_peak_mib"] = {name: round(s.stats.memory.get("peak", float("nan")), 1) for name, s in steps.items()}
@@ -424,11 +444,14 @@ def main(argv=None) -> dict[str, Any]:
           f"{memory('peak')}")
   print("\nmedians of per-round time ratios; targets for dtnh/summed (DTNH(X) over X): <= 1.03x L2-SP, "
         "<= 1.4x KnowDist and DELTA")
-  print(f"{'method':<12}" + "".join(f"{a + '/' + b:>16}" for a, b in RATIOS))
+  shown = [(a, b) for a, b in RATIOS if a in variants and b in variants]
+  print(f"{'method':<12}" + "".join(f"{a + '/' + b:>16}" for a, b in shown))
   for key in chosen:
-    values = [result[key]] + [result[f"{key}_{a}_vs_{b}"] for a, b in RATIOS[1:]]
+    values = [result[key]] + [result[f"{key}_{a}_vs_{b}"] for a, b in shown[1:]]
     print(f"{REGULARIZERS[key]:<12}" + "".join(f"{v:16.3f}" for v in values))
   result["config"] = {"size": args.size, "batch": args.batch, "width": args.width, "repeats": args.repeats,
+                      "block": args.block,
+                      "variants": list(variants),
                       "platform": device.platform, "jax": jax.__version__}
   result["total_s"] = round(time.perf_counter() - started, 1)
   print(f"total {result['total_s']:.0f} s")

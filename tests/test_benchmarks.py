@@ -42,7 +42,7 @@ def import_benchmark(name):
 
 @pytest.mark.slow
 def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
-  lines = run_benchmark("train_step_overhead", *TINY, "--repeats", "1", "--regularizers", "delta")
+  lines = run_benchmark("train_step_overhead", *TINY, "--repeats", "1", "--block", "1", "--regularizers", "delta")
   result = json.loads(lines[-1])
   variants = {"plain", "dtnh", "naive", "separate", "summed"}
   for key in ("delta", "delta_naive_vs_summed", "delta_separate_vs_dtnh", "delta_dtnh_vs_plain"):
@@ -54,6 +54,13 @@ def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
 
 def test_train_step_overhead_measures_the_three_regularizers_by_default():
   assert set(import_benchmark("train_step_overhead").REGULARIZERS) == {"l2sp", "knowdist", "delta"}
+
+
+@pytest.mark.parametrize("variants", ["plain,summed", "dtnh,summed,fast"])
+def test_train_step_overhead_refuses_variants_without_the_headline_pair(variants, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    import_benchmark("train_step_overhead").main(["--variants", variants])
+  assert exit_info.value.code == 2 and "--variants must name" in capsys.readouterr().err
 
 
 @pytest.mark.slow
