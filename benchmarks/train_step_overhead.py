@@ -118,21 +118,13 @@ def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, widt
 
 
 def _regularizer_of(config: TrainConfig, reference: step_lib.Reference):
-  """``(closed_form, feature_regularizer)`` of ``config``'s method, from the public regularizers."""
-  name = config.method_spec.regularizer
-  options = {"layers": config.feature_layers, "normalize": config.feature_normalize}
-  if name == "l2-sp":
-    return regularizers.l2_sp_regularizer(reference.variables["params"], config.l2_sp_alpha, config.l2_sp_beta), None
-  if name == "knowdist":
-    return None, lambda feats, source: config.knowdist_weight * regularizers.feature_distance(feats, source, **options)
-  if name == "delta":
-    return None, lambda feats, source: config.delta_weight * regularizers.delta(feats, source, reference.attention,
-                                                                                **options)
-  raise ValueError(f"no regularizer for {name!r}")
+  """``(closed_form, feature_regularizer)`` of ``config``'s method: the library step's own (one is None)."""
+  # pylint: disable=protected-access
+  closed_form = step_lib._closed_form(config, reference)
+  return (closed_form[0] if closed_form else None), step_lib._feature_regularizer(config, reference)
 
 
-def _cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+_cross_entropy = step_lib._cross_entropy  # pylint: disable=protected-access
 
 
 def _separate_losses(model, config: TrainConfig):

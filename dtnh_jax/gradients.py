@@ -11,6 +11,7 @@ all: pass it as a :class:`ClosedFormRegularizer`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -47,6 +48,33 @@ def _as_terms(out) -> tuple[jax.Array, ...]:
 
 
 BACKWARDS = ("sequential", "retrace", "vmap")
+
+
+def _retraced(forward, params, has_aux):
+  """``(terms, aux, grads)``: each term's gradient on its own trace of ``forward``."""
+  out, aux = forward(params) if has_aux else (forward(params), None)
+  terms = _as_terms(out)
+  term = lambda p, index: _as_terms(forward(p)[0] if has_aux else forward(p))[index]
+  return terms, aux, [jax.grad(functools.partial(term, index=i))(params) for i in range(len(terms))]
+
+
+def _pulled_back(forward, params, has_aux, batched):
+  """``(terms, aux, grads)``: one linearization, one one-hot cotangent pulled back per term."""
+  if has_aux:
+    out, pullback, aux = jax.vjp(forward, params, has_aux=True)
+  else:
+    (out, pullback), aux = jax.vjp(forward, params), None
+  terms = _as_terms(out)
+
+  def cotangent(index):
+    one_hot = tuple(jnp.ones_like(t) if i == index else jnp.zeros_like(t) for i, t in enumerate(terms))
+    return one_hot if isinstance(out, (tuple, list)) else one_hot[0]
+
+  if batched and len(terms) > 1:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[cotangent(i) for i in range(len(terms))])
+    grads = jax.vmap(lambda ct: pullback(ct)[0])(stacked)
+    return terms, aux, [jax.tree.map(lambda x, i=i: x[i], grads) for i in range(len(terms))]
+  return terms, aux, [pullback(cotangent(i))[0] for i in range(len(terms))]
 
 
 def split_value_and_grad(
@@ -106,29 +134,10 @@ def split_value_and_grad(
 
   def value_and_grads(params, *args, **kwargs):
     forward = lambda p: fun(p, *args, **kwargs)
-    if has_aux:
-      out, pullback, aux = jax.vjp(forward, params, has_aux=True)
+    if backward == "retrace":
+      terms, aux, grads = _retraced(forward, params, has_aux)
     else:
-      out, pullback = jax.vjp(forward, params)
-    terms = _as_terms(out)
-
-    def cotangent(index):
-      one_hot = tuple(jnp.ones_like(t) if i == index else jnp.zeros_like(t) for i, t in enumerate(terms))
-      return one_hot if isinstance(out, (tuple, list)) else one_hot[0]
-
-    if backward == "retrace" and len(terms) > 1:
-      def term(index):
-        def one_term(p):
-          out = forward(p)
-          return _as_terms(out[0] if has_aux else out)[index]
-        return one_term
-      grads = [jax.grad(term(i))(params) for i in range(len(terms))]
-    elif backward == "vmap" and len(terms) > 1:
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[cotangent(i) for i in range(len(terms))])
-      batched = jax.vmap(lambda ct: pullback(ct)[0])(stacked)
-      grads = [jax.tree.map(lambda x, i=i: x[i], batched) for i in range(len(terms))]
-    else:
-      grads = [pullback(cotangent(i))[0] for i in range(len(terms))]
+      terms, aux, grads = _pulled_back(forward, params, has_aux, batched=backward == "vmap")
 
     values = list(terms)
     if closed_form:

@@ -33,6 +33,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -850,8 +851,21 @@ def delta_channel_attention(
 
 
 def save_attention(file, attention: Mapping[str, Any]) -> None:
-  """Saves ``{layer: weights}`` with ``np.savez`` (``file``: a path or an open binary file)."""
-  np.savez(file, **{layer: np.asarray(weights) for layer, weights in attention.items()})
+  """Saves ``{layer: weights}`` with ``np.savez`` (``file``: a path or an open binary file).
+
+  A path is written atomically (a temporary file renamed into place), so a
+  process killed while saving leaves no half-written file behind.
+  """
+  arrays = {layer: np.asarray(weights) for layer, weights in attention.items()}
+  if not isinstance(file, (str, os.PathLike)):
+    np.savez(file, **arrays)
+    return
+  path = os.fspath(file)
+  path = path if path.endswith(".npz") else path + ".npz"  # as np.savez names it
+  partial = f"{path}.tmp{os.getpid()}"
+  with open(partial, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(partial, path)
 
 
 def load_attention(file) -> dict[str, np.ndarray]:

@@ -164,6 +164,13 @@ def delta_attention(model, initial, data: RunData, config: TrainConfig, num_batc
   return regularizers.delta_channel_attention(model, fitted, batches, config.feature_layers)
 
 
+def cached_attention(path: str, compute: Callable[[], dict[str, Any]]) -> dict[str, np.ndarray]:
+  """DELTA's attention from ``path``, computed with ``compute()`` and saved there first if missing."""
+  if not os.path.exists(path):
+    regularizers.save_attention(path, compute())
+  return regularizers.load_attention(path)
+
+
 def _non_finite(config: TrainConfig, record: dict[str, Any], log: MetricsLog,
                 checkpoints: checkpoint.Checkpoints) -> None:
   """A step whose update was not applied (NaN/Inf): warn and go on, or stop the run."""
@@ -231,13 +238,8 @@ def train(
 
   initial = initial_variables(config, data, offline_sources)
   if method.regularizer == "delta" and attention is None:
-    cached = os.path.join(workdir, "delta_attention.npz")
-    if not os.path.exists(cached):
-      partial = f"{cached}.tmp{os.getpid()}"  # a kill leaves no half-written cache
-      with open(partial, "wb") as f:
-        regularizers.save_attention(f, delta_attention(model, initial, data, config))
-      os.replace(partial, cached)
-    attention = regularizers.load_attention(cached)
+    attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
+                                 lambda: delta_attention(model, initial, data, config))
   reference = step_lib.Reference(initial, attention)
 
   tx, train_step, eval_step = step_lib.compiled_steps(model, step_lib.step_config(config), data.steps_per_epoch)

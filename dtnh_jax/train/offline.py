@@ -129,15 +129,9 @@ def _safe_name(source: str) -> str:
 def _shared_attention(config: TrainConfig, data, directory: str):
   """DELTA's attention for one source, computed once and shared by its seeds."""
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, "delta_attention.npz")
-  if os.path.exists(path):
-    return regularizers.load_attention(path)
-  model = loop.create_model(config, data.num_classes)
-  attention = loop.delta_attention(model, loop.initial_variables(config, data, OFFLINE_SOURCES), data, config)
-  with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # a kill leaves no half-written cache
-    regularizers.save_attention(f, attention)
-  os.replace(f"{path}.tmp{os.getpid()}", path)
-  return attention
+  compute = lambda: loop.delta_attention(loop.create_model(config, data.num_classes),
+                                         loop.initial_variables(config, data, OFFLINE_SOURCES), data, config)
+  return loop.cached_attention(os.path.join(directory, "delta_attention.npz"), compute)
 
 
 def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], elapsed: float,

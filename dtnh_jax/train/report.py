@@ -74,17 +74,18 @@ def plot_results(results: Iterable[dict[str, Any]], path: str, methods: Sequence
     ax.set_ylim(max(0.0, low - 0.25 * (100 - low) - 1), min(100.0, float(means.max()) + 0.1 * (100 - low) + 1))
     ax.set(ylabel="test accuracy (%)", title=f"{source} → {dataset}")
     ax.grid(alpha=0.3, axis="y")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish(plt, fig, path, title)
 
 
 def _save(plt, fig, axes, path: str, title: str) -> None:
+  """Grid and legend on each of ``axes`` (line plots), then :func:`_finish`."""
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
+  _finish(plt, fig, path, title)
+
+
+def _finish(plt, fig, path: str, title: str) -> None:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
