@@ -6,16 +6,25 @@ temporary folder and renames it when complete, so a run killed mid-save
 leaves the previous checkpoints intact (the temporary folder is removed at the
 next start); a step folder that is corrupted or incomplete anyway is skipped
 by :meth:`Checkpoints.restore`.
+
+Every checkpoint also records a checksum of each array of the state and a
+hash of the data position (``dtnh_jax.checksums``); a restore that does not
+reproduce them (flipped bytes in a data file, say, which orbax reads without
+complaint) is treated like an unreadable checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from dtnh_jax import checksums
 
 # The file orbax writes into a step folder when the step is complete, last, before
 # the atomic rename (orbax.checkpoint._src.path.atomicity_types.COMMIT_SUCCESS_FILE).
@@ -41,7 +50,12 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: Any, extra: dict[str, Any]) -> None:
-    """Starts saving; returns before the files are written (see :meth:`wait`)."""
+    """Starts saving; returns before the files are written (see :meth:`wait`).
+
+    ``extra`` (JSON) is stored with the checksums of ``state``'s arrays and the
+    hash of ``data_state``, which :meth:`restore` verifies.
+    """
+    extra = {**extra, "checksums": checksums.tree_checksums(state), "data_sha256": _json_hash(data_state)}
     self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -53,11 +67,12 @@ class Checkpoints:
     )
 
   def restore(self, abstract_state: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
-    """The newest readable checkpoint as ``(step, state, data_state, extra)``, or None.
+    """The newest checkpoint that verifies, as ``(step, state, data_state, extra)``, or None.
 
     A checkpoint that cannot be read (corrupted, or half-written outside
-    orbax's atomic rename: its step folder lacks orbax's commit marker) is
-    skipped with a warning naming it, and the previous one is used. The
+    orbax's atomic rename: its step folder lacks orbax's commit marker) or
+    whose arrays or data position differ from the checksums saved with them
+    is skipped with a warning naming it, and the previous one is used. The
     skipped folder is moved to ``workdir/unreadable-checkpoints/`` (nothing is
     deleted), so that the resumed run can write that step again.
     """
@@ -80,9 +95,13 @@ class Checkpoints:
                     extra=ocp.args.JsonRestore(),
                 ),
             )
-            return step, restored["state"], restored["data"], dict(restored["extra"])
           except Exception as error:  # orbax raises many kinds for unreadable files
             problem = f"it is unreadable ({type(error).__name__}: {str(error)[:200]})"
+          else:
+            extra = dict(restored["extra"])
+            problem = _verification_problem(restored["state"], restored["data"], extra)
+            if problem is None:
+              return step, restored["state"], restored["data"], extra
         unreadable.append(step)
         earlier = [s for s in steps if s < step]
         fallback = (f"falling back to the previous checkpoint (step {earlier[-1]})" if earlier
@@ -115,6 +134,22 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _json_hash(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _verification_problem(state: Any, data_state: Any, extra: dict[str, Any]) -> str | None:
+  """Why a restored checkpoint is not what was saved, or None (also for checkpoints saved without checksums)."""
+  if "checksums" in extra:
+    differ = checksums.mismatches(state, extra["checksums"])
+    if differ:
+      more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+      return f"its arrays do not match their checksums ({', '.join(differ[:3])}{more}): its files are damaged"
+  if "data_sha256" in extra and _json_hash(data_state) != extra["data_sha256"]:
+    return "its data position does not match its hash: its files are damaged"
+  return None
 
 
 def abstract(tree: Any) -> Any:
