@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dtnh_jax import projection as projection_lib
@@ -111,10 +112,34 @@ def _normalize_weights(reg_weight) -> tuple[list[ScalarOrSchedule], bool]:
     raise ValueError(f"dtnh: reg_weight must be a scalar, a schedule or a sequence; got shape {jnp.shape(reg_weight)}")
   if not weights:
     raise ValueError("dtnh: reg_weight is an empty sequence; give one weight per regularizer.")
-  for weight in weights:
-    if isinstance(weight, (int, float)) and weight < 0:
-      raise ValueError(f"dtnh: reg_weight must be >= 0, got {weight}.")
+  for index, weight in enumerate(weights):
+    _check_weight(weight, None if single else index)
   return weights, single
+
+
+def _check_weight(weight, index: int | None) -> None:
+  """Refuses a concrete weight that is negative, NaN or infinite.
+
+  Such a weight would be applied silently (a negative one turns the step
+  against the regularizer, NaN or Inf poisons every update), so the run would
+  be lost before anyone looks. Python, numpy and concrete jax scalars are all
+  checked alike. Schedules and traced values (under ``jit``, e.g. injected
+  hyperparameters) have no value yet, so they are left unchecked.
+  """
+  if callable(weight) or isinstance(weight, jax.core.Tracer):
+    return
+  where = "" if index is None else f" at reg_weight[{index}] (the weight of regularizer gradient #{index + 1})"
+  try:
+    value = np.asarray(weight)
+  except (TypeError, ValueError):
+    value = None
+  if value is None or value.ndim != 0 or not (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+      or value.dtype == np.bool_):
+    raise TypeError(f"dtnh: reg_weight must hold real numbers or schedules; got {weight!r}{where}.")
+  number = float(value)
+  if not (np.isfinite(number) and number >= 0):
+    raise ValueError(f"dtnh: reg_weight must be >= 0 and finite, got {number}{where}.")
 
 
 def _labels(granularity: Granularity, paths, tree) -> list[Hashable]:
@@ -167,13 +192,38 @@ def dtnh(
   so :math:`\langle d, g\rangle \ge \|g\|^2` and :math:`\langle d - g, r\rangle \ge 0`.
   Chain it before the optimizer, which then sees :math:`d` as the gradient.
   Inner products accumulate in float32 (or wider); each leaf of ``d`` keeps the
-  dtype of the empirical gradient's leaf. NaN or Inf in either gradient is
-  not masked: it reaches ``d`` (and the diagnostics), so the usual checks see it.
+  dtype of the empirical gradient's leaf.
+
+  Non-finite gradients: NaN or Inf in either gradient is not masked; it reaches
+  ``d``, so the usual checks see it. To skip such steps, wrap the optimizer
+  *after* dtnh, not the chain::
+
+    optax.chain(dtnh_jax.dtnh(0.1),
+                optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), max_consecutive_errors=3))
+
+  ``apply_if_finite(optax.chain(dtnh(...), ...))`` raises a ``TypeError`` from
+  ``lax.cond`` ("branch outputs must have the same pytree structure"): on a
+  rejected step ``apply_if_finite`` returns zeros shaped like its input, the
+  ``(g, r)`` tuple, while the accepted branch returns the single tree ``d``.
+  In the working composition a skipped step leaves the parameters and the
+  optimizer's state alone, but dtnh's own step count (which drives
+  ``reg_weight`` schedules) still advances and its diagnostics describe the
+  non-finite gradients.
 
   Args:
     reg_weight: :math:`\lambda`, a float or an ``optax`` schedule of the step
       count (the paper decays it per epoch); for several regularizers, a
-      sequence with one weight or schedule each.
+      sequence (or 1-D array) with one weight or schedule each. Concrete
+      weights (Python, numpy or jax scalars) that are negative, NaN or infinite
+      raise ``ValueError``, as a negative one would turn the step against the
+      regularizer and a non-finite one would spoil every update; this holds
+      for ``optax.inject_hyperparams`` too whenever it runs eagerly. The values
+      of schedules and of traced weights (e.g. injected hyperparameters under
+      ``jit``) are not known here and are applied as given: a negative
+      :math:`\lambda` is used as is, moving the parameters against the
+      regularizer, and a NaN or Inf one makes all of ``d`` non-finite (which
+      ``apply_if_finite`` then skips). ``diagnostics.reg_weight`` shows the
+      value used at each step.
     granularity: over which parameters each projection is computed:
       ``"tree"`` (the paper: one projection over the whole vector), ``"leaf"``
       (each parameter tensor on its own, as in the authors' released code),

@@ -194,6 +194,51 @@ def test_bad_options_are_refused_at_construction(kwargs, message):
     dtnh_jax.dtnh(**kwargs)
 
 
+def test_negative_numpy_reg_weight_is_refused():
+  with pytest.raises(ValueError, match=r"reg_weight must be >= 0 and finite, got -1\.0"):
+    dtnh_jax.dtnh(np.float32(-1))
+
+
+def test_negative_jax_reg_weight_is_refused():
+  with pytest.raises(ValueError, match=r"reg_weight must be >= 0 and finite, got -0\.5"):
+    dtnh_jax.dtnh(jnp.array(-0.5))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), np.float64("nan"), jnp.array(jnp.nan)], ids=["python", "numpy", "jax"])
+def test_nan_reg_weight_is_refused(weight):
+  with pytest.raises(ValueError, match="got nan"):
+    dtnh_jax.dtnh(weight)
+
+
+@pytest.mark.parametrize("weight", [float("inf"), np.float32("inf"), jnp.array(jnp.inf)], ids=["python", "numpy", "jax"])
+def test_infinite_reg_weight_is_refused(weight):
+  with pytest.raises(ValueError, match="got inf"):
+    dtnh_jax.dtnh(weight)
+
+
+def test_bad_weight_in_a_sequence_is_named_by_its_index():
+  with pytest.raises(ValueError, match=r"got nan at reg_weight\[1\] \(the weight of regularizer gradient #2\)"):
+    dtnh_jax.dtnh([0.1, np.float64("nan")])
+
+
+def test_bad_weight_in_a_1d_array_is_named_by_its_index():
+  with pytest.raises(ValueError, match=r"got -1\.0 at reg_weight\[1\]"):
+    dtnh_jax.dtnh(jnp.array([0.1, -1.0]))
+
+
+def test_eager_inject_hyperparams_refuses_a_negative_weight():
+  injected = optax.inject_hyperparams(dtnh_jax.dtnh)(reg_weight=0.3)
+  state = injected.init(PARAMS)
+  state.hyperparams["reg_weight"] = jnp.asarray(-0.5)
+  with pytest.raises(ValueError, match="reg_weight must be >= 0"):
+    injected.update(grads(PARAMS), state, PARAMS)
+
+
+def test_non_numeric_reg_weight_is_refused_with_type_error():
+  with pytest.raises(TypeError, match="reg_weight must hold real numbers or schedules"):
+    dtnh_jax.dtnh("0.1")
+
+
 def test_unknown_granularity_string_is_refused():
   with pytest.raises(ValueError, match="granularity must be one of"):
     dtnh_jax.dtnh(0.1, granularity="layer").update(grads(PARAMS), dtnh_jax.dtnh(0.1).init(PARAMS), PARAMS)
@@ -203,3 +248,46 @@ def test_projection_groups_reports_the_grouping():
   grouping = dtnh_jax.projection_groups(PARAMS, "leaf", unprojected={"w": False, "b": True})
   assert grouping.num_groups == 1
   assert grouping.leaf_group == (1, 0)  # leaves in jax order: b, w
+
+
+# --- non-finite gradients ------------------------------------------------------
+
+def _guarded_sgd():
+  """The composition the docstring recommends: apply_if_finite after dtnh."""
+  return optax.chain(
+      dtnh_jax.dtnh(0.1), optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), max_consecutive_errors=3)
+  )
+
+
+def _with_nan(tree):
+  return {**tree, "b": tree["b"].at[1].set(jnp.nan)}
+
+
+@pytest.mark.parametrize("poisoned", ["empirical", "regularizer"])
+def test_apply_if_finite_after_dtnh_skips_a_step_with_nan(poisoned):
+  tx = _guarded_sgd()
+  _, state = tx.update(grads(PARAMS), tx.init(PARAMS), PARAMS)  # builds up momentum
+  g, r = grads(PARAMS)
+  bad = (_with_nan(g), r) if poisoned == "empirical" else (g, _with_nan(r))
+  updates, new_state = jax.jit(tx.update)(bad, state, PARAMS)
+  chex.assert_trees_all_equal(optax.apply_updates(PARAMS, updates), PARAMS)
+  chex.assert_trees_all_equal(new_state[1].inner_state, state[1].inner_state)  # momentum kept
+  assert int(new_state[1].notfinite_count) == 1 and not bool(new_state[1].last_finite)
+
+
+def test_apply_if_finite_after_dtnh_applies_the_next_finite_step():
+  tx, plain = _guarded_sgd(), optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.1, momentum=0.9))
+  state, plain_state = tx.init(PARAMS), plain.init(PARAMS)
+  g, r = grads(PARAMS)
+  _, state = tx.update((g, _with_nan(r)), state, PARAMS)
+  updates, state = tx.update((g, r), state, PARAMS)
+  want, _ = plain.update((g, r), plain_state, PARAMS)
+  chex.assert_trees_all_close(updates, want, rtol=1e-6)
+  assert int(state[1].notfinite_count) == 0
+
+
+def test_apply_if_finite_around_the_whole_chain_is_unsupported():
+  """Pins the limitation the docstring documents (optax's own lax.cond error)."""
+  tx = optax.apply_if_finite(optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.1)), max_consecutive_errors=3)
+  with pytest.raises(TypeError, match="same pytree structure"):
+    tx.update(grads(PARAMS), tx.init(PARAMS), PARAMS)
