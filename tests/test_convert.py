@@ -271,7 +271,7 @@ def test_save_variables_refuses_to_overwrite(tmp_path):
   variables = _random_variables("resnet18", num_classes=2, width=0.125)
   path = tmp_path / "ckpt"
   convert.save_variables(path, variables, {"arch": "resnet18", "width": 0.125})
-  with pytest.raises(FileExistsError, match="force"):
+  with pytest.raises(convert.UnsafeTargetError, match="pass --force"):
     convert.save_variables(path, variables, {"arch": "resnet18"})
   convert.save_variables(path, variables, {"arch": "resnet18", "width": 0.125},
                          force=True)
@@ -319,8 +319,12 @@ def test_convert_cli_bad_input_exits_2(tmp_path, capsys, resnet18_safetensors,
       "missing_source": ([str(tmp_path / "nope.pth"), dst], "nope.pth"),
       "wrong_arch": ([src, dst, "--arch", "resnet34"], "arch='resnet18'"),
       "unknown_arch": ([src, dst, "--arch", "vgg16"], "vgg16"),
-      "destination_exists": ([src, str(tmp_path)], "--force"),
+      "destination_exists": ([src, str(tmp_path / "ckpt")], "--force"),
   }[case]
+  if case == "destination_exists":  # a checkpoint dtnh_jax wrote: replaced only with --force
+    convert.save_variables(tmp_path / "ckpt",
+                           _random_variables("resnet18", width=0.125),
+                           {"arch": "resnet18", "width": 0.125})
   with pytest.raises(SystemExit) as info:
     cli.convert_main(argv)
   assert info.value.code == 2

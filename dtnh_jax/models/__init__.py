@@ -1,8 +1,9 @@
 """Flax ResNets laid out like torchvision, and checkpoint conversion.
 
 :mod:`~dtnh_jax.models.resnet` holds the models, :mod:`~dtnh_jax.models.convert`
-the torchvision <-> Flax conversion and the orbax checkpoints that record how
-to rebuild a model.
+the torchvision <-> Flax conversion, :mod:`~dtnh_jax.models.store` the orbax
+checkpoints that record how to rebuild a model (written atomically, never over
+a user's files, with checksums verified on load).
 """
 
 from dtnh_jax.models.convert import CheckpointMismatchError
@@ -26,3 +27,7 @@ from dtnh_jax.models.resnet import ResNet
 from dtnh_jax.models.resnet import resnet18
 from dtnh_jax.models.resnet import resnet34
 from dtnh_jax.models.resnet import resnet50
+from dtnh_jax.models.store import check_finite
+from dtnh_jax.models.store import check_save_target
+from dtnh_jax.models.store import CorruptCheckpointError
+from dtnh_jax.models.store import UnsafeTargetError

@@ -32,12 +32,15 @@ Example::
       "resnet18-f37072fd.pth", arch="resnet18")
   logits = resnet18().apply(variables, images)
   convert.save_variables("ckpt/resnet18", variables, {"arch": "resnet18"})
+
+:func:`save_variables` and :func:`load_variables` (in
+:mod:`~dtnh_jax.models.store`, importable from here) write and read the orbax
+checkpoints; a save never deletes a folder it did not write.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -49,9 +52,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax.models import resnet
+# Saving and loading live in store; importable from here as they always were.
+from dtnh_jax.models.store import check_finite
+from dtnh_jax.models.store import check_save_target
+from dtnh_jax.models.store import CorruptCheckpointError
+from dtnh_jax.models.store import load_variables
+from dtnh_jax.models.store import save_variables
+from dtnh_jax.models.store import UnsafeTargetError
 
 __all__ = [
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "UnsafeTargetError",
+    "check_finite",
+    "check_save_target",
     "convert_torchvision",
     "load_torchvision_checkpoint",
     "load_variables",
@@ -381,81 +395,6 @@ def load_torchvision_checkpoint(path: str | os.PathLike, arch: str = "resnet18",
     raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a "
                      "state_dict (a mapping of names to tensors).")
   return convert_torchvision(checkpoint, arch, **model_kwargs)
-
-
-def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
-                   metadata: Mapping[str, Any], *, force: bool = False) -> None:
-  """Writes model variables and what is needed to rebuild the model (orbax).
-
-  The variables go to an orbax ``StandardCheckpointer`` checkpoint at
-  ``path``; ``metadata`` goes into the checkpoint's custom metadata. It must
-  name the ``arch``; ``num_classes`` (from the head), ``width`` (1.0) and
-  ``small_stem`` (False) are filled in when absent. Other JSON-serializable
-  entries (e.g. the source file) are kept.
-
-  Args:
-    path: directory of the checkpoint (created; relative paths are fine).
-    variables: ``{"params": ..., "batch_stats": ...}``.
-    metadata: at least ``{"arch": ...}``.
-    force: overwrite an existing checkpoint at ``path``.
-
-  Raises:
-    ValueError: ``arch`` is missing or unknown, or metadata is not JSON.
-    FileExistsError: ``path`` exists and ``force`` is False.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  metadata = dict(metadata)
-  if metadata.get("arch") not in resnet.ARCHITECTURES:
-    raise ValueError(f"metadata must name an arch among "
-                     f"{sorted(resnet.ARCHITECTURES)}, got "
-                     f"{metadata.get('arch')!r}.")
-  metadata.setdefault("num_classes",
-                      int(np.shape(variables["params"]["fc"]["kernel"])[-1]))
-  metadata.setdefault("width", 1.0)
-  metadata.setdefault("small_stem", False)
-  try:
-    json.dumps(metadata)
-  except TypeError as e:
-    raise ValueError(f"metadata must be JSON-serializable: {e}") from e
-  path = os.path.abspath(os.fspath(path))  # orbax wants absolute paths.
-  if os.path.exists(path) and not force:
-    raise FileExistsError(f"{path!r} exists; pass force=True to overwrite.")
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    checkpointer.save(path, dict(variables), custom_metadata=metadata,
-                      force=force)
-    checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
-
-
-def load_variables(path: str | os.PathLike, target: Any = None
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a checkpoint written by :func:`save_variables`.
-
-  Args:
-    path: directory of the checkpoint.
-    target: optional pytree of arrays or ``jax.ShapeDtypeStruct`` (with
-      shardings) to restore into, as orbax's ``restore(target)``; default:
-      host arrays.
-
-  Returns:
-    ``(variables, metadata)``; ``model_from_metadata(metadata)`` rebuilds the
-    model that ``variables`` belong to.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint directory at {path!r}.")
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    metadata = dict(checkpointer.metadata(path).custom_metadata or {})
-    variables = checkpointer.restore(path, target)
-  finally:
-    checkpointer.close()
-  return variables, metadata
 
 
 def model_from_metadata(metadata: Mapping[str, Any], **overrides

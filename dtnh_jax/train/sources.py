@@ -53,16 +53,26 @@ def _check_backbone(source: str, variables: Any, config: TrainConfig) -> None:
         f"small_stem {config.small_stem}): {shown}. Pass the --arch/--width/--small-stem it was trained with.")
 
 
+def _check_finite(source: str, variables: Any) -> dict[str, Any]:
+  """Refuses NaN/Inf weights now, not as a NaN loss or chance accuracy after the run."""
+  try:
+    models.check_finite(variables, f"--source {source}")
+  except ValueError as error:
+    raise ConfigError(f"{error} Use another checkpoint of the source, or convert/export it again.") from None
+  return variables
+
+
 def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
   """The source network's variables ``{"params", "batch_stats"}`` (head of the source task).
 
   Raises:
-    ConfigError: the source is missing, unreadable, or of another architecture
-      than ``config`` (the message says what to do).
+    ConfigError: the source is missing, unreadable, damaged (NaN/Inf weights,
+      checksums that do not match), or of another architecture than
+      ``config`` (the message says what to do).
   """
   source = config.source
   if offline_sources is not None and source in offline_sources:
-    return offline_sources[source](config)
+    return _check_finite(source, offline_sources[source](config))
   if source == SCRATCH:
     model = models.create_model(config.arch, num_classes=1, width=config.width, small_stem=config.small_stem)
     return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.crop))
@@ -84,14 +94,15 @@ def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
           + ", ".join(f"{k} is {have!r} in the checkpoint but {want!r} in the run" for k, (have, want) in differs.items())
           + ". Pass matching --arch/--width/--small-stem.")
     _check_backbone(source, variables, config)  # also for checkpoints without that metadata
-    return variables
+    return _check_finite(source, variables)
   if os.path.isfile(source):
     try:
       # strict: every tensor of the run's backbone, with its shape, and nothing else
-      return models.load_torchvision_checkpoint(source, arch=config.arch, width=config.width,
-                                                small_stem=config.small_stem)
+      variables = models.load_torchvision_checkpoint(source, arch=config.arch, width=config.width,
+                                                     small_stem=config.small_stem)
     except (ValueError, OSError, ImportError) as error:
       raise ConfigError(f"--source {source}: {error}") from None
+    return _check_finite(source, variables)
   raise ConfigError(
       f"--source {source!r} is neither a file, an orbax checkpoint directory, nor one of "
       f"{sorted(set(offline_sources or ()) | {SCRATCH})}.")
