@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 from collections.abc import Sequence
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-  """``dtnh-convert SRC DST [--arch resnet18]``: torchvision -> orbax.
+  """``dtnh-convert SRC DST [--arch resnet18] [--force]``: torchvision -> orbax.
 
   Reads a torchvision ResNet checkpoint (``.pth``/``.pt``/``.pth.tar`` or
   ``.safetensors``, including the Places365 format), converts it strictly, and
   writes an orbax checkpoint at ``DST`` whose metadata rebuilds the model
   (see ``dtnh_jax.models.load_variables``). Bad input exits with status 2 and
   a one-paragraph message, no traceback.
+
+  ``DST`` must be new or empty; ``--force`` lets it replace only a checkpoint
+  that dtnh_jax wrote, never a folder holding anything else (SRC included).
+  ``DST`` is checked before SRC is read, so a bad target fails at once.
 
   Args:
     argv: arguments without the program name; default ``sys.argv[1:]``.
@@ -35,27 +41,39 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
       ".pth.tar or .safetensors) to an orbax checkpoint of Flax variables.")
   parser.add_argument("src", metavar="SRC", help="torchvision checkpoint file")
   parser.add_argument("dst", metavar="DST",
-                      help="directory of the orbax checkpoint to write")
+                      help="folder of the orbax checkpoint to write: new or "
+                      "empty (a folder holding other files is refused)")
   parser.add_argument("--arch", default="resnet18",
                       choices=sorted(resnet.ARCHITECTURES),
                       help="architecture of SRC (default: %(default)s)")
   parser.add_argument("--force", action="store_true",
-                      help="overwrite DST if it exists")
+                      help="replace DST if it holds a checkpoint that "
+                      "dtnh-convert or dtnh-train wrote (nothing else is "
+                      "ever replaced or deleted)")
   args = parser.parse_args(argv)
 
-  if os.path.exists(args.dst) and not args.force:
-    parser.error(f"{args.dst!r} exists; pass --force to overwrite it.")
+  def fail(message: str):
+    # One line, no usage: the arguments parsed, the files are the problem.
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+  try:  # before the (slow) conversion
+    convert.check_save_target(args.dst, force=args.force)
+  except convert.UnsafeTargetError as e:
+    fail(str(e))
   try:
     variables = convert.load_torchvision_checkpoint(args.src, arch=args.arch)
+    convert.check_finite(variables, args.src)
   except (OSError, ValueError, ImportError) as e:
-    parser.error(str(e))
+    fail(str(e))
   num_classes = int(variables["params"]["fc"]["kernel"].shape[-1])
   metadata = {"arch": args.arch, "num_classes": num_classes, "width": 1.0,
               "small_stem": False, "source": os.path.basename(args.src)}
   try:
     convert.save_variables(args.dst, variables, metadata, force=args.force)
+  except convert.UnsafeTargetError as e:
+    fail(str(e))
   except (OSError, ValueError) as e:
-    parser.error(f"could not write {args.dst!r}: {e}")
+    fail(f"could not write {args.dst}: {e} (what was there is unchanged)")
   num_params = sum(int(np.size(leaf))
                    for leaf in jax.tree.leaves(variables["params"]))
   print(f"{args.src} -> {args.dst}: {args.arch}, {num_classes} classes, "
@@ -92,7 +110,13 @@ def _train_parser():
   parser.add_argument("--offline", action="store_true",
                       help="the offline default (also chosen when no --dataset is given); other flags "
                       "override its settings")
-  parser.add_argument("--export", help="also write the final variables of a single run here (orbax)")
+  parser.add_argument("--export", help="also write the final variables of a single run here (orbax): a new or "
+                      "empty folder, or one holding a checkpoint dtnh_jax wrote, with --force")
+  parser.add_argument("--force", action="store_true",
+                      help="let --export replace a checkpoint that dtnh_jax wrote there (nothing else is replaced)")
+  parser.add_argument("--restart", action="store_true",
+                      help="set the run(s) already in --workdir aside (moved to set-aside/N beside their files; "
+                      "nothing is deleted) and start anew, e.g. with other settings")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   multihost = parser.add_argument_group(
       "multi-host", "Run one dtnh-train per process, all with the same arguments and a --workdir they all see. "
@@ -126,46 +150,74 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser = _train_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-  from dtnh_jax.train import config as config_lib, loop as loop_lib, offline  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, interrupts, loop as loop_lib  # pylint: disable=g-import-not-at-top
 
   settings = {k: v for k, v in vars(args).items()
-              if v is not None and k not in ("workdir", "method", "seeds", "offline", "export", "no_progress",
-                                             "coordinator", "num_processes", "process_id")}
+              if v is not None and k not in ("workdir", "method", "seeds", "offline", "export", "force", "restart",
+                                             "no_progress", "coordinator", "num_processes", "process_id")}
   offline_default = args.offline or "dataset" not in settings
   try:
-    _start_distributed(args)  # before any JAX computation
-    methods = _parse_methods(args.method or ("all" if offline_default else "l2-sp"))
-    seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
-    for flag, path in (("--workdir", args.workdir), ("--export", args.export)):
-      if path and os.path.exists(path) and not os.path.isdir(path):
-        raise config_lib.ConfigError(f"{flag} {path} is a file; it must be a directory (or not exist yet).")
-    if offline_default:
-      base = config_lib.TrainConfig(**{**config_lib.OFFLINE_PRESET, **settings})
-      seeds = seeds or [0, 1, 2]
-      sources = [base.source] if "source" in settings else list(offline.data_lib.offline.SOURCES)
-      workdir = args.workdir or os.path.join("runs", "offline-default")
-    else:
-      dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
-      base = config_lib.TrainConfig(**{**config_lib.paper_preset(dataset), **settings})
-      seeds = seeds or [base.seed]
-      sources = [base.source]
-      workdir = args.workdir or os.path.join("runs", base.dataset, os.path.basename(os.path.normpath(base.source)))
-    if args.export and (len(methods) > 1 or len(seeds) > 1):
-      raise config_lib.ConfigError("--export needs a single --method and seed.")
-    print(f"dtnh-train: {len(sources) * len(methods) * len(seeds)} run(s) -> {workdir}", flush=True)
-    if args.export:
-      from dtnh_jax.train import loop  # pylint: disable=g-import-not-at-top
-      config = base.replace(method=methods[0].name, seed=seeds[0])
-      result = loop.train(config, os.path.join(workdir, methods[0].name, f"seed{seeds[0]}"),
-                          offline_sources=offline.OFFLINE_SOURCES, export_to=args.export)
-      print(result)
-    else:
-      offline.run_grid(base, workdir, sources=sources, methods=methods, seeds=seeds,
-                       show_progress=not args.no_progress)
+    # SIGTERM, like Ctrl-C, runs the clean-up; the loop defers both to a checkpoint
+    with interrupts.raising(), _one_line_warnings("dtnh-train"):
+      return _train(args, settings, offline_default)
   except config_lib.ConfigError as error:
     parser.exit(2, f"dtnh-train: error: {error}\n")
   except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
     parser.exit(1, f"dtnh-train: error: {error}\n")
+  except KeyboardInterrupt as interrupt:  # also interrupts.Interrupted (SIGTERM, or either during training)
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    step = getattr(interrupt, "step", None)
+    where = (f"at step {step} (checkpoint written)" if step is not None
+             else "before a checkpoint of this command was written")
+    parser.exit(128 + signum, f"dtnh-train: interrupted {where}; run the same command to resume.\n")
+
+
+@contextlib.contextmanager
+def _one_line_warnings(program: str):
+  """Warnings as ``program: warning: message`` lines, without the source line Python adds."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  previous = warnings.formatwarning
+  warnings.formatwarning = lambda message, category, *_: f"{program}: warning: {message}\n"
+  try:
+    yield
+  finally:
+    warnings.formatwarning = previous
+
+
+def _train(args, settings: dict, offline_default: bool) -> int:
+  """The runs ``dtnh-train`` was asked for: one with --export, else a grid (methods x seeds x sources)."""
+  from dtnh_jax.train import config as config_lib, loop, offline  # pylint: disable=g-import-not-at-top
+  _start_distributed(args)  # before any JAX computation
+  methods = _parse_methods(args.method or ("all" if offline_default else "l2-sp"))
+  seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+  if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise config_lib.ConfigError(f"--workdir {args.workdir} is a file; it must be a directory (or not exist yet).")
+  if args.force and not args.export:
+    raise config_lib.ConfigError("--force only lets --export replace a checkpoint dtnh_jax wrote; pass --export "
+                                 "DIR, or --restart to start a run anew.")
+  if offline_default:
+    base = config_lib.TrainConfig(**{**config_lib.OFFLINE_PRESET, **settings})
+    seeds = seeds or [0, 1, 2]
+    sources = [base.source] if "source" in settings else list(offline.data_lib.offline.SOURCES)
+    workdir = args.workdir or os.path.join("runs", "offline-default")
+  else:
+    dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
+    base = config_lib.TrainConfig(**{**config_lib.paper_preset(dataset), **settings})
+    seeds = seeds or [base.seed]
+    sources = [base.source]
+    workdir = args.workdir or os.path.join("runs", base.dataset, os.path.basename(os.path.normpath(base.source)))
+  if args.export and (len(methods) > 1 or len(seeds) > 1):
+    raise config_lib.ConfigError("--export needs a single --method and seed.")
+  print(f"dtnh-train: {len(sources) * len(methods) * len(seeds)} run(s) -> {workdir}", flush=True)
+  if args.export:
+    config = base.replace(method=methods[0].name, seed=seeds[0])
+    result = loop.train(config, os.path.join(workdir, methods[0].name, f"seed{seeds[0]}"),
+                        offline_sources=offline.OFFLINE_SOURCES, export_to=args.export, force_export=args.force,
+                        restart=args.restart)
+    print(result)
+  else:
+    offline.run_grid(base, workdir, sources=sources, methods=methods, seeds=seeds,
+                     show_progress=not args.no_progress, restart=args.restart)
   return 0
 
 

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dtnh_jax import cli, models
-from dtnh_jax.train import TrainConfig, checkpoint, loop, offline
+from dtnh_jax.train import TrainConfig, checkpoint, loop, offline, report
 from dtnh_jax.train import config as config_lib
 from dtnh_jax.train.data import load_data
 
@@ -75,8 +75,7 @@ def _checkpoint_at(workdir, step):
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return report.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -347,18 +346,18 @@ def test_config_names_agree_with_the_models():
 # --- NaN/Inf -------------------------------------------------------------------------------------------------------
 
 
-class _NaNBatchAt:
-  """The run's training batches, with NaN images in the batch of step ``step`` (counting from 1)."""
+class _NaNBatches:
+  """The run's training batches, with NaN images in the batches of ``steps`` (counting from 1)."""
 
-  def __init__(self, loader, step):
-    self._loader, self._step = loader, step
+  def __init__(self, loader, steps):
+    self._loader, self._steps = loader, steps
 
   def __iter__(self):
     return self
 
   def __next__(self):
     batch = next(self._loader)
-    if self._loader.step == self._step:
+    if self._loader.step in self._steps:
       batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
     return batch
 
@@ -369,9 +368,13 @@ class _NaNBatchAt:
     self._loader.set_state(state)
 
 
-def _data_with_nan_batch(config, step, *shard):
+def _data_with_nan_batches(config, steps, *shard):
   data = load_data(config, *shard)
-  return dataclasses.replace(data, train_loader=lambda seed: _NaNBatchAt(data.train_loader(seed), step))
+  return dataclasses.replace(data, train_loader=lambda seed: _NaNBatches(data.train_loader(seed), steps))
+
+
+def _data_with_nan_batch(config, step, *shard):
+  return _data_with_nan_batches(config, {step}, *shard)
 
 
 def _all_finite(tree):

@@ -125,6 +125,9 @@ class TrainConfig:
   # a step whose loss or update is NaN/Inf is never applied; then "stop" the run
   # (the last checkpoint stays the last good one) or "skip" the step and go on
   on_nonfinite: str = "stop"
+  # with "skip": the run stops (exit 1) once more than this fraction of --steps was skipped, so
+  # a diverged run cannot end "successfully" having skipped most of its steps
+  skip_limit: float = 0.05
   # scale-out (dtnh_jax.train.sharding): the batch is always split over all devices; with fsdp the
   # parameters and optimizer state are sharded over them too instead of replicated
   fsdp: bool = False
@@ -152,6 +155,8 @@ class TrainConfig:
     for name in non_negative:
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+    if not 0 <= self.skip_limit <= 1:
+      raise ConfigError(f"--skip-limit is a fraction of --steps in [0, 1], got {self.skip_limit}.")
     if not 0 <= self.reg_decay <= 1:
       raise ConfigError(f"--reg-decay is a per-epoch factor in [0, 1], got {self.reg_decay}.")
     if self.crop > self.resize:

@@ -3,30 +3,39 @@
 ``train(config, workdir)`` fine-tunes from ``config.source`` on
 ``config.dataset`` and leaves in ``workdir``:
 
-- ``config.json`` — the run's settings (a different config in the same
-  workdir is refused: it would mix two runs);
-- ``metrics.jsonl`` — one line per train step (losses split into empirical
-  and regularizer parts, DTNH's angles and conflict) and per evaluation;
+- ``config.json`` — the run's settings (a command with other settings is
+  refused, naming the flags; ``restart=True`` sets the old run aside:
+  ``dtnh_jax.train.workdir``);
+- ``metrics.jsonl`` — one strict-JSON line per train step (losses split into
+  empirical and regularizer parts, DTNH's angles and conflict) and per
+  evaluation (``dtnh_jax.train.metrics``);
 - ``tensorboard/`` — the same scalars for TensorBoard;
-- ``checkpoints/`` — orbax checkpoints (state, data position, RNG);
+- ``checkpoints/`` — orbax checkpoints (state, data position, RNG), verified
+  against their checksums when restored (``dtnh_jax.train.checkpoint``);
 - ``results.json`` / ``results.md`` and the plots ``losses.png``, ``angles.png``.
 
-Running it again with the same workdir resumes from the newest readable
-checkpoint and produces the same metrics and parameters as an uninterrupted
-run, also after a kill at any point (``tests/test_faults.py``): the files
-besides the checkpoints are replaced atomically, and metric lines after the
-checkpoint resumed from (or cut short by the kill) are dropped.
+Every check that can fail runs before the first write, and one process at a
+time works in a workdir. Running the same command again resumes from the
+newest checkpoint that verifies and produces the same metrics and parameters
+as an uninterrupted run, also after a kill at any point
+(``tests/test_faults.py``): the files besides the checkpoints are replaced
+atomically, and metric lines after the checkpoint resumed from (or cut short
+by the kill) are dropped. SIGINT/SIGTERM finish the step and checkpoint it
+first (``dtnh_jax.train.interrupts``). A finished run returns its results.
 
 A step whose loss or update is NaN/Inf is never applied (see ``step.py``);
 with ``on_nonfinite="stop"`` the run then stops with
 :class:`NonFiniteLossError` before its next checkpoint, with ``"skip"`` it
-goes on (the metric ``skipped`` marks such steps).
+goes on (the metric ``skipped`` marks such steps) until more than
+``skip_limit`` of the steps were skipped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -37,102 +46,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import models, regularizers
-from dtnh_jax.train import checkpoint, report, sharding, step as step_lib
+from dtnh_jax.train import checkpoint, interrupts, report, sharding, step as step_lib
+from dtnh_jax.train import metrics as metrics_lib
+from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
 from dtnh_jax.train.data import RunData, load_data
 from dtnh_jax.train.sources import load_source
 
-# Settings a run may resume with changed: they do not change its numbers (on_nonfinite: a run
-# stopped by a NaN loss can go on with "skip"; fsdp, like the number of devices, only lays the
-# state out differently: rounding-level differences).
-_BOOKKEEPING = {"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "data_dir", "eval_batch_size",
-                "on_nonfinite", "fsdp"}
-
-
 class NonFiniteLossError(RuntimeError):
-  """A step's loss or update was NaN/Inf and ``config.on_nonfinite`` is ``"stop"``."""
-
-
-def _write_atomically(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` so that a kill leaves the old file or the new one, never a part."""
-  partial = f"{path}.tmp{os.getpid()}"
-  with open(partial, "w") as f:
-    f.write(text)
-  os.replace(partial, path)
-
-
-def _check_config(workdir: str, config: TrainConfig) -> None:
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    current = json.loads(config.to_json())
-    # a setting added to TrainConfig after the run started has its default there
-    defaults = json.loads(TrainConfig().to_json())
-    differs = sorted(k for k in current
-                     if k not in _BOOKKEEPING and previous.get(k, defaults.get(k)) != current[k])
-    if differs:
-      raise ConfigError(
-          f"--workdir {workdir} holds a run with other settings ({', '.join(differs)}); resuming it with "
-          "these would mix two runs. Use a new --workdir, or the same settings to resume.")
-  _write_atomically(path, config.to_json())
-
-
-class MetricsLog:
-  """``metrics.jsonl`` (truncated to the restored step on resume) and TensorBoard scalars."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except ValueError:  # the last line, cut short by a kill (only whole lines are before it)
-            break
-          if record["step"] <= resume_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    # lines after the checkpoint resumed from would be written again; a kill while this
-    # runs leaves the old file or the new one
-    _write_atomically(self.path, "".join(kept))
-    self._file = open(self.path, "a")
-    self._tensorboard = None
-    try:
-      from tensorboardX import SummaryWriter  # optional; metrics.jsonl is the record
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-    except ImportError:
-      pass
-
-  def write(self, record: dict[str, Any]) -> None:
-    self._file.write(json.dumps(record) + "\n")
-    if self._tensorboard is not None:
-      for key, value in record.items():
-        if key not in ("step", "kind") and np.ndim(value) == 0:
-          self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-  def flush(self) -> None:
-    self._file.flush()
-    if self._tensorboard is not None:
-      self._tensorboard.flush()
-
-  def close(self) -> None:
-    self._file.close()
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-
-
-class _OtherProcessLog:
-  """The metrics log of processes other than 0: process 0 writes the run's files."""
-
-  def write(self, record: dict[str, Any]) -> None:
-    del record
-
-  def flush(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
+  """A step's loss or update was NaN/Inf and ``config.on_nonfinite`` is ``"stop"``, or more steps were
+  skipped than ``config.skip_limit`` allows."""
 
 
 def create_model(config: TrainConfig, num_classes: int):
@@ -171,25 +94,90 @@ def cached_attention(path: str, compute: Callable[[], dict[str, Any]]) -> dict[s
   return regularizers.load_attention(path)
 
 
-def _non_finite(config: TrainConfig, record: dict[str, Any], log: MetricsLog,
-                checkpoints: checkpoint.Checkpoints) -> None:
-  """A step whose update was not applied (NaN/Inf): warn and go on, or stop the run."""
-  what = f"step {record['step']}: the loss or the update is not finite (empirical loss {record['loss_empirical']})"
-  if config.on_nonfinite == "skip":
-    warnings.warn(f"{what}; the step was skipped (--on-nonfinite skip).", RuntimeWarning, stacklevel=3)
-    return
+class _SkippedSteps:
+  """The steps ``--on-nonfinite skip`` skipped: one warning at the first, a stop past ``config.skip_limit``."""
+
+  def __init__(self, config: TrainConfig, count: int):
+    self.config, self.count, self._warned = config, count, False
+    self.limit = math.ceil(config.skip_limit * config.steps)  # at most this many
+
+  def add(self, record: dict[str, Any]) -> None:
+    self.count += 1
+    what = f"step {record['step']}: the loss or the update is not finite"
+    if self.count > self.limit:
+      raise NonFiniteLossError(
+          f"{what}; {self.count} of {self.config.steps} steps skipped, more than --skip-limit "
+          f"{self.config.skip_limit:g} allows: the run is diverging, not meeting a few bad batches. Lower "
+          "--learning-rate (with --restart), or check the data.")
+    if not self._warned:
+      self._warned = True
+      warnings.warn(f"{what} (empirical loss {record['loss_empirical']}); the step was skipped (--on-nonfinite "
+                    "skip). Further skipped steps are counted, not reported one by one; the run stops if more "
+                    f"than {self.limit} are.", RuntimeWarning, stacklevel=3)
+
+
+def _stop_on_non_finite(record: dict[str, Any], log: metrics_lib.MetricsLog,
+                        checkpoints: checkpoint.Checkpoints) -> None:
+  """A step whose update was not applied (NaN/Inf) with ``--on-nonfinite stop``."""
   log.flush()
   checkpoints.wait()
-  last_good = checkpoints.latest_step()
-  kept = (f"the newest checkpoint (step {last_good}) holds the last good state and a rerun resumes from it"
-          if last_good is not None else "no checkpoint was written before it")
+  last = checkpoints.latest_step()
+  kept = (f"its newest checkpoint (step {last}) was saved before that step: a rerun resumes from the newest "
+          "checkpoint that verifies" if last is not None else "no checkpoint was written before that step")
   raise NonFiniteLossError(
-      f"{what}; the run stops, and {kept}. Lower --learning-rate or check the data, or rerun with "
-      "--on-nonfinite skip to skip such steps.")
+      f"step {record['step']}: the loss or the update is not finite (empirical loss {record['loss_empirical']}); "
+      f"the run stops, and {kept}. Rerun with --on-nonfinite skip to skip such steps, or with a lower "
+      "--learning-rate and --restart (the stopped run is set aside), or check the data.")
 
 
 def _to_python(metrics: dict[str, Any]) -> dict[str, Any]:
   return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  try:
+    return any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+
+
+def _finished(workdir: str) -> dict[str, Any] | None:
+  """The results of the run in ``workdir`` if it ran to its end, else None."""
+  try:
+    with open(os.path.join(workdir, workdir_lib.RESULTS)) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None  # not finished, or its results.json is damaged: the final checkpoint writes it again
+  return results if isinstance(results, dict) and "test_accuracy" in results else None
+
+
+def _prepare_workdir(workdir: str, config: TrainConfig, restart: bool) -> dict[str, Any] | None:
+  """Checks the run already in ``workdir`` against ``config``, before anything is written.
+
+  Returns its results if it is finished (nothing to do). A run with other
+  settings is refused, unless ``restart``, or unless it has neither a
+  checkpoint nor results (a start that failed: nothing to resume), in which
+  case it is set aside when the new run begins (:func:`_begin`).
+  """
+  previous = workdir_lib.read_settings(workdir) if not restart else None
+  if previous is None:
+    return None
+  if _has_checkpoint(workdir) or _finished(workdir) is not None:
+    workdir_lib.check_settings(workdir, config, previous)
+  elif workdir_lib.differing_settings(previous, config):
+    return None
+  return _finished(workdir)
+
+
+def _begin(workdir: str, config: TrainConfig, restart: bool) -> None:
+  """The first writes of a run: an old run set aside when it must be, then ``config.json``."""
+  previous = workdir_lib.read_settings(workdir) if not restart else None
+  if restart or (previous is not None and workdir_lib.differing_settings(previous, config)):
+    aside = workdir_lib.set_aside(workdir)
+    if aside is not None:
+      why = "--restart" if restart else "it had other settings and neither a checkpoint nor results"
+      print(f"dtnh-train: the run in {workdir} was set aside in {aside} ({why}).", file=sys.stderr, flush=True)
+  workdir_lib.write_atomically(os.path.join(workdir, workdir_lib.CONFIG), config.to_json())
 
 
 def train(
@@ -202,9 +190,17 @@ def train(
     data: RunData | None = None,
     attention: Any = None,
     export_to: str | os.PathLike | None = None,
+    force_export: bool = False,
+    restart: bool = False,
     plots: bool = True,
 ) -> dict[str, Any]:
   """Fine-tunes one method; resumes from ``workdir`` if it holds checkpoints.
+
+  Every check that can fail (settings, export target, data, source, devices)
+  runs before anything is written to ``workdir``; a failed start leaves
+  nothing behind that blocks the corrected command. One process at a time
+  works in a workdir (:class:`dtnh_jax.train.workdir.Lock`). A finished run
+  run again returns its results without touching its files.
 
   Args:
     config: the run's settings.
@@ -217,7 +213,12 @@ def train(
     attention: DELTA's channel attention, if already computed; otherwise it
       is computed once and cached in ``workdir/delta_attention.npz``.
     export_to: also write the final variables there as an orbax checkpoint
-      that ``--source`` and ``dtnh_jax.models.load_variables`` read.
+      that ``--source`` and ``dtnh_jax.models.load_variables`` read: a new
+      or empty folder, or one holding a checkpoint dtnh_jax wrote when
+      ``force_export`` (see ``dtnh_jax.models.save_variables``).
+    force_export: let ``export_to`` replace a checkpoint dtnh_jax wrote there.
+    restart: set the run already in ``workdir`` aside (to
+      ``workdir/set-aside/N``; nothing is deleted) and start anew.
     plots: write ``losses.png`` and ``angles.png`` (a grid of runs plots once
       for all of them instead).
 
@@ -225,25 +226,57 @@ def train(
     The final results: test accuracy and loss, and the run's settings; also
     written to ``workdir/results.json``. With ``stop_after`` and steps left,
     ``{"stopped_at": step}``.
+
+  Raises:
+    ConfigError: bad settings, source, data or export target; a workdir
+      holding a run with other settings, or in use by another process.
+    NonFiniteLossError: see ``config.on_nonfinite``.
+    dtnh_jax.train.interrupts.Interrupted: SIGINT/SIGTERM during training,
+      after the checkpoint of the current step is written.
   """
   workdir = os.fspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file; it must be a directory (or not exist yet).")
+  lock = workdir_lib.Lock(workdir).acquire() if sharding.is_chief() else None
+  begun = False
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as error:  # a file in the way, no permission, ...
-    raise ConfigError(f"--workdir: cannot create the directory {workdir} ({error.strerror or error}).") from None
-  _check_config(workdir, config)
+    finished = _prepare_workdir(workdir, config, restart)
+    if finished is not None and export_to is None:
+      return finished
+    if export_to is not None:
+      try:
+        models.check_save_target(export_to, force=force_export)
+      except ValueError as error:
+        raise ConfigError(f"--export: {error}") from None
+    method = config.method_spec
+    data = data or load_data(config, *sharding.process_shard())  # this process's shard of the data
+    model = create_model(config, data.num_classes)
+    initial = initial_variables(config, data, offline_sources)
+    tx, train_step, eval_step = step_lib.compiled_steps(model, step_lib.step_config(config), data.steps_per_epoch)
+    state = step_lib.create_train_state(initial, tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
+    sharding.Placement.create(state, step_lib.Reference(initial), fsdp=config.fsdp,
+                              batch_size=config.batch_size)  # the devices' checks (the batch must split)
+
+    # checks done: the run's first writes
+    if sharding.is_chief():
+      _begin(workdir, config, restart)
+    begun = True
+    sharding.sync("workdir ready")
+    if method.regularizer == "delta" and attention is None:
+      attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
+                                   lambda: delta_attention(model, initial, data, config))
+    return _run(config, workdir, data, train_step, eval_step, state,
+                step_lib.Reference(initial, attention), stop_after=stop_after, progress=progress,
+                export_to=export_to, force_export=force_export, plots=plots)
+  finally:
+    if lock is not None:
+      lock.release(remove_empty_workdir=not begun)
+
+
+def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop_after, progress,
+         export_to, force_export, plots) -> dict[str, Any]:
+  """The training loop of :func:`train`, once the workdir is ready."""
   method = config.method_spec
-  data = data or load_data(config, *sharding.process_shard())  # this process's shard of the data
-  model = create_model(config, data.num_classes)
-
-  initial = initial_variables(config, data, offline_sources)
-  if method.regularizer == "delta" and attention is None:
-    attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
-                                 lambda: delta_attention(model, initial, data, config))
-  reference = step_lib.Reference(initial, attention)
-
-  tx, train_step, eval_step = step_lib.compiled_steps(model, step_lib.step_config(config), data.steps_per_epoch)
-  state = step_lib.create_train_state(initial, tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
   # on the mesh of all devices: batches split over them, state and reference replicated or FSDP-sharded
   placement = sharding.Placement.create(state, reference, fsdp=config.fsdp, batch_size=config.batch_size)
   state, reference = placement.put_state(state), placement.put_reference(reference)
@@ -251,62 +284,79 @@ def train(
   train_loader = data.train_loader(config.seed)
   checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   restored = checkpoints.restore(checkpoint.abstract(state))
-  start = 0
+  start, extra = 0, {}
   if restored is not None:
-    start, state, data_state, _ = restored
+    start, state, data_state, extra = restored
     train_loader.set_state(sharding.local_data_state(data_state))
-  log = MetricsLog(workdir, resume_step=start) if sharding.is_chief() else _OtherProcessLog()
+  skipped = _SkippedSteps(config, int(extra.get("skipped_steps", 0)))
+  log = metrics_lib.MetricsLog(workdir, resume_step=start) if sharding.is_chief() else metrics_lib.OtherProcessLog()
 
   pending: list[tuple[int, dict[str, Any]]] = []  # device metrics, fetched every log_every steps
   started = time.perf_counter()
   step = start
   try:
-    while step < config.steps:
-      state, metrics = train_step(state, placement.put_batch(next(train_loader)), reference)
-      step += 1
-      pending.append((step, metrics))
-      last = step == config.steps
-      stopping = stop_after is not None and step - start >= stop_after
-      evaluating = step % config.eval_every == 0 or last
-      checkpointing = step % config.checkpoint_every == 0 or last or stopping
-      # before an evaluation or a checkpoint every step's metrics are on hand: a checkpoint
-      # covers all lines up to its step, and none is written after a non-finite step
-      if step % config.log_every == 0 or last or stopping or evaluating or checkpointing:
-        # one transfer per metric for all pending steps, not one per scalar
-        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[values for _, values in pending]))
-        for row, (logged_step, _) in enumerate(pending):
-          record = {"step": logged_step, "kind": "train", **_to_python(jax.tree.map(lambda x: x[row], stacked))}
-          log.write(record)
-          if record["skipped"]:
-            _non_finite(config, record, log, checkpoints)
-        pending.clear()
-      if evaluating:
-        eval_batches = map(placement.put_batch, data.eval_batches())
-        log.write({"step": step, "kind": "eval", **step_lib.evaluate(eval_step, state, eval_batches)})
-      if checkpointing:
-        log.flush()  # metrics up to this step are on disk before the checkpoint that covers them
-        checkpoints.save(step, state, train_loader.get_state(),
-                         {"elapsed_s": time.perf_counter() - started, "method": method.name})
-      if progress is not None:
-        progress(step, config.steps, metrics)
-      if stopping and not last:
-        return {"stopped_at": step}
+    with interrupts.deferred() as interrupt:
+      while step < config.steps:
+        state, metrics = train_step(state, placement.put_batch(next(train_loader)), reference)
+        step += 1
+        pending.append((step, metrics))
+        last = step == config.steps
+        interrupted = interrupt.signum is not None
+        stopping = (stop_after is not None and step - start >= stop_after) or interrupted
+        evaluating = step % config.eval_every == 0 or last
+        checkpointing = step % config.checkpoint_every == 0 or last or stopping
+        # before an evaluation or a checkpoint every step's metrics are on hand: a checkpoint
+        # covers all lines up to its step, and none is written after a non-finite step
+        if step % config.log_every == 0 or last or stopping or evaluating or checkpointing:
+          # one transfer per metric for all pending steps, not one per scalar
+          stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[values for _, values in pending]))
+          for row, (logged_step, _) in enumerate(pending):
+            record = {"step": logged_step, "kind": "train", **_to_python(jax.tree.map(lambda x: x[row], stacked))}
+            log.write(record)
+            if record["skipped"]:
+              if config.on_nonfinite == "skip":
+                skipped.add(record)
+              else:
+                _stop_on_non_finite(record, log, checkpoints)
+          pending.clear()
+        if evaluating:
+          eval_batches = map(placement.put_batch, data.eval_batches())
+          log.write({"step": step, "kind": "eval", **step_lib.evaluate(eval_step, state, eval_batches)})
+        if checkpointing:
+          log.flush()  # metrics up to this step are on disk before the checkpoint that covers them
+          checkpoints.save(step, state, train_loader.get_state(),
+                           {"elapsed_s": time.perf_counter() - started, "method": method.name,
+                            "skipped_steps": skipped.count})
+        if progress is not None:
+          progress(step, config.steps, metrics)
+        if interrupted:
+          raise interrupts.Interrupted(interrupt.signum, step)
+        if stopping and not last:
+          return {"stopped_at": step}
   finally:
-    checkpoints.close()
+    checkpoints.close()  # waits for the save in flight
     log.close()
 
   sharding.sync("metrics written")  # process 0's metrics.jsonl is complete before any process reads it
-  records = report.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  final = [r for r in records if r["kind"] == "eval"][-1]
+  records = report.read_metrics(os.path.join(workdir, metrics_lib.FILE))
+  final = [r for r in records if r["kind"] == "eval" and r["step"] == config.steps]
+  if final:
+    final = final[-1]
+  else:  # its line was damaged (and set aside): evaluate the final state again
+    final = {"step": config.steps, "kind": "eval",
+             **step_lib.evaluate(eval_step, state, map(placement.put_batch, data.eval_batches()))}
   results = {"method": method.name, "label": method.label, "source": config.source, "dataset": config.dataset,
              "seed": config.seed, "steps": config.steps, "test_accuracy": final["test_accuracy"],
-             "test_loss": final["test_loss"]}
+             "test_loss": final["test_loss"], "skipped_steps": skipped.count}
+  if skipped.count:
+    warnings.warn(f"{workdir}: {skipped.count} of {config.steps} steps were skipped (non-finite loss or update; "
+                  "'skipped' in metrics.jsonl marks them).", RuntimeWarning, stacklevel=3)
   if sharding.is_chief():
-    _write_atomically(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    workdir_lib.write_atomically(os.path.join(workdir, workdir_lib.RESULTS), json.dumps(results, indent=2))
     report.write_run_report(workdir, records, results, plots=plots)
   if export_to is not None:
     # host copies: the exported weights load on any number of devices
     models.save_variables(export_to, sharding.to_host({"params": state.params, "batch_stats": state.batch_stats}),
                           {"arch": config.arch, "width": config.width, "small_stem": config.small_stem,
-                           "dataset": config.dataset, "method": method.name}, force=True)
+                           "dataset": config.dataset, "method": method.name}, force=force_export)
   return results

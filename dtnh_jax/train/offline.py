@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,16 +43,50 @@ def _model_key(config: TrainConfig) -> dict[str, Any]:
 _LOADED: dict[str, Any] = {}  # path -> variables, so a grid of runs reads each source once
 
 
+def _set_aside(path: str) -> str:
+  """Renames ``path`` to the first free ``path.corrupt-N``: kept for a look, never deleted."""
+  n = 1
+  while True:
+    aside = f"{path}.corrupt-{n}"
+    if not os.path.lexists(aside):
+      try:
+        os.rename(path, aside)
+        return aside
+      except OSError:
+        if not os.path.lexists(aside):  # not taken meanwhile: a real failure
+          raise
+    n += 1
+
+
 def pretrained_source(name: str, config: TrainConfig) -> dict[str, Any]:
-  """The variables of offline source ``name`` for ``config``'s model, pre-trained once and cached."""
+  """The variables of offline source ``name`` for ``config``'s model, pre-trained once and cached.
+
+  A cached source that cannot be read (damaged files, checksums that do not
+  match) or holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with
+  a warning and pre-trained again, so that one bad cache does not fail every
+  later run.
+  """
   settings = {"source": name, **_model_key(config), **PRETRAIN}
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
   if path in _LOADED:
     return _LOADED[path]
-  if os.path.isdir(path):
-    _LOADED[path], _ = models.load_variables(path)
-    return _LOADED[path]
+  if os.path.lexists(path):
+    try:
+      variables, _ = models.load_variables(path)
+      models.check_finite(variables, path)
+    except Exception as error:  # whatever is wrong with it, a fresh pre-training replaces it
+      # several processes read the same files and come here together; one moves them
+      sharding.sync("offline source read")
+      if sharding.is_chief():
+        aside = _set_aside(path)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"the cached offline source {path} is unusable ({reason}); moved it to {aside} and "
+                      "pre-training it again.", RuntimeWarning, stacklevel=2)
+      sharding.sync("offline source set aside")
+    else:
+      _LOADED[path] = variables
+      return variables
   workdir = path + ".run"
   # float32 whatever the run's compute dtype: the cache key does not hold it
   pretrain = config.replace(method="fine-tune", source="scratch", dataset=OFFLINE_PREFIX + name, seed=0,
@@ -79,8 +114,11 @@ def run_grid(
     methods: Sequence[Method],
     seeds: Sequence[int],
     show_progress: bool = True,
+    restart: bool = False,
 ) -> list[dict[str, Any]]:
   """Every method from every source over ``seeds``; prints and writes the paper-style table.
+
+  ``restart``: each run already there is set aside (see ``loop.train``) and trained anew.
 
   Each run keeps its own workdir ``workdir/SOURCE/METHOD/seedK``, so an
   interrupted grid resumes where it stopped. Writes ``workdir/results.md``,
@@ -102,7 +140,7 @@ def run_grid(
           attention = _shared_attention(config, data, source_dir)
         results.append(loop.train(config, os.path.join(source_dir, method.name, f"seed{seed}"),
                                   offline_sources=OFFLINE_SOURCES, data=data, attention=attention,
-                                  plots=False))
+                                  restart=restart, plots=False))
         if bar is not None:
           bar.set_postfix_str(f"{source} {method.label} seed {seed}: {100 * results[-1]['test_accuracy']:.1f}%")
           bar.update()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -10,10 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from dtnh_jax.train import metrics as metrics_lib
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+read_metrics = metrics_lib.read_metrics  # the records of a metrics.jsonl, non-finite values restored
 
 
 def _series(records, kind, key):

@@ -1,0 +1,327 @@
+"""A run never loses a user's data: validate then write, one process per workdir, tolerant metrics,
+verified checkpoints, clean interrupts, skipped steps counted.
+
+Each test reproduces a failure of the code before these guarantees (noted in
+its docstring) and checks the behaviour that replaced it.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dtnh_jax import checksums
+from dtnh_jax.train import TrainConfig, loop
+from dtnh_jax.train import workdir as workdir_lib
+from test_faults import (FAST, _assert_trees_equal, _cli_error, _command_env, _data_with_nan_batches, _flags,
+                         _metrics, _newest_checkpoint, _run_args)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted FAST run: what every resumed run must equal."""
+  workdir = tmp_path_factory.mktemp("straight")
+  loop.train(TrainConfig(**FAST), workdir, plots=False)
+  return workdir
+
+
+def _files(directory):
+  """``{relative path: (bytes, mtime)}`` of every file under ``directory``."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+  return found
+
+
+# --- validate, then write ----------------------------------------------------------------------------------------
+
+
+def test_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
+  """Before: config.json was written before the source was loaded; the corrected command was then refused."""
+  error = _cli_error(_run_args(tmp_path) + ["--source", str(tmp_path / "no-such-weights.pth")], capsys)
+  assert "no-such-weights.pth" in error
+  assert not (tmp_path / "runs").exists()  # nothing written, not even the folder
+  assert cli_train(_run_args(tmp_path)) == 0  # the corrected command (another --source) runs
+
+
+def cli_train(args):
+  from dtnh_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.train_main(args)
+
+
+def test_workdir_with_a_run_of_other_settings_is_refused_naming_the_flags_and_the_ways_out(tmp_path):
+  loop.train(TrainConfig(**FAST), tmp_path, stop_after=2)
+  before = _files(tmp_path)
+  with pytest.raises(loop.ConfigError) as error:
+    loop.train(TrainConfig(**{**FAST, "learning_rate": 0.5, "small_stem": False}), tmp_path)
+  message = str(error.value)
+  assert "--learning-rate 0.5 (the run there has --learning-rate 0.01)" in message
+  assert "--no-small-stem (the run there has --small-stem)" in message
+  assert "new --workdir" in message and "--restart" in message
+  assert _files(tmp_path) == before  # refused before anything is touched
+
+
+def test_restart_sets_the_old_run_aside_and_starts_anew(tmp_path, straight_run):
+  loop.train(TrainConfig(**{**FAST, "learning_rate": 0.5}), tmp_path, stop_after=2)
+  old = _files(tmp_path)
+  loop.train(TrainConfig(**FAST), tmp_path, restart=True, plots=False)
+  aside = tmp_path / workdir_lib.SET_ASIDE / "1"
+  assert _files(aside).keys() == old.keys()  # every file of the old run, moved, none deleted
+  assert {k: v[0] for k, v in _files(aside).items()} == {k: v[0] for k, v in old.items()}
+  assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
+
+
+def test_run_stopped_before_its_first_checkpoint_takes_the_corrected_settings(tmp_path, straight_run):
+  """Before: a NaN stop at step 1 (no checkpoint) refused the lower learning rate the message advised."""
+  config = TrainConfig(**{**FAST, "learning_rate": 0.5})
+  with pytest.raises(loop.NonFiniteLossError, match="no checkpoint was written before that step"):
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1}), plots=False)
+  loop.train(TrainConfig(**FAST), tmp_path, plots=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
+  assert (tmp_path / workdir_lib.SET_ASIDE / "1" / "metrics.jsonl").exists()  # the stopped run, kept
+
+
+# --- one process per workdir -------------------------------------------------------------------------------------
+
+_HOLD_LOCK = ("import sys, time; from dtnh_jax.train.workdir import Lock; Lock(sys.argv[1]).acquire(); "
+              "print('locked', flush=True); time.sleep(600)")
+
+
+def test_second_process_on_a_workdir_exits_2_naming_the_first_and_a_dead_holder_does_not_block(tmp_path, capsys):
+  """Before: two dtnh-train on one workdir ran at once and one died with a traceback."""
+  workdir = tmp_path / "runs"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir / "scratch" / FAST["method"] / "seed0")],
+                            stdout=subprocess.PIPE, env=_command_env(tmp_path), text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    error = _cli_error(_run_args(tmp_path), capsys)
+    assert f"is in use by another dtnh-train (pid {holder.pid} on " in error
+  finally:
+    holder.kill()
+    holder.wait()
+  # the kernel released the dead holder's lock; its lock file is stale and taken over
+  assert (workdir / "scratch" / FAST["method"] / "seed0" / ".lock").exists()
+  assert cli_train(_run_args(tmp_path)) == 0
+
+
+# --- metrics that survive damage ---------------------------------------------------------------------------------
+
+
+def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, straight_run):
+  """Before: one damaged line made the resumed run cut metrics.jsonl at that line."""
+  config = TrainConfig(**FAST)
+  loop.train(config, tmp_path, stop_after=4)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+  damaged = '{"step": 2, "kind": "tr\x00\x00 garbage\n'
+  (tmp_path / "metrics.jsonl").write_text("".join(lines[:1] + [damaged] + lines[2:]))
+  with pytest.warns(RuntimeWarning, match=r"1 damaged line\(s\) \(2\) moved to .*metrics.damaged.txt"):
+    loop.train(config, tmp_path, plots=False)
+  expected = (straight_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+  assert (tmp_path / "metrics.jsonl").read_text() == "".join(expected[:1] + expected[2:])
+  assert "metrics.jsonl line 2: " + damaged.rstrip("\n") in (tmp_path / "metrics.damaged.txt").read_text()
+
+
+def test_finished_run_run_again_does_not_retrain_or_touch_its_files(tmp_path):
+  """Before: rerunning a finished run whose metrics had a damaged line cut the file and crashed (IndexError)."""
+  config = TrainConfig(**FAST)
+  results = loop.train(config, tmp_path, plots=False)
+  with open(tmp_path / "metrics.jsonl", "r+") as f:
+    f.seek(5)
+    f.write("###")
+  before = _files(tmp_path)
+  assert loop.train(config, tmp_path, plots=False) == results
+  assert _files(tmp_path) == before
+
+
+def test_metrics_are_strict_json_with_nonfinite_values_named(tmp_path):
+  """Before: metrics.jsonl held bare NaN tokens, which strict JSON readers reject."""
+  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
+  with pytest.warns(RuntimeWarning):
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {3}), plots=False)
+
+  def refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+
+  lines = [json.loads(line, parse_constant=refuse) for line in open(tmp_path / "metrics.jsonl")]
+  step3 = next(r for r in lines if r["step"] == 3 and r["kind"] == "train")
+  assert step3["loss_empirical"] is None and step3["nonfinite"]["loss_empirical"] == "nan"
+  assert "nonfinite" not in next(r for r in lines if r["step"] == 2)
+  restored = next(r for r in _metrics(tmp_path) if r["step"] == 3 and r["kind"] == "train")
+  assert np.isnan(restored["loss_empirical"]) and "nonfinite" not in restored
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), [1.0, float("nan")], 0.5, [1, 2]])
+def test_metric_values_round_trip_through_strict_json(value):
+  from dtnh_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  line = metrics.encode({"step": 1, "kind": "train", "x": value})
+  assert "NaN" not in line and "Infinity" not in line
+  np.testing.assert_array_equal(np.asarray(metrics.decode(line)["x"], float), np.asarray(value, float))
+
+
+# --- verified checkpoints ----------------------------------------------------------------------------------------
+
+
+def _flip_bytes(step_dir):
+  """Flips bytes in the middle of the largest array file: the bytes still decode, to other numbers."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "d" in p.parent.parts[-1:]]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  for offset in range(len(data) // 2, len(data) // 2 + 8):
+    data[offset] ^= 0x10
+  largest.write_bytes(bytes(data))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_verifies_used(tmp_path, straight_run):
+  """Before: flipped bytes in an array file were restored without complaint."""
+  config = TrainConfig(**FAST)
+  loop.train(config, tmp_path, stop_after=4)
+  _flip_bytes(tmp_path / "checkpoints" / "4")
+  with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*(do not match their checksums|unreadable).*"
+                                          r"previous checkpoint \(step 2\)"):
+    loop.train(config, tmp_path, plots=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
+  _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
+  assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()
+
+
+def test_checkpoint_whose_arrays_differ_from_their_checksums_is_not_restored(tmp_path):
+  """The check itself, independent of how orbax lays out its files: a changed checksum record."""
+  config = TrainConfig(**FAST)
+  loop.train(config, tmp_path, stop_after=4)
+  extra_file = tmp_path / "checkpoints" / "4" / "extra" / "metadata"
+  extra = json.loads(extra_file.read_text())
+  name = "params/fc/kernel"
+  assert name in extra["checksums"]
+  extra["checksums"][name] = extra["checksums"][name][:-1] + ("0" if extra["checksums"][name][-1] != "0" else "1")
+  extra_file.write_text(json.dumps(extra))
+  with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*do not match their checksums \(params/fc/kernel\)"):
+    step, _, _, _ = _newest_checkpoint(tmp_path)
+  assert step == 2
+
+
+def test_checksums_change_with_any_single_element():
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(5, 7)).astype(np.float32), "n": np.arange(6, dtype=np.int32)}
+  expected = checksums.tree_checksums(tree)
+  assert checksums.mismatches(tree, expected) == []
+  for index in [(0, 0), (2, 3), (4, 6)]:
+    for bit in (0, 17, 31):
+      changed = {**tree, "w": tree["w"].copy()}
+      changed["w"].view(np.uint32)[index] ^= np.uint32(1 << bit)
+      assert checksums.mismatches(changed, expected) == ["w"]
+  swapped = {**tree, "n": tree["n"][[1, 0, 2, 3, 4, 5]]}
+  assert checksums.mismatches(swapped, expected) == ["n"]
+
+
+# --- non-finite steps skipped --------------------------------------------------------------------------------------
+
+
+def test_skipped_steps_warn_once_and_are_summarized(tmp_path, recwarn):
+  """Before: one warning per skipped step and no summary."""
+  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
+  results = loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 5}), plots=False)
+  messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+  assert sum("was skipped" in m for m in messages) == 1 and "step 2:" in messages[0]
+  assert any("3 of 6 steps were skipped" in m for m in messages)
+  assert results["skipped_steps"] == 3
+
+
+def test_skipping_more_steps_than_the_limit_stops_the_run(tmp_path):
+  """Before: --on-nonfinite skip exited 0 after skipping 120 of 200 steps."""
+  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})  # at most ceil(1.2) = 2 of 6
+  with pytest.warns(RuntimeWarning, match="skipped"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 4: .*3 of 6 steps skipped, more than --skip-limit 0.2"):
+      loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 4}), plots=False)
+
+
+def test_skipped_steps_are_counted_across_a_resume(tmp_path):
+  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})
+  with pytest.warns(RuntimeWarning, match="skipped"):
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1, 2}), stop_after=2)
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 5: .*3 of 6 steps skipped"):
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {5}), plots=False)
+
+
+# --- clean interrupts ----------------------------------------------------------------------------------------------
+
+# dtnh-train whose data loader sends this process a signal: at a training step, or while the data loads
+_SIGNALLING_ENTRY = """
+import os, signal, sys
+sys.modules['tensorboardX'] = None
+from dtnh_jax.train import offline
+signum, at = int(sys.argv[1]), sys.argv[2]
+load_data = offline.load_data
+
+class Signalling:
+  def __init__(self, loader): self.loader = loader
+  def __iter__(self): return self
+  def __next__(self):
+    if str(self.loader.step) == at:
+      os.kill(os.getpid(), signum)
+    return next(self.loader)
+  def get_state(self): return self.loader.get_state()
+  def set_state(self, state): self.loader.set_state(state)
+
+def signalling_data(config, *shard):
+  if at == 'start':
+    os.kill(os.getpid(), signum)
+  data = load_data(config, *shard)
+  return data.__class__(**{**data.__dict__, 'train_loader': lambda seed: Signalling(data.train_loader(seed))})
+
+offline.load_data = signalling_data
+from dtnh_jax.cli import train_main
+sys.exit(train_main(sys.argv[3:]))
+"""
+
+
+def _dtnh_train(tmp_path, workdir, *prefix):
+  args = ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(workdir)] + _flags(
+      {**FAST, "steps": 12, "lr_drop_steps": (8,), "checkpoint_every": 4})
+  command = [sys.executable, "-c", _SIGNALLING_ENTRY, *prefix, *args] if prefix else (
+      [sys.executable, "-c", _SIGNALLING_ENTRY, "0", "never", *args])
+  return subprocess.run(command, env=_command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.fixture(scope="module")
+def straight_command(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("straight-command")
+  finished = _dtnh_train(tmp_path, tmp_path / "runs")
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  return tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_checkpoints_the_step_prints_one_line_and_the_rerun_resumes(signum, code, tmp_path,
+                                                                               straight_command):
+  """Before: Ctrl-C printed a 25-line traceback and left an orbax temporary folder; SIGTERM saved nothing."""
+  interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signum)), "6")
+  assert interrupted.returncode == code, interrupted.stderr[-3000:]
+  lines = [line for line in interrupted.stderr.splitlines() if line.strip()]
+  assert lines[-1] == "dtnh-train: interrupted at step 7 (checkpoint written); run the same command to resume."
+  assert "Traceback" not in interrupted.stderr
+  run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
+  assert sorted(os.listdir(run / "checkpoints")) == ["4", "7"]  # no temporary folder
+  resumed = _dtnh_train(tmp_path, tmp_path / "runs")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert (run / "metrics.jsonl").read_text() == (straight_command / "metrics.jsonl").read_text()
+
+
+def test_interrupt_before_training_exits_with_one_line_and_leaves_nothing(tmp_path):
+  interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signal.SIGTERM)), "start")
+  assert interrupted.returncode == 143, interrupted.stderr[-3000:]
+  assert interrupted.stderr.strip().splitlines()[-1] == (
+      "dtnh-train: interrupted before a checkpoint of this command was written; run the same command to resume.")
+  assert "Traceback" not in interrupted.stderr
+  assert not (tmp_path / "runs").exists()
