@@ -211,7 +211,7 @@ def _train(args, settings: dict, offline_default: bool) -> int:
   print(f"dtnh-train: {len(sources) * len(methods) * len(seeds)} run(s) -> {workdir}", flush=True)
   if args.export:
     config = base.replace(method=methods[0].name, seed=seeds[0])
-    result = loop.train(config, os.path.join(workdir, methods[0].name, f"seed{seeds[0]}"),
+    result = loop.train(config, offline.run_dir(workdir, config.source, config.method, config.seed),
                         offline_sources=offline.OFFLINE_SOURCES, export_to=args.export, force_export=args.force,
                         restart=args.restart)
     print(result)

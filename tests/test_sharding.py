@@ -159,7 +159,7 @@ def _worker(spec_path: str) -> None:
     export = os.path.join(run["workdir"], "exported")
     started = time.perf_counter()
     if "distributed" in run:  # one process of a job
-      workdir = os.path.join(run["workdir"], config.method, f"seed{config.seed}")  # where dtnh-train puts it
+      workdir = offline.run_dir(run["workdir"], config.source, config.method, config.seed)  # dtnh-train's
       if run.get("interrupt_after"):  # the job is interrupted after these steps, then resumed by dtnh-train
         sharding.initialize_distributed(**run["distributed"])
         stopped = loop.train(config, workdir, offline_sources=offline.OFFLINE_SOURCES,

@@ -138,7 +138,7 @@ def run_grid(
         config = base.replace(source=source, method=method.name, seed=seed)
         if method.regularizer == "delta" and attention is None:
           attention = _shared_attention(config, data, source_dir)
-        results.append(loop.train(config, os.path.join(source_dir, method.name, f"seed{seed}"),
+        results.append(loop.train(config, run_dir(workdir, source, method.name, seed),
                                   offline_sources=OFFLINE_SOURCES, data=data, attention=attention,
                                   restart=restart, plots=False))
         if bar is not None:
@@ -162,6 +162,11 @@ def run_offline_default(workdir: str, *, seeds: Sequence[int] = (0, 1, 2),
 
 def _safe_name(source: str) -> str:
   return os.path.basename(os.path.normpath(source)) or "source"
+
+
+def run_dir(workdir: str, source: str, method: str, seed: int) -> str:
+  """Where ``dtnh-train`` keeps one run: ``workdir/SOURCE/METHOD/seedK`` (with or without ``--export``)."""
+  return os.path.join(workdir, _safe_name(source), method, f"seed{seed}")
 
 
 def _shared_attention(config: TrainConfig, data, directory: str):
