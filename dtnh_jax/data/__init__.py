@@ -12,6 +12,9 @@
 * :mod:`~dtnh_jax.data.offline`: a small transfer problem that needs no
   download (scikit-learn's digits as target, a related and an unrelated
   source).
+* :mod:`~dtnh_jax.data.folder`: your own dataset, a folder of images with
+  one subfolder per class (:func:`folder_splits`, :class:`FolderSource`);
+  missing validation and test splits are carved per class.
 
 Example::
 
@@ -26,8 +29,12 @@ Example::
   train, test = data.offline.target(seed=0)
   loader = data.make_train_loader(train, batch_size=32, seed=0,
                                   resize=36, crop=32)
+
+  splits = data.folder_splits("my_images", image_size=256)  # my_images/train/CLASS/*.jpg
+  loader = data.make_train_loader(splits["train"], batch_size=48, seed=0)
 """
 
+from dtnh_jax.data import folder
 from dtnh_jax.data import offline
 from dtnh_jax.data.datasets import ArraySource
 from dtnh_jax.data.datasets import data_source
@@ -38,6 +45,11 @@ from dtnh_jax.data.datasets import DatasetSpec
 from dtnh_jax.data.datasets import prepare
 from dtnh_jax.data.errors import DatasetNotPreparedError
 from dtnh_jax.data.errors import ManualDownloadRequiredError
+from dtnh_jax.data.folder import folder_source
+from dtnh_jax.data.folder import folder_splits
+from dtnh_jax.data.folder import FolderLayoutError
+from dtnh_jax.data.folder import FolderSource
+from dtnh_jax.data.folder import UnreadableImageError
 from dtnh_jax.data.pipeline import EvalBatches
 from dtnh_jax.data.pipeline import IMAGENET_MEAN
 from dtnh_jax.data.pipeline import IMAGENET_STD
@@ -52,12 +64,18 @@ __all__ = [
     "DatasetNotPreparedError",
     "DatasetSpec",
     "EvalBatches",
+    "FolderLayoutError",
+    "FolderSource",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ManualDownloadRequiredError",
     "TrainLoader",
+    "UnreadableImageError",
     "data_source",
     "dataset_info",
+    "folder",
+    "folder_source",
+    "folder_splits",
     "make_eval_batches",
     "make_train_loader",
     "offline",

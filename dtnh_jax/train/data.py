@@ -1,13 +1,17 @@
-"""The data of one run, from ``config.dataset``: a TFDS name or an offline dataset.
+"""The data of one run, from ``config.dataset``: a TFDS name, an offline dataset or a folder.
 
 ``offline-digits`` is the offline default's target (scikit-learn's digits);
 ``offline-related`` and ``offline-unrelated`` are its sources, which the
 offline default pre-trains on (90% for training, 10% held out).
+``folder:PATH`` is your own images, ``PATH/train/CLASS/IMAGE`` (see
+:mod:`dtnh_jax.data.folder`): trained on the ``train`` split, tested on
+``PATH/test/`` or, without it, on the test split carved from ``train/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -17,6 +21,7 @@ from dtnh_jax.train.config import ConfigError, TrainConfig
 
 OFFLINE_TARGET = "offline-digits"
 OFFLINE_PREFIX = "offline-"
+FOLDER_PREFIX = "folder:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +58,29 @@ def _offline_sources(dataset: str, image_size: int) -> tuple[data_lib.ArraySourc
   return _subset(full, np.sort(order[held_out:]), f"{name}/train"), _subset(full, np.sort(order[:held_out]), f"{name}/test")
 
 
+def _folder_sources(dataset: str, image_size: int,
+                    shard_count: int) -> tuple[data_lib.FolderSource, data_lib.FolderSource]:
+  path = os.path.expanduser(dataset[len(FOLDER_PREFIX):])
+  if not path:
+    raise ConfigError(f"--dataset {dataset!r} names no folder; use --dataset folder:PATH with PATH/train/CLASS/IMAGE.")
+  try:
+    splits = data_lib.folder_splits(path, image_size=image_size)
+  except data_lib.FolderLayoutError as error:
+    raise ConfigError(f"--dataset {dataset}: {error}") from None
+  train, test = splits["train"], splits["test"]
+  if len(train) < shard_count:  # every process needs a non-empty shard
+    raise ConfigError(f"--dataset {dataset}: {len(train)} training image(s) cannot be shared by {shard_count} "
+                      "processes; add images or run fewer processes.")
+  return train, test
+
+
 def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -> RunData:
   """The loaders for ``config``; this process reads shard ``shard_index`` of ``shard_count``.
 
   Raises:
     ConfigError: the dataset is unknown or not prepared (the message says
-      how to download and prepare it).
+      how to download and prepare it), or a ``folder:`` dataset's layout is
+      wrong (the message says what and where).
   """
   sizes = {"resize": config.resize, "crop": config.crop}
   shard = {"shard_index": shard_index, "shard_count": shard_count}
@@ -67,6 +89,9 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
   per_process_batch = config.batch_size // shard_count
   if config.dataset.startswith(OFFLINE_PREFIX):
     train, test = _offline_sources(config.dataset, config.resize)
+    num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
+  elif config.dataset.startswith(FOLDER_PREFIX):
+    train, test = _folder_sources(config.dataset, config.resize, shard_count)
     num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
   else:
     try:

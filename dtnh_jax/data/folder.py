@@ -1,0 +1,342 @@
+"""Your own dataset: a folder of images, one subfolder per class.
+
+Layout (the torchvision ``ImageFolder`` one, split at the top)::
+
+  PATH/train/CLASS/IMAGE      one folder per class (images may sit in sub-folders of it)
+  PATH/val/CLASS/IMAGE        optional
+  PATH/test/CLASS/IMAGE       optional
+
+Images are files ending in ``.jpg .jpeg .png .bmp .gif .webp`` (any case);
+other files, and files or folders whose name starts with ``.``, are ignored.
+The classes are the sorted names of the subfolders of ``train/``, labelled
+``0 .. C-1`` in that order; ``val/`` and ``test/``, when present, must have
+exactly the same class folders.
+
+**Carved splits.** The paper's protocol needs a test split, and choosing λ
+needs a validation split that is not the test split (``DESIGN.md``). When
+``test/`` is missing, ``test_fraction`` of every class of ``train/`` is
+held out as the test split; when ``val/`` is missing, ``val_fraction`` of
+every class is held out as the validation split; ``"train"`` is what
+remains. Each class gives ``max(1, round(fraction · n))`` of its ``n``
+readable images and keeps at least one for training. The split is computed,
+never stored: nothing is written anywhere, and the user's folder is only
+read. The images of a class are ordered by ``sha256("SEED/CLASS/FILE")``
+and the first ones are taken: the test carve uses the fixed seed
+:data:`TEST_SPLIT_SEED` (the same test split for every run and seed), the
+validation carve ``val_seed`` (a study may redraw it per seed). Sorting by a
+hash of each file's own name, rather than permuting the list, keeps the
+split of the other files when a file is added or removed.
+
+**Order, sharding, resume.** A split is a random-access source (``len`` and
+indexing) in sorted order (class, then path), read by
+:func:`~dtnh_jax.data.make_train_loader` and
+:func:`~dtnh_jax.data.make_eval_batches` like a TFDS dataset: the same
+shuffle, shards (``shard_index::shard_count``) and exactly resumable loader
+state. The source's ``name`` carries a digest of its files and labels, so
+the loader refuses to resume a run on a folder whose split has changed.
+
+**Memory.** Only the file names are held; each image is decoded when its
+record is read (``source[i]``), converted to RGB and, with ``image_size``,
+resized to ``image_size × image_size`` with the pipeline's own
+:func:`~dtnh_jax.data.pipeline.resize`. JPEGs are then decoded at the
+smallest DCT scale that still covers ``image_size`` on both sides (Pillow's
+``draft``): a photo many times larger than the network's input decodes up to
+8× faster per side, with a slightly different anti-aliasing than a full
+decode followed by the resize.
+
+**Unreadable images are skipped, with a warning.** When the splits are made,
+every image is opened and checked with Pillow (PNG: structure and checksums;
+other formats: decoded, JPEGs at 1/8 scale, which finds truncated files).
+Files that fail are left out of every split (before carving) and one warning
+gives their count and the first few names. A class left without a readable
+image is an error. A file that becomes unreadable after the check (or with
+``check_images=False``) stops the input pipeline with
+:class:`UnreadableImageError` naming it: a random-access source cannot drop
+a record without shifting every index after it, which would break exact
+resume.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dtnh_jax.data import pipeline
+
+__all__ = [
+    "FolderLayoutError",
+    "FolderSource",
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "TEST_FRACTION",
+    "TEST_SPLIT_SEED",
+    "UnreadableImageError",
+    "VAL_FRACTION",
+    "folder_source",
+    "folder_splits",
+]
+
+#: File endings read as images (compared in lower case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+#: The splits of a folder dataset.
+SPLITS = ("train", "val", "test")
+#: Fraction of each class of ``train/`` held out for testing when there is no ``test/``.
+TEST_FRACTION = 0.2
+#: Fraction of each class of ``train/`` held out for validation when there is no ``val/``.
+VAL_FRACTION = 0.1
+#: Seed of the test carve: fixed, so that no seed or setting can move a test image into training.
+TEST_SPLIT_SEED = 20190101
+_LAYOUT = "PATH/train/CLASS/IMAGE (one folder per class), optionally PATH/val/CLASS/... and PATH/test/CLASS/..."
+_SHOWN = 5  # file names shown in a message
+
+
+class FolderLayoutError(ValueError):
+  """The folder does not have the expected layout; the message says what is wrong."""
+
+
+class UnreadableImageError(OSError):
+  """An image of a folder dataset cannot be decoded when its record is read."""
+
+
+class FolderSource:
+  """One split of an image-folder dataset: ``{"image": uint8 HWC RGB, "label": int32}`` records.
+
+  Made by :func:`folder_splits` / :func:`folder_source`; holds file names, not
+  pixels (see the module docstring).
+
+  Attributes:
+    root: the dataset folder.
+    split: ``"train"``, ``"val"`` or ``"test"``.
+    classes: class names; label ``k`` is ``classes[k]``.
+    num_classes: ``len(classes)``.
+    files: paths relative to ``root`` (``/``-separated), in record order.
+    labels: int32 labels of ``files``.
+    image_size: side images are resized to, or ``None`` (decoded size).
+    name: ``"folder:BASENAME/SPLIT@DIGEST"``, the digest of the files,
+      labels and ``image_size`` (recorded in loader states).
+  """
+
+  def __init__(self, root: str, split: str, classes: Sequence[str], files: Sequence[str],
+               labels: Sequence[int], *, image_size: int | None = None):
+    if image_size is not None and image_size < 1:
+      raise ValueError(f"image_size must be positive, got {image_size}")
+    self.root = os.fspath(root)
+    self.split = split
+    self.classes = tuple(classes)
+    self.num_classes = len(self.classes)
+    self.files = tuple(files)
+    self.labels = np.asarray(labels, np.int32)
+    self.labels.flags.writeable = False
+    self.image_size = image_size
+    content = json.dumps([self.classes, list(zip(self.files, self.labels.tolist())), image_size])
+    digest = hashlib.sha256(content.encode()).hexdigest()[:12]
+    self.name = f"folder:{os.path.basename(os.path.normpath(self.root))}/{split}@{digest}"
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = os.path.join(self.root, *self.files[index].split("/"))
+    try:
+      image = _decode(path, self.image_size)
+    except Exception as error:  # pylint: disable=broad-except  # Pillow raises many kinds for damaged files
+      raise UnreadableImageError(
+          f"cannot read image {path} ({type(error).__name__}: {error}); it was readable when the splits were "
+          "made, or not checked: remove or replace it and start again") from error
+    return {"image": image, "label": self.labels[index]}
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return (f"FolderSource(root={self.root!r}, split={self.split!r}, n={len(self)}, "
+            f"num_classes={self.num_classes}, image_size={self.image_size})")
+
+
+def _decode(path: str, image_size: int | None) -> np.ndarray:
+  """The image at ``path`` as uint8 RGB ``(H, W, 3)``, resized to ``image_size`` if given."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as image:
+    if image_size is not None:
+      image.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale >= the size
+    rgb = np.asarray(image.convert("RGB"))
+  return rgb if image_size is None else pipeline.resize(rgb, image_size)
+
+
+def _check(path: str) -> str | None:
+  """``None`` if Pillow reads ``path``, else why not."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as image:
+      if image.format == "PNG":
+        image.verify()  # every chunk and its CRC, without inflating the pixels
+      else:
+        image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale; still reaches a truncated end
+        image.load()
+  except Exception as error:  # pylint: disable=broad-except  # Pillow raises many kinds for damaged files
+    return f"{type(error).__name__}: {error}"
+  return None
+
+
+def _is_image(name: str) -> bool:
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_folders(split_dir: str) -> list[str]:
+  with os.scandir(split_dir) as entries:
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_of_class(split_dir: str, name: str) -> list[str]:
+  """Image paths under ``split_dir/name``, sorted, as ``SPLIT/CLASS/...`` (relative to the dataset folder)."""
+  split = os.path.basename(split_dir)
+  found = []
+  for directory, subdirectories, files in os.walk(os.path.join(split_dir, name), followlinks=True):
+    subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+    relative = os.path.relpath(directory, split_dir).replace(os.sep, "/")
+    found += [f"{split}/{relative}/{f}" for f in files if _is_image(f)]
+  return sorted(found)
+
+
+def _hash_order(paths: list[str], seed: int, class_name: str) -> list[str]:
+  return sorted(paths, key=lambda p: hashlib.sha256(f"{seed}/{class_name}/{p}".encode()).hexdigest())
+
+
+def _held_out(count: int, fraction: float) -> int:
+  return max(1, int(fraction * count + 0.5))
+
+
+def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+  """(classes, {split: {class: image paths}}) of the splits present; layout errors raised."""
+  train_dir = os.path.join(root, "train")
+  if not os.path.isdir(root):
+    raise FolderLayoutError(f"{root} is not a directory; expected {_LAYOUT}.")
+  if not os.path.isdir(train_dir):
+    raise FolderLayoutError(f"no train/ folder in {root}; expected {_LAYOUT}.")
+  classes = _class_folders(train_dir)
+  if not classes:
+    with os.scandir(train_dir) as entries:
+      loose = sum(e.is_file() and _is_image(e.name) for e in entries)
+    found = f" (found {loose} image(s) directly in train/)" if loose else ""
+    raise FolderLayoutError(f"{train_dir} has no class folders{found}; expected {_LAYOUT}.")
+  splits = {}
+  for split in SPLITS:
+    split_dir = os.path.join(root, split)
+    if split != "train" and not os.path.exists(split_dir):
+      continue
+    if not os.path.isdir(split_dir):
+      raise FolderLayoutError(f"{split_dir} is not a directory; expected {_LAYOUT}.")
+    if split != "train":
+      present = _class_folders(split_dir)
+      missing = sorted(set(classes) - set(present))
+      extra = sorted(set(present) - set(classes))
+      if missing or extra:
+        differences = " and ".join([f"lacks {missing}"] * bool(missing) + [f"has extra {extra}"] * bool(extra))
+        raise FolderLayoutError(f"the class folders of {split}/ must be those of train/: {split}/ {differences}; "
+                                "add or remove class folders so that both have the same.")
+    splits[split] = {name: _images_of_class(split_dir, name) for name in classes}
+    empty = [f"{split}/{name}" for name, paths in splits[split].items() if not paths]
+    if empty:
+      raise FolderLayoutError(f"empty class folder(s) {empty} in {root}: each needs at least one image "
+                              f"({' '.join(IMAGE_EXTENSIONS)}).")
+  return classes, splits
+
+
+def _drop_unreadable(root: str, splits: dict[str, dict[str, list[str]]]) -> None:
+  """Removes images Pillow cannot read from ``splits`` (in place), with one warning."""
+  paths = [p for by_class in splits.values() for class_paths in by_class.values() for p in class_paths]
+  # Pillow decodes outside the GIL: threads overlap the reads and decodes of many files
+  workers = min(16, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+    reasons = list(executor.map(lambda p: _check(os.path.join(root, *p.split("/"))), paths))
+  unreadable = {p: reason for p, reason in zip(paths, reasons) if reason is not None}
+  if not unreadable:
+    return
+  for by_class in splits.values():
+    for name, class_paths in by_class.items():
+      by_class[name] = [p for p in class_paths if p not in unreadable]
+  shown = "; ".join(f"{p} ({reason})" for p, reason in list(unreadable.items())[:_SHOWN])
+  more = f"; and {len(unreadable) - _SHOWN} more" if len(unreadable) > _SHOWN else ""
+  warnings.warn(f"skipped {len(unreadable)} unreadable image(s) of {root} (left out of every split): {shown}{more}. "
+                "Remove or replace them to use them.", stacklevel=3)
+  emptied = [f"{split}/{name}" for split, by_class in splits.items() for name, p in by_class.items() if not p]
+  if emptied:
+    raise FolderLayoutError(f"class folder(s) {emptied} in {root} have no readable image; add readable images.")
+
+
+def folder_splits(root: str | os.PathLike, *, image_size: int | None = None, val_fraction: float = VAL_FRACTION,
+                  test_fraction: float = TEST_FRACTION, val_seed: int = 0,
+                  check_images: bool = True) -> dict[str, FolderSource]:
+  """The train, validation and test splits of an image folder (see the module docstring).
+
+  Args:
+    root: the dataset folder, holding ``train/`` and optionally ``val/`` and ``test/``.
+    image_size: resize images to ``image_size × image_size`` when read (the
+      input pipeline's ``resize``); ``None``: as decoded.
+    val_fraction: fraction of each class of ``train/`` held out for
+      validation when there is no ``val/``.
+    test_fraction: fraction of each class of ``train/`` held out for testing
+      when there is no ``test/``.
+    val_seed: seed of the validation carve (the test carve's is fixed).
+    check_images: open every image once now and skip unreadable ones with a
+      warning; ``False``: an unreadable image stops the pipeline when read.
+
+  Returns:
+    ``{"train", "val", "test"}``: :class:`FolderSource` each, disjoint.
+
+  Raises:
+    FolderLayoutError: ``root`` or ``root/train`` is not a directory, ``train/``
+      has no class folders, ``val/``/``test/`` have other classes than
+      ``train/``, a class folder holds no (readable) image, or a class has
+      too few images to carve the missing splits and keep one for training.
+    ValueError: a fraction outside ``(0, 1)``.
+  """
+  for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+    if not 0 < fraction < 1:
+      raise ValueError(f"{name} must lie in (0, 1), got {fraction}")
+  root = os.fspath(root)
+  classes, splits = _scan(root)
+  if check_images:
+    _drop_unreadable(root, splits)
+  carves = [(split, fraction, seed) for split, fraction, seed in
+            (("test", test_fraction, TEST_SPLIT_SEED), ("val", val_fraction, val_seed)) if split not in splits]
+  carved = {split: {} for split, _, _ in carves}
+  pool = splits["train"]
+  for name in classes:
+    kept = pool[name]
+    if len(kept) < 1 + len(carves):
+      raise FolderLayoutError(
+          f"class {name!r} has {len(kept)} readable image(s) in train/, too few to hold out the missing "
+          f"{' and '.join(s + '/' for s, _, _ in carves)} and keep one for training: add images, or the "
+          "missing folder(s).")
+    for position, (split, fraction, seed) in enumerate(carves):
+      # every split still to carve, and training, keep at least one image
+      still_needed = len(carves) - position
+      count = min(_held_out(len(pool[name]), fraction), len(kept) - still_needed)
+      held_out = set(_hash_order(kept, seed, name)[:count])
+      carved[split][name] = sorted(held_out)
+      kept = [p for p in kept if p not in held_out]
+    pool[name] = kept
+  splits.update(carved)
+  sources = {}
+  for split in SPLITS:
+    files = [p for name in classes for p in splits[split][name]]
+    labels = [label for label, name in enumerate(classes) for _ in splits[split][name]]
+    sources[split] = FolderSource(root, split, classes, files, labels, image_size=image_size)
+  return sources
+
+
+def folder_source(root: str | os.PathLike, split: str = "train", **kwargs: Any) -> FolderSource:
+  """One split of :func:`folder_splits` (``split``: ``"train"``, ``"val"`` or ``"test"``; same keywords)."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return folder_splits(root, **kwargs)[split]
