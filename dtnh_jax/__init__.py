@@ -1,8 +1,9 @@
 """dtnh_jax: DTNH ("Towards Making Deep Transfer Learning Never Hurt") for JAX.
 
 The core is :func:`dtnh`, an ``optax`` gradient transformation that takes the
-tuple ``(empirical_grad, regularizer_grad)`` and returns DTNH's descent
-direction, and :func:`split_value_and_grad`, which computes both gradients
+tuple ``(empirical_grad, regularizer_grad)``, or the empirical gradient with
+``regularizer_grads=`` as an optax extra argument, and returns DTNH's descent
+direction (:func:`multi_steps` accumulates both gradients over micro-batches), and :func:`split_value_and_grad`, which computes both gradients
 from one forward pass. Models, regularizers, data and training live in the
 submodules ``dtnh_jax.models``, ``dtnh_jax.regularizers``, ``dtnh_jax.data`` and
 ``dtnh_jax.train``, imported on first use.
@@ -10,6 +11,7 @@ submodules ``dtnh_jax.models``, ``dtnh_jax.regularizers``, ``dtnh_jax.data`` and
 
 import importlib
 
+from dtnh_jax.accumulate import multi_steps
 from dtnh_jax.gradients import ClosedFormRegularizer, split_value_and_grad
 from dtnh_jax.projection import Diagnostics
 from dtnh_jax.transform import DTNHState, dtnh, projection_groups
@@ -21,6 +23,7 @@ __all__ = [
     "DTNHState",
     "Diagnostics",
     "dtnh",
+    "multi_steps",
     "projection_groups",
     "split_value_and_grad",
 ]

@@ -31,41 +31,62 @@ def _is_structural_zero(x) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
 def _keystr(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
+
+
+def _under(path, prefix) -> bool:
+  return tuple(path[:len(prefix)]) == tuple(prefix)
 
 
 def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
   """Leaves of one regularizer gradient aligned with the empirical ones.
 
   ``None`` and ``optax.MaskedNode()`` stand for leaves (or whole subtrees, e.g.
-  ``{"fc": None}`` for a new head) that the regularizer does not touch. Raises
-  ``ValueError`` naming the first path where the trees differ.
+  ``{"fc": None}`` for a new head) that the regularizer does not touch. Where
+  the *empirical* leaf is an ``optax.MaskedNode`` (dtnh inside ``optax.masked``
+  or one branch of ``optax.multi_transform``), that leaf belongs to another
+  branch: the regularizer's leaves there are dropped and nothing is returned
+  for it. Raises ``ValueError`` naming the first path where the trees differ.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(regularizer, is_leaf=_is_structural_zero)
   name = f"regularizer gradient #{index}" if index else "regularizer gradient"
   aligned, position = [], 0
-  for path, empirical_leaf in zip(empirical_paths, empirical_leaves):
+  for k, (path, empirical_leaf) in enumerate(zip(empirical_paths, empirical_leaves)):
+    masked_out = _is_masked(empirical_leaf)
     if position >= len(flat):
+      if masked_out:
+        continue
       raise ValueError(
           f"dtnh: the {name} lacks the leaf {_keystr(path)} of the empirical "
           "gradient; pass None for leaves the regularizer does not touch."
       )
     reg_path, leaf = flat[position]
-    covers = _is_structural_zero(leaf) and tuple(path[:len(reg_path)]) == tuple(reg_path)
-    if reg_path != path and not covers:
+    if _is_structural_zero(leaf) and _under(path, reg_path):
+      if not masked_out:
+        aligned.append(None)
+      if k + 1 == len(empirical_paths) or not _under(empirical_paths[k + 1], reg_path):
+        position += 1  # the zero subtree ends here
+      continue
+    if masked_out:
+      # Another branch of masked/multi_transform owns these leaves: skip the regularizer's subtree there.
+      end = position
+      while end < len(flat) and _under(flat[end][0], path):
+        end += 1
+      if end > position:
+        position = end
+        continue
+    if reg_path != path:
       raise ValueError(
           f"dtnh: the {name} and the empirical gradient differ in structure: "
           f"the first differing path is {_keystr(path)} in the empirical gradient "
           f"vs {_keystr(reg_path)} in the {name}. Compute both with respect to the "
           "same parameters (use None for untouched leaves)."
       )
-    if covers:
-      aligned.append(None)
-      following = len(aligned)
-      if following == len(empirical_paths) or tuple(empirical_paths[following][:len(reg_path)]) != tuple(reg_path):
-        position += 1  # the zero subtree ends here
-      continue
     if jnp.shape(leaf) != jnp.shape(empirical_leaf):
       raise ValueError(
           f"dtnh: leaf {_keystr(path)} has shape {jnp.shape(leaf)} in the {name} "
@@ -81,21 +102,86 @@ def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
   return aligned
 
 
+_FORMS = (
+    "call tx.update(empirical_grad, state, params, regularizer_grads=regularizer_grad) "
+    "or pass the tuple (empirical_grad, regularizer_grad, ...) as updates"
+)
+
+
 def _split_updates(updates, params):
+  """The tuple form: ``updates == (g, r_1, ..., r_k)``."""
   if not isinstance(updates, (tuple, list)) or len(updates) < 2:
     raise TypeError(
-        "dtnh expects `updates` to be a tuple (empirical_grad, regularizer_grad, ...) "
-        f"of two or more pytrees with the parameters' structure; got {type(updates).__name__}"
+        f"dtnh got no regularizer gradient: {_FORMS}; got {type(updates).__name__}"
         + (f" of length {len(updates)}" if isinstance(updates, (tuple, list)) else "")
-        + ". Compute the gradients separately, e.g. with dtnh_jax.split_value_and_grad."
+        + " and no regularizer_grads. For a step without regularizer, pass zeros as regularizer_grads."
     )
   if params is not None and jax.tree.structure(updates) == jax.tree.structure(params):
     raise TypeError(
-        "dtnh expects `updates` to be a tuple (empirical_grad, regularizer_grad, ...), "
-        "but got a single pytree shaped like the parameters. Compute the two gradients "
-        "separately, e.g. with dtnh_jax.split_value_and_grad."
+        "dtnh got a single pytree shaped like the parameters and no regularizer_grads: "
+        f"{_FORMS}. Compute the two gradients separately, e.g. with dtnh_jax.split_value_and_grad."
     )
   return updates[0], list(updates[1:])
+
+
+def _regularizer_list(regularizer_grads, empirical, num_weights: int) -> list:
+  """The extra-args form: ``regularizer_grads`` is one pytree per ``reg_weight``.
+
+  With one weight it is a pytree (``(r,)`` is read as one regularizer too, unless
+  the parameters are themselves a tuple); with several it is a tuple or list of
+  that many pytrees. The weights, not the shape of the argument, decide, so a
+  tuple-shaped parameter tree is never mistaken for several regularizers.
+  """
+  is_sequence = isinstance(regularizer_grads, (tuple, list))
+  if num_weights == 1:
+    if is_sequence and not isinstance(empirical, (tuple, list)):
+      if len(regularizer_grads) != 1:
+        raise ValueError(
+            f"dtnh: regularizer_grads holds {len(regularizer_grads)} regularizer gradients but there is "
+            "1 reg_weight; give reg_weight a sequence with one weight per regularizer."
+        )
+      return [regularizer_grads[0]]
+    return [regularizer_grads]
+  if not is_sequence:
+    raise ValueError(
+        f"dtnh: reg_weight has {num_weights} weights, so regularizer_grads must be a tuple of "
+        f"{num_weights} pytrees (one per weight); got a single {type(regularizer_grads).__name__}."
+    )
+  return list(regularizer_grads)
+
+
+def _both_forms(updates, params, regularizer_grads) -> bool:
+  """Whether ``updates`` is the tuple ``(g, r, ...)`` although ``regularizer_grads`` is given too.
+
+  It is when ``updates`` does not have the parameters' structure but its first
+  element does (without params: the structure of the regularizer gradient, or
+  of its first one when it is a tuple).
+  """
+  if not isinstance(updates, (tuple, list)) or len(updates) < 2:
+    return False
+  if params is not None:
+    shapes = {jax.tree.structure(params)}
+  else:
+    shapes = {jax.tree.structure(regularizer_grads)}
+    if isinstance(regularizer_grads, (tuple, list)) and regularizer_grads:
+      shapes.add(jax.tree.structure(regularizer_grads[0]))
+  return jax.tree.structure(updates) not in shapes and jax.tree.structure(updates[0]) in shapes
+
+
+def _gradients_from_arguments(updates, params, regularizer_grads, num_weights: int) -> tuple[PyTree, list]:
+  """``(empirical, [regularizer, ...])`` from either calling form of :func:`dtnh`.
+
+  Raises ``TypeError`` for both forms at once, or for neither.
+  """
+  if regularizer_grads is None:
+    return _split_updates(updates, params)
+  if _both_forms(updates, params, regularizer_grads):
+    raise TypeError(
+        "dtnh got both calling forms at once: updates is the tuple (empirical_grad, regularizer_grad, ...) "
+        "and regularizer_grads is given too. Pass the empirical gradient alone as updates with "
+        "regularizer_grads=..., or the tuple without regularizer_grads."
+    )
+  return updates, _regularizer_list(regularizer_grads, updates, num_weights)
 
 
 def _normalize_weights(reg_weight) -> tuple[list[ScalarOrSchedule], bool]:
@@ -156,11 +242,18 @@ def _labels(granularity: Granularity, paths, tree) -> list[Hashable]:
 
 
 def _leaves_like(prefix_tree, tree, what: str) -> list:
-  """Leaves of a pytree matching ``tree``'s structure, one per leaf of ``tree``."""
+  """Leaves of a pytree matching ``tree``'s structure, one per leaf of ``tree``.
+
+  ``optax.MaskedNode`` entries of ``tree`` (dtnh inside ``optax.masked``) take
+  the value found at their place in ``prefix_tree``, which is then dropped: a
+  label or mask pytree written for all the parameters also serves a branch.
+  """
+  entries, treedef = jax.tree.flatten(tree, is_leaf=_is_masked)
   try:
-    return jax.tree.leaves(jax.tree.map(lambda _, value: value, tree, prefix_tree))
+    values = treedef.flatten_up_to(jax.tree.map(lambda _, value: value, tree, prefix_tree, is_leaf=_is_masked))
   except ValueError as error:
     raise ValueError(f"dtnh: the {what} must have the structure of the parameters: {error}") from None
+  return [value for entry, value in zip(entries, values) if not _is_masked(entry)]
 
 
 def _unprojected_flags(unprojected, tree, num_leaves) -> list[bool]:
@@ -194,26 +287,66 @@ def dtnh(
   Inner products accumulate in float32 (or wider); each leaf of ``d`` keeps the
   dtype of the empirical gradient's leaf.
 
+  Two calling forms give the same numbers. The extra-args form works anywhere
+  in a chain, inside optax's wrappers and under Flax NNX, because
+  ``optax.chain`` (and ``masked``, ``multi_transform``, ``inject_hyperparams``,
+  ``apply_if_finite``, ``MultiSteps``) pass extra keyword arguments on to
+  every member that takes them::
+
+    updates, state = tx.update(g, state, params, regularizer_grads=r)   # r, or (r_1, ..., r_k)
+    updates, state = tx.update((g, r), state, params)                  # tuple: dtnh first in the chain
+
+  Later in a chain, dtnh projects the empirical gradient that the earlier
+  members return (e.g. clipped) and uses ``regularizer_grads`` as given. A
+  gradient alone, without ``regularizer_grads``, raises ``TypeError`` instead
+  of meaning "no regularizer this step": a wrapper or training loop that drops
+  the keyword would otherwise turn a DTNH run into plain fine-tuning without
+  a trace. For a step without regularizer, pass zeros (``d = g``) or make
+  ``reg_weight`` 0. Both forms at once raise ``TypeError`` as well.
+
+  What the inner products run over: the leaves dtnh is given. Inside
+  ``optax.masked(dtnh(...), mask)`` or one branch of ``optax.multi_transform``,
+  the other leaves arrive as ``optax.MaskedNode``; dtnh passes them through and
+  drops the regularizer gradient there (with or without
+  ``mask_compatible_extra_args``), so it projects over that branch alone;
+  ``granularity`` and ``unprojected`` pytrees written for all the parameters
+  still fit. Placed *before* a ``multi_transform`` whose frozen branch is
+  ``optax.set_to_zero()``, dtnh also counts the frozen leaves, which never
+  move; to project over the trained parameters only (the paper's vector), mask
+  it: ``optax.chain(optax.masked(dtnh(λ), trainable), optax.multi_transform(...))``.
+  These wrappers map their mask over ``updates``, so only the extra-args form
+  fits inside them.
+
+  Gradient accumulation: ``optax.MultiSteps`` averages ``updates`` only and
+  forwards ``regularizer_grads`` unaveraged, so it pairs the mean empirical
+  gradient with the last micro-batch's regularizer gradient. That is exact
+  for regularizers of the parameters alone (L2, L2-SP) and wrong for
+  batch-dependent ones (KnowDist, DELTA); :func:`dtnh_jax.multi_steps`
+  averages both and projects the means.
+
   Non-finite gradients: NaN or Inf in either gradient is not masked; it reaches
   ``d``, so the usual checks see it. To skip such steps, wrap the optimizer
-  *after* dtnh, not the chain::
+  *after* dtnh, which checks ``d`` and so both gradients::
 
     optax.chain(dtnh_jax.dtnh(0.1),
                 optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), max_consecutive_errors=3))
 
-  ``apply_if_finite(optax.chain(dtnh(...), ...))`` raises a ``TypeError`` from
-  ``lax.cond`` ("branch outputs must have the same pytree structure"): on a
-  rejected step ``apply_if_finite`` returns zeros shaped like its input, the
-  ``(g, r)`` tuple, while the accepted branch returns the single tree ``d``.
-  In the working composition a skipped step leaves the parameters and the
-  optimizer's state alone, but dtnh's own step count (which drives
-  ``reg_weight`` schedules) still advances and its diagnostics describe the
-  non-finite gradients.
+  A skipped step then leaves the parameters and the optimizer's state alone,
+  but dtnh's own step count (which drives ``reg_weight`` schedules) still
+  advances and its diagnostics describe the non-finite gradients.
+  ``apply_if_finite`` around the whole chain checks only the ``updates`` it is
+  given: in the extra-args form the empirical gradient alone (a NaN in
+  ``regularizer_grads`` is applied); in the tuple form it raises a
+  ``TypeError`` from ``lax.cond`` ("branch outputs must have the same pytree
+  structure"), as a rejected step returns zeros shaped like the ``(g, r)``
+  tuple and an accepted one the single tree ``d``.
 
   Args:
     reg_weight: :math:`\lambda`, a float or an ``optax`` schedule of the step
       count (the paper decays it per epoch); for several regularizers, a
-      sequence (or 1-D array) with one weight or schedule each. Concrete
+      sequence (or 1-D array) with one weight or schedule each, and
+      ``regularizer_grads`` a tuple with one gradient per weight (with a single
+      weight it is one pytree, even if the parameters are a tuple). Concrete
       weights (Python, numpy or jax scalars) that are negative, NaN or infinite
       raise ``ValueError``, as a negative one would turn the step against the
       regularizer and a non-finite one would spoil every update; this holds
@@ -241,17 +374,31 @@ def dtnh(
       classifier head this way).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update((g, r_1, ..., r_k),
-    state, params=None, **extra_args)`` returns ``(d, state)``. A regularizer
-    gradient may hold ``None`` (or ``optax.MaskedNode()``) for leaves it does
-    not touch. ``state.diagnostics`` holds :class:`~dtnh_jax.Diagnostics`.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(g, state,
+    params=None, *, regularizer_grads=r, **extra_args)`` (or ``update((g, r_1,
+    ..., r_k), state, params=None, **extra_args)``) returns ``(d, state)``;
+    other extra arguments are ignored. A regularizer gradient may hold ``None``
+    (or ``optax.MaskedNode()``) for leaves it does not touch.
+    ``state.diagnostics`` holds :class:`~dtnh_jax.Diagnostics`.
+
+  Raises:
+    TypeError: at ``update``, for a gradient without regularizer gradient, or
+      for both calling forms at once.
+    ValueError: at ``update``, for regularizer gradients whose number differs
+      from that of the weights or whose structure or shapes differ from the
+      empirical gradient's; here, for the bad options above.
 
   Example::
 
     tx = optax.chain(dtnh_jax.dtnh(reg_weight=0.01),
                      optax.sgd(learning_rate=0.01, momentum=0.9))
-    updates, opt_state = tx.update((g_emp, g_reg), opt_state, params)
+    updates, opt_state = tx.update(g_emp, opt_state, params, regularizer_grads=g_reg)
+    updates, opt_state = tx.update((g_emp, g_reg), opt_state, params)   # the same, dtnh first
     print(opt_state[0].diagnostics.angle1)   # or optax.tree.get(opt_state, "diagnostics")
+
+    # Flax NNX: nnx.Optimizer passes keyword arguments on to tx.update.
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer.update(model, nnx.grad(loss)(model, batch), regularizer_grads=nnx.grad(reg)(model))
 
   References:
     Wan, Xiong, Li, Zhu, Huan, `Towards Making Deep Transfer Learning Never
@@ -265,19 +412,21 @@ def dtnh(
     del params
     return DTNHState(count=jnp.zeros([], jnp.int32), diagnostics=Diagnostics.zeros(len(weights), single))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, regularizer_grads=None, **extra_args):
     del extra_args
-    empirical, regularizers = _split_updates(updates, params)
+    empirical, regularizers = _gradients_from_arguments(updates, params, regularizer_grads, len(weights))
     if len(regularizers) != len(weights):
       raise ValueError(
           f"dtnh: got {len(regularizers)} regularizer gradient(s) but {len(weights)} "
           "reg_weight(s); give one weight per regularizer."
       )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(empirical)
+    # MaskedNode entries (dtnh inside optax.masked) stay in the tree and take no part in the projection.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(empirical, is_leaf=_is_masked)
     paths = [path for path, _ in flat]
-    empirical_leaves = [leaf for _, leaf in flat]
+    entries = [leaf for _, leaf in flat]
+    empirical_leaves = [leaf for leaf in entries if not _is_masked(leaf)]
     regularizer_leaves = [
-        _flatten_regularizer(paths, empirical_leaves, reg, i + 1 if len(regularizers) > 1 else 0)
+        _flatten_regularizer(paths, entries, reg, i + 1 if len(regularizers) > 1 else 0)
         for i, reg in enumerate(regularizers)
     ]
     tree_for_labels = empirical if params is None else params
@@ -288,7 +437,9 @@ def dtnh(
     direction_leaves, diagnostics = projection_lib.project(
         empirical_leaves, regularizer_leaves, reg_weights, grouping, projection, single
     )
-    direction = jax.tree_util.tree_unflatten(treedef, direction_leaves)
+    computed = iter(direction_leaves)
+    direction = jax.tree_util.tree_unflatten(
+        treedef, [leaf if _is_masked(leaf) else next(computed) for leaf in entries])
     return direction, DTNHState(count=optax.safe_increment(state.count), diagnostics=diagnostics)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

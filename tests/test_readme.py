@@ -17,8 +17,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
   assert len(blocks) >= 2
+  namespace = {"__name__": "readme_example"}  # read top to bottom: a block may use names defined above it
   for block in blocks:
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(block, "README.md", "exec"), namespace)
 
 
 def test_quickstart_has_exactly_two_commands_and_ci_runs_the_second():
