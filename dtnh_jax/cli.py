@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +42,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
       prog="dtnh-convert",
       description="Convert a torchvision ResNet checkpoint (.pth, .pt, "
       ".pth.tar or .safetensors) to an orbax checkpoint of Flax variables.")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   parser.add_argument("src", metavar="SRC", help="torchvision checkpoint file")
   parser.add_argument("dst", metavar="DST",
                       help="folder of the orbax checkpoint to write: new or "
@@ -81,6 +85,11 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def _version() -> str:
+  import dtnh_jax  # pylint: disable=g-import-not-at-top
+  return dtnh_jax.__version__
+
+
 def _comma_separated(kind, text: str) -> tuple:
   """``"1,2"`` -> ``(1, 2)`` for a tuple-valued setting; argparse reports the error."""
   try:
@@ -90,26 +99,45 @@ def _comma_separated(kind, text: str) -> tuple:
         f"expected comma-separated {'integers' if kind is int else 'names'}, got {text!r}") from None
 
 
+def _shown(value) -> str:
+  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _train_parser():
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train.config import METHODS, TrainConfig  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="dtnh-train",
       description="Fine-tune a pre-trained ResNet on a target task with a transfer regularizer, "
       "with or without DTNH. With no arguments: the offline default (every method on scikit-learn's "
       "digits from two sources pre-trained here, a few seeds) and a table laid out like the paper's.",
-      epilog="Defaults are the paper's recipe (Section V.A). Running the same command again with the "
+      epilog="Defaults are the paper's recipe (Section V.A); '(offline: X)' is the offline default's value. "
+      "Precedence: flags, then --config FILE, then those defaults. Running the same command again with the "
       "same --workdir resumes from the newest checkpoint.")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+  parser.add_argument("--config", metavar="FILE",
+                      help="settings from a .toml or .json file (name = value, the names of the settings below "
+                      "with underscores, e.g. reg_weight = 0.1); flags override it. method, seed and source may "
+                      "be lists: one run per value")
+  parser.add_argument("--print-config", nargs="?", const="toml", choices=config_lib.SETTINGS_FORMATS,
+                      metavar="{toml,json}",
+                      help="print the resolved settings (TOML unless json is given) in the form --config reads, "
+                      "and exit without training")
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="log every evaluation and run set aside (by default: warnings, the pre-training of "
+                      "an offline source, and a single run's evaluations)")
   parser.add_argument("--workdir", help="where checkpoints, metrics, plots and results go "
                       "(default: runs/offline-default, or runs/DATASET/SOURCE)")
-  parser.add_argument("--method", default=None,
-                      help=f"comma-separated methods among {', '.join(METHODS)}, each optionally prefixed "
-                      "'dtnh-' (e.g. l2-sp,dtnh-l2-sp), or 'all' (default: l2-sp)")
-  parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+  method_names = config_lib.TrainConfig.__dataclass_fields__["method"].metadata["choices"]
+  parser.add_argument("--method", default=None, metavar="METHOD[,METHOD...]",
+                      help=f"comma-separated methods among {', '.join(method_names)}, or all (default: l2-sp; "
+                      "offline: all)")
+  parser.add_argument("--seeds", default=None, metavar="SEED[,SEED...]",
+                      help="comma-separated seeds, one run each (default: --seed; offline: 0,1,2)")
   parser.add_argument("--offline", action="store_true",
-                      help="the offline default (also chosen when no --dataset is given); other flags "
-                      "override its settings")
+                      help="the offline default (also chosen when no --dataset is given, or with --dataset "
+                      f"{config_lib.OFFLINE_PRESET['dataset']}); other flags override its settings")
   parser.add_argument("--export", help="also write the final variables of a single run here (orbax): a new or "
                       "empty folder, or one holding a checkpoint dtnh_jax wrote, with --force")
   parser.add_argument("--force", action="store_true",
@@ -117,7 +145,9 @@ def _train_parser():
   parser.add_argument("--restart", action="store_true",
                       help="set the run(s) already in --workdir aside (moved to set-aside/N beside their files; "
                       "nothing is deleted) and start anew, e.g. with other settings")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (by default: one per step with the loss, λ, the conflict rate and the "
+                      "test accuracy; a grid of runs has a runs bar above it)")
   multihost = parser.add_argument_group(
       "multi-host", "Run one dtnh-train per process, all with the same arguments and a --workdir they all see. "
       "Without these flags jax.distributed starts by itself when the environment announces several processes "
@@ -125,21 +155,34 @@ def _train_parser():
   multihost.add_argument("--coordinator", help="host:port of process 0's coordination service")
   multihost.add_argument("--num-processes", type=int, help="number of processes of the job")
   multihost.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
-  defaults = TrainConfig()
-  for field in dataclasses.fields(TrainConfig):
-    if field.name == "method":
+  settings = parser.add_argument_group(
+      "settings", "One run's settings (dtnh_jax.train.TrainConfig); each is also a --config key.")
+  defaults = config_lib.TrainConfig()
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    if field.name == "method":  # --method above: several methods
       continue
-    flag = "--" + field.name.replace("_", "-")
+    kind, is_tuple, _ = config_lib.setting_types()[field.name]
+    choices = field.metadata["choices"]
     default = getattr(defaults, field.name)
-    if isinstance(default, bool):
-      parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction)
-    elif isinstance(default, tuple):
-      kind = int if field.name == "lr_drop_steps" else str
-      parser.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
-                          help=f"comma-separated (default: {','.join(map(str, default))})")
+    shown = "not set" if default is None else _shown(default)
+    offline = config_lib.OFFLINE_PRESET.get(field.name, default)
+    shown += f"; offline: {_shown(offline)}" if offline != default else ""
+    help_text = field.metadata["help"].replace("%", "%%")
+    if is_tuple and choices:
+      help_text += f", among {', '.join(choices)}"
+    help_text += f" (default: {shown})"
+    flag = "--" + field.name.replace("_", "-")
+    if kind is bool:
+      settings.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
+                            help=help_text)
+    elif is_tuple:
+      metavar = "NAME[,NAME...]" if kind is str else "N[,N...]"
+      settings.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
+                            metavar=metavar, help=help_text)
     else:
-      kind = type(default) if default is not None else str
-      parser.add_argument(flag, dest=field.name, default=None, type=kind, help=f"(default: {default})")
+      # choices shown, not enforced by argparse: TrainConfig's own one-line error names the flag and the choices
+      metavar = "{" + ",".join(choices) + "}" if choices else field.name.upper()
+      settings.add_argument(flag, dest=field.name, default=None, type=kind, metavar=metavar, help=help_text)
   return parser
 
 
@@ -150,20 +193,24 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   parser = _train_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
+  from dtnh_jax.data.folder import UnreadableImageError  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib, interrupts, loop as loop_lib  # pylint: disable=g-import-not-at-top
 
-  settings = {k: v for k, v in vars(args).items()
-              if v is not None and k not in ("workdir", "method", "seeds", "offline", "export", "force", "restart",
-                                             "no_progress", "coordinator", "num_processes", "process_id")}
-  offline_default = args.offline or "dataset" not in settings
   try:
     # SIGTERM, like Ctrl-C, runs the clean-up; the loop defers both to a checkpoint
-    with interrupts.raising(), _one_line_warnings("dtnh-train"):
-      return _train(args, settings, offline_default)
+    with interrupts.raising(), _one_line_warnings("dtnh-train"), _logging("dtnh-train", args.verbose):
+      plan = _plan(args)
+      if args.print_config:
+        print(_settings_text(plan, args.print_config), end="")
+        return 0
+      return _train(args, plan)
   except config_lib.ConfigError as error:
     parser.exit(2, f"dtnh-train: error: {error}\n")
   except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
     parser.exit(1, f"dtnh-train: error: {error}\n")
+  except UnreadableImageError as error:  # an image of a folder dataset broke after the run checked it
+    parser.exit(1, f"dtnh-train: error: {error} Replace or remove the file and run the same command to resume "
+                "from the newest checkpoint.\n")
   except KeyboardInterrupt as interrupt:  # also interrupts.Interrupted (SIGTERM, or either during training)
     signum = getattr(interrupt, "signum", signal.SIGINT)
     step = getattr(interrupt, "step", None)
@@ -184,39 +231,164 @@ def _one_line_warnings(program: str):
     warnings.formatwarning = previous
 
 
-def _train(args, settings: dict, offline_default: bool) -> int:
+class _LogLines(logging.Handler):
+  """``program: message`` (``program: warning: message`` from WARNING up) on stderr, above any progress bar."""
+
+  def __init__(self, program: str):
+    super().__init__()
+    self.program = program
+
+  def emit(self, record: logging.LogRecord) -> None:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    try:
+      kind = "warning: " if record.levelno >= logging.WARNING else ""
+      tqdm.write(f"{self.program}: {kind}{record.getMessage()}", file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+#: The loggers whose INFO lines the CLI shows without -v: pre-training an offline source takes minutes.
+_SHOWN_BY_DEFAULT = ("dtnh_jax.train.offline",)
+#: ... and those of a single run: its few evaluations over hours.
+_SHOWN_FOR_A_SINGLE_RUN = ("dtnh_jax.train.loop",)
+
+
+@contextlib.contextmanager
+def _logging(program: str, verbose: bool):
+  """The ``dtnh_jax`` loggers' lines on stderr for one command: INFO with ``verbose``, else WARNING and up
+  plus the loggers of ``_SHOWN_BY_DEFAULT``. Restored afterwards (``train_main`` may run in a larger program)."""
+  package = logging.getLogger("dtnh_jax")
+  loggers = [package] + [logging.getLogger(name) for name in _SHOWN_BY_DEFAULT + _SHOWN_FOR_A_SINGLE_RUN]
+  saved = [(logger, logger.level, logger.propagate) for logger in loggers]
+  handler = _LogLines(program)
+  package.addHandler(handler)
+  package.propagate = False  # one line per message, whatever the root logger does
+  package.setLevel(logging.INFO if verbose else logging.WARNING)
+  for name in _SHOWN_BY_DEFAULT:
+    logging.getLogger(name).setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    package.removeHandler(handler)
+    for logger, level, propagate in saved:
+      logger.setLevel(level)
+      logger.propagate = propagate
+
+
+class _Plan(NamedTuple):
+  """What a ``dtnh-train`` command runs: ``base`` for every method x seed x source, in ``workdir``."""
+
+  base: object  # TrainConfig
+  methods: list
+  seeds: list[int]
+  sources: list[str]
+  workdir: str
+  offline_default: bool
+
+  @property
+  def runs(self) -> int:
+    return len(self.methods) * len(self.seeds) * len(self.sources)
+
+
+#: Settings that may hold a list in a --config file: one run per value (as --method, --seeds).
+_GRID = ("method", "seed", "source")
+
+
+def _plan(args) -> _Plan:
+  """The runs of the command: the presets, then ``--config``, then the flags.
+
+  Raises:
+    ConfigError: a bad --config file or setting.
+  """
+  from dtnh_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  settings = config_lib.read_settings(args.config, lists=_GRID) if args.config else {}
+  settings.update({name: value for name, value in vars(args).items()
+                   if name in config_lib.setting_types() and name != "method" and value is not None})
+  as_list = lambda value: list(value) if isinstance(value, list) else [value]
+  method_text = args.method if args.method is not None else settings.pop("method", None)
+  if isinstance(method_text, list):
+    method_text = ",".join(method_text)
+  offline_dataset = config_lib.OFFLINE_PRESET["dataset"]
+  offline_default = args.offline or settings.get("dataset", offline_dataset) == offline_dataset
+  methods = _parse_methods(method_text or ("all" if offline_default else "l2-sp"))
+  seed = settings.pop("seed", None)
+  if args.seeds is not None:
+    seeds = _parse_seeds(args.seeds)
+  elif seed is not None:
+    seeds = as_list(seed)
+  else:
+    seeds = [0, 1, 2] if offline_default else [config_lib.TrainConfig.seed]
+  source = settings.pop("source", None)
+  if source is not None:
+    sources = as_list(source)
+  else:
+    sources = list(data_lib.offline.SOURCES) if offline_default else [config_lib.TrainConfig.source]
+  preset = (config_lib.OFFLINE_PRESET if offline_default
+            else config_lib.paper_preset(settings.get("dataset", config_lib.TrainConfig.dataset)))
+  # a --seed that --seeds overrides is still checked, as every other setting given
+  given_seed = {"seed": seed} if seed is not None and not isinstance(seed, list) else {}
+  base = config_lib.TrainConfig(**{**preset, **settings, **given_seed, "method": methods[0].name,
+                                   "source": sources[0]})
+  base = base.replace(seed=seeds[0])
+  for seed in seeds[1:]:  # a bad seed of a grid fails now, not hours in
+    base.replace(seed=seed)
+  # folder:PATH datasets run under runs/folder-NAME (no colon or absolute path in a folder name)
+  dataset_dir = (f"folder-{os.path.basename(os.path.normpath(base.dataset.split(':', 1)[1])) or 'data'}"
+                 if base.dataset.startswith("folder:") else base.dataset)
+  if args.workdir:
+    workdir = args.workdir
+  elif offline_default:
+    workdir = os.path.join("runs", "offline-default")
+  elif len(sources) == 1:
+    workdir = os.path.join("runs", dataset_dir, os.path.basename(os.path.normpath(base.source)))
+  else:
+    workdir = os.path.join("runs", dataset_dir)
+  return _Plan(base, methods, seeds, sources, workdir, offline_default)
+
+
+def _settings_text(plan: _Plan, fmt: str) -> str:
+  """The settings of ``plan`` as a --config file in ``fmt``: every setting, lists for a grid's axes."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  single = lambda values: values[0] if len(values) == 1 else list(values)
+  settings = {**dataclasses.asdict(plan.base), "method": single([m.name for m in plan.methods]),
+              "seed": single(plan.seeds), "source": single(plan.sources)}
+  text = config_lib.format_settings(settings, fmt)
+  if fmt == "toml":
+    text = (f"# dtnh-train --config FILE.toml: {plan.runs} run(s) in {plan.workdir}; a list of methods, seeds or "
+            "sources runs each.\n" + text)
+  return text
+
+
+def _train(args, plan: _Plan) -> int:
   """The runs ``dtnh-train`` was asked for: one with --export, else a grid (methods x seeds x sources)."""
-  from dtnh_jax.train import config as config_lib, loop, offline  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, loop, offline, sharding  # pylint: disable=g-import-not-at-top
   _start_distributed(args)  # before any JAX computation
-  methods = _parse_methods(args.method or ("all" if offline_default else "l2-sp"))
-  seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+  workdir = plan.workdir
   if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise config_lib.ConfigError(f"--workdir {args.workdir} is a file; it must be a directory (or not exist yet).")
   if args.force and not args.export:
     raise config_lib.ConfigError("--force only lets --export replace a checkpoint dtnh_jax wrote; pass --export "
                                  "DIR, or --restart to start a run anew.")
-  if offline_default:
-    base = config_lib.TrainConfig(**{**config_lib.OFFLINE_PRESET, **settings})
-    seeds = seeds or [0, 1, 2]
-    sources = [base.source] if "source" in settings else list(offline.data_lib.offline.SOURCES)
-    workdir = args.workdir or os.path.join("runs", "offline-default")
-  else:
-    dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
-    base = config_lib.TrainConfig(**{**config_lib.paper_preset(dataset), **settings})
-    seeds = seeds or [base.seed]
-    sources = [base.source]
-    workdir = args.workdir or os.path.join("runs", base.dataset, os.path.basename(os.path.normpath(base.source)))
-  if args.export and (len(methods) > 1 or len(seeds) > 1):
-    raise config_lib.ConfigError("--export needs a single --method and seed.")
-  print(f"dtnh-train: {len(sources) * len(methods) * len(seeds)} run(s) -> {workdir}", flush=True)
+  if args.export and plan.runs > 1:
+    raise config_lib.ConfigError("--export needs a single --method and seed (and source).")
+  print(f"dtnh-train: {plan.runs} run(s) -> {workdir}", flush=True)
+  if plan.runs == 1:  # a single run's few evaluations are worth a line each
+    for name in _SHOWN_FOR_A_SINGLE_RUN:
+      logging.getLogger(name).setLevel(logging.INFO)
   if args.export:
-    config = base.replace(method=methods[0].name, seed=seeds[0])
-    result = loop.train(config, offline.run_dir(workdir, config.source, config.method, config.seed),
-                        offline_sources=offline.OFFLINE_SOURCES, export_to=args.export, force_export=args.force,
-                        restart=args.restart)
+    config = plan.base.replace(method=plan.methods[0].name, seed=plan.seeds[0], source=plan.sources[0])
+    progress = offline.Progress(1, enabled=not args.no_progress and sharding.is_chief())
+    try:
+      result = loop.train(config, offline.run_dir(workdir, config.source, config.method, config.seed),
+                          offline_sources=offline.OFFLINE_SOURCES, export_to=args.export, force_export=args.force,
+                          restart=args.restart, progress=progress.for_run(config.method))
+    finally:
+      progress.close()
     print(result)
   else:
-    offline.run_grid(base, workdir, sources=sources, methods=methods, seeds=seeds,
+    offline.run_grid(plan.base, workdir, sources=plan.sources, methods=plan.methods, seeds=plan.seeds,
                      show_progress=not args.no_progress, restart=args.restart)
   return 0
 

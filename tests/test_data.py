@@ -352,7 +352,7 @@ def test_prepare_command_exits_with_status_2_and_the_instructions(
     tmp_path, capsys):
   from dtnh_jax.data import __main__ as command  # pylint: disable=g-import-not-at-top
 
-  status = command.main(["prepare", "mit_indoor67", "--data_dir",
+  status = command.main(["prepare", "mit_indoor67", "--data-dir",
                          str(tmp_path)])
   assert status == 2
   assert "indoorCVPR_09.tar" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def _manual_instructions(name: str, manual_dir: str) -> str | None:
 
 def _not_prepared_message(name: str, data_dir_root: str) -> str:
   manual_dir = os.path.join(data_dir_root, "downloads", "manual")
-  command = f"python -m dtnh_jax.data prepare {name} --data_dir {data_dir_root}"
+  command = f"python -m dtnh_jax.data prepare {name} --data-dir {data_dir_root}"
   lines = [f"Dataset {name!r} is not prepared in {data_dir_root} (in the "
            "array_record format, which random access needs)."]
   manual = _manual_instructions(name, manual_dir)
@@ -237,8 +237,8 @@ def data_source(name: str, split: str, *, data_dir: str | None = None):
       raise errors.DatasetNotPreparedError(
           f"Dataset {name!r} is prepared in {builder.data_dir} in a format "
           "without random access. Delete that folder (or use another "
-          "--data_dir) and prepare it again in array_record:\n"
-          f"  python -m dtnh_jax.data prepare {name} --data_dir {root}") from e
+          "--data-dir) and prepare it again in array_record:\n"
+          f"  python -m dtnh_jax.data prepare {name} --data-dir {root}") from e
     raise
 
 

@@ -8,8 +8,14 @@ function for every method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Collection, Mapping
 from typing import Any
 
 #: Regularizers of the paper (L2-SP, KnowDist), its baselines and DELTA.
@@ -21,6 +27,13 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 FEATURE_LAYERS = ("layer1", "layer2", "layer3", "layer4", "pool")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
+# As dtnh_jax.dtnh's granularities and projections (its "none" is the plain method here) and
+# dtnh_jax.regularizers' feature normalizations.
+GRANULARITIES = ("tree", "leaf", "module")
+PROJECTIONS = ("conflict", "always")
+FEATURE_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
+#: What follows DTNH in the chain: the paper's SGD with momentum, or optax.adamw.
+OPTIMIZERS = ("sgd", "adamw")
 
 
 class ConfigError(ValueError):
@@ -76,6 +89,12 @@ ALL_METHODS = tuple(
 )
 
 
+def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:  # pylint: disable=redefined-builtin
+  """A :class:`TrainConfig` field with its one-line ``--help`` and, when its values form a finite set, that set
+  (the tuple ``__post_init__`` validates against: one list, read by the CLI too)."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Every hyper-parameter of one fine-tuning run; defaults are the paper's recipe (V.A).
@@ -87,57 +106,77 @@ class TrainConfig:
   """
 
   # what to train
-  method: str = "l2-sp"
-  dataset: str = "caltech256/30"
-  source: str = "imagenet"
-  data_dir: str | None = None
+  method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",
+                         tuple(m.name for m in ALL_METHODS))
+  dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, or folder:PATH "
+                          "(PATH/train/CLASS/IMAGE)")
+  source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
+                         "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
+  data_dir: str | None = _setting(None, "TFDS data directory; unset: TFDS's own ($TFDS_DATA_DIR or "
+                                  "~/tensorflow_datasets)")
   # the model
-  arch: str = "resnet18"
-  width: float = 1.0
-  small_stem: bool = False
+  arch: str = _setting("resnet18", "ResNet architecture (torchvision's layout)", ARCHS)
+  width: float = _setting(1.0, "channel-width multiplier of the ResNet (1.0: torchvision's)")
+  small_stem: bool = _setting(False, "CIFAR-style stem for small images: a 3x3 stride-1 conv1 and no max-pool")
   # the paper's recipe
-  batch_size: int = 48
-  learning_rate: float = 0.01
-  momentum: float = 0.9
-  steps: int = 8000
-  lr_drop_steps: tuple[int, ...] = (6000,)
-  lr_drop_factor: float = 0.1
-  reg_weight: float = 1.0
-  reg_decay: float = 1.0
-  resize: int = 256
-  crop: int = 224
+  batch_size: int = _setting(48, "images per step, over all devices")
+  learning_rate: float = _setting(0.01, "initial learning rate")
+  optimizer: str = _setting("sgd", "what follows DTNH in the chain: sgd (SGD with --momentum, the paper's) or "
+                            "adamw (optax.adamw, b1 0.9, b2 0.999, with --weight-decay)", OPTIMIZERS)
+  momentum: float = _setting(0.9, "SGD's momentum; --optimizer sgd only")
+  weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay; --optimizer adamw only (with SGD, "
+                                 "--method l2 is the L2 penalty)")
+  steps: int = _setting(8000, "training steps (by default 20000 for a cifar10 target, as the paper)")
+  lr_drop_steps: tuple[int, ...] = _setting((6000,), "comma-separated steps at which the learning rate is "
+                                            "multiplied by --lr-drop-factor")
+  lr_drop_factor: float = _setting(0.1, "learning-rate factor at each of --lr-drop-steps")
+  reg_weight: float = _setting(1.0, "λ, the regularizer's weight at the first epoch")
+  reg_decay: float = _setting(1.0, "λ's per-epoch decay factor in [0, 1]: λ = reg_weight · reg_decay^epoch")
+  resize: int = _setting(256, "images are resized to resize x resize")
+  crop: int = _setting(224, "then cropped to crop x crop: at random (and mirrored) for training, centrally "
+                       "for testing")
   # the regularizers' own coefficients
-  l2_weight: float = 1e-4
-  l2_sp_alpha: float = 0.1
-  l2_sp_beta: float = 0.01
-  knowdist_weight: float = 1.0
-  delta_weight: float = 1.0
-  feature_layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+  l2_weight: float = _setting(1e-4, "L2's coefficient (--method l2)")
+  l2_sp_alpha: float = _setting(0.1, "L2-SP's α: weight of the squared distance to the pre-trained backbone")
+  l2_sp_beta: float = _setting(0.01, "L2-SP's β: weight of plain L2 on the new head")
+  knowdist_weight: float = _setting(1.0, "scale of KnowDist's feature-map distance")
+  delta_weight: float = _setting(1.0, "scale of DELTA's attention-weighted feature-map distance")
+  feature_layers: tuple[str, ...] = _setting(("layer1", "layer2", "layer3", "layer4"),
+                                             "comma-separated layers whose feature maps KnowDist and DELTA "
+                                             "compare", FEATURE_LAYERS)
   # "spatial_mean" (DELTA's code) for both feature regularizers: KnowDist is then
   # DELTA with uniform attention and one weight scale serves both; "sum" is Eq. 3
-  feature_normalize: str = "spatial_mean"
+  feature_normalize: str = _setting("spatial_mean", "feature-map distance per channel: summed over positions "
+                                    "(sum, Eq. 3), averaged (spatial_mean, DELTA's code), or also over channels "
+                                    "(mean)", FEATURE_NORMALIZATIONS)
   # DTNH's options (see dtnh_jax.dtnh)
-  granularity: str = "tree"
-  projection: str = "conflict"
+  granularity: str = _setting("tree", "what DTNH projects as one vector: all parameters (tree, the paper), "
+                              "each tensor (leaf) or each module", GRANULARITIES)
+  projection: str = _setting("conflict", "when DTNH projects: where <∇J, ∇Ω> < 0 (conflict, the paper) or "
+                             "always", PROJECTIONS)
   # numerics: "bfloat16" runs the network in bf16; parameters, BatchNorm statistics,
   # gradients, the regularizers' sums and DTNH's inner products stay float32
-  compute_dtype: str = "float32"
+  compute_dtype: str = _setting("float32", "the network's compute dtype; parameters, gradients and DTNH's inner "
+                                "products stay float32", COMPUTE_DTYPES)
   # a step whose loss or update is NaN/Inf is never applied; then "stop" the run
   # (the last checkpoint stays the last good one) or "skip" the step and go on
-  on_nonfinite: str = "stop"
+  on_nonfinite: str = _setting("stop", "after a step with a NaN/Inf loss or update (never applied): stop the run, "
+                               "or skip the step and go on", ON_NONFINITE)
   # with "skip": the run stops (exit 1) once more than this fraction of --steps was skipped, so
   # a diverged run cannot end "successfully" having skipped most of its steps
-  skip_limit: float = 0.05
+  skip_limit: float = _setting(0.05, "with --on-nonfinite skip: the run stops once more than this fraction of "
+                               "--steps was skipped")
   # scale-out (dtnh_jax.train.sharding): the batch is always split over all devices; with fsdp the
   # parameters and optimizer state are sharded over them too instead of replicated
-  fsdp: bool = False
+  fsdp: bool = _setting(False, "shard parameters and optimizer state over the devices (else replicated; the "
+                        "batch is split either way)")
   # bookkeeping
-  seed: int = 0
-  eval_every: int = 1000
-  log_every: int = 50
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  eval_batch_size: int = 100
+  seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
+  eval_every: int = _setting(1000, "evaluate on the test split every this many steps (and at the end)")
+  log_every: int = _setting(50, "fetch the step metrics from the device and write them every this many steps")
+  checkpoint_every: int = _setting(1000, "checkpoint every this many steps (and at the end)")
+  keep_checkpoints: int = _setting(3, "how many of the newest checkpoints to keep")
+  eval_batch_size: int = _setting(100, "images per evaluation batch")
 
   def __post_init__(self):
     self.method_spec  # validates the method name
@@ -161,12 +200,23 @@ class TrainConfig:
       raise ConfigError(f"--reg-decay is a per-epoch factor in [0, 1], got {self.reg_decay}.")
     if self.crop > self.resize:
       raise ConfigError(f"--crop ({self.crop}) cannot exceed --resize ({self.resize}).")
-    if self.granularity not in ("tree", "leaf", "module"):
-      raise ConfigError(f"--granularity must be tree, leaf or module, got {self.granularity!r}.")
-    if self.feature_normalize not in ("sum", "spatial_mean", "mean"):
-      raise ConfigError(f"--feature-normalize must be sum, spatial_mean or mean, got {self.feature_normalize!r}.")
-    if self.projection not in ("conflict", "always"):
-      raise ConfigError(f"--projection must be conflict or always, got {self.projection!r}.")
+    if self.granularity not in GRANULARITIES:
+      raise ConfigError(f"--granularity must be {_either(GRANULARITIES)}, got {self.granularity!r}.")
+    if self.feature_normalize not in FEATURE_NORMALIZATIONS:
+      raise ConfigError(f"--feature-normalize must be {_either(FEATURE_NORMALIZATIONS)}, got "
+                        f"{self.feature_normalize!r}.")
+    if self.projection not in PROJECTIONS:
+      raise ConfigError(f"--projection must be {_either(PROJECTIONS)}, got {self.projection!r}.")
+    if self.optimizer not in OPTIMIZERS:
+      raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
+    if self.weight_decay < 0:
+      raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
+    if self.optimizer != "adamw" and self.weight_decay != 0:
+      raise ConfigError(f"--weight-decay is AdamW's decoupled weight decay; with --optimizer {self.optimizer} "
+                        "it would be a second, unprojected L2 penalty. Pass --optimizer adamw, or use --method l2.")
+    if self.optimizer != "sgd" and self.momentum != _field_default("momentum"):
+      raise ConfigError(f"--momentum is SGD's; --optimizer {self.optimizer} has its own moments (b1 0.9, "
+                        "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
     if self.arch not in ARCHS:
       raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
     unknown_layers = [layer for layer in self.feature_layers if layer not in FEATURE_LAYERS]
@@ -193,13 +243,164 @@ class TrainConfig:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
   @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ConfigError(f"unknown setting(s) {unknown}.")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
+  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    """A config from plain values (e.g. a run's ``config.json``); lists stand for tuples.
+
+    Raises:
+      ConfigError: an unknown name (the message lists the known ones), a
+        value of the wrong type, or a bad setting.
+    """
+    return cls(**parse_settings(values, "settings"))
+
+
+def _either(names: tuple[str, ...]) -> str:
+  return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _field_default(name: str) -> Any:
+  return TrainConfig.__dataclass_fields__[name].default
+
+
+@functools.cache
+def setting_types() -> dict[str, tuple[type, bool, bool]]:
+  """``name -> (kind, is_tuple, optional)`` for every :class:`TrainConfig` field, from its annotation.
+
+  ``kind`` is the type of one value (of each element for a tuple); what the
+  CLI parses a flag with and what a ``--config`` file's values are checked against.
+  """
+  types_ = {}
+  for name, hint in typing.get_type_hints(TrainConfig).items():
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    if optional:
+      hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    is_tuple = typing.get_origin(hint) is tuple
+    types_[name] = (typing.get_args(hint)[0] if is_tuple else hint, is_tuple, optional)
+  return types_
+
+
+def _typed(value: Any, kind: type) -> Any:
+  """``value`` as ``kind``; None if it is not one (a bool is no number, an int is a float)."""
+  if kind is bool:
+    return value if isinstance(value, bool) else None
+  if isinstance(value, bool):
+    return None
+  if kind is float and isinstance(value, int):
+    return float(value)
+  return value if isinstance(value, kind) else None
+
+
+def parse_settings(values: Mapping[str, Any], where: str, lists: Collection[str] = ()) -> dict[str, Any]:
+  """``values`` (e.g. read from a JSON or TOML file) as :class:`TrainConfig` settings, checked by name and type.
+
+  A tuple setting takes a list or a comma-separated string (as its flag
+  does); an int is accepted where a float is expected. Values are validated
+  later, by ``TrainConfig`` itself.
+
+  Args:
+    values: setting name -> value.
+    where: what the values come from, for the messages (e.g. ``--config runs.toml``).
+    lists: names of scalar settings that may also hold a list of values
+      (``dtnh-train`` runs one per value: ``method``, ``seed``, ``source``); kept as lists.
+
+  Returns:
+    The settings, tuples as tuples.
+
+  Raises:
+    ConfigError: an unknown name (the message names the known ones) or a value of the wrong type.
+  """
+  known = setting_types()
+  unknown = [name for name in values if name not in known]
+  if unknown:
+    raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                      f"{', '.join(known)}.")
+  settings = {}
+  for name, value in values.items():
+    kind, is_tuple, optional = known[name]
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+    if value is None and optional:
+      settings[name] = None
+      continue
+    if is_tuple:
+      items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) and kind is str else value
+      typed = [_typed(v, kind) for v in items] if isinstance(items, (list, tuple)) else [None]
+      if any(v is None for v in typed):
+        raise ConfigError(f"{where}: {name} must be a list of {what.split(' ', 1)[-1]}s, got {value!r}.")
+      settings[name] = tuple(typed)
+    elif name in lists and isinstance(value, (list, tuple)):
+      typed = [_typed(v, kind) for v in value]
+      if not typed or any(v is None for v in typed):
+        raise ConfigError(f"{where}: {name} must be {what} or a non-empty list of them, got {value!r}.")
+      settings[name] = typed
+    else:
+      typed = _typed(value, kind)
+      if typed is None:
+        raise ConfigError(f"{where}: {name} must be {what}{' or null' if optional else ''}, got {value!r}.")
+      settings[name] = typed
+  return settings
+
+
+#: The formats ``read_settings`` and ``format_settings`` know, by file extension.
+SETTINGS_FORMATS = ("toml", "json")
+
+
+def read_settings(path: str | os.PathLike, lists: Collection[str] = ()) -> dict[str, Any]:
+  """The settings in a ``.toml`` or ``.json`` file (``dtnh-train --config``): one table of ``name = value``.
+
+  See :func:`parse_settings` for ``lists`` and the checks.
+
+  Raises:
+    ConfigError: the file cannot be read or parsed, has another extension, or holds a bad setting.
+  """
+  where = f"--config {os.fspath(path)}"
+  extension = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+  if extension not in SETTINGS_FORMATS:
+    raise ConfigError(f"{where}: the file name must end in .toml or .json (the format), not {extension!r}.")
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except (OSError, UnicodeDecodeError) as error:
+    raise ConfigError(f"{where}: cannot read it ({error}).") from None
+  try:
+    if extension == "json":
+      values = json.loads(text)
+    else:
+      values = tomllib.loads(text)
+  except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+    raise ConfigError(f"{where}: not valid {extension.upper()} ({error}).") from None
+  if not isinstance(values, dict):
+    raise ConfigError(f"{where}: expected a table of settings (name = value), got {type(values).__name__}.")
+  return parse_settings(values, where, lists)
+
+
+def format_settings(settings: Mapping[str, Any], fmt: str = "toml") -> str:
+  """``settings`` as the text of a ``--config`` file in ``fmt`` (``"toml"`` or ``"json"``) that reads back equal.
+
+  TOML has no null: a None setting is written as a comment (reading the file
+  back leaves it at its default, None).
+  """
+  if fmt == "json":
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, indent=2,
+                      ensure_ascii=False) + "\n"
+  if fmt != "toml":
+    raise ValueError(f"format must be one of {SETTINGS_FORMATS}, got {fmt!r}.")
+  lines = []
+  for name, value in settings.items():
+    lines.append(f"# {name} is not set" if value is None else f"{name} = {_toml_value(value)}")
+  return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (int, float)):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"TOML settings are finite numbers, got {value}.")
+    return repr(value)
+  if isinstance(value, str):
+    return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are TOML's basic-string escapes
+  if isinstance(value, (list, tuple)):
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+  raise TypeError(f"no TOML for {type(value).__name__} {value!r}.")
 
 
 def paper_preset(dataset: str) -> dict[str, Any]:

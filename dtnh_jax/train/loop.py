@@ -33,9 +33,9 @@ goes on (the metric ``skipped`` marks such steps) until more than
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -52,6 +52,9 @@ from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
 from dtnh_jax.train.data import RunData, load_data
 from dtnh_jax.train.sources import load_source
+
+logger = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
   """A step's loss or update was NaN/Inf and ``config.on_nonfinite`` is ``"stop"``, or more steps were
@@ -130,6 +133,15 @@ def _stop_on_non_finite(record: dict[str, Any], log: metrics_lib.MetricsLog,
       "--learning-rate and --restart (the stopped run is set aside), or check the data.")
 
 
+def _progress_values(stacked: dict[str, np.ndarray]) -> dict[str, float]:
+  """What a progress display shows of the steps just fetched (host arrays, one row per step): the last
+  step's scalar metrics, and the fraction of them where the gradients conflicted."""
+  values = {k: float(v[-1]) for k, v in stacked.items() if np.ndim(v) == 1}
+  if "conflict" in stacked:
+    values["conflict_rate"] = float(np.mean(stacked["conflict"]))
+  return values
+
+
 def _to_python(metrics: dict[str, Any]) -> dict[str, Any]:
   return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in metrics.items()}
 
@@ -175,8 +187,10 @@ def _begin(workdir: str, config: TrainConfig, restart: bool) -> None:
   if restart or (previous is not None and workdir_lib.differing_settings(previous, config)):
     aside = workdir_lib.set_aside(workdir)
     if aside is not None:
+      # asked for with --restart; otherwise the user's files moved unasked, which they must hear of
+      log = logger.info if restart else logger.warning
       why = "--restart" if restart else "it had other settings and neither a checkpoint nor results"
-      print(f"dtnh-train: the run in {workdir} was set aside in {aside} ({why}).", file=sys.stderr, flush=True)
+      log("the run in %s was set aside in %s (%s).", workdir, aside, why)
   workdir_lib.write_atomically(os.path.join(workdir, workdir_lib.CONFIG), config.to_json())
 
 
@@ -207,7 +221,13 @@ def train(
     workdir: where checkpoints, metrics, plots and results go.
     stop_after: return after this many steps of this call (checkpointing
       first), as if the run were interrupted; run again to resume.
-    progress: called as ``progress(step, total, latest_metrics)`` after each step.
+    progress: called as ``progress(step, total, latest)`` after each step, with
+      ``latest`` the newest host values (Python floats): the last fetched
+      train step's metrics (fetched every ``log_every`` steps, so the hook
+      adds no device-to-host transfer), ``conflict_rate`` (the mean of
+      ``conflict`` over the steps fetched with it) and, once there was an
+      evaluation, ``test_accuracy``, ``test_loss`` and ``eval_step``. A new
+      dict whenever something in it changed.
     offline_sources: loaders of named sources (see ``dtnh_jax.train.offline``).
     data: the run's data, if already built (the offline default shares it).
     attention: DELTA's channel attention, if already computed; otherwise it
@@ -287,11 +307,18 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
   start, extra = 0, {}
   if restored is not None:
     start, state, data_state, extra = restored
-    train_loader.set_state(sharding.local_data_state(data_state))
+    try:
+      train_loader.set_state(sharding.local_data_state(data_state))
+    except ValueError as error:  # e.g. a folder dataset whose files changed since the checkpoint
+      checkpoints.close()
+      raise ConfigError(f"--workdir {workdir}: the checkpoint of step {start} cannot resume on this data "
+                        f"({error}). Restore the data the run started with, or pass --restart to set the run "
+                        "aside and start anew.") from None
   skipped = _SkippedSteps(config, int(extra.get("skipped_steps", 0)))
   log = metrics_lib.MetricsLog(workdir, resume_step=start) if sharding.is_chief() else metrics_lib.OtherProcessLog()
 
   pending: list[tuple[int, dict[str, Any]]] = []  # device metrics, fetched every log_every steps
+  latest: dict[str, Any] = {}  # what progress() shows: host values fetched anyway, never a transfer of its own
   started = time.perf_counter()
   step = start
   try:
@@ -310,6 +337,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
         if step % config.log_every == 0 or last or stopping or evaluating or checkpointing:
           # one transfer per metric for all pending steps, not one per scalar
           stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[values for _, values in pending]))
+          latest = {**latest, **_progress_values(stacked)}
           for row, (logged_step, _) in enumerate(pending):
             record = {"step": logged_step, "kind": "train", **_to_python(jax.tree.map(lambda x: x[row], stacked))}
             log.write(record)
@@ -321,14 +349,18 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
           pending.clear()
         if evaluating:
           eval_batches = map(placement.put_batch, data.eval_batches())
-          log.write({"step": step, "kind": "eval", **step_lib.evaluate(eval_step, state, eval_batches)})
+          evaluation = step_lib.evaluate(eval_step, state, eval_batches)
+          log.write({"step": step, "kind": "eval", **evaluation})
+          latest = {**latest, **evaluation, "eval_step": step}
+          logger.info("%s: step %d/%d: test accuracy %.2f%%, test loss %.4f", workdir, step, config.steps,
+                      100 * evaluation["test_accuracy"], evaluation["test_loss"])
         if checkpointing:
           log.flush()  # metrics up to this step are on disk before the checkpoint that covers them
           checkpoints.save(step, state, train_loader.get_state(),
                            {"elapsed_s": time.perf_counter() - started, "method": method.name,
                             "skipped_steps": skipped.count})
         if progress is not None:
-          progress(step, config.steps, metrics)
+          progress(step, config.steps, latest)
         if interrupted:
           raise interrupts.Interrupted(interrupt.signum, step)
         if stopping and not last:

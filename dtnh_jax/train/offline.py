@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dtnh_jax import data as data_lib
@@ -24,6 +25,8 @@ from dtnh_jax import models, regularizers
 from dtnh_jax.train import loop, report, sharding
 from dtnh_jax.train.config import ALL_METHODS, OFFLINE_PRESET, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
+
+logger = logging.getLogger(__name__)
 
 #: Pre-training of the offline sources: a plain fine-tune run from scratch on the source data.
 PRETRAIN = {"steps": 300, "lr_drop_steps": (240,), "learning_rate": 0.05, "eval_every": 300, "log_every": 50,
@@ -91,7 +94,7 @@ def pretrained_source(name: str, config: TrainConfig) -> dict[str, Any]:
   # float32 whatever the run's compute dtype: the cache key does not hold it
   pretrain = config.replace(method="fine-tune", source="scratch", dataset=OFFLINE_PREFIX + name, seed=0,
                             reg_decay=1.0, compute_dtype="float32", **PRETRAIN)
-  print(f"pre-training the offline source {name!r} once (cached in {path})", file=sys.stderr, flush=True)
+  logger.info("pre-training the offline source %r once (cached in %s)", name, path)
   loop.train(pretrain, workdir, export_to=path, plots=False)
   _LOADED[path], _ = models.load_variables(path)
   return _LOADED[path]
@@ -101,9 +104,76 @@ def pretrained_source(name: str, config: TrainConfig) -> dict[str, Any]:
 OFFLINE_SOURCES = {name: (lambda config, name=name: pretrained_source(name, config)) for name in data_lib.offline.SOURCES}
 
 
-def _progress_bar(total_runs: int):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total_runs, desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
+class Progress:
+  """The progress bars of a command: per step for a single run; for a grid, a runs bar over a steps bar.
+
+  ``for_run()`` gives the ``progress`` hook of ``loop.train``; it shows the
+  values the loop fetched anyway (the loss, λ, the conflict rate over the
+  last fetched steps, the last test accuracy), so the bars add no
+  device-to-host transfer, and it redraws only when tqdm's interval allows.
+  Everything is a no-op when disabled.
+  """
+
+  def __init__(self, total_runs: int, enabled: bool = True):
+    self.enabled = enabled
+    self.nested = total_runs > 1
+    self._runs = self._bar(total=total_runs, desc="runs", unit="run", position=0) if enabled and self.nested else None
+    self._steps = None
+
+  @staticmethod
+  def _bar(**options):
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **options)
+
+  def for_run(self, label: str) -> Callable[[int, int, dict[str, float]], None] | None:
+    """The ``progress`` hook of the run called ``label`` (a steps bar made at its first step)."""
+    if not self.enabled:
+      return None
+    shown = None
+
+    def progress(step: int, total: int, latest: dict[str, float]) -> None:
+      nonlocal shown
+      if self._steps is None:  # at the first step of this call: a resumed run starts where it stopped
+        self._steps = self._bar(total=total, initial=step - 1, desc=label, unit="step",
+                                position=1 if self.nested else 0, leave=not self.nested)
+      if latest is not shown:  # a new dict only when the loop fetched or evaluated
+        shown = latest
+        self._steps.set_postfix_str(_postfix(latest), refresh=False)
+      self._steps.update(step - self._steps.n)
+
+    return progress
+
+  def run_done(self, label: str, result: dict[str, Any]) -> None:
+    if self._steps is not None:
+      self._steps.close()
+      self._steps = None
+    if self._runs is not None:
+      if "test_accuracy" in result:
+        self._runs.set_postfix_str(f"{label}: {100 * result['test_accuracy']:.1f}%", refresh=False)
+      self._runs.update()
+
+  def close(self) -> None:
+    for bar in (self._steps, self._runs):
+      if bar is not None:
+        bar.close()
+    self._steps = self._runs = None
+
+
+def _postfix(latest: dict[str, float]) -> str:
+  """``loss 0.512 λ 0.01 conflict 35% acc 71.2%`` from what the loop last fetched (what exists of it).
+
+  The loss is the empirical one, J: what DTNH keeps from being slowed down (the total adds λΩ).
+  """
+  parts = []
+  if "loss_empirical" in latest:
+    parts.append(f"loss {latest['loss_empirical']:.4g}")
+  if "reg_weight" in latest:
+    parts.append(f"λ {latest['reg_weight']:.3g}")
+  if "conflict_rate" in latest:
+    parts.append(f"conflict {100 * latest['conflict_rate']:.0f}%")
+  if "test_accuracy" in latest:
+    parts.append(f"acc {100 * latest['test_accuracy']:.1f}%")
+  return " ".join(parts)
 
 
 def run_grid(
@@ -128,24 +198,24 @@ def run_grid(
   """
   data = load_data(base, *sharding.process_shard())  # this process's shard of the data
   results = []
-  bar = _progress_bar(len(sources) * len(methods) * len(seeds)) if show_progress and sharding.is_chief() else None
+  progress = Progress(len(sources) * len(methods) * len(seeds), enabled=show_progress and sharding.is_chief())
   started = time.perf_counter()
-  for source in sources:
-    attention = None
-    source_dir = os.path.join(workdir, _safe_name(source))
-    for method in methods:
-      for seed in seeds:
-        config = base.replace(source=source, method=method.name, seed=seed)
-        if method.regularizer == "delta" and attention is None:
-          attention = _shared_attention(config, data, source_dir)
-        results.append(loop.train(config, run_dir(workdir, source, method.name, seed),
-                                  offline_sources=OFFLINE_SOURCES, data=data, attention=attention,
-                                  restart=restart, plots=False))
-        if bar is not None:
-          bar.set_postfix_str(f"{source} {method.label} seed {seed}: {100 * results[-1]['test_accuracy']:.1f}%")
-          bar.update()
-  if bar is not None:
-    bar.close()
+  try:
+    for source in sources:
+      attention = None
+      source_dir = os.path.join(workdir, _safe_name(source))
+      for method in methods:
+        for seed in seeds:
+          config = base.replace(source=source, method=method.name, seed=seed)
+          if method.regularizer == "delta" and attention is None:
+            attention = _shared_attention(config, data, source_dir)
+          label = f"{_safe_name(source)} {method.name} seed {seed}"
+          results.append(loop.train(config, run_dir(workdir, source, method.name, seed),
+                                    offline_sources=OFFLINE_SOURCES, data=data, attention=attention,
+                                    restart=restart, plots=False, progress=progress.for_run(label)))
+          progress.run_done(label, results[-1])
+  finally:
+    progress.close()  # also before an error's message, so that it starts on a clean line
   if sharding.is_chief():  # with several processes, process 0 writes the table and figures
     _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
                    _safe_name(sources[-1]), base.dataset)

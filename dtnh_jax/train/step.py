@@ -50,22 +50,30 @@ class Reference(NamedTuple):
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum and step-wise learning rate drops, behind DTNH when there is a regularizer.
+  """DTNH first, then ``config.optimizer`` with step-wise learning rate drops.
 
-  The plain regularized methods use ``dtnh(..., projection="none")``: the same
-  transformation computing ``g + λ r`` and the same diagnostics, so that the
-  only difference between a method and its DTNH variant is the projection.
+  ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
+  ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.weight_decay``. DTNH does
+  not care which: it turns the two gradients into one direction ``d``, and the
+  optimizer treats ``d`` as it would any gradient. The plain regularized
+  methods use ``dtnh(..., projection="none")``: the same transformation
+  computing ``g + λ r`` and the same diagnostics, so that the only difference
+  between a method and its DTNH variant is the projection. Fine-tuning has no
+  regularizer and no DTNH.
   """
   learning_rate = optax.piecewise_constant_schedule(
       config.learning_rate, {int(step): config.lr_drop_factor for step in config.lr_drop_steps})
-  sgd = optax.sgd(learning_rate, momentum=config.momentum)
+  if config.optimizer == "adamw":
+    optimizer = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+  else:
+    optimizer = optax.sgd(learning_rate, momentum=config.momentum)
   method = config.method_spec
   if not method.has_regularizer:
-    return sgd
+    return optimizer
   reg_weight = optax.exponential_decay(
       config.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.reg_decay, staircase=True)
   projection = config.projection if method.dtnh else "none"
-  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.granularity, projection=projection), sgd)
+  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.granularity, projection=projection), optimizer)
 
 
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
