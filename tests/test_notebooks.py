@@ -6,20 +6,32 @@ with the environment variable ``DTNH_NOTEBOOK_SMALL=1``: a notebook's cell
 tagged ``parameters`` (papermill's convention) reads it and shrinks the run,
 e.g. ``if os.environ.get("DTNH_NOTEBOOK_SMALL") == "1": STEPS = 5``. New
 notebooks are picked up by name (``notebooks/*.ipynb``).
+
+A notebook's first code cell, tagged ``install``, installs dtnh_jax where it is
+not importable (a fresh Colab runtime): from ``DTNH_JAX_SOURCE`` or from the
+checkout the notebook runs in. Here that runtime is a new virtual environment
+and the checkout a copy of the build inputs; ``PIP_NO_DEPS=1`` (read by pip)
+keeps it to the packages the cell names, so it takes seconds.
 """
 
 import json
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import nbclient
 import nbformat
 import pytest
+from test_packaging import copy_build_inputs
+
+import dtnh_jax
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 SMALL_RUN_VARIABLE = "DTNH_NOTEBOOK_SMALL"
+SOURCE_VARIABLE = "DTNH_JAX_SOURCE"
 # Per cell; a small run of a notebook takes well under a minute in all.
 CELL_TIMEOUT_S = 300
 KERNEL_STARTUP_TIMEOUT_S = 120
@@ -108,3 +120,75 @@ def test_notebook_runs_top_to_bottom(path, this_interpreter_kernel):
   _execute(notebook, this_interpreter_kernel, path.parent)
   assert all(cell.execution_count is not None
              for cell in _code_cells(notebook))
+
+
+def _install_cell(path):
+  notebook = nbformat.read(path, as_version=4)
+  cells = [cell for cell in _code_cells(notebook) if "install" in cell.metadata.get("tags", [])]
+  assert len(cells) == 1, f"{path.name}: tag exactly one code cell 'install' (has {len(cells)})"
+  return cells[0]
+
+
+def _run_install_cell(path, python, cwd, **environment):
+  """Runs the notebook's install cell as plain Python with ``python``, in ``cwd``."""
+  env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", SOURCE_VARIABLE)}
+  return subprocess.run([str(python), "-c", _install_cell(path).source], cwd=cwd, env={**env, **environment},
+                        capture_output=True, text=True)
+
+
+def _installed_dtnh_jax(python):
+  """(version, URL installed from) of the dtnh-jax distribution in ``python``'s environment."""
+  code = ("import importlib.metadata, json; d = importlib.metadata.distribution('dtnh-jax'); "
+          "print(json.dumps([d.version, json.loads(d.read_text('direct_url.json'))['url']]))")
+  # cwd: python -c puts it first on sys.path, and a checkout's own dtnh_jax.egg-info must not answer.
+  out = subprocess.run([str(python), "-c", code], cwd=python.parent, check=True, capture_output=True,
+                       text=True).stdout
+  return tuple(json.loads(out))
+
+
+def _checkout_copy(path, root):
+  """A copy of the repository's build inputs with the notebook in notebooks/, as a user's clone has."""
+  copy_build_inputs(root)
+  (root / "notebooks").mkdir()
+  shutil.copy2(path, root / "notebooks" / path.name)
+  return root / "notebooks"
+
+
+def _venv(root, with_pip=True):
+  subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(root)], check=True)
+  return root / "bin" / "python"
+
+
+@notebook_paths
+def test_notebook_installs_dtnh_jax_in_its_first_code_cell(path):
+  first = _code_cells(nbformat.read(path, as_version=4))[0]
+  assert first.source == _install_cell(path).source, f"{path.name}: the install cell must be the first code cell"
+
+
+@notebook_paths
+def test_install_cell_outside_a_checkout_without_a_source_says_what_to_set(path, tmp_path):
+  result = _run_install_cell(path, _venv(tmp_path / "venv", with_pip=False), cwd=tmp_path)
+  assert result.returncode != 0
+  assert "RuntimeError: dtnh_jax is not installed" in result.stderr and SOURCE_VARIABLE in result.stderr
+
+
+@pytest.mark.slow
+@notebook_paths
+def test_install_cell_installs_from_the_checkout_it_runs_in(path, tmp_path):
+  python = _venv(tmp_path / "venv")
+  notebooks = _checkout_copy(path, tmp_path / "clone")
+  result = _run_install_cell(path, python, cwd=notebooks, PIP_NO_DEPS="1")
+  assert result.returncode == 0, result.stderr
+  assert _installed_dtnh_jax(python) == (dtnh_jax.__version__, (tmp_path / "clone").as_uri())
+
+
+@pytest.mark.slow
+def test_install_cell_installs_from_DTNH_JAX_SOURCE(tmp_path):
+  # The cell's code is the same in every notebook; the checkout test above runs each one's requirements.
+  path = NOTEBOOKS_DIR / "quickstart.ipynb"
+  python = _venv(tmp_path / "venv")
+  copy_build_inputs(tmp_path / "elsewhere")
+  result = _run_install_cell(path, python, cwd=tmp_path, PIP_NO_DEPS="1",
+                             **{SOURCE_VARIABLE: str(tmp_path / "elsewhere")})
+  assert result.returncode == 0, result.stderr
+  assert _installed_dtnh_jax(python) == (dtnh_jax.__version__, (tmp_path / "elsewhere").as_uri())

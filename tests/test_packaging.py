@@ -1,0 +1,167 @@
+"""The package as users get it: the wheel's files and metadata, and a core that works without Flax.
+
+``pip wheel . --no-deps`` builds the wheel once for the module (build isolation installs setuptools, from
+pip's cache after the first time). The clean environment is ``python -m venv --without-pip`` with the
+wheel installed by this interpreter's pip (``pip --python``), and beside it only the distributions that the
+wheel's unconditional ``Requires-Dist`` pull in, transitively, linked from this environment. So that environment
+needs no network, takes a few seconds, and holds exactly what ``pip install dtnh-jax`` would bring: if the core
+imported anything undeclared, or Flax, the import there fails.
+"""
+
+import email.parser
+import importlib.metadata
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import dtnh_jax
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What building the project reads; copied, so that builds running in parallel never share build/ or egg-info.
+BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "dtnh_jax")
+CORE = {"jax", "numpy", "optax"}
+HEAVY = ("flax", "orbax", "tensorflow_datasets", "tensorflow", "grain", "torch", "sklearn", "matplotlib")
+
+
+def copy_build_inputs(destination: pathlib.Path) -> None:
+  """Copies what building the project reads into ``destination``, a source tree of its own."""
+  destination.mkdir(parents=True, exist_ok=True)
+  for name in BUILD_INPUTS:
+    if (ROOT / name).is_dir():
+      shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+      shutil.copy2(ROOT / name, destination / name)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+  source, wheel_dir = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+  copy_build_inputs(source)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--quiet",
+                  "--wheel-dir", str(wheel_dir)], check=True)
+  (path,) = wheel_dir.glob("*.whl")
+  return path
+
+
+@pytest.fixture(scope="module")
+def metadata(wheel):
+  with zipfile.ZipFile(wheel) as archive:
+    (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    return email.parser.Parser().parsestr(archive.read(name).decode())
+
+
+def _requirements_by_extra(metadata):
+  """{extra or "": {distribution names}} from the wheel's Requires-Dist."""
+  by_extra = {}
+  for line in metadata.get_all("Requires-Dist") or []:
+    requirement = Requirement(line)
+    extras = [extra for extra in metadata.get_all("Provides-Extra")
+              if requirement.marker and requirement.marker.evaluate({"extra": extra})]
+    if not requirement.marker or requirement.marker.evaluate({"extra": ""}):
+      extras.append("")
+    for extra in extras:
+      by_extra.setdefault(extra, set()).add(canonicalize_name(requirement.name))
+  return by_extra
+
+
+def test_wheel_holds_py_typed_and_the_apache_license(wheel, metadata):
+  with zipfile.ZipFile(wheel) as archive:
+    names = archive.namelist()
+    licenses = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert "dtnh_jax/py.typed" in names
+    assert len(licenses) == 1, names
+    assert archive.read(licenses[0]) == (ROOT / "LICENSE").read_bytes()
+  assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+  assert metadata["License-Expression"] == "Apache-2.0"
+
+
+def test_wheel_version_is_dtnh_jax_version(metadata):
+  assert metadata["Version"] == dtnh_jax.__version__
+
+
+def test_wheel_requires_only_the_core(metadata):
+  assert _requirements_by_extra(metadata)[""] == CORE
+
+
+def test_wheel_lists_the_extras_with_what_each_part_imports(metadata):
+  by_extra = _requirements_by_extra(metadata)
+  assert set(metadata.get_all("Provides-Extra")) == {"models", "train", "torch", "test-core", "test", "all"}
+  assert {"flax", "orbax-checkpoint", "safetensors"} <= by_extra["models"]
+  assert {"dtnh-jax", "tensorflow-datasets", "grain", "scikit-learn", "pillow", "matplotlib"} <= by_extra["train"]
+  assert by_extra["torch"] == {"torch", "torchvision"}
+  assert {"pytest", "hypothesis", "chex"} <= by_extra["test-core"]
+  assert {"dtnh-jax", "nbclient"} <= by_extra["test"]
+  # No exact pins: CI's versions live in .ci/constraints.txt.
+  pinned = [line for line in metadata.get_all("Requires-Dist")
+            if any(spec.operator in ("==", "===") for spec in Requirement(line).specifier)]
+  assert not pinned
+
+
+def _installed_closure(requirements):
+  """The distributions installed here that ``requirements`` pull in, transitively, without extras."""
+  found, pending = {}, list(requirements)
+  while pending:
+    requirement = Requirement(pending.pop())
+    name = canonicalize_name(requirement.name)
+    if name in found or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+      continue
+    found[name] = importlib.metadata.distribution(name)
+    pending.extend(found[name].requires or [])
+  return found
+
+
+def _clean_venv_with(wheel, metadata, root):
+  """A venv holding the wheel and, linked from this environment, only its core dependencies' closure."""
+  venv = root / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  python = venv / "bin" / "python"
+  subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                  "--quiet", str(wheel)], check=True)
+  site = pathlib.Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+  core = [line for line in metadata.get_all("Requires-Dist") if "extra ==" not in line]
+  for name, distribution in _installed_closure(core).items():
+    assert distribution.files, f"{name} has no RECORD to link it from"
+    for top in {file.parts[0] for file in distribution.files} - {"..", "__pycache__"}:
+      if not (site / top).exists():
+        (site / top).symlink_to(distribution.locate_file(top))
+  return python
+
+
+CORE_CHECK = """
+import importlib.util, json, sys
+import jax.numpy as jnp
+import dtnh_jax, dtnh_jax.regularizers, dtnh_jax.demo
+tx = dtnh_jax.dtnh(0.1)
+empirical, regularizer = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([-1.0, 1.0])}
+direction, _ = tx.update((empirical, regularizer), tx.init(empirical))
+print(json.dumps({"file": dtnh_jax.__file__, "direction": direction["w"].tolist(),
+                  "importable": [m for m in sys.argv[1:] if importlib.util.find_spec(m)]}))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_works_in_a_clean_venv_without_flax(wheel, metadata, tmp_path):
+  python = _clean_venv_with(wheel, metadata, tmp_path)
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  out = subprocess.run([str(python), "-c", CORE_CHECK, *HEAVY], cwd=tmp_path, env=env, check=True,
+                       capture_output=True, text=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert pathlib.Path(result["file"]).is_relative_to(tmp_path / "venv")
+  assert result["importable"] == []
+  # <g, r> = -1 < 0: d = g + λ (r - <g, r>/|g|² g) = [1, 0] + 0.1 [0, 1]
+  assert result["direction"] == pytest.approx([1.0, 0.1])
+
+
+def test_import_dtnh_jax_loads_no_flax_orbax_or_tfds():
+  code = f"import sys, dtnh_jax; print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+  assert out.strip() == "[]"
