@@ -33,6 +33,10 @@ import optax
 
 from dtnh_jax import transform
 
+__all__ = [
+    "multi_steps",
+]
+
 
 def _full_regularizer(regularizer, params, index):
   """One regularizer gradient with the parameters' structure: untouched (None) leaves become zeros.

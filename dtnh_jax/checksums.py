@@ -21,6 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "mismatches",
+    "tree_checksums",
+]
+
 # Unsigned type of each element width (64-bit values are read as two 32-bit words).
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 

@@ -12,6 +12,11 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
+__all__ = [
+    "convert_main",
+    "train_main",
+]
+
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
   """``dtnh-convert SRC DST [--arch resnet18] [--force]``: torchvision -> orbax.

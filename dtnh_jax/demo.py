@@ -21,6 +21,17 @@ import optax
 
 import dtnh_jax
 
+__all__ = [
+    "accuracy",
+    "cross_entropy",
+    "fine_tune",
+    "init_mlp",
+    "logits_fn",
+    "main",
+    "make_task",
+    "pretrain",
+]
+
 DIM, HIDDEN, CLASSES = 32, 64, 8
 
 

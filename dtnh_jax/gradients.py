@@ -18,6 +18,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "BACKWARDS",
+    "ClosedFormRegularizer",
+    "split_value_and_grad",
+]
+
 PyTree = Any
 
 

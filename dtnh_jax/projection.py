@@ -24,6 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "accumulation_dtype",
+    "combine",
+    "Diagnostics",
+    "diagnostics",
+    "group_grams",
+    "group_leaves",
+    "Grouping",
+    "leaf_gram",
+    "project",
+    "projection_coefficients",
+    "PROJECTIONS",
+]
+
 PyTree = Any
 
 

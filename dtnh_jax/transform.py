@@ -13,6 +13,12 @@ import optax
 from dtnh_jax import projection as projection_lib
 from dtnh_jax.projection import Diagnostics
 
+__all__ = [
+    "dtnh",
+    "DTNHState",
+    "projection_groups",
+]
+
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Granularity = Union[str, PyTree, Callable[[PyTree], PyTree]]

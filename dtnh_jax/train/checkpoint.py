@@ -26,6 +26,11 @@ import orbax.checkpoint as ocp
 
 from dtnh_jax import checksums
 
+__all__ = [
+    "abstract",
+    "Checkpoints",
+]
+
 # The file orbax writes into a step folder when the step is complete, last, before
 # the atomic rename (orbax.checkpoint._src.path.atomicity_types.COMMIT_SUCCESS_FILE).
 _COMMIT_MARKER = "commit_success.txt"

@@ -18,6 +18,29 @@ import typing
 from collections.abc import Collection, Mapping
 from typing import Any
 
+__all__ = [
+    "ALL_METHODS",
+    "ARCHS",
+    "COMPUTE_DTYPES",
+    "ConfigError",
+    "FEATURE_LAYERS",
+    "FEATURE_NORMALIZATIONS",
+    "format_settings",
+    "GRANULARITIES",
+    "Method",
+    "METHODS",
+    "OFFLINE_PRESET",
+    "ON_NONFINITE",
+    "OPTIMIZERS",
+    "paper_preset",
+    "parse_settings",
+    "PROJECTIONS",
+    "read_settings",
+    "setting_types",
+    "SETTINGS_FORMATS",
+    "TrainConfig",
+]
+
 #: Regularizers of the paper (L2-SP, KnowDist), its baselines and DELTA.
 METHODS = ("fine-tune", "l2", "l2-sp", "knowdist", "delta")
 _LABELS = {"fine-tune": "Fine-tuning", "l2": "L2", "l2-sp": "L2-SP", "knowdist": "KnowDist", "delta": "DELTA"}

@@ -19,6 +19,14 @@ import numpy as np
 from dtnh_jax import data as data_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
+__all__ = [
+    "FOLDER_PREFIX",
+    "load_data",
+    "OFFLINE_PREFIX",
+    "OFFLINE_TARGET",
+    "RunData",
+]
+
 OFFLINE_TARGET = "offline-digits"
 OFFLINE_PREFIX = "offline-"
 FOLDER_PREFIX = "folder:"

@@ -15,6 +15,14 @@ import signal
 import threading
 from collections.abc import Iterator
 
+__all__ = [
+    "deferred",
+    "Flag",
+    "Interrupted",
+    "raising",
+    "SIGNALS",
+]
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -53,6 +53,15 @@ from dtnh_jax.train.config import ConfigError, TrainConfig
 from dtnh_jax.train.data import RunData, load_data
 from dtnh_jax.train.sources import load_source
 
+__all__ = [
+    "cached_attention",
+    "create_model",
+    "delta_attention",
+    "initial_variables",
+    "NonFiniteLossError",
+    "train",
+]
+
 logger = logging.getLogger(__name__)
 
 

@@ -24,6 +24,16 @@ import numpy as np
 
 from dtnh_jax.train.workdir import write_atomically
 
+__all__ = [
+    "DAMAGED",
+    "decode",
+    "encode",
+    "FILE",
+    "MetricsLog",
+    "OtherProcessLog",
+    "read_metrics",
+]
+
 FILE = "metrics.jsonl"
 DAMAGED = "metrics.damaged.txt"
 

@@ -26,6 +26,17 @@ from dtnh_jax.train import loop, report, sharding
 from dtnh_jax.train.config import ALL_METHODS, OFFLINE_PRESET, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
 
+__all__ = [
+    "cache_dir",
+    "OFFLINE_SOURCES",
+    "PRETRAIN",
+    "pretrained_source",
+    "Progress",
+    "run_dir",
+    "run_grid",
+    "run_offline_default",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Pre-training of the offline sources: a plain fine-tune run from scratch on the source data.

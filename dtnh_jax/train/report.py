@@ -11,6 +11,15 @@ import numpy as np
 
 from dtnh_jax.train import metrics as metrics_lib
 
+__all__ = [
+    "plot_angles",
+    "plot_losses",
+    "plot_results",
+    "read_metrics",
+    "results_table",
+    "write_run_report",
+]
+
 read_metrics = metrics_lib.read_metrics  # the records of a metrics.jsonl, non-finite values restored
 
 

@@ -47,6 +47,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dtnh_jax.train.config import ConfigError
 
+__all__ = [
+    "cluster_detected",
+    "DATA_AXIS",
+    "fsdp_shardings",
+    "fsdp_spec",
+    "initialize_distributed",
+    "is_chief",
+    "local_data_state",
+    "make_mesh",
+    "MIN_SHARD_SIZE",
+    "Placement",
+    "process_shard",
+    "put",
+    "sync",
+    "to_host",
+]
+
 PyTree = Any
 
 #: The mesh axis the batch (and, with FSDP, the parameters) is split over.

@@ -18,6 +18,11 @@ from flax.traverse_util import flatten_dict
 from dtnh_jax import models
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
+__all__ = [
+    "load_source",
+    "SCRATCH",
+]
+
 #: Sources that need no file.
 SCRATCH = "scratch"
 

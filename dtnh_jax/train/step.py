@@ -29,6 +29,18 @@ import dtnh_jax
 from dtnh_jax import regularizers
 from dtnh_jax.train.config import TrainConfig
 
+__all__ = [
+    "compiled_steps",
+    "create_train_state",
+    "evaluate",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "Reference",
+    "step_config",
+    "TrainState",
+]
+
 PyTree = Any
 
 

@@ -25,6 +25,21 @@ from typing import Any
 
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
+__all__ = [
+    "BOOKKEEPING",
+    "check_settings",
+    "CONFIG",
+    "differing_settings",
+    "Lock",
+    "read_settings",
+    "RESULTS",
+    "run_files",
+    "SET_ASIDE",
+    "set_aside",
+    "WorkdirBusyError",
+    "write_atomically",
+]
+
 # Settings a run may resume with changed: they do not change its numbers (on_nonfinite: a run
 # stopped by a NaN loss can go on with "skip"; fsdp, like the number of devices, only lays the
 # state out differently: rounding-level differences).
