@@ -119,12 +119,8 @@ def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, widt
 
 def _regularizer_of(config: TrainConfig, reference: step_lib.Reference):
   """``(closed_form, feature_regularizer)`` of ``config``'s method: the library step's own (one is None)."""
-  # pylint: disable=protected-access
-  closed_form = step_lib._closed_form(config, reference)
-  return (closed_form[0] if closed_form else None), step_lib._feature_regularizer(config, reference)
-
-
-_cross_entropy = step_lib._cross_entropy  # pylint: disable=protected-access
+  closed_form = step_lib.closed_form_regularizers(config, reference)
+  return (closed_form[0] if closed_form else None), step_lib.feature_regularizer(config, reference)
 
 
 def _separate_losses(model, config: TrainConfig):
@@ -141,7 +137,7 @@ def _separate_losses(model, config: TrainConfig):
 
   def empirical(params, batch_stats, batch):
     logits, _, batch_stats = forward(params, batch_stats, batch["image"])
-    return _cross_entropy(logits, batch["label"]), batch_stats
+    return step_lib.cross_entropy(logits, batch["label"]), batch_stats
 
   def regularizer(params, batch_stats, batch, reference):
     closed_form, feature_regularizer = _regularizer_of(config, reference)
@@ -195,7 +191,7 @@ def make_summed_step(model, config: TrainConfig, tx: optax.GradientTransformatio
 
     def total_loss(params):
       logits, features, batch_stats = forward(params, state.batch_stats, batch["image"])
-      loss = _cross_entropy(logits, batch["label"])
+      loss = step_lib.cross_entropy(logits, batch["label"])
       if feature_regularizer is not None:
         loss = loss + reg_weight * feature_regularizer(features, source)
       return loss, batch_stats

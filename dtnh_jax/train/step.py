@@ -30,9 +30,12 @@ from dtnh_jax import regularizers
 from dtnh_jax.train.config import TrainConfig
 
 __all__ = [
+    "closed_form_regularizers",
     "compiled_steps",
     "create_train_state",
+    "cross_entropy",
     "evaluate",
+    "feature_regularizer",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
@@ -102,11 +105,17 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _cross_entropy(logits, labels):
+def cross_entropy(logits, labels):
+  """The empirical loss J: softmax cross-entropy with integer labels, averaged over the batch, in float32
+  whatever the compute dtype."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def _closed_form(config: TrainConfig, reference: Reference) -> list[dtnh_jax.ClosedFormRegularizer]:
+def closed_form_regularizers(config: TrainConfig, reference: Reference) -> list[dtnh_jax.ClosedFormRegularizer]:
+  """``config``'s regularizers whose gradient is known in closed form, for ``split_value_and_grad(closed_form=...)``.
+
+  L2, or L2-SP toward ``reference``'s parameters; an empty list for the other methods.
+  """
   method = config.method_spec.regularizer
   if method == "l2":
     return [regularizers.l2_regularizer(config.l2_weight)]
@@ -115,7 +124,12 @@ def _closed_form(config: TrainConfig, reference: Reference) -> list[dtnh_jax.Clo
   return []
 
 
-def _feature_regularizer(config: TrainConfig, reference: Reference) -> Callable | None:
+def feature_regularizer(config: TrainConfig, reference: Reference) -> Callable | None:
+  """``(target_features, source_features) -> weighted Ω`` for KnowDist and DELTA, ``None`` for the other methods.
+
+  The weight is the method's own (``config.knowdist_weight``, ``config.delta_weight``); DELTA reads its channel
+  attention from ``reference``.
+  """
   method = config.method_spec.regularizer
   options = {"layers": config.feature_layers, "normalize": config.feature_normalize}
   if method == "knowdist":
@@ -149,24 +163,24 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
     images, labels = batch["image"], batch["label"]
-    feature_regularizer = _feature_regularizer(config, reference)
+    feature_term = feature_regularizer(config, reference)
     source_features = (
         regularizers.source_features(model, reference.variables, images, config.feature_layers)
-        if feature_regularizer is not None else None)
+        if feature_term is not None else None)
 
     def loss_terms(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       (logits, features), updated = model.apply(
           variables, images, train=True, return_features=True, mutable=["batch_stats"])
-      terms = (_cross_entropy(logits, labels),)
-      if feature_regularizer is not None:
-        terms += (feature_regularizer(features, source_features),)
+      terms = (cross_entropy(logits, labels),)
+      if feature_term is not None:
+        terms += (feature_term(features, source_features),)
       return terms, (updated["batch_stats"], logits)
 
     # "retrace": each term's backward pass holds only its own path; XLA merges
     # the forward passes (see split_value_and_grad).
-    grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True, closed_form=_closed_form(config, reference),
-                                            backward="retrace")
+    grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True,
+                                            closed_form=closed_form_regularizers(config, reference), backward="retrace")
     (values, (batch_stats, logits)), grads = grad_fn(state.params)
     # DTNH's passes over the gradients start after the backward passes end: left
     # free, XLA:CPU runs the inner products alongside the convolutions, which
