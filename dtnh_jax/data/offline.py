@@ -52,12 +52,13 @@ import functools
 
 import numpy as np
 
+from dtnh_jax import names
 from dtnh_jax.data.datasets import ArraySource
 
 __all__ = ["NUM_CLASSES", "SOURCES", "source", "target"]
 
-#: Names of the source datasets :func:`source` builds.
-SOURCES = ("related", "unrelated")
+#: Names of the source datasets :func:`source` builds (``dtnh_jax.names.OFFLINE_SOURCES``).
+SOURCES = names.OFFLINE_SOURCES
 #: Number of classes of the target and of each source.
 NUM_CLASSES = {"target": 10, "related": 10, "unrelated": 10}
 

@@ -45,6 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from dtnh_jax import names
 from dtnh_jax.data import datasets
 
 __all__ = [
@@ -59,12 +60,11 @@ __all__ = [
     "resize",
 ]
 
-# The values of torchvision's ImageNet weights (and of dtnh_jax.models, which
-# a test checks); defined here too so that data workers need not import flax.
+# As arrays for the arithmetic of normalize(); from dtnh_jax.names, so that data workers need not import flax.
 #: Per-channel (RGB) mean of ImageNet, for pixels scaled to [0, 1].
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_MEAN = np.array(names.IMAGENET_MEAN, dtype=np.float32)
 #: Per-channel (RGB) standard deviation of ImageNet, for pixels in [0, 1].
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_STD = np.array(names.IMAGENET_STD, dtype=np.float32)
 IMAGENET_MEAN.flags.writeable = False
 IMAGENET_STD.flags.writeable = False
 

@@ -63,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtnh_jax import names
+
 __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
@@ -89,14 +91,14 @@ def _read_only(values: Sequence[float]) -> np.ndarray:
 
 #: Per-channel (RGB) mean of ImageNet that torchvision's weights expect:
 #: ``images = (rgb_in_0_1 - IMAGENET_MEAN) / IMAGENET_STD``, channels last.
-IMAGENET_MEAN = _read_only((0.485, 0.456, 0.406))
+IMAGENET_MEAN = _read_only(names.IMAGENET_MEAN)
 #: Per-channel (RGB) standard deviation of ImageNet, see ``IMAGENET_MEAN``.
-IMAGENET_STD = _read_only((0.229, 0.224, 0.225))
+IMAGENET_STD = _read_only(names.IMAGENET_STD)
 
 #: Names of the intermediate outputs returned with ``return_features=True``
 #: and accepted as keys of ``feature_masks``: the output of each stage (NHWC)
 #: and the globally average-pooled vector that feeds the head (N, C).
-FEATURE_NAMES = ("layer1", "layer2", "layer3", "layer4", "pool")
+FEATURE_NAMES = names.FEATURE_NAMES
 
 # Random initial values, cut from fixed-size blocks of draws.
 #
@@ -435,12 +437,12 @@ class ResNet(nn.Module):
     return logits
 
 
-#: Architecture name -> (block type, blocks per stage), as in torchvision.
-ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-}
+#: Architecture name (``dtnh_jax.names.ARCHITECTURES``) -> (block type, blocks per stage), as in torchvision.
+ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = dict(zip(names.ARCHITECTURES, (
+    (BasicBlock, (2, 2, 2, 2)),  # ResNet-18
+    (BasicBlock, (3, 4, 6, 3)),  # ResNet-34
+    (Bottleneck, (3, 4, 6, 3)),  # ResNet-50
+), strict=True))
 
 
 def create_model(arch: str, num_classes: int = 1000, **kwargs) -> ResNet:

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtnh_jax import names
+
 PyTree = Any
 
-DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+DEFAULT_LAYERS = names.DEFAULT_FEATURE_LAYERS
 """The four ResNet stage outputs: KnowDist's and DELTA's default layers."""
 
 

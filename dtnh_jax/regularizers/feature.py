@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtnh_jax import names
 from dtnh_jax.regularizers._common import (
     DEFAULT_LAYERS, PyTree, _accumulate, _as_layers, _check_layers, _check_nonnegative)
-
-_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
 
 
 def _paired_features(target_features, source_features, layers, caller):
@@ -35,14 +34,15 @@ def _paired_features(target_features, source_features, layers, caller):
           "architecture on the same batch."
       )
     if jnp.ndim(target) < 2:
-      raise ValueError(f"{caller}: feature map {layer!r} must be at least (batch, channels), got shape {jnp.shape(target)}.")
+      raise ValueError(f"{caller}: feature map {layer!r} must be at least (batch, channels), got shape "
+                       f"{jnp.shape(target)}.")
     pairs.append((layer, target, jax.lax.stop_gradient(source)))
   return pairs
 
 
 def _check_normalize(normalize, caller):
-  if normalize not in _NORMALIZATIONS:
-    raise ValueError(f"{caller}: normalize must be one of {_NORMALIZATIONS}, got {normalize!r}.")
+  if normalize not in names.FEATURE_NORMALIZATIONS:
+    raise ValueError(f"{caller}: normalize must be one of {names.FEATURE_NORMALIZATIONS}, got {normalize!r}.")
 
 
 def _squared_distance_per_channel(target, source, normalize):

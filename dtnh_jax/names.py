@@ -1,0 +1,53 @@
+"""The names that more than one module accepts, each list kept once.
+
+Plain tuples of strings (and of floats for the ImageNet statistics), importing
+nothing: the training config validates its choices with them before jax is
+loaded, and the modules that implement each choice (the ResNets, the
+regularizers, ``dtnh``, the input pipeline) import the same tuple.
+"""
+
+__all__ = [
+    "ARCHITECTURES",
+    "COMPUTE_DTYPES",
+    "DEFAULT_FEATURE_LAYERS",
+    "FEATURE_NAMES",
+    "FEATURE_NORMALIZATIONS",
+    "GRANULARITIES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "METHOD_LABELS",
+    "OFFLINE_DATASETS",
+    "OFFLINE_SOURCES",
+    "OFFLINE_TARGET",
+    "PROJECTIONS",
+    "REGULARIZERS",
+]
+
+#: The transfer regularizers of dtnh-train (``fine-tune``: none), in the paper's table order.
+REGULARIZERS = ("fine-tune", "l2", "l2-sp", "knowdist", "delta")
+#: Their column names in the tables, in ``REGULARIZERS``' order.
+METHOD_LABELS = ("Fine-tuning", "L2", "L2-SP", "KnowDist", "DELTA")
+#: The offline default's target and its two sources (pre-trained here; see dtnh_jax.data.offline).
+OFFLINE_TARGET = "offline-digits"
+OFFLINE_SOURCES = ("related", "unrelated")
+#: Every offline dataset ``--dataset`` accepts: the target and the sources' own data.
+OFFLINE_DATASETS = (OFFLINE_TARGET,) + tuple(f"offline-{name}" for name in OFFLINE_SOURCES)
+#: The network's compute dtypes (parameters, gradients and DTNH's inner products stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+#: ResNet architectures, torchvision's names (``dtnh_jax.models.ARCHITECTURES`` maps each to its blocks).
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+#: A ResNet's intermediate outputs with ``return_features=True``: each stage's output and the pooled vector.
+FEATURE_NAMES = ("layer1", "layer2", "layer3", "layer4", "pool")
+#: The four stage outputs: the feature maps KnowDist and DELTA compare unless told otherwise.
+DEFAULT_FEATURE_LAYERS = FEATURE_NAMES[:4]
+#: How KnowDist and DELTA scale a channel's feature-map distance: summed, averaged over positions, or over all.
+FEATURE_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
+#: What DTNH projects as one vector: all parameters (the paper), each leaf, or each module.
+GRANULARITIES = ("tree", "leaf", "module")
+#: When DTNH projects: on conflict (the paper), always (the authors' code), or never (the plain regularized gradient).
+PROJECTIONS = ("conflict", "always", "none")
+#: Per-channel (RGB) mean of ImageNet for pixels in [0, 1], as torchvision's weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: Per-channel (RGB) standard deviation of ImageNet for pixels in [0, 1].
+IMAGENET_STD = (0.229, 0.224, 0.225)
