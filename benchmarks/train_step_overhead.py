@@ -36,9 +36,8 @@ Runs are interleaved: each round runs every variant for a block of
 ratios are medians of per-round ratios of the mean step time of the blocks, so
 the shared, noisy machine affects all sides alike. Blocks, not single steps:
 a step timed right after another program's pays for that program's caches,
-and more so the larger its own temporaries (KnowDist's DTNH step measured
-1.38x with single-step rounds, 1.32x in blocks of 3 or with only two
-variants alternating). Also reported per step, independent of the machine's load:
+and more so the larger its own temporaries (benchmarks/RESULTS.md has the
+figures). Also reported per step, independent of the machine's load:
 the number of convolutions in the optimized XLA program(s) (each forward or
 backward pass of a ResNet-18 adds about 20, a backward pass 39: weights and
 inputs) and XLA's flop count; and the compile time (``jit(...).lower(...)``
@@ -71,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtnh_jax import models, regularizers
+from dtnh_jax import models, names, regularizers
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.config import Method, TrainConfig
 
@@ -102,15 +101,15 @@ def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10
   _, features = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, return_features=True),
                                initial, batch["image"])
   attention = {}
-  for layer in TrainConfig.feature_layers:
+  for layer in names.DEFAULT_FEATURE_LAYERS:
     logits = rng.normal(size=features[layer].shape[-1])
     attention[layer] = (np.exp(logits) / np.exp(logits).sum()).astype(np.float32)
   return Problem(model, batch, initial, attention)
 
 
 def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, width: float) -> TrainConfig:
-  return TrainConfig(method=Method(regularizer, dtnh).name, dataset="synthetic", width=width,
-                     batch_size=batch_size, resize=size, crop=size)
+  return TrainConfig.create(method=Method(regularizer, dtnh).name, dataset="synthetic", width=width,
+                            batch_size=batch_size, resize=size, crop=size)
 
 
 # ----------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def _separate_losses(model, config: TrainConfig):
     closed_form, feature_regularizer = _regularizer_of(config, reference)
     if closed_form is not None:
       return closed_form.value(params)   # autodiff of the value, as one would write it
-    source = regularizers.source_features(model, reference.variables, batch["image"], config.feature_layers)
+    source = regularizers.source_features(model, reference.variables, batch["image"], config.regularizer.feature_layers)
     return feature_regularizer(forward(params, batch_stats, batch["image"])[1], source)
 
   return forward, empirical, regularizer
@@ -182,11 +181,12 @@ def make_separate_programs(model, config: TrainConfig, tx: optax.GradientTransfo
 def make_summed_step(model, config: TrainConfig, tx: optax.GradientTransformation):
   """X as usually written: one ``jax.value_and_grad`` of ``J + λ Ω`` (one backward pass), plain SGD."""
   forward, _, _ = _separate_losses(model, config)
-  reg_weight = config.reg_weight  # constant: reg_decay is 1
+  reg_weight = config.recipe.reg_weight  # constant: reg_decay is 1
 
   def train_step(state, batch, reference):
     closed_form, feature_regularizer = _regularizer_of(config, reference)
-    source = (regularizers.source_features(model, reference.variables, batch["image"], config.feature_layers)
+    layers = config.regularizer.feature_layers
+    source = (regularizers.source_features(model, reference.variables, batch["image"], layers)
               if feature_regularizer is not None else None)
 
     def total_loss(params):
@@ -348,6 +348,11 @@ def median_ratio(times: dict[str, np.ndarray], a: str, b: str) -> float:
 VARIANTS = ("plain", "dtnh", "naive", "separate", "summed")
 
 
+def library_step(model, config: TrainConfig, tx: optax.GradientTransformation):
+  """The library's train step jitted as ``Placement.jit_train_step`` does on one device (state donated)."""
+  return jax.jit(step_lib.make_train_step(model, config, tx), donate_argnums=(0,))
+
+
 def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> dict[str, CompiledStep]:
   """The compiled steps of one regularizer, by variant name (see the module's docstring)."""
   reference = step_lib.Reference(problem.initial, problem.attention if regularizer == "delta" else None)
@@ -359,10 +364,8 @@ def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> 
     sgd = step_lib.make_optimizer(plain_config.replace(method="fine-tune"), STEPS_PER_EPOCH)
   model = problem.model
   makers = {
-      "plain": lambda: CompiledStep(step_lib.make_train_step(model, plain_config, plain_tx), plain_tx, problem,
-                                    reference),
-      "dtnh": lambda: CompiledStep(step_lib.make_train_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem,
-                                   reference),
+      "plain": lambda: CompiledStep(library_step(model, plain_config, plain_tx), plain_tx, problem, reference),
+      "dtnh": lambda: CompiledStep(library_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem, reference),
       "naive": lambda: CompiledStep(make_naive_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem, reference),
       "separate": lambda: SeparateStep(make_separate_programs(model, dtnh_config, dtnh_tx), dtnh_tx, problem,
                                        reference),

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 __all__ = [
     "convert_main",
+    "settings_to_argv",
     "train_main",
 ]
 
@@ -108,9 +109,29 @@ def _shown(value) -> str:
   return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def settings_to_argv(settings) -> list[str]:
+  """``dtnh-train`` flags that set ``settings`` (flat setting name -> value): the inverse of its parser.
+
+  A bool becomes ``--name`` or ``--no-name``, a tuple or list comma-separated values, None (an unset optional
+  setting) nothing; ``method`` and ``seed`` take the grid flags ``--method`` and ``--seeds``.
+  """
+  argv = []
+  for name, value in settings.items():
+    if value is None:
+      continue
+    flag = {"seed": "--seeds"}.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+      argv.append(flag if value else "--no-" + flag[2:])
+    elif isinstance(value, (tuple, list)):
+      argv += [flag, ",".join(map(str, value))]
+    else:
+      argv += [flag, str(value)]
+  return argv
+
+
 def _train_parser():
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dtnh_jax import names  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="dtnh-train",
@@ -140,9 +161,13 @@ def _train_parser():
                       "offline: all)")
   parser.add_argument("--seeds", default=None, metavar="SEED[,SEED...]",
                       help="comma-separated seeds, one run each (default: --seed; offline: 0,1,2)")
+  parser.add_argument("--preset", choices=tuple(presets.PRESETS), default=None,
+                      help="the settings to start from (dtnh_jax.train.presets): paper (the paper's recipe, the "
+                      "default with a --dataset), offline (the offline default, without one) or tiny (seconds per "
+                      "run, for a smoke test); --config and the flags override it")
   parser.add_argument("--offline", action="store_true",
-                      help="the offline default (also chosen when no --dataset is given, or with --dataset "
-                      f"{config_lib.OFFLINE_PRESET['dataset']}); other flags override its settings")
+                      help="the offline default, as --preset offline (also chosen when no --dataset is given, or "
+                      f"with --dataset {names.OFFLINE_TARGET})")
   parser.add_argument("--export", help="also write the final variables of a single run here (orbax): a new or "
                       "empty folder, or one holding a checkpoint dtnh_jax wrote, with --force")
   parser.add_argument("--force", action="store_true",
@@ -162,15 +187,16 @@ def _train_parser():
   multihost.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
   settings = parser.add_argument_group(
       "settings", "One run's settings (dtnh_jax.train.TrainConfig); each is also a --config key.")
-  defaults = config_lib.TrainConfig()
-  for field in dataclasses.fields(config_lib.TrainConfig):
+  defaults = config_lib.TrainConfig().settings()
+  offline_settings = presets.offline()
+  for _, field in config_lib.setting_fields():
     if field.name == "method":  # --method above: several methods
       continue
     kind, is_tuple, _ = config_lib.setting_types()[field.name]
     choices = field.metadata["choices"]
-    default = getattr(defaults, field.name)
+    default = defaults[field.name]
     shown = "not set" if default is None else _shown(default)
-    offline = config_lib.OFFLINE_PRESET.get(field.name, default)
+    offline = offline_settings.get(field.name, default)
     shown += f"; offline: {_shown(offline)}" if offline != default else ""
     help_text = field.metadata["help"].replace("%", "%%")
     if is_tuple and choices:
@@ -305,8 +331,8 @@ def _plan(args) -> _Plan:
   Raises:
     ConfigError: a bad --config file or setting.
   """
-  from dtnh_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dtnh_jax import names  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
   settings = config_lib.read_settings(args.config, lists=_GRID) if args.config else {}
   settings.update({name: value for name, value in vars(args).items()
                    if name in config_lib.setting_types() and name != "method" and value is not None})
@@ -314,27 +340,34 @@ def _plan(args) -> _Plan:
   method_text = args.method if args.method is not None else settings.pop("method", None)
   if isinstance(method_text, list):
     method_text = ",".join(method_text)
-  offline_dataset = config_lib.OFFLINE_PRESET["dataset"]
-  offline_default = args.offline or settings.get("dataset", offline_dataset) == offline_dataset
-  methods = _parse_methods(method_text or ("all" if offline_default else "l2-sp"))
+  if args.offline and args.preset not in (None, "offline"):
+    raise config_lib.ConfigError(f"--offline is --preset offline; it cannot go with --preset {args.preset}.")
+  preset_name = args.preset or ("offline" if args.offline else None)
+  if preset_name is None:
+    preset_name = "offline" if settings.get("dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET else "paper"
+  dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
+  preset = presets.paper(dataset) if preset_name == "paper" else presets.PRESETS[preset_name]()
+  offline_default = preset.get("dataset") == names.OFFLINE_TARGET and settings.get(
+      "dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET
+  methods = _parse_methods(method_text or preset.get("method") or ("all" if offline_default else "l2-sp"))
   seed = settings.pop("seed", None)
   if args.seeds is not None:
     seeds = _parse_seeds(args.seeds)
   elif seed is not None:
     seeds = as_list(seed)
   else:
-    seeds = [0, 1, 2] if offline_default else [config_lib.TrainConfig.seed]
+    seeds = [0, 1, 2] if preset_name == "offline" else [preset.get("seed", config_lib.TrainConfig.seed)]
   source = settings.pop("source", None)
   if source is not None:
     sources = as_list(source)
+  elif "source" in preset:
+    sources = [preset["source"]]
   else:
-    sources = list(data_lib.offline.SOURCES) if offline_default else [config_lib.TrainConfig.source]
-  preset = (config_lib.OFFLINE_PRESET if offline_default
-            else config_lib.paper_preset(settings.get("dataset", config_lib.TrainConfig.dataset)))
+    sources = list(names.OFFLINE_SOURCES) if offline_default else [config_lib.TrainConfig.source]
   # a --seed that --seeds overrides is still checked, as every other setting given
   given_seed = {"seed": seed} if seed is not None and not isinstance(seed, list) else {}
-  base = config_lib.TrainConfig(**{**preset, **settings, **given_seed, "method": methods[0].name,
-                                   "source": sources[0]})
+  base = config_lib.TrainConfig.create(**{**preset, **settings, **given_seed, "method": methods[0].name,
+                                          "source": sources[0]})
   base = base.replace(seed=seeds[0])
   for seed in seeds[1:]:  # a bad seed of a grid fails now, not hours in
     base.replace(seed=seed)
@@ -344,7 +377,7 @@ def _plan(args) -> _Plan:
   if args.workdir:
     workdir = args.workdir
   elif offline_default:
-    workdir = os.path.join("runs", "offline-default")
+    workdir = os.path.join("runs", "offline-default" if preset_name == "offline" else f"offline-{preset_name}")
   elif len(sources) == 1:
     workdir = os.path.join("runs", dataset_dir, os.path.basename(os.path.normpath(base.source)))
   else:
@@ -354,10 +387,9 @@ def _plan(args) -> _Plan:
 
 def _settings_text(plan: _Plan, fmt: str) -> str:
   """The settings of ``plan`` as a --config file in ``fmt``: every setting, lists for a grid's axes."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   single = lambda values: values[0] if len(values) == 1 else list(values)
-  settings = {**dataclasses.asdict(plan.base), "method": single([m.name for m in plan.methods]),
+  settings = {**plan.base.settings(), "method": single([m.name for m in plan.methods]),
               "seed": single(plan.seeds), "source": single(plan.sources)}
   text = config_lib.format_settings(settings, fmt)
   if fmt == "toml":
@@ -384,11 +416,12 @@ def _train(args, plan: _Plan) -> int:
       logging.getLogger(name).setLevel(logging.INFO)
   if args.export:
     config = plan.base.replace(method=plan.methods[0].name, seed=plan.seeds[0], source=plan.sources[0])
+    offline.pretrain_sources(config, [config.source])  # if it is an offline source, and not cached yet
     progress = offline.Progress(1, enabled=not args.no_progress and sharding.is_chief())
     try:
       result = loop.train(config, offline.run_dir(workdir, config.source, config.method, config.seed),
-                          offline_sources=offline.OFFLINE_SOURCES, export_to=args.export, force_export=args.force,
-                          restart=args.restart, progress=progress.for_run(config.method))
+                          export_to=args.export, force_export=args.force, restart=args.restart,
+                          progress=progress.for_run(config.method))
     finally:
       progress.close()
     print(result)

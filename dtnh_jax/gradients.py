@@ -100,10 +100,11 @@ def split_value_and_grad(
     has_aux: whether ``fun`` returns auxiliary data (e.g. BatchNorm statistics).
     closed_form: regularizers of the parameters alone with known gradients;
       their values and gradients are appended after ``fun``'s terms. They are
-      evaluated after the traced gradients (an optimization barrier; on a CPU,
-      running them alongside the backward convolutions slowed a ResNet-18
-      L2-SP step at 128x128 from 1.02x to 1.07x of the plain step), values
-      and gradients apart (sharing ``w - w0`` cost another 8% at 96x96).
+      evaluated after the traced gradients (an optimization barrier: on a CPU,
+      XLA otherwise runs these parameter-sized passes alongside the backward
+      convolutions and slows both), values and gradients apart (XLA would
+      otherwise materialize the shared ``w - w0`` in an extra pass; both
+      measured in benchmarks/RESULTS.md).
     backward: how the per-term gradients are formed.
       ``"sequential"`` (default): ``fun`` is traced once (one ``jax.vjp``) and
       each term's one-hot cotangent is pulled back on its own. Unjitted, this
@@ -115,9 +116,8 @@ def split_value_and_grad(
       XLA merges the identical forward passes (common-subexpression
       elimination), leaving one forward pass in the compiled program (checked
       by the tests on the convolutions of a compiled CNN step). Fastest inside
-      a jitted train step (ResNet-18 KnowDist step on a CPU: 1.32x of the
-      one-backward ``J + λΩ`` step against 1.38x sequential); unjitted it runs
-      the forward pass once more per term.
+      a jitted train step (benchmarks/RESULTS.md); unjitted it runs the
+      forward pass once more per term.
       ``"vmap"``: the pull-backs batched with ``jax.vmap`` (more memory; slower
       on CPU in our measurements).
 

@@ -1,6 +1,29 @@
-"""Shared pytest fixtures and markers."""
+"""Shared pytest fixtures and markers, and the suite's compile settings.
 
-import pytest
+Every test, and every process a test starts (they inherit the environment),
+compiles with the options below: the suite runs hundreds of small programs
+once each, where XLA's expensive backend passes cost more time than they
+save. Compiled programs go to one persistent compilation cache shared by the
+pytest workers and their subprocesses (``$DTNH_JAX_TEST_CACHE``, by default
+under the system's temporary folder), so a train step compiled by one test
+is loaded by the next. Neither changes what a test checks: runs that are
+compared with each other compile with the same flags.
+"""
+
+import os
+import tempfile
+
+#: The environment of the suite, set before jax is imported.
+FAST_COMPILE_ENV = {
+    "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+                                        "--xla_llvm_disable_expensive_passes=true"])),
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+        "DTNH_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "dtnh-jax-test-compilation-cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+}
+os.environ.update(FAST_COMPILE_ENV)
+
+import pytest  # pylint: disable=wrong-import-position
 
 _PARITY_KEY = pytest.StashKey[dict]()
 
@@ -9,6 +32,16 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: takes several seconds on a CPU (still run by default)")
   config.stash[_PARITY_KEY] = {}
+
+
+@pytest.fixture
+def tiny_config():
+  """Factory: the ``tiny`` preset (``dtnh_jax.train.presets``) as a TrainConfig, with overrides by setting name.
+
+  ``tiny_config(method="knowdist", steps=2)``; ``presets.tiny()`` is the same as plain settings.
+  """
+  from dtnh_jax.train import presets  # pylint: disable=g-import-not-at-top  # the core's tests run without flax
+  return lambda **overrides: presets.get("tiny", **overrides)
 
 
 @pytest.fixture

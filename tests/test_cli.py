@@ -6,7 +6,6 @@ needs a run.
 """
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -49,7 +48,7 @@ def wide_help(monkeypatch):
 
 
 def _fields():
-  return dataclasses.fields(TrainConfig)
+  return [field for _, field in config_lib.setting_fields()]
 
 
 # --- help: one source of truth, the config ------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def _fields():
 
 @pytest.mark.parametrize("name", [f.name for f in _fields()])
 def test_every_setting_has_a_one_line_help(name):
-  text = TrainConfig.__dataclass_fields__[name].metadata.get("help", "")
+  text = {f.name: f for f in _fields()}[name].metadata.get("help", "")
   assert text.strip() and "\n" not in text
 
 
@@ -85,9 +84,9 @@ def test_settings_with_a_finite_set_of_values_declare_it():
 def test_declared_choices_are_exactly_what_the_config_accepts(name):
   is_tuple = config_lib.setting_types()[name][1]
   for choice in EXPECTED_CHOICES[name]:
-    TrainConfig(**{name: (choice,) if is_tuple else choice})  # accepted
+    TrainConfig.create(**{name: (choice,) if is_tuple else choice})  # accepted
   with pytest.raises(config_lib.ConfigError, match=f"--{name.replace('_', '-')}|unknown method"):
-    TrainConfig(**{name: ("no-such",) if is_tuple else "no-such"})
+    TrainConfig.create(**{name: ("no-such",) if is_tuple else "no-such"})
 
 
 def _entry(help_text, flag):
@@ -100,13 +99,13 @@ def _entry(help_text, flag):
 def test_help_shows_every_setting_with_its_help_and_default(wide_help):
   code, out, _ = _main(cli.train_main, ["--help"])
   assert code == 0
-  defaults = TrainConfig()
+  defaults = TrainConfig().settings()
   for field in _fields():
     if field.name == "method":
       continue
     entry = _entry(out, f"--{field.name.replace('_', '-')}")
     assert field.metadata["help"] in entry, field.name
-    default = getattr(defaults, field.name)
+    default = defaults[field.name]
     shown = "not set" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
     assert f"(default: {shown}" in entry, field.name
 
@@ -244,7 +243,7 @@ def _adam_first_step(direction, params, learning_rate, weight_decay, eps=1e-8):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_the_optimizer_follows_dtnh_in_the_chain(optimizer):
-  config = TrainConfig(method="dtnh-l2-sp", optimizer=optimizer, learning_rate=0.01, reg_weight=0.5,
+  config = TrainConfig.create(method="dtnh-l2-sp", optimizer=optimizer, learning_rate=0.01, reg_weight=0.5,
                        weight_decay=0.1 if optimizer == "adamw" else 0.0)
   params = {"w": jnp.array([0.5, -1.0, 2.0])}
   empirical, regularizer = {"w": jnp.array([1.0, 2.0, 0.5])}, {"w": jnp.array([-3.0, 0.5, -1.0])}
@@ -266,7 +265,7 @@ def test_the_optimizer_follows_dtnh_in_the_chain(optimizer):
 ])
 def test_optimizer_settings_that_would_be_ignored_are_refused(changes, message):
   with pytest.raises(config_lib.ConfigError, match=message):
-    TrainConfig(**changes)
+    TrainConfig.create(**changes)
 
 
 # --- one tiny run: adamw, progress bars, log lines ----------------------------------------------------------------

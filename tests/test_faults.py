@@ -26,26 +26,21 @@ import pytest
 
 from dtnh_jax import cli, models
 from dtnh_jax.train import TrainConfig, checkpoint, loop, offline, report
-from dtnh_jax.train import config as config_lib
+from dtnh_jax.train import presets
 from dtnh_jax.train.data import load_data
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # The offline problem at a size that runs in seconds, from a random initialization
 # (no source network to pre-train): the same code as the default.
-FAST = {**config_lib.OFFLINE_PRESET, "source": "scratch", "method": "dtnh-l2-sp", "resize": 10, "crop": 8,
-        "batch_size": 16, "steps": 6, "lr_drop_steps": (4,), "eval_every": 3, "log_every": 3,
-        "checkpoint_every": 2, "keep_checkpoints": 3, "eval_batch_size": 200}
+FAST = presets.tiny()
 
 
 def _flags(settings):
   """``dtnh-train`` flags for ``settings`` (the offline default's own settings left out)."""
-  flags = []
-  for key, value in settings.items():
-    if key in ("dataset", "small_stem", "method") or config_lib.OFFLINE_PRESET.get(key) == value:
-      continue
-    flags += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-  return flags
+  offline_default = presets.offline()
+  return cli.settings_to_argv({key: value for key, value in settings.items()
+                               if key not in ("dataset", "method") and offline_default.get(key) != value})
 
 
 def _assert_trees_equal(actual, expected, what="state"):
@@ -82,7 +77,7 @@ def _metrics(workdir):
 def straight_run(tmp_path_factory):
   """An uninterrupted FAST run: what every resumed run must equal."""
   workdir = tmp_path_factory.mktemp("straight")
-  loop.train(TrainConfig(**FAST), workdir, plots=False)
+  loop.train(TrainConfig.create(**FAST), workdir)
   return workdir
 
 
@@ -194,12 +189,12 @@ def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(
 
 
 def test_metric_lines_after_the_checkpoint_resumed_from_are_not_written_twice(straight_run, tmp_path):
-  config = TrainConfig(**FAST)
+  config = TrainConfig.create(**FAST)
   loop.train(config, tmp_path, stop_after=4)
   with open(tmp_path / "metrics.jsonl", "a") as f:  # as a kill after writing them and before the next checkpoint
     f.writelines(line for line in open(straight_run / "metrics.jsonl") if json.loads(line)["step"] > 4)
     f.write('{"step": 6, "kind": "train", "loss_emp')  # and a line cut short
-  loop.train(config, tmp_path, plots=False)
+  loop.train(config, tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
 
 
@@ -226,11 +221,11 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_one_used(damage, straight_run,
                                                                                          tmp_path):
-  config = TrainConfig(**FAST)
+  config = TrainConfig.create(**FAST)
   loop.train(config, tmp_path, stop_after=4)
   DAMAGES[damage](tmp_path / "checkpoints" / "4")
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*falling back to the previous checkpoint \(step 2\)"):
-    loop.train(config, tmp_path, plots=False)
+    loop.train(config, tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
   _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
   assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()  # kept for inspection, out of orbax's way
@@ -307,7 +302,8 @@ def _resnet50_safetensors(path):
 
 
 @pytest.mark.parametrize("make_source,message", [
-    (lambda d: _garbage(d / "weights.pth"), r"--source \S*weights.pth: (could not read .* weights_only=True|.*PyTorch)"),
+    (lambda d: _garbage(d / "weights.pth"),
+     r"--source \S*weights.pth: (could not read .* weights_only=True|.*PyTorch)"),
     (lambda d: _garbage(d / "weights.safetensors"), r"--source \S*weights.safetensors: could not read .* safetensors"),
     (lambda d: _garbage(d / "weights.bin", b""), r"--source \S*weights.bin: could not read"),
     (lambda d: (d / "empty").mkdir() or d / "empty", r"--source \S*empty: not a readable orbax checkpoint"),
@@ -336,11 +332,6 @@ def test_no_untrusted_file_is_unpickled():
     for call in re.findall(r"torch\.load\([^)]*\)", text):
       assert "weights_only=True" in call, (path, call)
     assert "allow_pickle=True" not in text, path
-
-
-def test_config_names_agree_with_the_models():
-  assert set(config_lib.ARCHS) == set(models.ARCHITECTURES)
-  assert config_lib.FEATURE_LAYERS == tuple(models.FEATURE_NAMES)
 
 
 # --- NaN/Inf -------------------------------------------------------------------------------------------------------
@@ -382,10 +373,10 @@ def _all_finite(tree):
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = TrainConfig(**{**FAST, "log_every": 5})  # found when the checkpoint of step 4 is due
+  config = TrainConfig.create(**{**FAST, "log_every": 5})  # found when the checkpoint of step 4 is due
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"step 3: the loss or the update is not finite.*newest checkpoint \(step 2\)"):
-    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
   step, state, _, _ = _newest_checkpoint(tmp_path)
   assert step == 2 and sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2]
   assert _all_finite(state)
@@ -394,7 +385,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_ch
 
   # the message's advice: the same run goes on from there, skipping the step
   with pytest.warns(RuntimeWarning, match=r"step 3: .*skipped"):
-    loop.train(config.replace(on_nonfinite="skip"), tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+    loop.train(config.replace(on_nonfinite="skip"), tmp_path, data=_data_with_nan_batch(config, 3))
   assert [r["skipped"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
 
 
@@ -405,9 +396,9 @@ def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, c
 
 
 def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchanged(tmp_path):
-  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "checkpoint_every": 1, "keep_checkpoints": 10})
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "checkpoint_every": 1, "keep_checkpoints": 10})
   with pytest.warns(RuntimeWarning, match=r"step 3: the loss or the update is not finite.*skipped"):
-    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3), plots=False)
+    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
   before, skipped, after = (_checkpoint_at(tmp_path, step) for step in (2, 3, 4))
   for part in ("params", "opt_state", "batch_stats"):
     _assert_trees_equal(skipped["state"][part], before["state"][part], part)

@@ -333,7 +333,7 @@ TINY = dict(width=0.125, small_stem=True, resize=10, crop=8, batch_size=4, eval_
 
 def test_load_data_gives_the_folders_classes_sizes_and_loaders(tmp_path):
   _make_split(tmp_path, "train")
-  run = load_data(TrainConfig(dataset=f"folder:{tmp_path}", **TINY))
+  run = load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY))
   assert (run.num_classes, run.num_train) == (3, 12)
   batch = next(run.train_loader(0))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].shape == (4,)
@@ -342,14 +342,14 @@ def test_load_data_gives_the_folders_classes_sizes_and_loaders(tmp_path):
 
 def test_load_data_shards_the_training_split_between_processes(tmp_path):
   _make_split(tmp_path, "train")
-  config = TrainConfig(dataset=f"folder:{tmp_path}", **TINY)
+  config = TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY)
   assert [load_data(config, index, 2).train_loader(0).num_examples for index in range(2)] == [6, 6]
 
 
 def test_load_data_reads_the_folder_and_writes_nothing_into_it(tmp_path):
   _make_split(tmp_path, "train")
   before = _snapshot(tmp_path)
-  run = load_data(TrainConfig(dataset=f"folder:{tmp_path}", **TINY))
+  run = load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY))
   _take(run.train_loader(0), 4)
   list(run.eval_batches())
   assert _snapshot(tmp_path) == before
@@ -362,14 +362,14 @@ def test_load_data_reads_the_folder_and_writes_nothing_into_it(tmp_path):
 def test_load_data_turns_folder_errors_into_one_line_config_errors(make, message, tmp_path):
   make(tmp_path)
   with pytest.raises(ConfigError, match=re.escape(f"--dataset folder:{tmp_path}: {message}")) as error:
-    load_data(TrainConfig(dataset=f"folder:{tmp_path}", **TINY))
+    load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY))
   assert "\n" not in str(error.value)
 
 
 def test_load_data_refuses_more_processes_than_training_images(tmp_path):
   _make_split(tmp_path, "train", per_class=3)  # 1 + 1 + 1 per class: 3 training images
   with pytest.raises(ConfigError, match="3 training image.* cannot be shared by 4 processes"):
-    load_data(TrainConfig(dataset=f"folder:{tmp_path}", **TINY), 0, 4)
+    load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY), 0, 4)
 
 
 def _cli_args(dataset_root, workdir):

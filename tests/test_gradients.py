@@ -107,7 +107,8 @@ def test_has_aux_returns_the_auxiliary_output():
 def test_closed_form_regularizer_skips_the_backward_pass():
   alpha = 0.1
   l2_sp = dtnh_jax.ClosedFormRegularizer(
-      value=lambda p: alpha / 2 * sum(jnp.sum((w - s) ** 2) for w, s in zip(jax.tree.leaves(p), jax.tree.leaves(SOURCE))),
+      value=lambda p: alpha / 2 * sum(jnp.sum((w - s) ** 2)
+                                      for w, s in zip(jax.tree.leaves(p), jax.tree.leaves(SOURCE))),
       grad=lambda p: jax.tree.map(lambda w, s: alpha * (w - s), p, SOURCE),
   )
   fn = dtnh_jax.split_value_and_grad(cross_entropy, closed_form=[l2_sp])

@@ -18,11 +18,10 @@ import pytest
 import dtnh_jax
 from dtnh_jax import models, regularizers
 from dtnh_jax.train import TrainConfig, checkpoint, loop
-from dtnh_jax.train.config import OFFLINE_PRESET
+from dtnh_jax.train import presets
 
-BF16 = {**OFFLINE_PRESET, "source": "scratch", "compute_dtype": "bfloat16", "resize": 10, "crop": 8,
-        "batch_size": 16, "steps": 2, "lr_drop_steps": (1,), "eval_every": 2, "log_every": 2, "checkpoint_every": 2,
-        "eval_batch_size": 200}
+BF16 = {**presets.tiny(), "compute_dtype": "bfloat16", "steps": 2, "lr_drop_steps": (1,), "eval_every": 2,
+        "log_every": 2, "checkpoint_every": 2, "plots": False}
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -31,7 +30,7 @@ def _dtypes(tree):
 
 
 def test_bf16_model_computes_in_bf16_and_keeps_float32_parameters():
-  model = loop.create_model(TrainConfig(**BF16), num_classes=10)
+  model = loop.create_model(TrainConfig.create(**BF16), num_classes=10)
   variables = models.init_variables(model, 0, 8)
   logits, features = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, jnp.zeros((2, 8, 8, 3)))
   assert {features[layer].dtype for layer in LAYERS} == {jnp.dtype(jnp.bfloat16)}
@@ -41,7 +40,7 @@ def test_bf16_model_computes_in_bf16_and_keeps_float32_parameters():
 
 @pytest.mark.parametrize("method", ["dtnh-l2", "dtnh-l2-sp", "dtnh-knowdist", "dtnh-delta"])
 def test_bf16_train_step_runs_for_every_regularizer(method, tmp_path):
-  loop.train(TrainConfig(**{**BF16, "method": method}), tmp_path, plots=False)
+  loop.train(TrainConfig.create(**{**BF16, "method": method}), tmp_path)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train = [r for r in records if r["kind"] == "train"]
   assert [r["step"] for r in train] == [1, 2]

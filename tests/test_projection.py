@@ -143,7 +143,8 @@ def test_module_granularity_groups_leaves_of_one_layer():
 
 def test_label_function_and_label_tree_give_the_same_groups():
   g, r = random_tree(7), random_tree(8)
-  labels = {"conv": {"kernel": "body"}, "bn": {"scale": "body", "bias": "body"}, "fc": {"kernel": "head", "bias": "head"}}
+  labels = {"conv": {"kernel": "body"}, "bn": {"scale": "body", "bias": "body"},
+            "fc": {"kernel": "head", "bias": "head"}}
   by_tree, _ = apply_dtnh(g, [r], 0.7, granularity=labels)
   by_fn, _ = apply_dtnh(g, [r], 0.7, granularity=lambda params: labels)
   expected = dtnh_groups(leaves64(g), [leaves64(r)], [0.7], [[0, 1, 2], [3, 4]])
@@ -286,7 +287,8 @@ def test_kept_regularizer_part_still_points_along_the_regularizer(pair, granular
 def test_projection_none_is_the_plain_regularized_gradient_with_the_same_diagnostics():
   g, r = case_pair("obtuse")
   direction, diag = apply_dtnh(g, [r], 0.3, projection="none")
-  np.testing.assert_allclose(flat(leaves64(direction)), flat(leaves64(g)) + 0.3 * flat(leaves64(r)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(leaves64(direction)), flat(leaves64(g)) + 0.3 * flat(leaves64(r)),
+                             rtol=1e-5, atol=1e-6)
   assert float(diag.conflict) == 1.0
   np.testing.assert_allclose(diag.angle1, diag.angle3, atol=1e-3)
   np.testing.assert_allclose(diag.angle2, diag.angle4, atol=1e-3)

@@ -104,7 +104,8 @@ def cross_entropy(model, variables, x, y, train=False):
 def test_l2_value_is_half_weight_decay_times_squared_kernels(target):
   params = target["params"]
   expected = 1e-3 / 2 * sum(
-      np.sum(np64(k) ** 2) for k in (params["layer1"]["conv"]["kernel"], params["layer2"]["conv"]["kernel"], params["fc"]["kernel"])
+      np.sum(np64(k) ** 2)
+      for k in (params["layer1"]["conv"]["kernel"], params["layer2"]["conv"]["kernel"], params["fc"]["kernel"])
   )
   np.testing.assert_allclose(reg.l2(params, weight_decay=1e-3), expected, rtol=1e-6)
 
@@ -190,7 +191,8 @@ def test_l2_sp_closed_form_through_split_value_and_grad_feeds_dtnh(model, source
   batch_stats = target["batch_stats"]
   empirical = lambda p: cross_entropy(model, {"params": p, "batch_stats": batch_stats}, x, y)
   regularizer = reg.l2_sp_regularizer(source["params"], alpha=0.1, beta=0.01)
-  (ce, sp), (g_ce, g_sp) = jax.jit(dtnh_jax.split_value_and_grad(empirical, closed_form=[regularizer]))(target["params"])
+  split = dtnh_jax.split_value_and_grad(empirical, closed_form=[regularizer])
+  (ce, sp), (g_ce, g_sp) = jax.jit(split)(target["params"])
 
   np.testing.assert_allclose(ce, empirical(target["params"]), rtol=1e-6)
   np.testing.assert_allclose(sp, reg.l2_sp(target["params"], source["params"]), rtol=1e-6)
@@ -301,7 +303,8 @@ def test_delta_with_uniform_attention_equals_feature_distance(model, source, tar
   tf, sf = features_of(model, target, x), features_of(model, source, x)
   uniform = {"layer1": np.full(4, 1 / 4, np.float32), "layer2": np.full(6, 1 / 6, np.float32)}
   np.testing.assert_allclose(
-      reg.delta(tf, sf, uniform, normalize=normalize), reg.feature_distance(tf, sf, LAYERS, normalize=normalize), rtol=1e-5)
+      reg.delta(tf, sf, uniform, normalize=normalize), reg.feature_distance(tf, sf, LAYERS, normalize=normalize),
+      rtol=1e-5)
 
 
 def numpy_cross_entropy(logits, y):

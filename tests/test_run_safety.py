@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def straight_run(tmp_path_factory):
   """An uninterrupted FAST run: what every resumed run must equal."""
   workdir = tmp_path_factory.mktemp("straight")
-  loop.train(TrainConfig(**FAST), workdir, plots=False)
+  loop.train(TrainConfig.create(**FAST), workdir)
   return workdir
 
 
@@ -60,10 +60,10 @@ def cli_train(args):
 
 
 def test_workdir_with_a_run_of_other_settings_is_refused_naming_the_flags_and_the_ways_out(tmp_path):
-  loop.train(TrainConfig(**FAST), tmp_path, stop_after=2)
+  loop.train(TrainConfig.create(**FAST), tmp_path, stop_after=2)
   before = _files(tmp_path)
   with pytest.raises(loop.ConfigError) as error:
-    loop.train(TrainConfig(**{**FAST, "learning_rate": 0.5, "small_stem": False}), tmp_path)
+    loop.train(TrainConfig.create(**{**FAST, "learning_rate": 0.5, "small_stem": False}), tmp_path)
   message = str(error.value)
   assert "--learning-rate 0.5 (the run there has --learning-rate 0.01)" in message
   assert "--no-small-stem (the run there has --small-stem)" in message
@@ -72,9 +72,9 @@ def test_workdir_with_a_run_of_other_settings_is_refused_naming_the_flags_and_th
 
 
 def test_restart_sets_the_old_run_aside_and_starts_anew(tmp_path, straight_run):
-  loop.train(TrainConfig(**{**FAST, "learning_rate": 0.5}), tmp_path, stop_after=2)
+  loop.train(TrainConfig.create(**{**FAST, "learning_rate": 0.5}), tmp_path, stop_after=2)
   old = _files(tmp_path)
-  loop.train(TrainConfig(**FAST), tmp_path, restart=True, plots=False)
+  loop.train(TrainConfig.create(**FAST), tmp_path, restart=True)
   aside = tmp_path / workdir_lib.SET_ASIDE / "1"
   assert _files(aside).keys() == old.keys()  # every file of the old run, moved, none deleted
   assert {k: v[0] for k, v in _files(aside).items()} == {k: v[0] for k, v in old.items()}
@@ -83,10 +83,10 @@ def test_restart_sets_the_old_run_aside_and_starts_anew(tmp_path, straight_run):
 
 def test_run_stopped_before_its_first_checkpoint_takes_the_corrected_settings(tmp_path, straight_run):
   """Before: a NaN stop at step 1 (no checkpoint) refused the lower learning rate the message advised."""
-  config = TrainConfig(**{**FAST, "learning_rate": 0.5})
+  config = TrainConfig.create(**{**FAST, "learning_rate": 0.5})
   with pytest.raises(loop.NonFiniteLossError, match="no checkpoint was written before that step"):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1}), plots=False)
-  loop.train(TrainConfig(**FAST), tmp_path, plots=False)
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1}))
+  loop.train(TrainConfig.create(**FAST), tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
   assert (tmp_path / workdir_lib.SET_ASIDE / "1" / "metrics.jsonl").exists()  # the stopped run, kept
 
@@ -119,13 +119,13 @@ def test_second_process_on_a_workdir_exits_2_naming_the_first_and_a_dead_holder_
 
 def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, straight_run):
   """Before: one damaged line made the resumed run cut metrics.jsonl at that line."""
-  config = TrainConfig(**FAST)
+  config = TrainConfig.create(**FAST)
   loop.train(config, tmp_path, stop_after=4)
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
   damaged = '{"step": 2, "kind": "tr\x00\x00 garbage\n'
   (tmp_path / "metrics.jsonl").write_text("".join(lines[:1] + [damaged] + lines[2:]))
   with pytest.warns(RuntimeWarning, match=r"1 damaged line\(s\) \(2\) moved to .*metrics.damaged.txt"):
-    loop.train(config, tmp_path, plots=False)
+    loop.train(config, tmp_path)
   expected = (straight_run / "metrics.jsonl").read_text().splitlines(keepends=True)
   assert (tmp_path / "metrics.jsonl").read_text() == "".join(expected[:1] + expected[2:])
   assert "metrics.jsonl line 2: " + damaged.rstrip("\n") in (tmp_path / "metrics.damaged.txt").read_text()
@@ -133,21 +133,21 @@ def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, s
 
 def test_finished_run_run_again_does_not_retrain_or_touch_its_files(tmp_path):
   """Before: rerunning a finished run whose metrics had a damaged line cut the file and crashed (IndexError)."""
-  config = TrainConfig(**FAST)
-  results = loop.train(config, tmp_path, plots=False)
+  config = TrainConfig.create(**FAST)
+  results = loop.train(config, tmp_path)
   with open(tmp_path / "metrics.jsonl", "r+") as f:
     f.seek(5)
     f.write("###")
   before = _files(tmp_path)
-  assert loop.train(config, tmp_path, plots=False) == results
+  assert loop.train(config, tmp_path) == results
   assert _files(tmp_path) == before
 
 
 def test_metrics_are_strict_json_with_nonfinite_values_named(tmp_path):
   """Before: metrics.jsonl held bare NaN tokens, which strict JSON readers reject."""
-  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
   with pytest.warns(RuntimeWarning):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {3}), plots=False)
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {3}))
 
   def refuse(token):
     raise ValueError(f"non-standard JSON token {token}")
@@ -184,12 +184,12 @@ def _flip_bytes(step_dir):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_verifies_used(tmp_path, straight_run):
   """Before: flipped bytes in an array file were restored without complaint."""
-  config = TrainConfig(**FAST)
+  config = TrainConfig.create(**FAST)
   loop.train(config, tmp_path, stop_after=4)
   _flip_bytes(tmp_path / "checkpoints" / "4")
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*(do not match their checksums|unreadable).*"
                                           r"previous checkpoint \(step 2\)"):
-    loop.train(config, tmp_path, plots=False)
+    loop.train(config, tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
   _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
   assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()
@@ -197,7 +197,7 @@ def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_veri
 
 def test_checkpoint_whose_arrays_differ_from_their_checksums_is_not_restored(tmp_path):
   """The check itself, independent of how orbax lays out its files: a changed checksum record."""
-  config = TrainConfig(**FAST)
+  config = TrainConfig.create(**FAST)
   loop.train(config, tmp_path, stop_after=4)
   extra_file = tmp_path / "checkpoints" / "4" / "extra" / "metadata"
   extra = json.loads(extra_file.read_text())
@@ -229,8 +229,8 @@ def test_checksums_change_with_any_single_element():
 
 def test_skipped_steps_warn_once_and_are_summarized(tmp_path, recwarn):
   """Before: one warning per skipped step and no summary."""
-  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
-  results = loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 5}), plots=False)
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
+  results = loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 5}))
   messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
   assert sum("was skipped" in m for m in messages) == 1 and "step 2:" in messages[0]
   assert any("3 of 6 steps were skipped" in m for m in messages)
@@ -239,18 +239,18 @@ def test_skipped_steps_warn_once_and_are_summarized(tmp_path, recwarn):
 
 def test_skipping_more_steps_than_the_limit_stops_the_run(tmp_path):
   """Before: --on-nonfinite skip exited 0 after skipping 120 of 200 steps."""
-  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})  # at most ceil(1.2) = 2 of 6
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})  # at most ceil(1.2) = 2 of 6
   with pytest.warns(RuntimeWarning, match="skipped"):
     with pytest.raises(loop.NonFiniteLossError, match=r"step 4: .*3 of 6 steps skipped, more than --skip-limit 0.2"):
-      loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 4}), plots=False)
+      loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 4}))
 
 
 def test_skipped_steps_are_counted_across_a_resume(tmp_path):
-  config = TrainConfig(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})
   with pytest.warns(RuntimeWarning, match="skipped"):
     loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1, 2}), stop_after=2)
   with pytest.raises(loop.NonFiniteLossError, match=r"step 5: .*3 of 6 steps skipped"):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {5}), plots=False)
+    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {5}))
 
 
 # --- clean interrupts ----------------------------------------------------------------------------------------------

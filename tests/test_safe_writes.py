@@ -23,13 +23,12 @@ from dtnh_jax import cli, models
 from dtnh_jax.models import store
 from dtnh_jax.train import TrainConfig, offline, sources
 from dtnh_jax.train import config as config_lib
+from dtnh_jax.train import presets
 
 # A ResNet-18 at the offline problem's size: saves and loads in a fraction of a second.
 TINY_MODEL = {"arch": "resnet18", "width": 0.125, "small_stem": True}
 # The offline problem's settings (see tests/test_faults.py), with the tiny model above.
-FAST = {**config_lib.OFFLINE_PRESET, "source": "scratch", "method": "dtnh-l2-sp", "resize": 10, "crop": 8,
-        "batch_size": 16, "steps": 6, "lr_drop_steps": (4,), "eval_every": 3, "log_every": 3,
-        "checkpoint_every": 2, "keep_checkpoints": 3, "eval_batch_size": 200}
+FAST = presets.tiny()
 NAN_TENSOR = "params/layer1_0/conv1/kernel"
 
 
@@ -296,7 +295,7 @@ def test_nan_source_weights_are_refused_naming_the_tensor(tmp_path, make_source)
   source = make_source(tmp_path)
   with pytest.raises(config_lib.ConfigError,
                      match=f"--source {source}: tensor {NAN_TENSOR} holds 3 NaN/Inf values .*damaged"):
-    sources.load_source(TrainConfig(**{**FAST, "source": str(source)}))
+    sources.load_source(TrainConfig.create(**{**FAST, "source": str(source)}))
 
 
 def test_convert_refuses_nan_source_weights(tmp_path, capsys, resnet18_file):
@@ -316,7 +315,6 @@ def test_convert_refuses_nan_source_weights(tmp_path, capsys, resnet18_file):
 def fast_offline_sources(tmp_path, monkeypatch):
   """Offline sources cached under tmp_path, "pre-trained" instantly; returns the seeds used, one per pre-training."""
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))
-  monkeypatch.setattr(offline, "_LOADED", {})
   pretrainings = []
 
   def pretrain(config, workdir, *, export_to, **_):
@@ -339,15 +337,15 @@ def _nan_weights(path):
 @pytest.mark.parametrize("damage", [_flip_bytes_in_largest_array_file, _garbage_metadata, _nan_weights],
                          ids=["flipped bytes", "garbage metadata", "NaN weights"])
 def test_corrupted_offline_cache_is_set_aside_and_rebuilt(tmp_path, monkeypatch, fast_offline_sources, damage):
-  config = TrainConfig(**{**FAST, "source": "related"})
-  offline.pretrained_source("related", config)
+  config = TrainConfig.create(**{**FAST, "source": "related"})
+  offline.pretrain_sources(config, ["related"])
   (path,) = glob.glob(str(tmp_path / "cache" / "offline-sources" / "related-*"))
   damage(type(tmp_path)(path))
-  monkeypatch.setattr(offline, "_LOADED", {})  # a new process
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    variables = offline.pretrained_source("related", config)
+    assert offline.pretrain_sources(config, ["related"]) == {"related": path}
+    variables = sources.load_source(config)
   messages = [str(w.message) for w in caught if "cached offline source" in str(w.message)]
   assert len(messages) == 1 and f"moved it to {path}.corrupt-1" in messages[0]
   assert len(messages[0].splitlines()) == 1

@@ -37,7 +37,7 @@ import time
 import numpy as np
 import pytest
 
-from dtnh_jax.train.config import OFFLINE_PRESET
+from dtnh_jax.train import presets
 
 METHODS = ("dtnh-knowdist", "dtnh-l2-sp")
 # max |difference| of any parameter or BatchNorm statistic after the run, relative to max(1, max |value|)
@@ -46,18 +46,13 @@ PARAMETER_TOLERANCE = 1e-5
 METRIC_TOLERANCE = 1e-5
 # per step; DTNH's inner product <g, r> as the cosine <g, r> / (|g| |r|), which has a scale
 COMPARED_METRICS = ("loss_empirical", "loss_regularizer", "cosine", "empirical_norm", "regularizer_norm")
-# pre-training of the offline source for a few steps only, as tests/test_train.py does
-PRETRAIN = {"steps": 4, "lr_drop_steps": (3,), "eval_every": 4, "checkpoint_every": 4, "log_every": 2}
 TIMEOUT_S = 480
-# every run compiles a ResNet-18 train step; LLVM's optimizations would double the time (same flags everywhere)
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # the offline problem at test size (as TINY in tests/test_train.py), 4 steps, DTNH projecting in every step;
 # KnowDist's weight keeps λ|r| below |g|: with the source pre-trained for 4 steps only the feature distance is
 # large, and steps dominated by it would amplify float rounding from step to step
-CONFIG = {**OFFLINE_PRESET, "resize": 10, "crop": 8, "batch_size": 16, "steps": 4, "lr_drop_steps": [3],
-          "knowdist_weight": 0.001, "eval_every": 4, "log_every": 4, "checkpoint_every": 4, "eval_batch_size": 200,
-          "source": "related", "projection": "always"}
+CONFIG = {**presets.tiny(), "steps": 4, "lr_drop_steps": [3], "knowdist_weight": 0.001, "eval_every": 4,
+          "log_every": 4, "checkpoint_every": 4, "source": "related", "projection": "always"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,20 +117,10 @@ def _batchnorm_check(arrays):
 
 def _cli_args(config: dict, workdir: str, export: str, distributed: dict) -> list[str]:
   """``dtnh-train`` flags of the offline problem with ``config``'s settings, for one process of a job."""
-  args = ["--workdir", workdir, "--export", export, "--no-progress", "--method", config["method"], "--seeds",
-          str(config.get("seed", 0)), "--coordinator", distributed["coordinator"],
-          "--num-processes", str(distributed["num_processes"]), "--process-id", str(distributed["process_id"])]
-  for key, value in config.items():
-    flag = "--" + key.replace("_", "-")
-    if key in ("method", "dataset"):  # no --dataset: the offline problem
-      continue
-    if isinstance(value, bool):
-      args.append(flag if value else "--no-" + flag[2:])
-    elif isinstance(value, (list, tuple)):
-      args.append(f"{flag}={','.join(map(str, value))}")
-    else:
-      args.append(f"{flag}={value}")
-  return args
+  from dtnh_jax import cli
+  return (["--workdir", workdir, "--export", export, "--no-progress", "--coordinator", distributed["coordinator"],
+           "--num-processes", str(distributed["num_processes"]), "--process-id", str(distributed["process_id"])]
+          + cli.settings_to_argv({"seed": 0, **{key: value for key, value in config.items() if key != "dataset"}}))
 
 
 def _worker(spec_path: str) -> None:
@@ -146,7 +131,6 @@ def _worker(spec_path: str) -> None:
   from dtnh_jax import cli, models
   from dtnh_jax.train import sharding
   from dtnh_jax.train import TrainConfig, loop, offline
-  offline.PRETRAIN = {**offline.PRETRAIN, **PRETRAIN}
 
   placements = []  # what the loop placed, to count the FSDP-sharded leaves
   create = sharding.Placement.create.__func__
@@ -162,14 +146,13 @@ def _worker(spec_path: str) -> None:
       workdir = offline.run_dir(run["workdir"], config.source, config.method, config.seed)  # dtnh-train's
       if run.get("interrupt_after"):  # the job is interrupted after these steps, then resumed by dtnh-train
         sharding.initialize_distributed(**run["distributed"])
-        stopped = loop.train(config, workdir, offline_sources=offline.OFFLINE_SOURCES,
-                             stop_after=run["interrupt_after"])
+        stopped = loop.train(config, workdir, stop_after=run["interrupt_after"])
         assert stopped == {"stopped_at": run["interrupt_after"]}
       assert cli.train_main(_cli_args(run["config"], run["workdir"], export, run["distributed"])) == 0
     else:
       data = _as_one_process(config, run["as_processes"]) if run.get("as_processes") else None
       workdir = run["workdir"]
-      loop.train(config, workdir, offline_sources=offline.OFFLINE_SOURCES, data=data, plots=False, export_to=export)
+      loop.train(config, workdir, data=data, export_to=export)
     name = run["name"]
     arrays[f"{name}/seconds"] = np.array(time.perf_counter() - started)
     state_shardings = placements[-1].state_shardings
@@ -212,8 +195,7 @@ def _start(spec: dict, directory: str, name: str, devices: int, cache: str) -> s
   with open(spec_path, "w") as f:
     json.dump(spec, f)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "DTNH_JAX_CACHE": cache,
-         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
-                      + FAST_COMPILE,
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
          # the dtnh_jax this test imported, whether installed or not
          "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(dtnh_jax.__file__)),
                                                      os.environ.get("PYTHONPATH")]))}
@@ -230,12 +212,7 @@ def _runs(directory, config: dict, methods, **changes) -> list[dict]:
 def _pretrain_source() -> None:
   """The offline source every run starts from, pre-trained once here (on one device) before the runs."""
   from dtnh_jax.train import TrainConfig, offline
-  saved = offline.PRETRAIN
-  offline.PRETRAIN = {**offline.PRETRAIN, **PRETRAIN}
-  try:
-    offline.pretrained_source("related", TrainConfig.from_dict({**CONFIG, "method": "fine-tune"}))
-  finally:
-    offline.PRETRAIN = saved
+  offline.pretrain_sources(TrainConfig.from_dict({**CONFIG, "method": "fine-tune"}), ["related"])
 
 
 @contextlib.contextmanager

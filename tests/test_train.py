@@ -4,30 +4,28 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from dtnh_jax import cli
 from dtnh_jax.train import ALL_METHODS, ConfigError, Method, TrainConfig, loop, offline
-from dtnh_jax.train.config import OFFLINE_PRESET
+from dtnh_jax.train import step as step_lib
+from dtnh_jax.train import presets
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-# The offline problem at a size that runs in seconds: the same code as the default.
-TINY = {**OFFLINE_PRESET, "resize": 10, "crop": 8, "batch_size": 16, "steps": 6, "lr_drop_steps": (4,),
-        "eval_every": 3, "log_every": 2, "checkpoint_every": 2, "eval_batch_size": 200}
+# The offline problem at a size that runs in seconds, from the related source: the same code as the default.
+TINY = {**presets.tiny(), "source": "related", "log_every": 2}
 
 
 @pytest.fixture(autouse=True)
 def small_offline_sources(tmp_path_factory, monkeypatch):
-  """Pre-train the offline sources for a few steps only, cached once per test session."""
+  """The offline sources pre-trained for a few steps (the tiny preset's), cached once per test session."""
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-  monkeypatch.setattr(offline, "PRETRAIN", {**offline.PRETRAIN, "steps": 4, "lr_drop_steps": (3,),
-                                            "eval_every": 4, "checkpoint_every": 4, "log_every": 2})
+  offline.pretrain_sources(TrainConfig.create(**TINY))
 
 
 def tiny(**changes):
-  return TrainConfig(**{**TINY, "source": "related", **changes})
+  return TrainConfig.create(**{**TINY, **changes})
 
 
 def test_method_names_parse_to_regularizer_and_dtnh_flag():
@@ -51,8 +49,7 @@ def test_bad_settings_are_refused_with_the_flag_named(changes, message):
 
 @pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
 def test_every_method_trains_through_the_same_step(method, tmp_path):
-  results = loop.train(tiny(method=method, steps=2, eval_every=2), tmp_path, offline_sources=offline.OFFLINE_SOURCES,
-                       plots=False)
+  results = loop.train(tiny(method=method, steps=2, eval_every=2), tmp_path)
   assert 0.0 <= results["test_accuracy"] <= 1.0
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train_records = [r for r in records if r["kind"] == "train"]
@@ -63,17 +60,17 @@ def test_every_method_trains_through_the_same_step(method, tmp_path):
 
 def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(tmp_path):
   config = tiny(method="dtnh-knowdist")
-  straight = loop.train(config, tmp_path / "straight", offline_sources=offline.OFFLINE_SOURCES, plots=False)
-  stopped = loop.train(config, tmp_path / "resumed", offline_sources=offline.OFFLINE_SOURCES, stop_after=3)
+  straight = loop.train(config, tmp_path / "straight")
+  stopped = loop.train(config, tmp_path / "resumed", stop_after=3)
   assert stopped == {"stopped_at": 3}
-  resumed = loop.train(config, tmp_path / "resumed", offline_sources=offline.OFFLINE_SOURCES, plots=False)
+  resumed = loop.train(config, tmp_path / "resumed")
   assert resumed == straight
   lines = lambda run: open(tmp_path / run / "metrics.jsonl").read()
   assert lines("resumed") == lines("straight")
 
 
 def test_checkpoint_holds_state_data_position_and_rng(tmp_path):
-  loop.train(tiny(method="l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES, stop_after=2)
+  loop.train(tiny(method="l2-sp"), tmp_path, stop_after=2)
   assert {"data", "extra", "state"} <= set(os.listdir(tmp_path / "checkpoints" / "2"))
   from dtnh_jax.train import checkpoint
   step, state, data_state, extra = checkpoint.Checkpoints(tmp_path).restore(None)
@@ -82,18 +79,18 @@ def test_checkpoint_holds_state_data_position_and_rng(tmp_path):
 
 
 def test_last_n_checkpoints_are_kept(tmp_path):
-  loop.train(tiny(method="l2", keep_checkpoints=2), tmp_path, offline_sources=offline.OFFLINE_SOURCES, plots=False)
+  loop.train(tiny(method="l2", keep_checkpoints=2), tmp_path)
   assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [4, 6]
 
 
 def test_other_settings_in_the_same_workdir_are_refused(tmp_path):
-  loop.train(tiny(method="l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES, stop_after=1)
+  loop.train(tiny(method="l2-sp"), tmp_path, stop_after=1)
   with pytest.raises(ConfigError, match="holds a run with other settings"):
-    loop.train(tiny(method="knowdist"), tmp_path, offline_sources=offline.OFFLINE_SOURCES)
+    loop.train(tiny(method="knowdist"), tmp_path)
 
 
 def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
-  loop.train(tiny(method="dtnh-l2-sp"), tmp_path, offline_sources=offline.OFFLINE_SOURCES)
+  loop.train(tiny(method="dtnh-l2-sp", plots=True), tmp_path)
   for name in ("metrics.jsonl", "results.json", "results.md", "losses.png", "angles.png", "config.json"):
     assert (tmp_path / name).exists(), name
   assert any((tmp_path / "tensorboard").iterdir())
@@ -103,8 +100,7 @@ def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
 
 def test_cli_offline_default_prints_the_paper_style_table(tmp_path, capsys):
   args = ["--workdir", str(tmp_path), "--seeds", "0,1", "--method", "fine-tune,l2-sp,dtnh-l2-sp",
-          "--no-progress"] + [f"--{k.replace('_', '-')}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
-                              for k, v in TINY.items() if k not in ("dataset", "small_stem")]
+          "--no-progress"] + cli.settings_to_argv({k: v for k, v in TINY.items() if k not in ("method", "source")})
   assert cli.train_main(args) == 0
   out = capsys.readouterr().out
   assert "| source | target | Fine-tuning | L2-SP | DTNH (L2-SP) |" in out
@@ -143,3 +139,34 @@ def test_cli_bad_input_exits_with_code_2_and_a_message(args, message, mock, caps
       cli.train_main(args + ["--workdir", str(tmp_path)])
   assert exit_info.value.code == 2
   assert message.lower() in capsys.readouterr().err.lower()
+
+
+def test_runs_that_differ_outside_the_step_groups_share_one_step_function():
+  model = loop.create_model(tiny(), num_classes=10)
+  first = step_lib.steps_for(model, tiny(seed=0), 2)
+  other_run = tiny(seed=3, source="unrelated", dataset="offline-related", eval_every=1, fsdp=True, plots=True,
+                   pretrain_steps=7)
+  assert step_lib.steps_for(model, other_run, 2) is first  # the same (tx, train_step, eval_step) objects
+  for changed in (tiny(reg_weight=0.5), tiny(width=0.25), tiny(projection="always"), tiny(method="l2-sp"),
+                  tiny(knowdist_weight=2.0)):
+    assert step_lib.steps_for(model, changed, 2)[1] is not first[1], changed
+
+
+def test_the_library_steps_are_unjitted_and_placement_jits_them():
+  model = loop.create_model(tiny(), num_classes=10)
+  _, train_step, eval_step = step_lib.steps_for(model, tiny(), 2)
+  assert not hasattr(train_step, "lower") and not hasattr(eval_step, "lower")  # plain Python functions
+  assert hasattr(jax.jit(train_step), "lower")
+
+
+def test_a_grid_of_seeds_compiles_its_train_step_once(tmp_path, caplog):
+  import logging
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    for seed in (0, 1):
+      # a reg_weight no other test uses: a step this process has not compiled yet
+      loop.train(tiny(method="l2-sp", reg_weight=0.37, seed=seed, steps=2, eval_every=2, checkpoint_every=2),
+                 tmp_path / f"s{seed}")
+  traced = [r.getMessage() for r in caplog.records if "Finished tracing" in r.getMessage()
+            and "train_step" in r.getMessage()]
+  assert len(traced) == 1, traced  # traced (and compiled, or loaded from the compilation cache) once
+

@@ -163,7 +163,7 @@ def _tfds():
   # TFDS and our builders are imported on first use: `import dtnh_jax.data`
   # stays cheap for users of the offline arrays.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
+  from dtnh_jax.data import builders  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import  # registers them
   return tfds
 
 

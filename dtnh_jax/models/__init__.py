@@ -31,3 +31,31 @@ from dtnh_jax.models.store import check_finite
 from dtnh_jax.models.store import check_save_target
 from dtnh_jax.models.store import CorruptCheckpointError
 from dtnh_jax.models.store import UnsafeTargetError
+
+__all__ = [
+    "ARCHITECTURES",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "check_finite",
+    "check_save_target",
+    "CheckpointMismatchError",
+    "convert_torchvision",
+    "CorruptCheckpointError",
+    "create_model",
+    "FEATURE_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "init_variables",
+    "load_torchvision_checkpoint",
+    "load_variables",
+    "model_from_metadata",
+    "replace_head",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "save_variables",
+    "to_torchvision",
+    "UnsafeTargetError",
+]

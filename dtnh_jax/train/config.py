@@ -2,7 +2,11 @@
 
 A method is data, not code: ``Method("l2-sp", dtnh=True)`` selects the
 regularizer and whether DTNH projects its gradient; the train step is the same
-function for every method.
+function for every method. A :class:`TrainConfig` is a few frozen groups
+(model, recipe, regularizer coefficients, DTNH's options, run bookkeeping), so
+which settings make the compiled step, and which a run may resume with
+changed, follows from the group a setting is in. Named presets (the paper's,
+the offline default's, the tests') are in ``dtnh_jax.train.presets``.
 """
 
 from __future__ import annotations
@@ -18,43 +22,38 @@ import typing
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from dtnh_jax import names
+
 __all__ = [
     "ALL_METHODS",
-    "ARCHS",
-    "COMPUTE_DTYPES",
     "ConfigError",
-    "FEATURE_LAYERS",
-    "FEATURE_NORMALIZATIONS",
+    "DTNHConfig",
     "format_settings",
-    "GRANULARITIES",
+    "GROUPS",
     "Method",
     "METHODS",
-    "OFFLINE_PRESET",
+    "ModelConfig",
     "ON_NONFINITE",
     "OPTIMIZERS",
-    "paper_preset",
     "parse_settings",
     "PROJECTIONS",
     "read_settings",
+    "RecipeConfig",
+    "RegularizerConfig",
+    "RunConfig",
+    "setting_fields",
     "setting_types",
     "SETTINGS_FORMATS",
+    "STEP_GROUPS",
     "TrainConfig",
 ]
 
 #: Regularizers of the paper (L2-SP, KnowDist), its baselines and DELTA.
-METHODS = ("fine-tune", "l2", "l2-sp", "knowdist", "delta")
-_LABELS = {"fine-tune": "Fine-tuning", "l2": "L2", "l2-sp": "L2-SP", "knowdist": "KnowDist", "delta": "DELTA"}
-# As dtnh_jax.models.ARCHITECTURES and FEATURE_NAMES (kept here so that configs load without jax; a test
-# checks that they agree).
-ARCHS = ("resnet18", "resnet34", "resnet50")
-FEATURE_LAYERS = ("layer1", "layer2", "layer3", "layer4", "pool")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+METHODS = names.REGULARIZERS
+_LABELS = dict(zip(names.REGULARIZERS, names.METHOD_LABELS, strict=True))
 ON_NONFINITE = ("stop", "skip")
-# As dtnh_jax.dtnh's granularities and projections (its "none" is the plain method here) and
-# dtnh_jax.regularizers' feature normalizations.
-GRANULARITIES = ("tree", "leaf", "module")
-PROJECTIONS = ("conflict", "always")
-FEATURE_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
+# dtnh's "none" is the plain method here (--method without the dtnh- prefix).
+PROJECTIONS = tuple(projection for projection in names.PROJECTIONS if projection != "none")
 #: What follows DTNH in the chain: the paper's SGD with momentum, or optax.adamw.
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -113,35 +112,65 @@ ALL_METHODS = tuple(
 
 
 def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:  # pylint: disable=redefined-builtin
-  """A :class:`TrainConfig` field with its one-line ``--help`` and, when its values form a finite set, that set
-  (the tuple ``__post_init__`` validates against: one list, read by the CLI too)."""
+  """A setting: a field with its one-line ``--help`` and, when its values form a finite set, that set
+  (the tuple its group validates against: one list, read by the CLI too)."""
   return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _check_finite(group) -> None:
+  for field in dataclasses.fields(group):  # NaN would pass every comparison of the checks
+    value = getattr(group, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{_flag(field.name)} must be a finite number, got {value}.")
+
+
+def _check_positive(group, names_: tuple[str, ...]) -> None:
+  for name in names_:
+    if getattr(group, name) <= 0:
+      raise ConfigError(f"{_flag(name)} must be positive, got {getattr(group, name)}.")
+
+
+def _check_non_negative(group, names_: tuple[str, ...]) -> None:
+  for name in names_:
+    if getattr(group, name) < 0:
+      raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(group, name)}.")
+
+
+def _check_choice(group, name: str, listed: bool = False) -> None:
+  """``name`` among its field's choices; the message reads "X, Y or Z", or "one of X, Y, Z" when ``listed``."""
+  choices = group.__dataclass_fields__[name].metadata["choices"]
+  if getattr(group, name) not in choices:
+    what = f"one of {', '.join(choices)}" if listed else _either(choices)
+    raise ConfigError(f"{_flag(name)} must be {what}, got {getattr(group, name)!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Every hyper-parameter of one fine-tuning run; defaults are the paper's recipe (V.A).
+class ModelConfig:
+  """The network: part of the compiled step."""
 
-  The regularizer enters as ``λ Ω`` with ``Ω`` one of the regularizers and
-  ``λ = reg_weight · reg_decay^epoch`` (the paper decays the coefficient per
-  epoch); the regularizers' own coefficients (``alpha``, ``beta``, ...) keep
-  the values of their original papers.
-  """
-
-  # what to train
-  method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",
-                         tuple(m.name for m in ALL_METHODS))
-  dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, or folder:PATH "
-                          "(PATH/train/CLASS/IMAGE)")
-  source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
-                         "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
-  data_dir: str | None = _setting(None, "TFDS data directory; unset: TFDS's own ($TFDS_DATA_DIR or "
-                                  "~/tensorflow_datasets)")
-  # the model
-  arch: str = _setting("resnet18", "ResNet architecture (torchvision's layout)", ARCHS)
+  arch: str = _setting("resnet18", "ResNet architecture (torchvision's layout)", names.ARCHITECTURES)
   width: float = _setting(1.0, "channel-width multiplier of the ResNet (1.0: torchvision's)")
   small_stem: bool = _setting(False, "CIFAR-style stem for small images: a 3x3 stride-1 conv1 and no max-pool")
-  # the paper's recipe
+  # "bfloat16" runs the network in bf16; parameters, BatchNorm statistics, gradients,
+  # the regularizers' sums and DTNH's inner products stay float32
+  compute_dtype: str = _setting("float32", "the network's compute dtype; parameters, gradients and DTNH's inner "
+                                "products stay float32", names.COMPUTE_DTYPES)
+
+  def __post_init__(self):
+    _check_finite(self)
+    _check_positive(self, ("width",))
+    _check_choice(self, "arch", listed=True)
+    _check_choice(self, "compute_dtype", listed=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+  """The paper's recipe (V.A): batches, optimizer and schedules; part of the compiled step."""
+
   batch_size: int = _setting(48, "images per step, over all devices")
   learning_rate: float = _setting(0.01, "initial learning rate")
   optimizer: str = _setting("sgd", "what follows DTNH in the chain: sgd (SGD with --momentum, the paper's) or "
@@ -158,29 +187,81 @@ class TrainConfig:
   resize: int = _setting(256, "images are resized to resize x resize")
   crop: int = _setting(224, "then cropped to crop x crop: at random (and mirrored) for training, centrally "
                        "for testing")
-  # the regularizers' own coefficients
+
+  def __post_init__(self):
+    _check_finite(self)
+    _check_positive(self, ("batch_size", "steps", "resize", "crop"))
+    _check_non_negative(self, ("learning_rate", "momentum", "reg_weight", "lr_drop_factor", "weight_decay"))
+    if not 0 <= self.reg_decay <= 1:
+      raise ConfigError(f"--reg-decay is a per-epoch factor in [0, 1], got {self.reg_decay}.")
+    if self.crop > self.resize:
+      raise ConfigError(f"--crop ({self.crop}) cannot exceed --resize ({self.resize}).")
+    if self.optimizer not in OPTIMIZERS:
+      raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
+    if self.optimizer != "adamw" and self.weight_decay != 0:
+      raise ConfigError(f"--weight-decay is AdamW's decoupled weight decay; with --optimizer {self.optimizer} "
+                        "it would be a second, unprojected L2 penalty. Pass --optimizer adamw, or use --method l2.")
+    if self.optimizer != "sgd" and self.momentum != RecipeConfig.__dataclass_fields__["momentum"].default:
+      raise ConfigError(f"--momentum is SGD's; --optimizer {self.optimizer} has its own moments (b1 0.9, "
+                        "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
+    if any(step <= 0 for step in self.lr_drop_steps):
+      raise ConfigError(f"--lr-drop-steps must be positive steps, got {','.join(map(str, self.lr_drop_steps))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerConfig:
+  """The regularizers' own coefficients (the ``Ω`` that ``λ`` weighs); part of the compiled step."""
+
   l2_weight: float = _setting(1e-4, "L2's coefficient (--method l2)")
   l2_sp_alpha: float = _setting(0.1, "L2-SP's α: weight of the squared distance to the pre-trained backbone")
   l2_sp_beta: float = _setting(0.01, "L2-SP's β: weight of plain L2 on the new head")
   knowdist_weight: float = _setting(1.0, "scale of KnowDist's feature-map distance")
   delta_weight: float = _setting(1.0, "scale of DELTA's attention-weighted feature-map distance")
-  feature_layers: tuple[str, ...] = _setting(("layer1", "layer2", "layer3", "layer4"),
+  feature_layers: tuple[str, ...] = _setting(names.DEFAULT_FEATURE_LAYERS,
                                              "comma-separated layers whose feature maps KnowDist and DELTA "
-                                             "compare", FEATURE_LAYERS)
+                                             "compare", names.FEATURE_NAMES)
   # "spatial_mean" (DELTA's code) for both feature regularizers: KnowDist is then
   # DELTA with uniform attention and one weight scale serves both; "sum" is Eq. 3
   feature_normalize: str = _setting("spatial_mean", "feature-map distance per channel: summed over positions "
                                     "(sum, Eq. 3), averaged (spatial_mean, DELTA's code), or also over channels "
-                                    "(mean)", FEATURE_NORMALIZATIONS)
-  # DTNH's options (see dtnh_jax.dtnh)
+                                    "(mean)", names.FEATURE_NORMALIZATIONS)
+
+  def __post_init__(self):
+    _check_finite(self)
+    _check_non_negative(self, ("l2_weight", "l2_sp_alpha", "l2_sp_beta", "knowdist_weight", "delta_weight"))
+    _check_choice(self, "feature_normalize")
+    unknown_layers = [layer for layer in self.feature_layers if layer not in names.FEATURE_NAMES]
+    if unknown_layers or not self.feature_layers:
+      raise ConfigError(f"--feature-layers takes comma-separated names among {', '.join(names.FEATURE_NAMES)}, "
+                        f"got {','.join(self.feature_layers)!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DTNHConfig:
+  """DTNH's options (see ``dtnh_jax.dtnh``); used by the ``dtnh-`` methods, part of the compiled step."""
+
   granularity: str = _setting("tree", "what DTNH projects as one vector: all parameters (tree, the paper), "
-                              "each tensor (leaf) or each module", GRANULARITIES)
+                              "each tensor (leaf) or each module", names.GRANULARITIES)
   projection: str = _setting("conflict", "when DTNH projects: where <∇J, ∇Ω> < 0 (conflict, the paper) or "
                              "always", PROJECTIONS)
-  # numerics: "bfloat16" runs the network in bf16; parameters, BatchNorm statistics,
-  # gradients, the regularizers' sums and DTNH's inner products stay float32
-  compute_dtype: str = _setting("float32", "the network's compute dtype; parameters, gradients and DTNH's inner "
-                                "products stay float32", COMPUTE_DTYPES)
+
+  def __post_init__(self):
+    _check_choice(self, "granularity")
+    _check_choice(self, "projection")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Bookkeeping: how a run is carried out, never what it computes. Not part of the compiled step, and a run
+  resumes with any of these changed (``dtnh_jax.train.workdir``)."""
+
+  data_dir: str | None = _setting(None, "TFDS data directory; unset: TFDS's own ($TFDS_DATA_DIR or "
+                                  "~/tensorflow_datasets)")
+  eval_every: int = _setting(1000, "evaluate on the test split every this many steps (and at the end)")
+  log_every: int = _setting(50, "fetch the step metrics from the device and write them every this many steps")
+  checkpoint_every: int = _setting(1000, "checkpoint every this many steps (and at the end)")
+  keep_checkpoints: int = _setting(3, "how many of the newest checkpoints to keep")
+  eval_batch_size: int = _setting(100, "images per evaluation batch")
   # a step whose loss or update is NaN/Inf is never applied; then "stop" the run
   # (the last checkpoint stays the last good one) or "skip" the step and go on
   on_nonfinite: str = _setting("stop", "after a step with a NaN/Inf loss or update (never applied): stop the run, "
@@ -190,114 +271,158 @@ class TrainConfig:
   skip_limit: float = _setting(0.05, "with --on-nonfinite skip: the run stops once more than this fraction of "
                                "--steps was skipped")
   # scale-out (dtnh_jax.train.sharding): the batch is always split over all devices; with fsdp the
-  # parameters and optimizer state are sharded over them too instead of replicated
+  # parameters and optimizer state are sharded over them too instead of replicated (a layout, not a number)
   fsdp: bool = _setting(False, "shard parameters and optimizer state over the devices (else replicated; the "
                         "batch is split either way)")
-  # bookkeeping
+  plots: bool = _setting(True, "write the run's losses.png and angles.png (a grid of runs draws its figures once "
+                         "for all runs)")
+
+  def __post_init__(self):
+    _check_finite(self)
+    _check_positive(self, ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"))
+    _check_choice(self, "on_nonfinite", listed=True)
+    if not 0 <= self.skip_limit <= 1:
+      raise ConfigError(f"--skip-limit is a fraction of --steps in [0, 1], got {self.skip_limit}.")
+
+
+#: TrainConfig's groups: attribute -> dataclass. Every setting belongs to exactly one group, and its name is
+#: unique across them, so settings are one flat namespace on disk and on the command line.
+GROUPS: dict[str, type] = {"model": ModelConfig, "recipe": RecipeConfig, "regularizer": RegularizerConfig,
+                           "dtnh": DTNHConfig, "run": RunConfig}
+#: The groups the compiled train step depends on (with the method); runs that differ elsewhere share it.
+STEP_GROUPS = ("model", "recipe", "regularizer", "dtnh")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of one fine-tuning run; defaults are the paper's recipe (V.A).
+
+  The run's identity (method, data, source, seed) at the top, then the groups
+  of :data:`GROUPS`: ``model``, ``recipe``, ``regularizer`` and ``dtnh`` make
+  the compiled step (:meth:`step_key`), ``run`` is bookkeeping. Build one from
+  flat settings with :meth:`create` (or a preset: ``dtnh_jax.train.presets``)
+  and change it with :meth:`replace`, both by setting name.
+
+  The regularizer enters as ``λ Ω`` with ``Ω`` one of the regularizers and
+  ``λ = reg_weight · reg_decay^epoch`` (the paper decays the coefficient per
+  epoch); the regularizers' own coefficients (``alpha``, ``beta``, ...) keep
+  the values of their original papers.
+  """
+
+  method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",
+                         tuple(m.name for m in ALL_METHODS))
+  dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, or folder:PATH "
+                          "(PATH/train/CLASS/IMAGE)")
+  source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
+                         "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
   seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
-  eval_every: int = _setting(1000, "evaluate on the test split every this many steps (and at the end)")
-  log_every: int = _setting(50, "fetch the step metrics from the device and write them every this many steps")
-  checkpoint_every: int = _setting(1000, "checkpoint every this many steps (and at the end)")
-  keep_checkpoints: int = _setting(3, "how many of the newest checkpoints to keep")
-  eval_batch_size: int = _setting(100, "images per evaluation batch")
+  pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
+                                 "(run once per model and cached)")
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
+  regularizer: RegularizerConfig = dataclasses.field(default_factory=RegularizerConfig)
+  dtnh: DTNHConfig = dataclasses.field(default_factory=DTNHConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
   def __post_init__(self):
     self.method_spec  # validates the method name
-    for field in dataclasses.fields(self):  # NaN would pass every comparison below
-      value = getattr(self, field.name)
-      if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
-    positive = ("batch_size", "steps", "resize", "crop", "eval_every", "log_every", "checkpoint_every",
-                "keep_checkpoints", "eval_batch_size", "width")
-    for name in positive:
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-    non_negative = ("learning_rate", "momentum", "reg_weight", "l2_weight", "l2_sp_alpha", "l2_sp_beta",
-                    "knowdist_weight", "delta_weight", "lr_drop_factor")
-    for name in non_negative:
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
-    if not 0 <= self.skip_limit <= 1:
-      raise ConfigError(f"--skip-limit is a fraction of --steps in [0, 1], got {self.skip_limit}.")
-    if not 0 <= self.reg_decay <= 1:
-      raise ConfigError(f"--reg-decay is a per-epoch factor in [0, 1], got {self.reg_decay}.")
-    if self.crop > self.resize:
-      raise ConfigError(f"--crop ({self.crop}) cannot exceed --resize ({self.resize}).")
-    if self.granularity not in GRANULARITIES:
-      raise ConfigError(f"--granularity must be {_either(GRANULARITIES)}, got {self.granularity!r}.")
-    if self.feature_normalize not in FEATURE_NORMALIZATIONS:
-      raise ConfigError(f"--feature-normalize must be {_either(FEATURE_NORMALIZATIONS)}, got "
-                        f"{self.feature_normalize!r}.")
-    if self.projection not in PROJECTIONS:
-      raise ConfigError(f"--projection must be {_either(PROJECTIONS)}, got {self.projection!r}.")
-    if self.optimizer not in OPTIMIZERS:
-      raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
-    if self.weight_decay < 0:
-      raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
-    if self.optimizer != "adamw" and self.weight_decay != 0:
-      raise ConfigError(f"--weight-decay is AdamW's decoupled weight decay; with --optimizer {self.optimizer} "
-                        "it would be a second, unprojected L2 penalty. Pass --optimizer adamw, or use --method l2.")
-    if self.optimizer != "sgd" and self.momentum != _field_default("momentum"):
-      raise ConfigError(f"--momentum is SGD's; --optimizer {self.optimizer} has its own moments (b1 0.9, "
-                        "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
-    if self.arch not in ARCHS:
-      raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
-    unknown_layers = [layer for layer in self.feature_layers if layer not in FEATURE_LAYERS]
-    if unknown_layers or not self.feature_layers:
-      raise ConfigError(f"--feature-layers takes comma-separated names among {', '.join(FEATURE_LAYERS)}, got "
-                        f"{','.join(self.feature_layers)!r}.")
-    if any(step <= 0 for step in self.lr_drop_steps):
-      raise ConfigError(f"--lr-drop-steps must be positive steps, got {','.join(map(str, self.lr_drop_steps))}.")
     if not 0 <= self.seed < 2**31:
       raise ConfigError(f"--seed must be in [0, 2**31), got {self.seed}.")
-    if self.compute_dtype not in COMPUTE_DTYPES:
-      raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
-    if self.on_nonfinite not in ON_NONFINITE:
-      raise ConfigError(f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}.")
+    if self.pretrain_steps <= 0:
+      raise ConfigError(f"--pretrain-steps must be positive, got {self.pretrain_steps}.")
+    for name, group in GROUPS.items():
+      if not isinstance(getattr(self, name), group):
+        raise TypeError(f"TrainConfig.{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}.")
 
   @property
   def method_spec(self) -> Method:
     return Method.parse(self.method)
 
-  def replace(self, **changes: Any) -> "TrainConfig":
-    return dataclasses.replace(self, **changes)
+  @classmethod
+  def create(cls, **settings: Any) -> "TrainConfig":
+    """A config from flat settings (``arch="resnet50", steps=100, ...``); the others keep their defaults."""
+    return cls().replace(**settings)
+
+  def replace(self, **settings: Any) -> "TrainConfig":
+    """This config with the given settings (flat names, as the flags) changed."""
+    changes: dict[str, dict[str, Any]] = {}
+    top = {}
+    for name, value in settings.items():
+      group = _GROUP_OF.get(name)
+      if group is None:
+        raise ConfigError(f"unknown setting {name!r}; the settings are {', '.join(_GROUP_OF)}.")
+      if group == "":
+        top[name] = value
+      else:
+        changes.setdefault(group, {})[name] = value
+    groups = {group: dataclasses.replace(getattr(self, group), **values) for group, values in changes.items()}
+    return dataclasses.replace(self, **top, **groups)
+
+  def settings(self) -> dict[str, Any]:
+    """Every setting by its flat name, in :func:`setting_fields` order."""
+    return {field.name: getattr(self if group == "" else getattr(self, group), field.name)
+            for group, field in setting_fields()}
+
+  def step_key(self) -> tuple:
+    """What the compiled train step depends on: the method and the groups of :data:`STEP_GROUPS`."""
+    return (self.method,) + tuple(getattr(self, group) for group in STEP_GROUPS)
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    return json.dumps(self.settings(), sort_keys=True)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-    """A config from plain values (e.g. a run's ``config.json``); lists stand for tuples.
+    """A config from flat plain values (e.g. a run's ``config.json``); lists stand for tuples.
 
     Raises:
       ConfigError: an unknown name (the message lists the known ones), a
         value of the wrong type, or a bad setting.
     """
-    return cls(**parse_settings(values, "settings"))
+    return cls.create(**parse_settings(values, "settings"))
 
 
-def _either(names: tuple[str, ...]) -> str:
-  return ", ".join(names[:-1]) + " or " + names[-1]
+@functools.cache
+def setting_fields() -> tuple[tuple[str, dataclasses.Field], ...]:
+  """``(group, field)`` for every setting: the top-level ones (group ``""``) first, then each group's."""
+  top = tuple(("", field) for field in dataclasses.fields(TrainConfig) if field.name not in GROUPS)
+  return top + tuple((group, field) for group, kind in GROUPS.items() for field in dataclasses.fields(kind))
 
 
-def _field_default(name: str) -> Any:
-  return TrainConfig.__dataclass_fields__[name].default
+def _group_of() -> dict[str, str]:
+  groups = {}
+  for group, field in setting_fields():
+    if field.name in groups:  # a programming error, caught on import
+      raise AssertionError(f"setting {field.name!r} is in two groups")
+    groups[field.name] = group
+  return groups
+
+
+#: setting name -> its group's attribute ("" for the top-level settings).
+_GROUP_OF = _group_of()
+
+
+def _either(choices: tuple[str, ...]) -> str:
+  return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 @functools.cache
 def setting_types() -> dict[str, tuple[type, bool, bool]]:
-  """``name -> (kind, is_tuple, optional)`` for every :class:`TrainConfig` field, from its annotation.
+  """``name -> (kind, is_tuple, optional)`` for every setting (flat name), from its annotation.
 
   ``kind`` is the type of one value (of each element for a tuple); what the
   CLI parses a flag with and what a ``--config`` file's values are checked against.
   """
+  hints = {}
+  for kind in (TrainConfig, *GROUPS.values()):
+    hints.update(typing.get_type_hints(kind))
   types_ = {}
-  for name, hint in typing.get_type_hints(TrainConfig).items():
+  for _, field in setting_fields():
+    hint = hints[field.name]
     optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     if optional:
       hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     is_tuple = typing.get_origin(hint) is tuple
-    types_[name] = (typing.get_args(hint)[0] if is_tuple else hint, is_tuple, optional)
+    types_[field.name] = (typing.get_args(hint)[0] if is_tuple else hint, is_tuple, optional)
   return types_
 
 
@@ -424,34 +549,3 @@ def _toml_value(value: Any) -> str:
   if isinstance(value, (list, tuple)):
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
   raise TypeError(f"no TOML for {type(value).__name__} {value!r}.")
-
-
-def paper_preset(dataset: str) -> dict[str, Any]:
-  """The paper's schedule: 8000 iterations, 20000 for CIFAR-10; lr / 10 after 6000."""
-  steps = 20000 if dataset.startswith("cifar10") else 8000
-  return {"steps": steps, "lr_drop_steps": (6000,)}
-
-
-#: The offline default: the same code at CPU scale (see dtnh_jax.train.offline).
-OFFLINE_PRESET: dict[str, Any] = {
-    "dataset": "offline-digits",
-    "arch": "resnet18",
-    "width": 0.125,
-    "small_stem": True,
-    "resize": 18,
-    "crop": 16,
-    "batch_size": 48,
-    "learning_rate": 0.01,
-    "steps": 120,
-    "lr_drop_steps": (90,),
-    "reg_decay": 0.9,
-    # strong enough to matter in 120 steps (chosen on the unrelated source, seed 0; see benchmarks/RESULTS.md)
-    "l2_weight": 0.01,
-    "l2_sp_alpha": 1.0,
-    "knowdist_weight": 1.0,
-    "delta_weight": 1.0,
-    "eval_every": 40,
-    "log_every": 40,
-    "checkpoint_every": 120,
-    "eval_batch_size": 500,
-}

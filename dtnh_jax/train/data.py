@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from dtnh_jax import data as data_lib
+from dtnh_jax import names
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
     "RunData",
 ]
 
-OFFLINE_TARGET = "offline-digits"
+OFFLINE_TARGET = names.OFFLINE_TARGET
 OFFLINE_PREFIX = "offline-"
 FOLDER_PREFIX = "folder:"
 
@@ -63,7 +64,8 @@ def _offline_sources(dataset: str, image_size: int) -> tuple[data_lib.ArraySourc
   full = data_lib.offline.source(name, seed=0, image_size=image_size)
   order = np.random.default_rng(0).permutation(len(full))
   held_out = len(full) // 10
-  return _subset(full, np.sort(order[held_out:]), f"{name}/train"), _subset(full, np.sort(order[:held_out]), f"{name}/test")
+  return (_subset(full, np.sort(order[held_out:]), f"{name}/train"),
+          _subset(full, np.sort(order[:held_out]), f"{name}/test"))
 
 
 def _folder_sources(dataset: str, image_size: int,
@@ -90,35 +92,36 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
       how to download and prepare it), or a ``folder:`` dataset's layout is
       wrong (the message says what and where).
   """
-  sizes = {"resize": config.resize, "crop": config.crop}
+  sizes = {"resize": config.recipe.resize, "crop": config.recipe.crop}
   shard = {"shard_index": shard_index, "shard_count": shard_count}
-  if config.batch_size % shard_count:
-    raise ConfigError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({shard_count}).")
-  per_process_batch = config.batch_size // shard_count
+  if config.recipe.batch_size % shard_count:
+    raise ConfigError(f"--batch-size {config.recipe.batch_size} must be divisible by the number of processes "
+                      f"({shard_count}).")
+  per_process_batch = config.recipe.batch_size // shard_count
   if config.dataset.startswith(OFFLINE_PREFIX):
-    train, test = _offline_sources(config.dataset, config.resize)
+    train, test = _offline_sources(config.dataset, config.recipe.resize)
     num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
   elif config.dataset.startswith(FOLDER_PREFIX):
-    train, test = _folder_sources(config.dataset, config.resize, shard_count)
+    train, test = _folder_sources(config.dataset, config.recipe.resize, shard_count)
     num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
   else:
     try:
-      data_lib.data_source(config.dataset, "train", data_dir=config.data_dir)  # fails early if not prepared
-      info = data_lib.dataset_info(config.dataset, data_dir=config.data_dir)
+      data_lib.data_source(config.dataset, "train", data_dir=config.run.data_dir)  # fails early if not prepared
+      info = data_lib.dataset_info(config.dataset, data_dir=config.run.data_dir)
     except data_lib.DatasetNotPreparedError as error:
       raise ConfigError(str(error)) from None
     except (KeyError, ValueError) as error:
       raise ConfigError(f"--dataset {config.dataset!r}: {error}") from None
     num_classes, num_train = info.num_classes, info.num_train
     train_source = test_source = config.dataset
-    tfds_args = {"data_dir": config.data_dir}
+    tfds_args = {"data_dir": config.run.data_dir}
 
   def train_loader(seed: int):
     return data_lib.make_train_loader(train_source, batch_size=per_process_batch, seed=seed, **sizes, **shard,
                                       **tfds_args)
 
   def eval_batches():
-    return data_lib.make_eval_batches(test_source, batch_size=config.eval_batch_size // shard_count or 1, **sizes,
+    return data_lib.make_eval_batches(test_source, batch_size=config.run.eval_batch_size // shard_count or 1, **sizes,
                                       **shard, **tfds_args)
 
-  return RunData(config.dataset, num_classes, num_train, config.batch_size, train_loader, eval_batches)
+  return RunData(config.dataset, num_classes, num_train, config.recipe.batch_size, train_loader, eval_batches)

@@ -66,37 +66,42 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """A step's loss or update was NaN/Inf and ``config.on_nonfinite`` is ``"stop"``, or more steps were
-  skipped than ``config.skip_limit`` allows."""
+  """A step's loss or update was NaN/Inf and ``config.run.on_nonfinite`` is ``"stop"``, or more steps were
+  skipped than ``config.run.skip_limit`` allows."""
 
 
 def create_model(config: TrainConfig, num_classes: int):
   """The run's network; with ``compute_dtype="bfloat16"`` it computes in bf16 and keeps float32
   parameters, so that gradients (and DTNH's inner products) are float32."""
-  return models.create_model(config.arch, num_classes=num_classes, width=config.width,
-                             small_stem=config.small_stem, dtype=jnp.dtype(config.compute_dtype))
+  return models.create_model(config.model.arch, num_classes=num_classes, width=config.model.width,
+                             small_stem=config.model.small_stem, dtype=jnp.dtype(config.model.compute_dtype))
 
 
-def initial_variables(config: TrainConfig, data: RunData, offline_sources=None) -> dict[str, Any]:
+def initial_variables(config: TrainConfig, data: RunData) -> dict[str, Any]:
   """The variables fine-tuning starts from: the source backbone and a fresh head for the target."""
   head_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  return models.replace_head(load_source(config, offline_sources), data.num_classes, head_key)
+  return models.replace_head(load_source(config), data.num_classes, head_key)
 
 
-def delta_attention(model, initial, data: RunData, config: TrainConfig, num_batches: int = 4):
-  """DELTA's channel attention for a run starting from ``initial``.
+def delta_attention(model, config: TrainConfig, data: RunData, num_batches: int = 4):
+  """DELTA's channel attention for ``config``'s source and data.
 
   As the DELTA authors' code: the new head is first fitted on the frozen
   source features (so that zeroing a channel changes a meaningful loss), then
   each channel's loss increase over a few training batches gives the attention.
-  Computed in float32 whatever the run's compute dtype: it ranks channels by
-  small differences of the loss.
+  It describes the source network on the target data, not a run: the same for
+  every seed (the head it fits starts from seed 0's and the batches are seed
+  1's), so runs that differ in their seed share it. Computed in float32
+  whatever the run's compute dtype: it ranks channels by small differences of
+  the loss.
   """
   model = model.clone(dtype=jnp.float32)
+  config = config.replace(seed=0)
+  initial = initial_variables(config, data)
   loader = data.train_loader(config.seed + 1)
   batches = [next(loader) for _ in range(max(num_batches, 1))]
   fitted = regularizers.fit_head(model, initial, batches)
-  return regularizers.delta_channel_attention(model, fitted, batches, config.feature_layers)
+  return regularizers.delta_channel_attention(model, fitted, batches, config.regularizer.feature_layers)
 
 
 def cached_attention(path: str, compute: Callable[[], dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -107,19 +112,19 @@ def cached_attention(path: str, compute: Callable[[], dict[str, Any]]) -> dict[s
 
 
 class _SkippedSteps:
-  """The steps ``--on-nonfinite skip`` skipped: one warning at the first, a stop past ``config.skip_limit``."""
+  """The steps ``--on-nonfinite skip`` skipped: one warning at the first, a stop past ``config.run.skip_limit``."""
 
   def __init__(self, config: TrainConfig, count: int):
     self.config, self.count, self._warned = config, count, False
-    self.limit = math.ceil(config.skip_limit * config.steps)  # at most this many
+    self.limit = math.ceil(config.run.skip_limit * config.recipe.steps)  # at most this many
 
   def add(self, record: dict[str, Any]) -> None:
     self.count += 1
     what = f"step {record['step']}: the loss or the update is not finite"
     if self.count > self.limit:
       raise NonFiniteLossError(
-          f"{what}; {self.count} of {self.config.steps} steps skipped, more than --skip-limit "
-          f"{self.config.skip_limit:g} allows: the run is diverging, not meeting a few bad batches. Lower "
+          f"{what}; {self.count} of {self.config.recipe.steps} steps skipped, more than --skip-limit "
+          f"{self.config.run.skip_limit:g} allows: the run is diverging, not meeting a few bad batches. Lower "
           "--learning-rate (with --restart), or check the data.")
     if not self._warned:
       self._warned = True
@@ -208,14 +213,11 @@ def train(
     workdir: str | os.PathLike,
     *,
     stop_after: int | None = None,
-    progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    offline_sources: dict[str, Callable] | None = None,
     data: RunData | None = None,
-    attention: Any = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
     export_to: str | os.PathLike | None = None,
     force_export: bool = False,
     restart: bool = False,
-    plots: bool = True,
 ) -> dict[str, Any]:
   """Fine-tunes one method; resumes from ``workdir`` if it holds checkpoints.
 
@@ -237,10 +239,8 @@ def train(
       ``conflict`` over the steps fetched with it) and, once there was an
       evaluation, ``test_accuracy``, ``test_loss`` and ``eval_step``. A new
       dict whenever something in it changed.
-    offline_sources: loaders of named sources (see ``dtnh_jax.train.offline``).
-    data: the run's data, if already built (the offline default shares it).
-    attention: DELTA's channel attention, if already computed; otherwise it
-      is computed once and cached in ``workdir/delta_attention.npz``.
+    data: the run's data (``load_data(config, ...)``), if already built; a
+      grid of runs on one dataset shares it.
     export_to: also write the final variables there as an orbax checkpoint
       that ``--source`` and ``dtnh_jax.models.load_variables`` read: a new
       or empty folder, or one holding a checkpoint dtnh_jax wrote when
@@ -248,8 +248,6 @@ def train(
     force_export: let ``export_to`` replace a checkpoint dtnh_jax wrote there.
     restart: set the run already in ``workdir`` aside (to
       ``workdir/set-aside/N``; nothing is deleted) and start anew.
-    plots: write ``losses.png`` and ``angles.png`` (a grid of runs plots once
-      for all of them instead).
 
   Returns:
     The final results: test accuracy and loss, and the run's settings; also
@@ -259,7 +257,7 @@ def train(
   Raises:
     ConfigError: bad settings, source, data or export target; a workdir
       holding a run with other settings, or in use by another process.
-    NonFiniteLossError: see ``config.on_nonfinite``.
+    NonFiniteLossError: see ``config.run.on_nonfinite``.
     dtnh_jax.train.interrupts.Interrupted: SIGINT/SIGTERM during training,
       after the checkpoint of the current step is written.
   """
@@ -280,38 +278,39 @@ def train(
     method = config.method_spec
     data = data or load_data(config, *sharding.process_shard())  # this process's shard of the data
     model = create_model(config, data.num_classes)
-    initial = initial_variables(config, data, offline_sources)
-    tx, train_step, eval_step = step_lib.compiled_steps(model, step_lib.step_config(config), data.steps_per_epoch)
+    initial = initial_variables(config, data)
+    tx, train_step, eval_step = step_lib.steps_for(model, config, data.steps_per_epoch)
     state = step_lib.create_train_state(initial, tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-    sharding.Placement.create(state, step_lib.Reference(initial), fsdp=config.fsdp,
-                              batch_size=config.batch_size)  # the devices' checks (the batch must split)
+    sharding.Placement.create(state, step_lib.Reference(initial), fsdp=config.run.fsdp,
+                              batch_size=config.recipe.batch_size)  # the devices' checks (the batch must split)
 
     # checks done: the run's first writes
     if sharding.is_chief():
       _begin(workdir, config, restart)
     begun = True
     sharding.sync("workdir ready")
-    if method.regularizer == "delta" and attention is None:
+    attention = None
+    if method.regularizer == "delta":
       attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
-                                   lambda: delta_attention(model, initial, data, config))
+                                   lambda: delta_attention(model, config, data))
     return _run(config, workdir, data, train_step, eval_step, state,
                 step_lib.Reference(initial, attention), stop_after=stop_after, progress=progress,
-                export_to=export_to, force_export=force_export, plots=plots)
+                export_to=export_to, force_export=force_export)
   finally:
     if lock is not None:
       lock.release(remove_empty_workdir=not begun)
 
 
 def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop_after, progress,
-         export_to, force_export, plots) -> dict[str, Any]:
+         export_to, force_export) -> dict[str, Any]:
   """The training loop of :func:`train`, once the workdir is ready."""
   method = config.method_spec
   # on the mesh of all devices: batches split over them, state and reference replicated or FSDP-sharded
-  placement = sharding.Placement.create(state, reference, fsdp=config.fsdp, batch_size=config.batch_size)
+  placement = sharding.Placement.create(state, reference, fsdp=config.run.fsdp, batch_size=config.recipe.batch_size)
   state, reference = placement.put_state(state), placement.put_reference(reference)
   train_step, eval_step = placement.jit_train_step(train_step), placement.jit_eval_step(eval_step)
   train_loader = data.train_loader(config.seed)
-  checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  checkpoints = checkpoint.Checkpoints(workdir, keep=config.run.keep_checkpoints)
   restored = checkpoints.restore(checkpoint.abstract(state))
   start, extra = 0, {}
   if restored is not None:
@@ -332,18 +331,18 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
   step = start
   try:
     with interrupts.deferred() as interrupt:
-      while step < config.steps:
+      while step < config.recipe.steps:
         state, metrics = train_step(state, placement.put_batch(next(train_loader)), reference)
         step += 1
         pending.append((step, metrics))
-        last = step == config.steps
+        last = step == config.recipe.steps
         interrupted = interrupt.signum is not None
         stopping = (stop_after is not None and step - start >= stop_after) or interrupted
-        evaluating = step % config.eval_every == 0 or last
-        checkpointing = step % config.checkpoint_every == 0 or last or stopping
+        evaluating = step % config.run.eval_every == 0 or last
+        checkpointing = step % config.run.checkpoint_every == 0 or last or stopping
         # before an evaluation or a checkpoint every step's metrics are on hand: a checkpoint
         # covers all lines up to its step, and none is written after a non-finite step
-        if step % config.log_every == 0 or last or stopping or evaluating or checkpointing:
+        if step % config.run.log_every == 0 or last or stopping or evaluating or checkpointing:
           # one transfer per metric for all pending steps, not one per scalar
           stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[values for _, values in pending]))
           latest = {**latest, **_progress_values(stacked)}
@@ -351,7 +350,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
             record = {"step": logged_step, "kind": "train", **_to_python(jax.tree.map(lambda x: x[row], stacked))}
             log.write(record)
             if record["skipped"]:
-              if config.on_nonfinite == "skip":
+              if config.run.on_nonfinite == "skip":
                 skipped.add(record)
               else:
                 _stop_on_non_finite(record, log, checkpoints)
@@ -361,7 +360,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
           evaluation = step_lib.evaluate(eval_step, state, eval_batches)
           log.write({"step": step, "kind": "eval", **evaluation})
           latest = {**latest, **evaluation, "eval_step": step}
-          logger.info("%s: step %d/%d: test accuracy %.2f%%, test loss %.4f", workdir, step, config.steps,
+          logger.info("%s: step %d/%d: test accuracy %.2f%%, test loss %.4f", workdir, step, config.recipe.steps,
                       100 * evaluation["test_accuracy"], evaluation["test_loss"])
         if checkpointing:
           log.flush()  # metrics up to this step are on disk before the checkpoint that covers them
@@ -369,7 +368,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
                            {"elapsed_s": time.perf_counter() - started, "method": method.name,
                             "skipped_steps": skipped.count})
         if progress is not None:
-          progress(step, config.steps, latest)
+          progress(step, config.recipe.steps, latest)
         if interrupted:
           raise interrupts.Interrupted(interrupt.signum, step)
         if stopping and not last:
@@ -380,24 +379,25 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
 
   sharding.sync("metrics written")  # process 0's metrics.jsonl is complete before any process reads it
   records = report.read_metrics(os.path.join(workdir, metrics_lib.FILE))
-  final = [r for r in records if r["kind"] == "eval" and r["step"] == config.steps]
+  final = [r for r in records if r["kind"] == "eval" and r["step"] == config.recipe.steps]
   if final:
     final = final[-1]
   else:  # its line was damaged (and set aside): evaluate the final state again
-    final = {"step": config.steps, "kind": "eval",
+    final = {"step": config.recipe.steps, "kind": "eval",
              **step_lib.evaluate(eval_step, state, map(placement.put_batch, data.eval_batches()))}
   results = {"method": method.name, "label": method.label, "source": config.source, "dataset": config.dataset,
-             "seed": config.seed, "steps": config.steps, "test_accuracy": final["test_accuracy"],
+             "seed": config.seed, "steps": config.recipe.steps, "test_accuracy": final["test_accuracy"],
              "test_loss": final["test_loss"], "skipped_steps": skipped.count}
   if skipped.count:
-    warnings.warn(f"{workdir}: {skipped.count} of {config.steps} steps were skipped (non-finite loss or update; "
+    warnings.warn(f"{workdir}: {skipped.count} of {config.recipe.steps} steps were skipped (non-finite loss or update; "
                   "'skipped' in metrics.jsonl marks them).", RuntimeWarning, stacklevel=3)
   if sharding.is_chief():
     workdir_lib.write_atomically(os.path.join(workdir, workdir_lib.RESULTS), json.dumps(results, indent=2))
-    report.write_run_report(workdir, records, results, plots=plots)
+    report.write_run_report(workdir, records, results, plots=config.run.plots)
   if export_to is not None:
     # host copies: the exported weights load on any number of devices
     models.save_variables(export_to, sharding.to_host({"params": state.params, "batch_stats": state.batch_stats}),
-                          {"arch": config.arch, "width": config.width, "small_stem": config.small_stem,
-                           "dataset": config.dataset, "method": method.name}, force=force_export)
+                          {"arch": config.model.arch, "width": config.model.width,
+                           "small_stem": config.model.small_stem, "dataset": config.dataset, "method": method.name},
+                          force=force_export)
   return results

@@ -6,11 +6,16 @@ differently) and ``unrelated`` (patches of photographs), so that the paper's
 negative-transfer situation can occur. Every method runs from each source with
 a few seeds, through the same model, regularizers and train step as the
 full-scale runs; the table is laid out like the paper's Tables II-IV.
+
+The sources are pre-trained in an explicit step before any run
+(:func:`pretrain_sources`, which :func:`run_grid` and ``dtnh-train`` call);
+a run from ``--source related`` then reads the cached checkpoint like any
+other source (``dtnh_jax.train.sources``), so the training loop knows
+nothing of this module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,41 +25,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dtnh_jax import data as data_lib
-from dtnh_jax import models, regularizers
-from dtnh_jax.train import loop, report, sharding
-from dtnh_jax.train.config import ALL_METHODS, OFFLINE_PRESET, Method, TrainConfig
+from dtnh_jax import models, names
+from dtnh_jax.train import loop, presets, report, sharding
+from dtnh_jax.train import sources as sources_lib
+from dtnh_jax.train.config import Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
 
 __all__ = [
-    "cache_dir",
-    "OFFLINE_SOURCES",
-    "PRETRAIN",
-    "pretrained_source",
+    "pretrain_sources",
     "Progress",
     "run_dir",
     "run_grid",
-    "run_offline_default",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Pre-training of the offline sources: a plain fine-tune run from scratch on the source data.
-PRETRAIN = {"steps": 300, "lr_drop_steps": (240,), "learning_rate": 0.05, "eval_every": 300, "log_every": 50,
-            "checkpoint_every": 300}
-
-
-def cache_dir() -> str:
-  """Where pre-trained offline sources are kept: ``$DTNH_JAX_CACHE`` or ``~/.cache/dtnh_jax``."""
-  return os.environ.get("DTNH_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dtnh_jax"))
-
-
-def _model_key(config: TrainConfig) -> dict[str, Any]:
-  return {"arch": config.arch, "width": config.width, "small_stem": config.small_stem, "resize": config.resize,
-          "crop": config.crop}
-
-
-_LOADED: dict[str, Any] = {}  # path -> variables, so a grid of runs reads each source once
 
 
 def _set_aside(path: str) -> str:
@@ -72,47 +56,51 @@ def _set_aside(path: str) -> str:
     n += 1
 
 
-def pretrained_source(name: str, config: TrainConfig) -> dict[str, Any]:
-  """The variables of offline source ``name`` for ``config``'s model, pre-trained once and cached.
+def _usable(path: str) -> bool:
+  """Whether the cached source at ``path`` loads and is finite; an unusable one is set aside with a warning."""
+  try:
+    models.check_finite(models.load_variables(path)[0], path)
+    return True
+  except Exception as error:  # pylint: disable=broad-except  # whatever is wrong, a fresh pre-training replaces it
+    # several processes read the same files and come here together; one moves them
+    sharding.sync("offline source read")
+    if sharding.is_chief():
+      aside = _set_aside(path)
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      warnings.warn(f"the cached offline source {path} is unusable ({reason}); moved it to {aside} and "
+                    "pre-training it again.", RuntimeWarning, stacklevel=3)
+    sharding.sync("offline source set aside")
+    return False
 
-  A cached source that cannot be read (damaged files, checksums that do not
-  match) or holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with
-  a warning and pre-trained again, so that one bad cache does not fail every
-  later run.
+
+def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE_SOURCES) -> dict[str, str]:
+  """Pre-trains the offline sources among ``sources`` for ``config``'s model, once: the step before a run or
+  grid from ``--source related`` or ``unrelated``. Other sources are left alone.
+
+  Each is a plain fine-tune run from scratch on the source's data
+  (``presets.offline_pretraining(config.pretrain_steps)``), exported to
+  ``sources.offline_source_path`` (under ``$DTNH_JAX_CACHE``). A cached
+  source that cannot be read (damaged files, checksums that do not match) or
+  holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with a warning
+  and pre-trained again, so that one bad cache does not fail every later run.
+
+  Returns:
+    offline source name -> its cached checkpoint (a folder ``--source`` also takes).
   """
-  settings = {"source": name, **_model_key(config), **PRETRAIN}
-  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-  path = os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
-  if path in _LOADED:
-    return _LOADED[path]
-  if os.path.lexists(path):
-    try:
-      variables, _ = models.load_variables(path)
-      models.check_finite(variables, path)
-    except Exception as error:  # whatever is wrong with it, a fresh pre-training replaces it
-      # several processes read the same files and come here together; one moves them
-      sharding.sync("offline source read")
-      if sharding.is_chief():
-        aside = _set_aside(path)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        warnings.warn(f"the cached offline source {path} is unusable ({reason}); moved it to {aside} and "
-                      "pre-training it again.", RuntimeWarning, stacklevel=2)
-      sharding.sync("offline source set aside")
-    else:
-      _LOADED[path] = variables
-      return variables
-  workdir = path + ".run"
-  # float32 whatever the run's compute dtype: the cache key does not hold it
-  pretrain = config.replace(method="fine-tune", source="scratch", dataset=OFFLINE_PREFIX + name, seed=0,
-                            reg_decay=1.0, compute_dtype="float32", **PRETRAIN)
-  logger.info("pre-training the offline source %r once (cached in %s)", name, path)
-  loop.train(pretrain, workdir, export_to=path, plots=False)
-  _LOADED[path], _ = models.load_variables(path)
-  return _LOADED[path]
-
-
-#: What ``--source`` accepts for the offline problem.
-OFFLINE_SOURCES = {name: (lambda config, name=name: pretrained_source(name, config)) for name in data_lib.offline.SOURCES}
+  paths = {}
+  for name in dict.fromkeys(sources):
+    if name not in names.OFFLINE_SOURCES:
+      continue
+    path = sources_lib.offline_source_path(name, config)
+    if not (os.path.lexists(path) and _usable(path)):
+      # float32 whatever the run's compute dtype: the cache key does not hold it
+      pretrain = config.replace(method="fine-tune", source=sources_lib.SCRATCH, dataset=OFFLINE_PREFIX + name,
+                                seed=0, reg_decay=1.0, compute_dtype="float32", plots=False,
+                                **presets.offline_pretraining(config.pretrain_steps))
+      logger.info("pre-training the offline source %r once (cached in %s)", name, path)
+      loop.train(pretrain, path + ".run", export_to=path)
+    paths[name] = path
+  return paths
 
 
 class Progress:
@@ -207,23 +195,20 @@ def run_grid(
   exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source)
   and ``figure4_5_angles.png``.
   """
+  pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
   data = load_data(base, *sharding.process_shard())  # this process's shard of the data
+  base = base.replace(plots=False)  # the grid draws its figures once, for all runs
   results = []
   progress = Progress(len(sources) * len(methods) * len(seeds), enabled=show_progress and sharding.is_chief())
   started = time.perf_counter()
   try:
     for source in sources:
-      attention = None
-      source_dir = os.path.join(workdir, _safe_name(source))
       for method in methods:
         for seed in seeds:
           config = base.replace(source=source, method=method.name, seed=seed)
-          if method.regularizer == "delta" and attention is None:
-            attention = _shared_attention(config, data, source_dir)
           label = f"{_safe_name(source)} {method.name} seed {seed}"
-          results.append(loop.train(config, run_dir(workdir, source, method.name, seed),
-                                    offline_sources=OFFLINE_SOURCES, data=data, attention=attention,
-                                    restart=restart, plots=False, progress=progress.for_run(label)))
+          results.append(loop.train(config, run_dir(workdir, source, method.name, seed), data=data,
+                                    restart=restart, progress=progress.for_run(label)))
           progress.run_done(label, results[-1])
   finally:
     progress.close()  # also before an error's message, so that it starts on a clean line
@@ -233,14 +218,6 @@ def run_grid(
   return results
 
 
-def run_offline_default(workdir: str, *, seeds: Sequence[int] = (0, 1, 2),
-                        overrides: dict[str, Any] | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
-  """The offline default: every method, from the related and the unrelated source, on digits."""
-  base = TrainConfig(**{**OFFLINE_PRESET, **(overrides or {})})
-  return run_grid(base, workdir, sources=data_lib.offline.SOURCES, methods=ALL_METHODS, seeds=seeds,
-                  show_progress=show_progress)
-
-
 def _safe_name(source: str) -> str:
   return os.path.basename(os.path.normpath(source)) or "source"
 
@@ -248,14 +225,6 @@ def _safe_name(source: str) -> str:
 def run_dir(workdir: str, source: str, method: str, seed: int) -> str:
   """Where ``dtnh-train`` keeps one run: ``workdir/SOURCE/METHOD/seedK`` (with or without ``--export``)."""
   return os.path.join(workdir, _safe_name(source), method, f"seed{seed}")
-
-
-def _shared_attention(config: TrainConfig, data, directory: str):
-  """DELTA's attention for one source, computed once and shared by its seeds."""
-  os.makedirs(directory, exist_ok=True)
-  compute = lambda: loop.delta_attention(loop.create_model(config, data.num_classes),
-                                         loop.initial_variables(config, data, OFFLINE_SOURCES), data, config)
-  return loop.cached_attention(os.path.join(directory, "delta_attention.npz"), compute)
 
 
 def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], elapsed: float,

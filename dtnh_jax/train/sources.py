@@ -8,6 +8,8 @@ offline sources that the package pre-trains itself (``related``,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -15,11 +17,14 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from dtnh_jax import models
+from dtnh_jax import models, names
+from dtnh_jax.train import presets
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
 __all__ = [
+    "cache_dir",
     "load_source",
+    "offline_source_path",
     "SCRATCH",
 ]
 
@@ -34,14 +39,28 @@ _DOWNLOAD_HELP = {
 }
 
 
+def cache_dir() -> str:
+  """Where pre-trained offline sources are kept: ``$DTNH_JAX_CACHE`` or ``~/.cache/dtnh_jax``."""
+  return os.environ.get("DTNH_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dtnh_jax"))
+
+
+def offline_source_path(name: str, config: TrainConfig) -> str:
+  """Where offline source ``name`` pre-trained for ``config``'s model is cached; the key holds the model, the
+  image sizes and the pre-training (``dtnh_jax.train.offline.pretrain_sources`` writes it)."""
+  key = {"source": name, **_model_options(config), "resize": config.recipe.resize, "crop": config.recipe.crop,
+         **presets.offline_pretraining(config.pretrain_steps)}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
+
+
 def _model_options(config: TrainConfig) -> dict[str, Any]:
-  return {"arch": config.arch, "width": config.width, "small_stem": config.small_stem}
+  return {"arch": config.model.arch, "width": config.model.width, "small_stem": config.model.small_stem}
 
 
 def _check_backbone(source: str, variables: Any, config: TrainConfig) -> None:
   """Refuses variables whose tensors (all but the head, which is replaced) do not fit the run's model."""
-  model = models.create_model(config.arch, num_classes=1, width=config.width, small_stem=config.small_stem)
-  expected = jax.eval_shape(lambda: models.init_variables(model, 0, config.crop))
+  model = models.create_model(num_classes=1, **_model_options(config))
+  expected = jax.eval_shape(lambda: models.init_variables(model, 0, config.recipe.crop))
   params_first = lambda item: item[0][0] != "params"  # the message lists conv1/kernel first
   backbone = lambda tree: {"/".join(path): tuple(np.shape(leaf))
                            for path, leaf in sorted(flatten_dict(dict(tree)).items(), key=params_first)
@@ -54,8 +73,8 @@ def _check_backbone(source: str, variables: Any, config: TrainConfig) -> None:
   if problems:
     shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
     raise ConfigError(
-        f"--source {source}: the checkpoint does not fit the run's {config.arch} (width {config.width}, "
-        f"small_stem {config.small_stem}): {shown}. Pass the --arch/--width/--small-stem it was trained with.")
+        f"--source {source}: the checkpoint does not fit the run's {config.model.arch} (width {config.model.width}, "
+        f"small_stem {config.model.small_stem}): {shown}. Pass the --arch/--width/--small-stem it was trained with.")
 
 
 def _check_finite(source: str, variables: Any) -> dict[str, Any]:
@@ -67,7 +86,7 @@ def _check_finite(source: str, variables: Any) -> dict[str, Any]:
   return variables
 
 
-def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
+def load_source(config: TrainConfig) -> dict[str, Any]:
   """The source network's variables ``{"params", "batch_stats"}`` (head of the source task).
 
   Raises:
@@ -76,15 +95,26 @@ def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
       ``config`` (the message says what to do).
   """
   source = config.source
-  if offline_sources is not None and source in offline_sources:
-    return _check_finite(source, offline_sources[source](config))
+  if source in names.OFFLINE_SOURCES:
+    path = offline_source_path(source, config)
+    if not os.path.isdir(path):
+      raise ConfigError(f"--source {source}: the offline source is not pre-trained for this model yet ({path} "
+                        "is missing). dtnh-train pre-trains it by itself; from Python, call "
+                        "dtnh_jax.train.offline.pretrain_sources(config) first.")
+    try:
+      variables, _ = models.load_variables(path)
+    except Exception as error:  # pylint: disable=broad-except
+      raise ConfigError(f"--source {source}: the cached offline source {path} is unreadable ({error}); "
+                        "dtnh_jax.train.offline.pretrain_sources (which dtnh-train runs) sets it aside and "
+                        "pre-trains it again.") from None
+    return _check_finite(source, variables)
   if source == SCRATCH:
-    model = models.create_model(config.arch, num_classes=1, width=config.width, small_stem=config.small_stem)
-    return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.crop))
+    model = models.create_model(num_classes=1, **_model_options(config))
+    return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.recipe.crop))
   if source in _DOWNLOAD_HELP and not os.path.exists(source):
     raise ConfigError(
         f"--source {source}: the weights cannot be downloaded here. Download {_DOWNLOAD_HELP[source]}, "
-        f"convert it with `dtnh-convert FILE DIR --arch {config.arch}` (or pass the file itself) and "
+        f"convert it with `dtnh-convert FILE DIR --arch {config.model.arch}` (or pass the file itself) and "
         "use --source with that path.")
   if os.path.isdir(source):
     try:
@@ -96,18 +126,19 @@ def load_source(config: TrainConfig, offline_sources=None) -> dict[str, Any]:
     if differs:
       raise ConfigError(
           f"--source {source}: the checkpoint's architecture does not match the run: "
-          + ", ".join(f"{k} is {have!r} in the checkpoint but {want!r} in the run" for k, (have, want) in differs.items())
+          + ", ".join(f"{k} is {have!r} in the checkpoint but {want!r} in the run"
+                      for k, (have, want) in differs.items())
           + ". Pass matching --arch/--width/--small-stem.")
     _check_backbone(source, variables, config)  # also for checkpoints without that metadata
     return _check_finite(source, variables)
   if os.path.isfile(source):
     try:
       # strict: every tensor of the run's backbone, with its shape, and nothing else
-      variables = models.load_torchvision_checkpoint(source, arch=config.arch, width=config.width,
-                                                     small_stem=config.small_stem)
+      variables = models.load_torchvision_checkpoint(source, arch=config.model.arch, width=config.model.width,
+                                                     small_stem=config.model.small_stem)
     except (ValueError, OSError, ImportError) as error:
       raise ConfigError(f"--source {source}: {error}") from None
     return _check_finite(source, variables)
   raise ConfigError(
       f"--source {source!r} is neither a file, an orbax checkpoint directory, nor one of "
-      f"{sorted(set(offline_sources or ()) | {SCRATCH})}.")
+      f"{sorted(set(names.OFFLINE_SOURCES) | {SCRATCH})}.")

@@ -17,6 +17,7 @@ as in the DELTA authors' code. The BatchNorm scales and biases are trained.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -27,11 +28,10 @@ import optax
 
 import dtnh_jax
 from dtnh_jax import regularizers
-from dtnh_jax.train.config import TrainConfig
+from dtnh_jax.train.config import STEP_GROUPS, TrainConfig
 
 __all__ = [
     "closed_form_regularizers",
-    "compiled_steps",
     "create_train_state",
     "cross_entropy",
     "evaluate",
@@ -40,7 +40,7 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "Reference",
-    "step_config",
+    "steps_for",
     "TrainState",
 ]
 
@@ -65,10 +65,10 @@ class Reference(NamedTuple):
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """DTNH first, then ``config.optimizer`` with step-wise learning rate drops.
+  """DTNH first, then ``config.recipe.optimizer`` with step-wise learning rate drops.
 
   ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
-  ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.weight_decay``. DTNH does
+  ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``. DTNH does
   not care which: it turns the two gradients into one direction ``d``, and the
   optimizer treats ``d`` as it would any gradient. The plain regularized
   methods use ``dtnh(..., projection="none")``: the same transformation
@@ -77,18 +77,19 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
   regularizer and no DTNH.
   """
   learning_rate = optax.piecewise_constant_schedule(
-      config.learning_rate, {int(step): config.lr_drop_factor for step in config.lr_drop_steps})
-  if config.optimizer == "adamw":
-    optimizer = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+      config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
+  if config.recipe.optimizer == "adamw":
+    optimizer = optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
   else:
-    optimizer = optax.sgd(learning_rate, momentum=config.momentum)
+    optimizer = optax.sgd(learning_rate, momentum=config.recipe.momentum)
   method = config.method_spec
   if not method.has_regularizer:
     return optimizer
   reg_weight = optax.exponential_decay(
-      config.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.reg_decay, staircase=True)
-  projection = config.projection if method.dtnh else "none"
-  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.granularity, projection=projection), optimizer)
+      config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
+      staircase=True)
+  projection = config.dtnh.projection if method.dtnh else "none"
+  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.dtnh.granularity, projection=projection), optimizer)
 
 
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -118,54 +119,55 @@ def closed_form_regularizers(config: TrainConfig, reference: Reference) -> list[
   """
   method = config.method_spec.regularizer
   if method == "l2":
-    return [regularizers.l2_regularizer(config.l2_weight)]
+    return [regularizers.l2_regularizer(config.regularizer.l2_weight)]
   if method == "l2-sp":
-    return [regularizers.l2_sp_regularizer(reference.variables["params"], config.l2_sp_alpha, config.l2_sp_beta)]
+    coefficients = config.regularizer
+    return [regularizers.l2_sp_regularizer(reference.variables["params"], coefficients.l2_sp_alpha,
+                                           coefficients.l2_sp_beta)]
   return []
 
 
 def feature_regularizer(config: TrainConfig, reference: Reference) -> Callable | None:
   """``(target_features, source_features) -> weighted Ω`` for KnowDist and DELTA, ``None`` for the other methods.
 
-  The weight is the method's own (``config.knowdist_weight``, ``config.delta_weight``); DELTA reads its channel
-  attention from ``reference``.
+  The weight is the method's own (``knowdist_weight``, ``delta_weight`` of ``config.regularizer``); DELTA reads
+  its channel attention from ``reference``.
   """
   method = config.method_spec.regularizer
-  options = {"layers": config.feature_layers, "normalize": config.feature_normalize}
+  coefficients = config.regularizer
+  options = {"layers": coefficients.feature_layers, "normalize": coefficients.feature_normalize}
   if method == "knowdist":
-    return lambda feats, source: config.knowdist_weight * regularizers.feature_distance(feats, source, **options)
+    return lambda feats, source: coefficients.knowdist_weight * regularizers.feature_distance(feats, source, **options)
   if method == "delta":
-    return lambda feats, source: config.delta_weight * regularizers.delta(feats, source, reference.attention,
-                                                                          **options)
+    return lambda feats, source: coefficients.delta_weight * regularizers.delta(feats, source, reference.attention,
+                                                                                **options)
   return None
 
 
-def step_config(config: TrainConfig) -> TrainConfig:
-  """``config`` without the settings the compiled step does not depend on (seed, source, data).
-
-  Runs that differ only in those share one compiled step (see :func:`compiled_steps`).
-  """
-  return config.replace(seed=0, source="", dataset="", data_dir=None, eval_every=1, log_every=1,
-                        checkpoint_every=1, keep_checkpoints=1, on_nonfinite="stop")
-
-
 @functools.lru_cache(maxsize=32)
-def compiled_steps(model, config: TrainConfig, steps_per_epoch: int):
-  """``(tx, train_step, eval_step)`` for ``config``, cached: a grid of runs compiles each method once."""
-  config = step_config(config)
+def _cached_steps(model, step_key: tuple, steps_per_epoch: int):
+  config = dataclasses.replace(TrainConfig(method=step_key[0]), **dict(zip(STEP_GROUPS, step_key[1:], strict=True)))
   tx = make_optimizer(config, steps_per_epoch)
   return tx, make_train_step(model, config, tx), make_eval_step(model)
 
 
+def steps_for(model, config: TrainConfig, steps_per_epoch: int):
+  """``(tx, train_step, eval_step)`` for ``config``, the same function objects for every config with the same
+  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, bookkeeping) traces
+  and compiles each method once when ``dtnh_jax.train.sharding.Placement`` jits them."""
+  return _cached_steps(model, config.step_key(), steps_per_epoch)
+
+
 def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation):
-  """The jitted train step of ``config``'s method: ``(state, batch, reference) -> (state, metrics)``."""
+  """The train step of ``config``'s method, ``(state, batch, reference) -> (state, metrics)``, unjitted:
+  ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state."""
   method = config.method_spec
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
     images, labels = batch["image"], batch["label"]
     feature_term = feature_regularizer(config, reference)
     source_features = (
-        regularizers.source_features(model, reference.variables, images, config.feature_layers)
+        regularizers.source_features(model, reference.variables, images, config.regularizer.feature_layers)
         if feature_term is not None else None)
 
     def loss_terms(params):
@@ -184,14 +186,13 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
     (values, (batch_stats, logits)), grads = grad_fn(state.params)
     # DTNH's passes over the gradients start after the backward passes end: left
     # free, XLA:CPU runs the inner products alongside the convolutions, which
-    # slows both (ResNet-18 96x96 KnowDist step: 1.28x of the one-backward step
-    # with the barrier, 1.37x without).
+    # slows both (measured in benchmarks/RESULTS.md, "Train step").
     grads = jax.lax.optimization_barrier(grads)
     updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
     # A NaN/Inf loss or update is never applied: parameters, optimizer state and
     # BatchNorm statistics keep their last good values (a select, not a branch:
     # one program for every step). The step counter, the RNG and the data
-    # position advance; the loop stops the run or goes on (config.on_nonfinite).
+    # position advance; the loop stops the run or goes on (config.run.on_nonfinite).
     # The check reads no parameter-sized array when there is a regularizer: the
     # diagnostics' norms and inner products are finite exactly when both
     # gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and
@@ -227,14 +228,13 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
                               rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return train_step
 
 
-@functools.lru_cache(maxsize=8)
 def make_eval_step(model):
-  """Sums of test loss and correct predictions over the real (``mask``) examples of a batch."""
+  """Sums of test loss and correct predictions over the real (``mask``) examples of a batch, unjitted
+  (``Placement.jit_eval_step`` jits it)."""
 
-  @jax.jit
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
     mask = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)

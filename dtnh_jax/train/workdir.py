@@ -23,7 +23,7 @@ import socket
 import time
 from typing import Any
 
-from dtnh_jax.train.config import ConfigError, TrainConfig
+from dtnh_jax.train.config import ConfigError, RunConfig, TrainConfig
 
 __all__ = [
     "BOOKKEEPING",
@@ -40,11 +40,10 @@ __all__ = [
     "write_atomically",
 ]
 
-# Settings a run may resume with changed: they do not change its numbers (on_nonfinite: a run
-# stopped by a NaN loss can go on with "skip"; fsdp, like the number of devices, only lays the
-# state out differently: rounding-level differences).
-BOOKKEEPING = frozenset({"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "data_dir",
-                         "eval_batch_size", "on_nonfinite", "skip_limit", "fsdp"})
+# Settings a run may resume with changed: TrainConfig's run group, which does not change its numbers
+# (on_nonfinite: a run stopped by a NaN loss can go on with "skip"; fsdp, like the number of devices,
+# only lays the state out differently: rounding-level differences).
+BOOKKEEPING = frozenset(field.name for field in dataclasses.fields(RunConfig))
 
 CONFIG = "config.json"
 RESULTS = "results.json"
