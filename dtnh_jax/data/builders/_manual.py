@@ -39,6 +39,23 @@ def instructions_for(template: str) -> tuple[str, Callable[[str], str]]:
   return instructions(TFDS_DEFAULT_MANUAL_DIR), instructions
 
 
+def image_label_info(builder: Any, description: str, homepage: str, citation: str) -> Any:
+  """The ``DatasetInfo`` of a builder of labelled JPEG images (``image``, ``label``, ``file_name``)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=builder.builder_config.num_classes),
+          "file_name": tfds.features.Text(),
+      }),
+      supervised_keys=("image", "label"),
+      homepage=homepage,
+      citation=citation,
+  )
+
+
 def manual_dir_of(dl_manager: Any, builder: Any) -> str:
   """The folder TFDS reads manual downloads from, whether or not it exists.
 

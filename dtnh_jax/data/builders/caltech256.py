@@ -112,24 +112,13 @@ class Caltech256(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(
-                num_classes=self.builder_config.num_classes),
-            "file_name": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://data.caltech.edu/records/nyy15-4j048",
+    return _manual.image_label_info(
+        self, __doc__, homepage="https://data.caltech.edu/records/nyy15-4j048",
         citation="""@techreport{griffin2007caltech,
   title={Caltech-256 Object Category Dataset},
   author={Griffin, Gregory and Holub, Alex and Perona, Pietro},
   institution={California Institute of Technology},
-  number={CNS-TR-2007-001}, year={2007}}""",
-    )
+  number={CNS-TR-2007-001}, year={2007}}""")
 
   def _split_generators(self, dl_manager):
     manual_dir = _manual.manual_dir_of(dl_manager, self)

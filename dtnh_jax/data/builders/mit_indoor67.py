@@ -59,23 +59,12 @@ class MitIndoor67(tfds.core.GeneratorBasedBuilder):
       name="official", description="TrainImages.txt / TestImages.txt.")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(
-                num_classes=self.builder_config.num_classes),
-            "file_name": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://web.mit.edu/torralba/www/indoor.html",
+    return _manual.image_label_info(
+        self, __doc__, homepage="https://web.mit.edu/torralba/www/indoor.html",
         citation="""@inproceedings{quattoni2009recognizing,
   title={Recognizing Indoor Scenes},
   author={Quattoni, Ariadna and Torralba, Antonio},
-  booktitle={CVPR}, year={2009}}""",
-    )
+  booktitle={CVPR}, year={2009}}""")
 
   def _split_generators(self, dl_manager):
     manual_dir = _manual.manual_dir_of(dl_manager, self)
