@@ -103,11 +103,7 @@ def _command_env(tmp_path):
   env.update(
       JAX_PLATFORMS="cpu",  # bit-exact equality is a CPU promise; accelerators may pick other kernels per process
       DTNH_JAX_CACHE=str(tmp_path / "cache"),
-      # the processes after the first load the compiled programs instead of compiling them again
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+  )  # the suite's compilation cache (tests/conftest.py): the processes after the first load the compiled programs
   return env
 
 
