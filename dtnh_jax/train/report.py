@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,13 +12,16 @@ from typing import Any
 import numpy as np
 
 from dtnh_jax.train import metrics as metrics_lib
+from dtnh_jax.train import selection
 
 __all__ = [
     "plot_angles",
+    "plot_lambda_curve",
     "plot_losses",
     "plot_results",
     "read_metrics",
     "results_table",
+    "tuned_table",
     "write_run_report",
 ]
 
@@ -139,3 +144,206 @@ def _accuracies(results: Iterable[dict[str, Any]]):
     cells[(r["source"], r["dataset"])][r["method"]].append(r["test_accuracy"])
     labels[r["method"]] = r["label"]
   return cells, labels
+
+
+# The tuned comparison (the evidence protocol of DESIGN.md): each method at the λ and decay chosen on validation.
+
+
+def _percent(mean: float, std: float) -> str:
+  return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _choice(row: dict[str, Any]) -> str:
+  return f"λ {row['reg_weight']:g}, decay {row['reg_decay']:g}"
+
+
+def _delta(pair: dict[str, Any] | None) -> str:
+  """``+1.80 [+0.20, +3.40] *`` in points; ``*`` when the interval excludes 0."""
+  if pair is None:
+    return "–"
+  if pair["n"] < 2:
+    return f"{100 * pair['mean']:+.2f} (n={pair['n']}: no interval)"
+  mark = " *" if pair["excludes_zero"] else ""
+  return f"{100 * pair['mean']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]{mark}"
+
+
+def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> str:
+  """Markdown: per source, X and DTNH(X) each at its own pick, and their paired difference Δ.
+
+  Args:
+    summary: :func:`dtnh_jax.train.selection.summary` of a study.
+    pairs: :func:`dtnh_jax.train.stats.dtnh_pairs` of the same study (test accuracy).
+
+  One block of rows per source: fine-tuning from it and training from scratch
+  first, as references, then one row per regularizer X with columns
+  ``X tuned | DTNH(X) tuned | Δ [CI]``. Each cell is the test accuracy (%),
+  mean ± std over seeds, with the λ and decay chosen on validation; Δ is
+  DTNH(X) − X in points with its t interval over the seed pairs, marked
+  ``*`` when the interval excludes 0. A footnote says all of this under the table.
+  """
+  by_key = {(row["method"], row["source"]): row for row in summary}
+  pair_of = {(pair["method"], pair["source"]): pair for pair in pairs}
+  scratch = [row for row in summary if selection.is_scratch(row["method"], row["source"])]
+  sources = list(dict.fromkeys(row["source"] for row in summary if not selection.is_scratch(row["method"],
+                                                                                             row["source"])))
+  confidences = {pair["confidence"] for pair in pairs}
+  level = f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
+  lines = [f"| source | target | method | X tuned | DTNH (X) tuned | Δ [{level}] |", "|---|---|---|---|---|---|"]
+  for source in sources:
+    rows = [row for row in summary if row["source"] == source]
+    target = next((row["dataset"] for row in rows if row.get("dataset")), None) or "–"
+    references = [row for row in rows if row["method"] == selection.FINE_TUNE] + scratch
+    for row in references:
+      label = "From scratch" if selection.is_scratch(row["method"], row["source"]) else row["label"]
+      lines.append(f"| {source} | {target} | {label} (reference) | {_percent(row['test_mean'], row['test_std'])} "
+                   "| – | – |")
+    plain = [row["method"] for row in rows if selection.plain_method(row["method"]) is None
+             and row["method"] not in (selection.FINE_TUNE, selection.SCRATCH)]
+    plain += [selection.plain_method(row["method"]) for row in rows if selection.plain_method(row["method"])]
+    for method in dict.fromkeys(plain):
+      x, dtnh = by_key.get((method, source)), by_key.get((selection.DTNH_PREFIX + method, source))
+      label = x["label"] if x else method
+      cells = [f"{_percent(r['test_mean'], r['test_std'])} ({_choice(r)})" if r else "–" for r in (x, dtnh)]
+      delta = _delta(pair_of.get((method, source)))
+      lines.append(f"| {source} | {target} | {label} | {cells[0]} | {cells[1]} | {delta} |")
+  seeds = sorted({row["n_seeds"] for row in summary})
+  lines += ["", (f"Test accuracy (%), mean ± std over {'/'.join(map(str, seeds))} seed(s), of each method at the λ "
+                 "and decay chosen on validation accuracy (best mean over seeds). Δ = DTNH(X) − X in points, paired "
+                 "by seed, with its t interval; * marks an interval that excludes 0.")]
+  return "\n".join(lines) + "\n"
+
+
+def _by_seed(records: Iterable[dict[str, Any]], field: str) -> np.ndarray:
+  return np.array([r[field] for r in sorted(records, key=lambda r: int(r["seed"]))], dtype=float)
+
+
+def _lambda_profile(records: list[dict[str, Any]], seeds: set[int],
+                    decay: float | None) -> list[tuple[float, float]]:
+  """``[(λ, decay)]`` by λ: with ``decay`` given, that decay; else, per λ, the decay of best mean validation
+  accuracy.
+
+  The per-λ choice is :func:`selection.choose` on the runs of one λ (the same
+  eligibility and ties as the pick); its warnings were given by the study's
+  own selection already.
+  """
+  weights = sorted({float(r["reg_weight"]) for r in records})
+  profile = []
+  for weight in weights:
+    at_weight = [r for r in records if float(r["reg_weight"]) == weight
+                 and (decay is None or float(r["reg_decay"]) == float(decay))]
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      chosen = selection.choose(at_weight, seeds)
+    if chosen:
+      profile.append(next(iter(chosen.values())))
+  return profile
+
+
+def plot_lambda_curve(records: Iterable[dict[str, Any]], path: str, title: str = "", decay: float | None = None,
+                      fields: Sequence[str] = ("val_accuracy", "test_accuracy")) -> list[tuple[str, str]]:
+  """The λ curve: accuracy against λ for X and DTNH(X), one panel per (regularizer, source).
+
+  Args:
+    records: every run of a sweep (``method``, ``source``, ``seed``,
+      ``reg_weight``, ``reg_decay``, ``val_accuracy``, ``test_accuracy``; ``label``, ``dataset`` if any).
+    path: the PNG written.
+    title: of the figure.
+    decay: draw the runs of this ``reg_decay`` only; ``None``: at each λ, the
+      decay with the best mean validation accuracy (chosen as the pick is).
+    fields: the accuracies drawn, solid for the first (validation), dashed for the others (test).
+
+  Each curve is the mean over seeds with a band of ± std (``ddof=0``); only
+  combinations run with every seed are drawn. A star marks each method's pick
+  (on validation, :mod:`~dtnh_jax.train.selection`). Fine-tuning from the
+  panel's source and training from scratch are horizontal bands (mean ± std
+  of their picks). The x axis is logarithmic, where λ = 0 has no place: it is
+  drawn one decade left of the smallest positive λ, its tick labelled ``0``,
+  with a dotted line between it and the rest of the axis, as a point with an
+  error bar that no line joins to the curve (a line across the break would
+  draw values for λ between 0 and the smallest one, never run); DTNH(X)'s is
+  set a little to the right of X's, which it equals up to noise. The test curves
+  show every λ, not only the pick's: they are labelled test, and the pick was
+  made on validation.
+
+  Returns:
+    The panels drawn, ``[(regularizer, source)]``, row by row (rows: regularizers, columns: sources).
+  """
+  records = list(records)
+  marked = selection.select(records)
+  seeds = {int(r["seed"]) for r in records}
+  label_of = {r["method"]: r.get("label", r["method"]) for r in records}
+  sources = list(dict.fromkeys(r["source"] for r in records if not selection.is_scratch(r["method"], r["source"])))
+  regularizers = list(dict.fromkeys(selection.plain_method(r["method"]) or r["method"] for r in records
+                                    if r["method"] not in (selection.FINE_TUNE, selection.SCRATCH)
+                                    and not selection.is_scratch(r["method"], r["source"])))
+  ran = {(selection.plain_method(r["method"]) or r["method"], r["source"]) for r in records}
+  sources = [source for source in sources if any((x, source) in ran for x in regularizers)]
+  panels = [(x, source) for x in regularizers for source in sources if (x, source) in ran]
+  if not panels:
+    raise ValueError("no run of a regularized method (X or dtnh-X) to draw a λ curve of")
+  positive = sorted({float(r["reg_weight"]) for r in records if float(r["reg_weight"]) > 0
+                     and (selection.plain_method(r["method"]) or r["method"]) in regularizers})
+  zero_at = positive[0] / 10 if positive else 1.0
+  place = lambda weight: weight if weight > 0 else zero_at
+  styles = dict(zip(fields, ["-"] + ["--"] * (len(fields) - 1)))
+  short = lambda field: field.replace("_accuracy", "").replace("val", "validation")
+
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(regularizers), len(sources), figsize=(4.6 * len(sources), 3.6 * len(regularizers)),
+                           squeeze=False)
+  for ax in axes.flat:
+    ax.set_visible(False)
+  picks = [r for r in marked if r["selected"]]
+  for x, source in panels:
+    ax = axes[regularizers.index(x), sources.index(source)]
+    ax.set_visible(True)
+    references = [("fine-tuning", "tab:green", [r for r in picks if r["method"] == selection.FINE_TUNE
+                                                  and r["source"] == source]),
+                  ("from scratch", "tab:gray", [r for r in picks if selection.is_scratch(r["method"], r["source"])])]
+    for name, color, runs in references:
+      for field in fields if runs else ():
+        values = 100 * _by_seed(runs, field)
+        ax.axhspan(values.mean() - values.std(), values.mean() + values.std(), color=color, alpha=0.12, lw=0)
+        ax.axhline(values.mean(), color=color, ls=styles[field], lw=1, label=f"{name} ({short(field)})")
+    for method, color in ((x, "tab:blue"), (selection.DTNH_PREFIX + x, "tab:orange")):
+      runs = [r for r in records if r["method"] == method and r["source"] == source]
+      profile = _lambda_profile(runs, seeds, decay)
+      if not profile:
+        continue
+      at = {c: [r for r in runs if (float(r["reg_weight"]), float(r["reg_decay"])) == c] for c in profile}
+      # X and DTNH(X) coincide at λ = 0 (nothing to project): DTNH(X)'s point a little to the right, to be seen
+      dodge = 1.0 if method == x else 1.25
+      xs = np.array([place(weight) * (1.0 if weight > 0 else dodge) for weight, _ in profile])
+      pick = next(((float(r["reg_weight"]), float(r["reg_decay"])) for r in picks
+                   if r["method"] == method and r["source"] == source), None)
+      for field in fields:
+        values = np.stack([100 * _by_seed(at[c], field) for c in profile])
+        mean, std = values.mean(axis=1), values.std(axis=1)
+        label = f"{label_of[method]} ({short(field)})"
+        # λ = 0 is a point of its own: a line from it across the break would draw values between 0 and the smallest λ
+        line = np.array([weight > 0 for weight, _ in profile])
+        if line.any():
+          ax.plot(xs[line], mean[line], marker="o", ms=3, color=color, ls=styles[field], lw=1.2, label=label)
+          ax.fill_between(xs[line], (mean - std)[line], (mean + std)[line], color=color, alpha=0.15, lw=0)
+        if not line.all():
+          ax.errorbar(xs[~line], mean[~line], yerr=std[~line], marker="o", ms=3, color=color, ls="none", capsize=3,
+                      label=None if line.any() else label)
+        if pick in profile:
+          k = profile.index(pick)
+          ax.plot(xs[k], mean[k], marker="*", ms=11, color=color, mec="black", mew=0.6, ls="none")
+    ax.set_xscale("log")
+    shown = sorted({float(r["reg_weight"]) for r in records if r["source"] == source
+                    and (selection.plain_method(r["method"]) or r["method"]) == x})
+    ax.set_xticks([place(w) for w in shown], ["0" if w == 0 else f"{w:g}" for w in shown],
+                  rotation=45 if len(shown) > 6 else 0, fontsize=8)
+    ax.minorticks_off()
+    if 0.0 in shown and positive:
+      ax.axvline(math.sqrt(zero_at * positive[0]), color="black", ls=":", lw=0.8)  # the break before λ = 0
+    dataset = next((r.get("dataset") for r in records if r["source"] == source and r.get("dataset")), None)
+    ax.set(xlabel="λ (reg_weight)" + (f", decay {decay:g}" if decay is not None else ""), ylabel="accuracy (%)",
+           title=f"{label_of.get(x, x)}: {source}" + (f" → {dataset}" if dataset else ""))
+    ax.grid(alpha=0.3)
+  first = axes[regularizers.index(panels[0][0]), sources.index(panels[0][1])]
+  first.legend(fontsize=6, loc="best")
+  _finish(plt, fig, path, title or "accuracy against λ (mean ± std over seeds; ★ pick on validation)")
+  return panels
