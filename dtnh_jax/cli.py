@@ -206,6 +206,10 @@ def _train_parser():
     if kind is bool:
       settings.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
                             help=help_text)
+    elif field.name in _SWEPT:
+      help_text += "; comma-separated values sweep it: one run per value, the best on validation picked"
+      settings.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
+                            metavar="X[,X...]", help=help_text)
     elif is_tuple:
       metavar = "NAME[,NAME...]" if kind is str else "N[,N...]"
       settings.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
@@ -316,13 +320,20 @@ class _Plan(NamedTuple):
   workdir: str
   offline_default: bool
 
+  reg_weights: list = [None]
+  reg_decays: list = [None]
+
   @property
   def runs(self) -> int:
-    return len(self.methods) * len(self.seeds) * len(self.sources)
+    regularized = sum(m.has_regularizer for m in self.methods)
+    combinations = len(self.reg_weights) * len(self.reg_decays)
+    return (len(self.methods) - regularized + regularized * combinations) * len(self.seeds) * len(self.sources)
 
 
+#: λ and its decay: a flag or --config list of several values sweeps them (selection on validation).
+_SWEPT = ("reg_weight", "reg_decay")
 #: Settings that may hold a list in a --config file: one run per value (as --method, --seeds).
-_GRID = ("method", "seed", "source")
+_GRID = ("method", "seed", "source") + _SWEPT
 
 
 def _plan(args) -> _Plan:
@@ -364,13 +375,27 @@ def _plan(args) -> _Plan:
     sources = [preset["source"]]
   else:
     sources = list(names.OFFLINE_SOURCES) if offline_default else [config_lib.TrainConfig.source]
+  swept = {}
+  for name in _SWEPT:
+    value = settings.pop(name, None)
+    swept[name] = [preset.get(name, config_lib.TrainConfig().settings()[name])] if value is None else as_list(
+        list(value) if isinstance(value, tuple) else value)
+    if not swept[name]:
+      raise config_lib.ConfigError(f"--{name.replace('_', '-')} names no value.")
   # a --seed that --seeds overrides is still checked, as every other setting given
   given_seed = {"seed": seed} if seed is not None and not isinstance(seed, list) else {}
   base = config_lib.TrainConfig.create(**{**preset, **settings, **given_seed, "method": methods[0].name,
                                           "source": sources[0]})
-  base = base.replace(seed=seeds[0])
-  for seed in seeds[1:]:  # a bad seed of a grid fails now, not hours in
+  base = base.replace(seed=seeds[0], reg_weight=swept["reg_weight"][0], reg_decay=swept["reg_decay"][0])
+  for seed in seeds[1:]:  # a bad seed or λ of a grid fails now, not hours in
     base.replace(seed=seed)
+  for weight in swept["reg_weight"]:
+    for decay in swept["reg_decay"]:
+      base.replace(reg_weight=weight, reg_decay=decay)
+  if len(swept["reg_weight"]) * len(swept["reg_decay"]) > 1 and not base.val_fraction:
+    raise config_lib.ConfigError("a sweep of --reg-weight/--reg-decay picks on validation accuracy: pass "
+                                 "--val-fraction (e.g. 0.2) so that a validation split exists; nothing is chosen "
+                                 "on the test split.")
   # folder:PATH datasets run under runs/folder-NAME (no colon or absolute path in a folder name)
   dataset_dir = (f"folder-{os.path.basename(os.path.normpath(base.dataset.split(':', 1)[1])) or 'data'}"
                  if base.dataset.startswith("folder:") else base.dataset)
@@ -382,7 +407,7 @@ def _plan(args) -> _Plan:
     workdir = os.path.join("runs", dataset_dir, os.path.basename(os.path.normpath(base.source)))
   else:
     workdir = os.path.join("runs", dataset_dir)
-  return _Plan(base, methods, seeds, sources, workdir, offline_default)
+  return _Plan(base, methods, seeds, sources, workdir, offline_default, swept["reg_weight"], swept["reg_decay"])
 
 
 def _settings_text(plan: _Plan, fmt: str) -> str:
@@ -390,11 +415,12 @@ def _settings_text(plan: _Plan, fmt: str) -> str:
   from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   single = lambda values: values[0] if len(values) == 1 else list(values)
   settings = {**plan.base.settings(), "method": single([m.name for m in plan.methods]),
-              "seed": single(plan.seeds), "source": single(plan.sources)}
+              "seed": single(plan.seeds), "source": single(plan.sources),
+              "reg_weight": single(plan.reg_weights), "reg_decay": single(plan.reg_decays)}
   text = config_lib.format_settings(settings, fmt)
   if fmt == "toml":
-    text = (f"# dtnh-train --config FILE.toml: {plan.runs} run(s) in {plan.workdir}; a list of methods, seeds or "
-            "sources runs each.\n" + text)
+    text = (f"# dtnh-train --config FILE.toml: {plan.runs} run(s) in {plan.workdir}; a list of methods, seeds, "
+            "sources, reg_weight or reg_decay values runs each.\n" + text)
   return text
 
 
@@ -427,7 +453,8 @@ def _train(args, plan: _Plan) -> int:
     print(result)
   else:
     offline.run_grid(plan.base, workdir, sources=plan.sources, methods=plan.methods, seeds=plan.seeds,
-                     show_progress=not args.no_progress, restart=args.restart)
+                     reg_weights=plan.reg_weights, reg_decays=plan.reg_decays, show_progress=not args.no_progress,
+                     restart=args.restart)
   return 0
 
 

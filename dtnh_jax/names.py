@@ -23,10 +23,11 @@ __all__ = [
     "REGULARIZERS",
 ]
 
-#: The transfer regularizers of dtnh-train (``fine-tune``: none), in the paper's table order.
-REGULARIZERS = ("fine-tune", "l2", "l2-sp", "knowdist", "delta")
+#: The methods of dtnh-train without DTNH: training from scratch (random initialization, no transfer), then the
+#: transfer regularizers (``fine-tune``: none), in the paper's table order.
+REGULARIZERS = ("scratch", "fine-tune", "l2", "l2-sp", "knowdist", "delta")
 #: Their column names in the tables, in ``REGULARIZERS``' order.
-METHOD_LABELS = ("Fine-tuning", "L2", "L2-SP", "KnowDist", "DELTA")
+METHOD_LABELS = ("From scratch", "Fine-tuning", "L2", "L2-SP", "KnowDist", "DELTA")
 #: The offline default's target and its two sources (pre-trained here; see dtnh_jax.data.offline).
 OFFLINE_TARGET = "offline-digits"
 OFFLINE_SOURCES = ("related", "unrelated")

@@ -62,7 +62,7 @@ def test_every_setting_has_a_one_line_help(name):
 
 # Written out by hand from config.py's lists (the tuples __post_init__ validates against).
 EXPECTED_CHOICES = {
-    "method": ("fine-tune", "l2", "dtnh-l2", "l2-sp", "dtnh-l2-sp", "knowdist", "dtnh-knowdist", "delta",
+    "method": ("scratch", "fine-tune", "l2", "dtnh-l2", "l2-sp", "dtnh-l2-sp", "knowdist", "dtnh-knowdist", "delta",
                "dtnh-delta"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "optimizer": ("sgd", "adamw"),
@@ -155,7 +155,8 @@ def test_printed_config_read_back_with_config_prints_the_same(args, fmt, tmp_pat
 def test_printed_config_holds_every_setting_and_the_grid_as_lists():
   settings = tomllib.loads(_printed("--dataset", "cifar10", "--source", "scratch", "--method", "l2-sp,dtnh-l2-sp",
                                     "--seeds", "1,2", "--optimizer", "adamw", "--weight-decay", "0.01"))
-  assert set(settings) == {f.name for f in _fields()} - {"data_dir"}  # TOML has no null: unset is left out
+  # TOML has no null: the unset optional settings are left out
+  assert set(settings) == {f.name for f in _fields()} - {"data_dir", "split_seed"}
   assert settings["method"] == ["l2-sp", "dtnh-l2-sp"] and settings["seed"] == [1, 2]
   assert settings["source"] == "scratch" and settings["optimizer"] == "adamw" and settings["weight_decay"] == 0.01
   assert settings["steps"] == 20000  # the paper's schedule for CIFAR-10, resolved

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from dtnh_jax import cli
@@ -170,3 +171,48 @@ def test_a_grid_of_seeds_compiles_its_train_step_once(tmp_path, caplog):
             and "train_step" in r.getMessage()]
   assert len(traced) == 1, traced  # traced (and compiled, or loaded from the compilation cache) once
 
+
+
+def test_validation_split_is_carved_from_the_training_pool_and_evaluated(tmp_path):
+  from dtnh_jax.train.data import load_data
+  pool = load_data(tiny())
+  data = load_data(tiny(val_fraction=0.2, seed=1))
+  assert data.val_batches is not None and data.split["seed"] == 1  # the run's seed redraws the split
+  val_count = sum(int(b["mask"].sum()) for b in data.val_batches())
+  assert data.num_train + val_count == pool.num_train and val_count == data.split["num_val"] > 0
+  assert load_data(tiny(val_fraction=0.2, seed=1, split_seed=5)).split["seed"] == 5
+  results = loop.train(tiny(val_fraction=0.2, steps=2, eval_every=2), tmp_path)
+  evaluations = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+  assert results["val_accuracy"] == evaluations[-1]["val_accuracy"] and "test_accuracy" in evaluations[-1]
+  assert (results["reg_weight"], results["reg_decay"]) == (tiny().recipe.reg_weight, tiny().recipe.reg_decay)
+
+
+def test_scratch_method_ignores_the_source_and_trains_as_fine_tuning_from_scratch(tmp_path):
+  scratch = loop.train(tiny(method="scratch", source="related", steps=2, eval_every=2), tmp_path / "a")
+  fine_tune = loop.train(tiny(method="fine-tune", source="scratch", steps=2, eval_every=2), tmp_path / "b")
+  assert scratch["test_accuracy"] == fine_tune["test_accuracy"] and scratch["label"] == "From scratch"
+  assert open(tmp_path / "a" / "metrics.jsonl").read() == open(tmp_path / "b" / "metrics.jsonl").read()
+
+
+def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
+  args = ["--workdir", str(tmp_path), "--preset", "tiny", "--reg-weight", "0.1,1", "--no-progress"]
+  with pytest.raises(SystemExit) as exit_info:
+    cli.train_main(args)
+  assert exit_info.value.code == 2 and "--val-fraction" in capsys.readouterr().err
+  assert not os.listdir(tmp_path) if os.path.exists(tmp_path) else True
+
+
+def test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_curve(tmp_path):
+  args = ["--workdir", str(tmp_path), "--preset", "tiny", "--method", "fine-tune,l2-sp,dtnh-l2-sp", "--source",
+          "related", "--seeds", "0,1", "--reg-weight", "0.1,1", "--val-fraction", "0.2", "--steps", "3",
+          "--eval-every", "3", "--no-progress"]
+  assert cli.train_main(args) == 0
+  records = json.load(open(tmp_path / "results.json"))
+  assert len(records) == 2 + 2 * 2 * 2  # fine-tuning once per seed, each regularized method per λ and seed
+  for method in ("l2-sp", "dtnh-l2-sp"):
+    runs = [r for r in records if r["method"] == method]
+    mean_val = {w: np.mean([r["val_accuracy"] for r in runs if r["reg_weight"] == w]) for w in (0.1, 1.0)}
+    best = max(mean_val, key=lambda w: (mean_val[w], -w))  # ties: the weaker λ
+    assert {r["reg_weight"] for r in runs if r["selected"]} == {best}
+  assert (tmp_path / "lambda_curve.png").exists()
+  assert "Δ" in open(tmp_path / "results.md").read()

@@ -76,8 +76,8 @@ class Method:
     if self.regularizer not in METHODS:
       raise ConfigError(f"unknown method {self.regularizer!r}; choose one of {', '.join(METHODS)} "
                         "(prefix 'dtnh-' for the DTNH variant, e.g. dtnh-l2-sp).")
-    if self.dtnh and self.regularizer == "fine-tune":
-      raise ConfigError("dtnh-fine-tune has no regularizer to project; use fine-tune.")
+    if self.dtnh and not self.has_regularizer:
+      raise ConfigError(f"dtnh-{self.regularizer} has no regularizer to project; use {self.regularizer}.")
 
   @classmethod
   def parse(cls, text: str) -> "Method":
@@ -102,12 +102,18 @@ class Method:
 
   @property
   def has_regularizer(self) -> bool:
-    return self.regularizer != "fine-tune"
+    return self.regularizer not in ("fine-tune", "scratch")
+
+  @property
+  def from_scratch(self) -> bool:
+    """Trained from a random initialization whatever the source: the no-transfer baseline of negative transfer."""
+    return self.regularizer == "scratch"
 
 
-#: Every method of the paper's tables plus L2 and DELTA, in table order.
+#: Every method of the paper's tables plus L2 and DELTA, in table order (``scratch``, the no-transfer baseline,
+#: is asked for by name).
 ALL_METHODS = tuple(
-    [Method("fine-tune")] + [Method(r, dtnh) for r in METHODS[1:] for dtnh in (False, True)]
+    [Method("fine-tune")] + [Method(r, dtnh) for r in METHODS if Method(r).has_regularizer for dtnh in (False, True)]
 )
 
 
@@ -310,12 +316,15 @@ class TrainConfig:
   """
 
   method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",
-                         tuple(m.name for m in ALL_METHODS))
+                         ("scratch",) + tuple(m.name for m in ALL_METHODS))
   dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, or folder:PATH "
                           "(PATH/train/CLASS/IMAGE)")
   source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
                          "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
   seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
+  val_fraction: float = _setting(0.0, "fraction of each class of the training pool held out for validation (0: "
+                                 "none); the offline datasets so far")
+  split_seed: int | None = _setting(None, "seed of the validation carve; unset: the run's --seed (redrawn per seed)")
   pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
                                  "(run once per model and cached)")
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -328,6 +337,10 @@ class TrainConfig:
     self.method_spec  # validates the method name
     if not 0 <= self.seed < 2**31:
       raise ConfigError(f"--seed must be in [0, 2**31), got {self.seed}.")
+    if not 0 <= self.val_fraction < 1:
+      raise ConfigError(f"--val-fraction is a fraction of each class in [0, 1), got {self.val_fraction}.")
+    if self.split_seed is not None and not 0 <= self.split_seed < 2**31:
+      raise ConfigError(f"--split-seed must be in [0, 2**31), got {self.split_seed}.")
     if self.pretrain_steps <= 0:
       raise ConfigError(f"--pretrain-steps must be positive, got {self.pretrain_steps}.")
     for name, group in GROUPS.items():

@@ -18,6 +18,7 @@ import numpy as np
 
 from dtnh_jax import data as data_lib
 from dtnh_jax import names
+from dtnh_jax.data import splits
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -43,6 +44,8 @@ class RunData:
   batch_size: int
   train_loader: Callable[[int], data_lib.TrainLoader]   # seed -> endless resumable loader
   eval_batches: Callable[[], Iterable[dict]]             # -> one pass over the test split
+  val_batches: Callable[[], Iterable[dict]] | None = None  # -> one pass over the validation split, if any
+  split: dict | None = None                              # how the validation split was carved (splits.split_record)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -98,8 +101,18 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
     raise ConfigError(f"--batch-size {config.recipe.batch_size} must be divisible by the number of processes "
                       f"({shard_count}).")
   per_process_batch = config.recipe.batch_size // shard_count
+  val_source = split = None
+  if config.val_fraction and not config.dataset.startswith(OFFLINE_PREFIX):
+    raise ConfigError(f"--val-fraction carves a validation split from the offline datasets only so far, not from "
+                      f"--dataset {config.dataset}; leave it at 0 there.")
   if config.dataset.startswith(OFFLINE_PREFIX):
     train, test = _offline_sources(config.dataset, config.recipe.resize)
+    if config.val_fraction:
+      split_seed = config.seed if config.split_seed is None else config.split_seed
+      train_indices, val_indices = splits.carve_validation(train.labels, config.val_fraction, split_seed)
+      split = splits.split_record(train.labels, config.val_fraction, split_seed)
+      train, val_source = (_subset(train, train_indices, f"{train.name}/train"),
+                           _subset(train, val_indices, f"{train.name}/val"))
     num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
   elif config.dataset.startswith(FOLDER_PREFIX):
     train, test = _folder_sources(config.dataset, config.recipe.resize, shard_count)
@@ -120,8 +133,9 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
     return data_lib.make_train_loader(train_source, batch_size=per_process_batch, seed=seed, **sizes, **shard,
                                       **tfds_args)
 
-  def eval_batches():
-    return data_lib.make_eval_batches(test_source, batch_size=config.run.eval_batch_size // shard_count or 1, **sizes,
-                                      **shard, **tfds_args)
+  def batches_of(source):
+    return lambda: data_lib.make_eval_batches(source, batch_size=config.run.eval_batch_size // shard_count or 1,
+                                              **sizes, **shard, **tfds_args)
 
-  return RunData(config.dataset, num_classes, num_train, config.recipe.batch_size, train_loader, eval_batches)
+  return RunData(config.dataset, num_classes, num_train, config.recipe.batch_size, train_loader,
+                 batches_of(test_source), None if val_source is None else batches_of(val_source), split)

@@ -301,6 +301,15 @@ def train(
       lock.release(remove_empty_workdir=not begun)
 
 
+def _evaluate(eval_step, state, data: RunData, placement) -> dict[str, float]:
+  """Test loss and accuracy, and validation loss and accuracy when the data has a validation split."""
+  evaluation = {}
+  if data.val_batches is not None:
+    evaluation.update(step_lib.evaluate(eval_step, state, map(placement.put_batch, data.val_batches()), "val"))
+  evaluation.update(step_lib.evaluate(eval_step, state, map(placement.put_batch, data.eval_batches())))
+  return evaluation
+
+
 def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop_after, progress,
          export_to, force_export) -> dict[str, Any]:
   """The training loop of :func:`train`, once the workdir is ready."""
@@ -356,8 +365,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
                 _stop_on_non_finite(record, log, checkpoints)
           pending.clear()
         if evaluating:
-          eval_batches = map(placement.put_batch, data.eval_batches())
-          evaluation = step_lib.evaluate(eval_step, state, eval_batches)
+          evaluation = _evaluate(eval_step, state, data, placement)
           log.write({"step": step, "kind": "eval", **evaluation})
           latest = {**latest, **evaluation, "eval_step": step}
           logger.info("%s: step %d/%d: test accuracy %.2f%%, test loss %.4f", workdir, step, config.recipe.steps,
@@ -383,11 +391,12 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
   if final:
     final = final[-1]
   else:  # its line was damaged (and set aside): evaluate the final state again
-    final = {"step": config.recipe.steps, "kind": "eval",
-             **step_lib.evaluate(eval_step, state, map(placement.put_batch, data.eval_batches()))}
+    final = {"step": config.recipe.steps, "kind": "eval", **_evaluate(eval_step, state, data, placement)}
   results = {"method": method.name, "label": method.label, "source": config.source, "dataset": config.dataset,
              "seed": config.seed, "steps": config.recipe.steps, "test_accuracy": final["test_accuracy"],
-             "test_loss": final["test_loss"], "skipped_steps": skipped.count}
+             "test_loss": final["test_loss"], "val_accuracy": final.get("val_accuracy"),
+             "val_loss": final.get("val_loss"), "reg_weight": config.recipe.reg_weight,
+             "reg_decay": config.recipe.reg_decay, "split": data.split, "skipped_steps": skipped.count}
   if skipped.count:
     warnings.warn(f"{workdir}: {skipped.count} of {config.recipe.steps} steps were skipped (non-finite loss or update; "
                   "'skipped' in metrics.jsonl marks them).", RuntimeWarning, stacklevel=3)

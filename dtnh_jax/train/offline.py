@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dtnh_jax import models, names
-from dtnh_jax.train import loop, presets, report, sharding
+from dtnh_jax.train import loop, presets, report, selection, sharding, stats
 from dtnh_jax.train import sources as sources_lib
-from dtnh_jax.train.config import Method, TrainConfig
+from dtnh_jax.train.config import ConfigError, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
 
 __all__ = [
@@ -182,64 +182,96 @@ def run_grid(
     sources: Sequence[str],
     methods: Sequence[Method],
     seeds: Sequence[int],
+    reg_weights: Sequence[float | None] = (None,),
+    reg_decays: Sequence[float | None] = (None,),
     show_progress: bool = True,
     restart: bool = False,
 ) -> list[dict[str, Any]]:
-  """Every method from every source over ``seeds``; prints and writes the paper-style table.
+  """Every method from every source over ``seeds`` (and λ, decay); prints and writes the paper-style table.
 
   ``restart``: each run already there is set aside (see ``loop.train``) and trained anew.
 
-  Each run keeps its own workdir ``workdir/SOURCE/METHOD/seedK``, so an
-  interrupted grid resumes where it stopped. Writes ``workdir/results.md``,
-  ``results.json``, ``results.png`` (the table as bars), and, when the runs
-  exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source)
-  and ``figure4_5_angles.png``.
+  Each run keeps its own workdir ``workdir/SOURCE/METHOD/seedK`` (``.../METHOD/lambdaL_decayD/seedK`` when
+  ``reg_weights`` x ``reg_decays`` holds several combinations; None: ``base``'s), so an interrupted grid
+  resumes where it stopped. Methods without regularizer run once per seed whatever the sweep. Writes
+  ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars), and,
+  when the runs exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source) and
+  ``figure4_5_angles.png``. With a validation split (``base.val_fraction``) it also picks, per method and
+  source, the λ and decay with the best mean validation accuracy (``dtnh_jax.train.selection``; records get
+  ``selected``), and writes the tuned table with DTNH(X) − X paired over seeds (``dtnh_jax.train.stats``)
+  and, for a sweep, ``lambda_curve.png``.
   """
   pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
-  data = load_data(base, *sharding.process_shard())  # this process's shard of the data
+  combinations = [(w, d) for w in reg_weights for d in reg_decays]
+  sweep = len(combinations) > 1
+  if sweep and not base.val_fraction:
+    raise ConfigError("a sweep of reg_weight/reg_decay picks on validation accuracy; set val_fraction so that a "
+                      "validation split exists.")
+  datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
   base = base.replace(plots=False)  # the grid draws its figures once, for all runs
+  runs = [(source, method, seed, combination) for source in sources for method in methods for seed in seeds
+          for combination in (combinations if method.has_regularizer else combinations[:1])]
   results = []
-  progress = Progress(len(sources) * len(methods) * len(seeds), enabled=show_progress and sharding.is_chief())
+  progress = Progress(len(runs), enabled=show_progress and sharding.is_chief())
   started = time.perf_counter()
   try:
-    for source in sources:
-      for method in methods:
-        for seed in seeds:
-          config = base.replace(source=source, method=method.name, seed=seed)
-          label = f"{_safe_name(source)} {method.name} seed {seed}"
-          results.append(loop.train(config, run_dir(workdir, source, method.name, seed), data=data,
-                                    restart=restart, progress=progress.for_run(label)))
-          progress.run_done(label, results[-1])
+    for source, method, seed, (weight, decay) in runs:
+      config = base.replace(source=source, method=method.name, seed=seed)
+      config = config.replace(**{k: v for k, v in (("reg_weight", weight), ("reg_decay", decay)) if v is not None})
+      split_seed = config.seed if config.split_seed is None or not config.val_fraction else config.split_seed
+      if split_seed not in datas:
+        datas[split_seed] = load_data(config, *sharding.process_shard())
+      combination = _combination_name(config) if sweep else None
+      label = f"{_safe_name(source)} {method.name}{' ' + combination if combination else ''} seed {seed}"
+      results.append(loop.train(config, run_dir(workdir, source, method.name, seed, combination),
+                                data=datas[split_seed], restart=restart, progress=progress.for_run(label)))
+      progress.run_done(label, results[-1])
   finally:
     progress.close()  # also before an error's message, so that it starts on a clean line
   if sharding.is_chief():  # with several processes, process 0 writes the table and figures
-    _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
-                   _safe_name(sources[-1]), base.dataset)
+    results = _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
+                             _safe_name(sources[-1]), base.dataset, sweep)
   return results
+
+
+def _combination_name(config: TrainConfig) -> str:
+  return f"lambda{config.recipe.reg_weight:g}_decay{config.recipe.reg_decay:g}"
 
 
 def _safe_name(source: str) -> str:
   return os.path.basename(os.path.normpath(source)) or "source"
 
 
-def run_dir(workdir: str, source: str, method: str, seed: int) -> str:
-  """Where ``dtnh-train`` keeps one run: ``workdir/SOURCE/METHOD/seedK`` (with or without ``--export``)."""
-  return os.path.join(workdir, _safe_name(source), method, f"seed{seed}")
+def run_dir(workdir: str, source: str, method: str, seed: int, combination: str | None = None) -> str:
+  """Where ``dtnh-train`` keeps one run: ``workdir/SOURCE/METHOD/seedK`` (with or without ``--export``), or
+  ``workdir/SOURCE/METHOD/COMBINATION/seedK`` in a sweep of λ and its decay."""
+  return os.path.join(workdir, _safe_name(source), method, *([combination] if combination else []), f"seed{seed}")
 
 
 def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], elapsed: float,
-                   figure_source: str, dataset: str) -> None:
-  table = report.results_table(results, methods)
+                   figure_source: str, dataset: str, sweep: bool) -> list[dict[str, Any]]:
+  validated = all(r.get("val_accuracy") is not None for r in results)
   header = (f"Target {dataset}: test accuracy (%), mean ± std over {len({r['seed'] for r in results})} seed(s); "
             f"{len(results)} runs in {elapsed / 60:.1f} min.\n\n")
+  if validated:  # the λ and decay of each method chosen on validation, then its test accuracy
+    results = selection.select(results)
+    tuned = report.tuned_table(selection.summary(results), stats.dtnh_pairs(results))
+    table = tuned if sweep else report.results_table(results, methods) + "\n" + tuned
+  else:
+    table = report.results_table(results, methods)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(header + table)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   print("\n" + header + table)
-  report.plot_results(results, os.path.join(workdir, "results.png"), methods,
+  shown = [r for r in results if r.get("selected", True)]  # a sweep's bars: each method at its pick
+  report.plot_results(shown, os.path.join(workdir, "results.png"), methods,
                       f"{dataset}: test accuracy, mean ± std over seeds")
+  if sweep:
+    report.plot_lambda_curve(results, os.path.join(workdir, "lambda_curve.png"),
+                             f"{dataset}: accuracy against λ")
+    return results
   metrics = lambda method: os.path.join(workdir, figure_source, method, "seed0", "metrics.jsonl")
   figure_runs = {Method.parse(m).label: report.read_metrics(metrics(m))
                  for m in ("l2-sp", "dtnh-l2-sp") if os.path.exists(metrics(m))}
@@ -249,3 +281,4 @@ def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[st
   if os.path.exists(metrics("dtnh-l2-sp")):
     report.plot_angles(report.read_metrics(metrics("dtnh-l2-sp")), os.path.join(workdir, "figure4_5_angles.png"),
                        f"{figure_source} → {dataset}, DTNH (L2-SP)")
+  return results

@@ -95,6 +95,8 @@ def load_source(config: TrainConfig) -> dict[str, Any]:
       ``config`` (the message says what to do).
   """
   source = config.source
+  if config.method_spec.from_scratch:  # --method scratch: the same network from a random initialization
+    source = SCRATCH
   if source in names.OFFLINE_SOURCES:
     path = offline_source_path(source, config)
     if not os.path.isdir(path):

@@ -245,11 +245,12 @@ def make_eval_step(model):
   return eval_step
 
 
-def evaluate(eval_step, state: TrainState, batches) -> dict[str, float]:
-  """Test loss and accuracy over a whole split (partial last batch counted exactly)."""
+def evaluate(eval_step, state: TrainState, batches, split: str = "test") -> dict[str, float]:
+  """Loss and accuracy over a whole split (partial last batch counted exactly), as ``{split}_loss`` and
+  ``{split}_accuracy``."""
   totals = None
   for batch in batches:
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   count = float(totals["count"])
-  return {"test_loss": float(totals["loss_sum"]) / count, "test_accuracy": float(totals["correct"]) / count}
+  return {f"{split}_loss": float(totals["loss_sum"]) / count, f"{split}_accuracy": float(totals["correct"]) / count}
