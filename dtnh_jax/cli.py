@@ -163,8 +163,9 @@ def _train_parser():
                       help="comma-separated seeds, one run each (default: --seed; offline: 0,1,2)")
   parser.add_argument("--preset", choices=tuple(presets.PRESETS), default=None,
                       help="the settings to start from (dtnh_jax.train.presets): paper (the paper's recipe, the "
-                      "default with a --dataset), offline (the offline default, without one) or tiny (seconds per "
-                      "run, for a smoke test); --config and the flags override it")
+                      "default with a --dataset), offline (the offline default, without one), tiny (seconds per "
+                      "run, for a smoke test) or study (the offline study of benchmarks/RESULTS.md: validation split, "
+                      "λ swept and picked on validation); --config and the flags override it")
   parser.add_argument("--offline", action="store_true",
                       help="the offline default, as --preset offline (also chosen when no --dataset is given, or "
                       f"with --dataset {names.OFFLINE_TARGET})")
@@ -360,17 +361,23 @@ def _plan(args) -> _Plan:
   preset = presets.paper(dataset) if preset_name == "paper" else presets.PRESETS[preset_name]()
   offline_default = preset.get("dataset") == names.OFFLINE_TARGET and settings.get(
       "dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET
-  methods = _parse_methods(method_text or preset.get("method") or ("all" if offline_default else "l2-sp"))
+  grid = presets.GRIDS.get(preset_name, {})  # the preset's default runs, each overridden by a flag or --config
+  methods = _parse_methods(method_text or grid.get("method") or preset.get("method")
+                           or ("all" if offline_default else "l2-sp"))
   seed = settings.pop("seed", None)
   if args.seeds is not None:
     seeds = _parse_seeds(args.seeds)
   elif seed is not None:
     seeds = as_list(seed)
+  elif "seed" in grid:
+    seeds = list(grid["seed"])
   else:
     seeds = [0, 1, 2] if preset_name == "offline" else [preset.get("seed", config_lib.TrainConfig.seed)]
   source = settings.pop("source", None)
   if source is not None:
     sources = as_list(source)
+  elif "source" in grid:
+    sources = list(grid["source"])
   elif "source" in preset:
     sources = [preset["source"]]
   else:
@@ -378,8 +385,9 @@ def _plan(args) -> _Plan:
   swept = {}
   for name in _SWEPT:
     value = settings.pop(name, None)
-    swept[name] = [preset.get(name, config_lib.TrainConfig().settings()[name])] if value is None else as_list(
-        list(value) if isinstance(value, tuple) else value)
+    if value is None:
+      value = grid.get(name, preset.get(name, config_lib.TrainConfig().settings()[name]))
+    swept[name] = as_list(list(value) if isinstance(value, tuple) else value)
     if not swept[name]:
       raise config_lib.ConfigError(f"--{name.replace('_', '-')} names no value.")
   # a --seed that --seeds overrides is still checked, as every other setting given

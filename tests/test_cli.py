@@ -385,3 +385,12 @@ def test_importing_the_package_warns_nothing():
   command = "import dtnh_jax, dtnh_jax.train, dtnh_jax.models, dtnh_jax.data, dtnh_jax.cli"
   result = subprocess.run([sys.executable, "-W", "error", "-c", command], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+
+
+def test_study_preset_prints_its_grid_and_flags_override_it(capsys):
+  code, out, _ = _main(cli.train_main, ["--preset", "study", "--print-config"])
+  assert code == 0 and "108 run(s) in runs/offline-study" in out
+  assert "reg_weight = [0.01, 0.1, 1.0, 10.0]" in out and "val_fraction = 0.25" in out
+  code, out, _ = _main(cli.train_main, ["--preset", "study", "--seeds", "0", "--reg-weight", "0.1,1", "--method",
+                                        "l2-sp,dtnh-l2-sp", "--print-config"])
+  assert code == 0 and "8 run(s)" in out and "reg_weight = [0.1, 1.0]" in out

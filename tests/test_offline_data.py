@@ -147,3 +147,10 @@ def test_offline_datasets_feed_the_loaders(target0, unrelated0):
   assert sum(int(b["mask"].sum()) for b in batches) == len(test)
   assert next(data.make_train_loader(train, batch_size=8, seed=0, resize=36,
                                      crop=32))["label"].dtype == np.int32
+
+
+def test_target_per_class_sets_the_offline_targets_training_pool():
+  from dtnh_jax.train import presets
+  from dtnh_jax.train.data import load_data
+  assert load_data(presets.get("tiny", target_per_class=20)).num_train == 10 * 20
+  assert load_data(presets.get("tiny")).num_train == 10 * 10

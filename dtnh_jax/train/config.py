@@ -324,6 +324,8 @@ class TrainConfig:
   seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
   val_fraction: float = _setting(0.0, "fraction of each class of the training pool held out for validation (0: "
                                  "none); the offline datasets so far")
+  target_per_class: int = _setting(10, "training pool per class of the offline target offline-digits (the rest "
+                                   "of its ~90 digits per class is the test split)")
   split_seed: int | None = _setting(None, "seed of the validation carve; unset: the run's --seed (redrawn per seed)")
   pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
                                  "(run once per model and cached)")
@@ -341,6 +343,9 @@ class TrainConfig:
       raise ConfigError(f"--val-fraction is a fraction of each class in [0, 1), got {self.val_fraction}.")
     if self.split_seed is not None and not 0 <= self.split_seed < 2**31:
       raise ConfigError(f"--split-seed must be in [0, 2**31), got {self.split_seed}.")
+    if not 2 <= self.target_per_class <= 80:
+      raise ConfigError(f"--target-per-class must be in [2, 80] (the offline target pool has ~90 digits per class, "
+                        f"the rest is the test split), got {self.target_per_class}.")
     if self.pretrain_steps <= 0:
       raise ConfigError(f"--pretrain-steps must be positive, got {self.pretrain_steps}.")
     for name, group in GROUPS.items():

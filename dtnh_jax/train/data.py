@@ -57,9 +57,10 @@ def _subset(source: data_lib.ArraySource, indices, name: str) -> data_lib.ArrayS
                               name=name)
 
 
-def _offline_sources(dataset: str, image_size: int) -> tuple[data_lib.ArraySource, data_lib.ArraySource]:
+def _offline_sources(dataset: str, image_size: int,
+                     target_per_class: int) -> tuple[data_lib.ArraySource, data_lib.ArraySource]:
   if dataset == OFFLINE_TARGET:
-    return data_lib.offline.target(seed=0, image_size=image_size)
+    return data_lib.offline.target(seed=0, image_size=image_size, train_per_class=target_per_class)
   name = dataset[len(OFFLINE_PREFIX):]
   if name not in data_lib.offline.SOURCES:
     known = [OFFLINE_TARGET] + [OFFLINE_PREFIX + s for s in data_lib.offline.SOURCES]
@@ -106,7 +107,7 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
     raise ConfigError(f"--val-fraction carves a validation split from the offline datasets only so far, not from "
                       f"--dataset {config.dataset}; leave it at 0 there.")
   if config.dataset.startswith(OFFLINE_PREFIX):
-    train, test = _offline_sources(config.dataset, config.recipe.resize)
+    train, test = _offline_sources(config.dataset, config.recipe.resize, config.target_per_class)
     if config.val_fraction:
       split_seed = config.seed if config.split_seed is None else config.split_seed
       train_indices, val_indices = splits.carve_validation(train.labels, config.val_fraction, split_seed)

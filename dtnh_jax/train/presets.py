@@ -29,7 +29,9 @@ __all__ = [
     "offline",
     "offline_pretraining",
     "paper",
+    "GRIDS",
     "PRESETS",
+    "study",
     "tiny",
 ]
 
@@ -80,8 +82,24 @@ def offline_pretraining(steps: int = TrainConfig.pretrain_steps) -> dict[str, An
           "log_every": min(50, steps), "checkpoint_every": steps}
 
 
+def study() -> dict[str, Any]:
+  """The offline study (benchmarks/RESULTS.md): the offline default made able to show negative transfer and its
+  relief. 40 digits per class, of which 10 go to a validation split redrawn per seed; 300 steps (50 epochs of 6
+  steps) so that the weights leave the source; λ decayed per epoch on the paper's scale (0.98^50 ≈ 0.36 at the
+  end, the paper ≈ 50 decays of 0.9-1 over its 8000 iterations). ``GRIDS["study"]`` sweeps λ and the methods."""
+  return {**offline(), "target_per_class": 40, "val_fraction": 0.25, "steps": 300, "lr_drop_steps": (240,),
+          "reg_decay": 0.98, "eval_every": 300, "log_every": 50, "checkpoint_every": 300}
+
+
 #: The presets ``get`` and ``dtnh-train --preset`` know.
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"paper": paper, "offline": offline, "tiny": tiny}
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"paper": paper, "offline": offline, "tiny": tiny, "study": study}
+
+#: The runs ``dtnh-train --preset NAME`` makes by default (flags and --config override each): methods, seeds,
+#: sources and the sweep of λ. Presets not listed: one run, or the offline default's grid.
+GRIDS: dict[str, dict[str, Any]] = {
+    "study": {"method": "scratch,fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist", "seed": [0, 1, 2],
+              "source": list(names.OFFLINE_SOURCES), "reg_weight": [0.01, 0.1, 1.0, 10.0]},
+}
 
 
 def get(name: str, **overrides: Any) -> TrainConfig:
