@@ -12,6 +12,13 @@ so one pass over the leaves collects the Gram matrix of ``[g, r_1, ..., r_k]``
 per group, and a second pass writes ``d``. Everything the paper plots (its
 Figures 4-5) is a closed form of those Gram matrices and ``λ``: no further pass.
 
+The paper's Eq. 5 (the direction closest to ``g`` within ``s`` degrees of
+``R = Σ λ_i r_i``), :func:`max_angle_scales`, is a closed form of the same
+Gram matrices too, and so is every correction of ``dtnh_jax.aggregators``:
+each writes ``d = a·g + Σ_i b_i r_i`` per group, with ``a`` and ``b`` from the
+group's Gram matrix, through the same two passes (:func:`leaf_grams_by_group`,
+:func:`combine_groups`) and the same :func:`direction_diagnostics`.
+
 Nothing here knows about Flax, models or optimizers: any pytree works.
 """
 
@@ -24,15 +31,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtnh_jax.names import PROJECTIONS
+
 __all__ = [
     "accumulation_dtype",
     "combine",
+    "combine_groups",
+    "conflict_flags",
     "Diagnostics",
     "diagnostics",
+    "direction_diagnostics",
     "group_grams",
     "group_leaves",
     "Grouping",
     "leaf_gram",
+    "leaf_grams_by_group",
+    "max_angle_scales",
     "project",
     "projection_coefficients",
     "PROJECTIONS",
@@ -100,7 +114,37 @@ def group_grams(leaf_grams: Sequence[jax.Array], grouping: Grouping) -> jax.Arra
   return jax.ops.segment_sum(stacked, segment, num_segments=grouping.num_groups + 1)
 
 
-PROJECTIONS = ("conflict", "always", "none")
+def leaf_grams_by_group(
+    empirical_leaves: Sequence[jax.Array],
+    regularizer_leaves: Sequence[Sequence[jax.Array | None]],
+    grouping: Grouping,
+) -> tuple[list[tuple], jax.Array]:
+  """The first pass: each leaf's ``(g, r_1, ..., r_k)`` and the groups' Gram matrices ``[groups + 1, k+1, k+1]``."""
+  per_leaf = list(zip(empirical_leaves, *regularizer_leaves))
+  return per_leaf, group_grams([leaf_gram(vectors) for vectors in per_leaf], grouping)
+
+
+def combine_groups(
+    per_leaf: Sequence[tuple],
+    grouping: Grouping,
+    scale_empirical: jax.Array,
+    reg_scales: jax.Array,
+) -> list[jax.Array]:
+  """The second pass: ``d = a_p·g + Σ_i b_ip r_i`` on every leaf, with ``a = scale_empirical[p]``.
+
+  ``reg_scales`` is ``[k]`` (the same ``b`` in every group: Algorithm 1's
+  ``λ``) or ``[groups + 1, k]`` (one row per group).
+  """
+  per_group = jnp.ndim(reg_scales) == 2
+  return [
+      combine(vectors[0], vectors[1:], scale_empirical[group], reg_scales[group] if per_group else reg_scales)
+      for vectors, group in zip(per_leaf, grouping.leaf_group)
+  ]
+
+
+def conflict_flags(grams: jax.Array) -> jax.Array:
+  """``<g, r_i>_p < 0`` per group, shape ``[groups + 1, k]``: what ``Diagnostics.conflict`` averages."""
+  return grams[:, 0, 1:] < 0
 
 
 def projection_coefficients(grams: jax.Array, when: str = "conflict") -> tuple[jax.Array, jax.Array]:
@@ -115,7 +159,7 @@ def projection_coefficients(grams: jax.Array, when: str = "conflict") -> tuple[j
   """
   gg = grams[:, 0, 0]
   gr = grams[:, 0, 1:]
-  conflict = gr < 0
+  conflict = conflict_flags(grams)
   project = {"conflict": conflict, "always": jnp.ones_like(conflict), "none": jnp.zeros_like(conflict)}[when]
   project = project & (gg > 0)[:, None]
   project = project.at[-1].set(False)
@@ -182,7 +226,8 @@ class Diagnostics(NamedTuple):
     # to donate one buffer twice
     per_regularizer_fields = ("inner_product", "regularizer_norm", "conflict", "reg_weight")
     per_reg = () if single else (num_regularizers,)
-    return cls(**{name: jnp.zeros(per_reg if name in per_regularizer_fields else (), jnp.float32) for name in cls._fields})
+    return cls(**{name: jnp.zeros(per_reg if name in per_regularizer_fields else (), jnp.float32)
+                  for name in cls._fields})
 
 
 def diagnostics(
@@ -192,16 +237,30 @@ def diagnostics(
     reg_weights: jax.Array,
     single: bool,
 ) -> Diagnostics:
-  """All of :class:`Diagnostics` from the per-group Gram matrices.
+  """All of :class:`Diagnostics` of Algorithm 1's direction from the per-group Gram matrices."""
+  lam = reg_weights.astype(jnp.float32)
+  scale_g = 1.0 - coefficients.astype(jnp.float32) @ lam                 # [P+1]
+  w_direction = jnp.concatenate([scale_g[:, None], jnp.broadcast_to(lam, (grams.shape[0], lam.size))], axis=1)
+  return direction_diagnostics(grams, w_direction, conflict, reg_weights, single)
 
-  With ``V_p = [g_p, r_1p, ..., r_kp]`` and a weight vector ``w``, the inner
+
+def direction_diagnostics(
+    grams: jax.Array,
+    direction_weights: jax.Array,
+    conflict: jax.Array,
+    reg_weights: jax.Array,
+    single: bool,
+) -> Diagnostics:
+  """All of :class:`Diagnostics` for a direction ``d_p = w_p · [g_p, r_1p, ..., r_kp]``.
+
+  ``direction_weights`` is ``w``, shape ``[groups + 1, k+1]``. With
+  ``V_p = [g_p, r_1p, ..., r_kp]`` and a weight vector ``w``, the inner
   product ``<w·V, w'·V>`` summed over groups is ``Σ_p wᵀ G_p w'``.
   """
   grams = grams.astype(jnp.float32)
   lam = reg_weights.astype(jnp.float32)
   num_groups = grams.shape[0] - 1
-  scale_g = 1.0 - coefficients.astype(jnp.float32) @ lam                 # [P+1]
-  w_direction = jnp.concatenate([scale_g[:, None], jnp.broadcast_to(lam, (grams.shape[0], lam.size))], axis=1)
+  w_direction = direction_weights.astype(jnp.float32)
   e_g = jnp.zeros(lam.size + 1).at[0].set(1.0)
   w_reg = jnp.concatenate([jnp.zeros(1), lam])                           # R = Σ λ r
   w_sum = e_g + w_reg                                                    # g + R
@@ -236,6 +295,66 @@ def diagnostics(
   )
 
 
+#: Below this ``sin²∠(g, R)`` a group's ``g`` and ``R`` count as (anti)parallel for Eq. 5: the component of ``g``
+#: orthogonal to ``R`` is then below what float32 Gram entries resolve (``|g|²|R|² - <g, R>²`` cancels to ~1e-7).
+PARALLEL_SIN2 = 1e-6
+
+
+def max_angle_scales(
+    grams: jax.Array,
+    scale_empirical: jax.Array,
+    reg_weights: jax.Array,
+    max_angle: jax.Array | float,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Eq. 5 per group: ``(a, b)`` with ``d_p = a_p·g_p + Σ_i b_ip r_ip`` (shapes ``[groups + 1]``, ``[groups + 1, k]``).
+
+  The paper's Eq. 5 asks for the direction with the smallest angle to ``g``
+  such that :math:`ngle(d, R) \le s`, ``R = Σ λ_i r_i``. In the plane of ``g``
+  and ``R``, with :math:`	heta = ngle(g, R)`, it is ``ĝ`` when
+  :math:`	heta \le s` and otherwise the unit vector at angle ``s`` from ``R̂``
+  towards ``ĝ`` (spherical interpolation, read off the Gram matrix)::
+
+      d̂ = (sin(θ - s) R̂ + sin(s) ĝ) / sin θ      so ∠(d̂, R) = s and ∠(d̂, g) = θ - s.
+
+  Eq. 5 fixes a direction only; ``d`` takes the length of Algorithm 1's
+  direction ``scale_empirical·g + R`` (the one :func:`project` would return),
+  so that a learning rate and ``λ`` schedule tuned for DTNH keep their meaning,
+  and ``|d| >= |g|`` where Algorithm 1 projects, as in DTNH. Degenerate groups:
+  ``R = 0`` has nothing to keep (``d̂ = ĝ``); ``g = 0`` gives ``d̂ = R̂``;
+  ``g`` and ``R`` antiparallel (within :data:`PARALLEL_SIN2`) leave the plane a
+  line, where only ``R̂`` is within ``s < 180°`` of ``R``; both zero give ``d = 0``.
+  The unprojected group (the last) keeps ``d = g + R``.
+
+  ``max_angle`` (``s``, degrees) may be traced (``optax.inject_hyperparams``):
+  only ``jnp.where`` decides.
+  """
+  acc = grams.dtype
+  lam = reg_weights.astype(acc)
+  scale_empirical = scale_empirical.astype(acc)
+  gg = grams[:, 0, 0]
+  g_reg = grams[:, 0, 1:] @ lam                                          # <g, R>
+  reg_reg = jnp.einsum("i,pij,j->p", lam, grams[:, 1:, 1:], lam)         # |R|²
+  # |Algorithm 1's direction|² = |a g + R|²
+  length = jnp.sqrt(jnp.maximum(scale_empirical ** 2 * gg + 2 * scale_empirical * g_reg + reg_reg, 0))
+  norm_g, norm_reg = jnp.sqrt(jnp.maximum(gg, 0)), jnp.sqrt(jnp.maximum(reg_reg, 0))
+  has_g, has_reg = norm_g > 0, norm_reg > 0
+  safe_norm_g, safe_norm_reg = jnp.where(has_g, norm_g, 1), jnp.where(has_reg, norm_reg, 1)
+  cos_theta = jnp.clip(g_reg / (safe_norm_g * safe_norm_reg), -1, 1)
+  sin_theta = jnp.sqrt(jnp.maximum(1 - cos_theta ** 2, 0))
+  theta = jnp.arccos(cos_theta)
+  s = jnp.radians(jnp.asarray(max_angle, acc))
+
+  along_g = has_g & (~has_reg | (theta <= s))
+  along_reg = ~along_g & has_reg & (~has_g | (sin_theta ** 2 < PARALLEL_SIN2))
+  safe_sin = jnp.where(along_g | along_reg, 1, sin_theta)
+  unit_g = jnp.where(along_g, 1 / safe_norm_g, jnp.where(along_reg, 0, jnp.sin(s) / (safe_norm_g * safe_sin)))
+  unit_reg = jnp.where(along_g, 0, jnp.where(along_reg, 1 / safe_norm_reg,
+                                                 jnp.sin(theta - s) / (safe_norm_reg * safe_sin)))
+  scale_g = (length * unit_g).at[-1].set(1)
+  scale_reg = (length * unit_reg).at[-1].set(1)
+  return scale_g, scale_reg[:, None] * lam
+
+
 def project(
     empirical_leaves: Sequence[jax.Array],
     regularizer_leaves: Sequence[Sequence[jax.Array | None]],
@@ -243,6 +362,7 @@ def project(
     grouping: Grouping,
     when: str = "conflict",
     single: bool = True,
+    max_angle: jax.Array | float | None = None,
 ) -> tuple[list[jax.Array], Diagnostics]:
   """DTNH on flat leaf lists: the direction's leaves and the step's diagnostics.
 
@@ -254,13 +374,16 @@ def project(
     grouping: which leaves share one projection.
     when: which groups are projected, see :func:`projection_coefficients`.
     single: whether per-regularizer diagnostics are scalars.
+    max_angle: ``None`` for Algorithm 1; else ``s`` of Eq. 5 in degrees, see
+      :func:`max_angle_scales` (``when`` then sets only the length of ``d``).
   """
-  per_leaf = list(zip(empirical_leaves, *regularizer_leaves))
-  grams = group_grams([leaf_gram(vectors) for vectors in per_leaf], grouping)
+  per_leaf, grams = leaf_grams_by_group(empirical_leaves, regularizer_leaves, grouping)
   coefficients, conflict = projection_coefficients(grams, when)
   scale_empirical = 1.0 - coefficients @ reg_weights.astype(coefficients.dtype)
-  direction = [
-      combine(vectors[0], vectors[1:], scale_empirical[group], reg_weights)
-      for vectors, group in zip(per_leaf, grouping.leaf_group)
-  ]
-  return direction, diagnostics(grams, coefficients, conflict, reg_weights, single)
+  if max_angle is None:
+    direction = combine_groups(per_leaf, grouping, scale_empirical, reg_weights)
+    return direction, diagnostics(grams, coefficients, conflict, reg_weights, single)
+  scale_empirical, reg_scales = max_angle_scales(grams, scale_empirical, reg_weights, max_angle)
+  direction = combine_groups(per_leaf, grouping, scale_empirical, reg_scales)
+  weights = jnp.concatenate([scale_empirical[:, None], reg_scales], axis=1)   # on the unweighted [g, r_1..r_k]
+  return direction, direction_diagnostics(grams, weights, conflict, reg_weights, single)

@@ -10,20 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dtnh_jax import names
 from dtnh_jax import projection as projection_lib
 from dtnh_jax.projection import Diagnostics
 
 __all__ = [
     "dtnh",
     "DTNHState",
+    "gram_transformation",
     "projection_groups",
 ]
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Granularity = Union[str, PyTree, Callable[[PyTree], PyTree]]
-
-_GRANULARITIES = ("tree", "leaf", "module")
 
 
 class DTNHState(NamedTuple):
@@ -49,7 +49,7 @@ def _under(path, prefix) -> bool:
   return tuple(path[:len(prefix)]) == tuple(prefix)
 
 
-def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
+def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index, name="dtnh"):
   """Leaves of one regularizer gradient aligned with the empirical ones.
 
   ``None`` and ``optax.MaskedNode()`` stand for leaves (or whole subtrees, e.g.
@@ -60,7 +60,7 @@ def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
   for it. Raises ``ValueError`` naming the first path where the trees differ.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(regularizer, is_leaf=_is_structural_zero)
-  name = f"regularizer gradient #{index}" if index else "regularizer gradient"
+  what = f"regularizer gradient #{index}" if index else "regularizer gradient"
   aligned, position = [], 0
   for k, (path, empirical_leaf) in enumerate(zip(empirical_paths, empirical_leaves)):
     masked_out = _is_masked(empirical_leaf)
@@ -68,7 +68,7 @@ def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
       if masked_out:
         continue
       raise ValueError(
-          f"dtnh: the {name} lacks the leaf {_keystr(path)} of the empirical "
+          f"{name}: the {what} lacks the leaf {_keystr(path)} of the empirical "
           "gradient; pass None for leaves the regularizer does not touch."
       )
     reg_path, leaf = flat[position]
@@ -88,21 +88,21 @@ def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index):
         continue
     if reg_path != path:
       raise ValueError(
-          f"dtnh: the {name} and the empirical gradient differ in structure: "
+          f"{name}: the {what} and the empirical gradient differ in structure: "
           f"the first differing path is {_keystr(path)} in the empirical gradient "
-          f"vs {_keystr(reg_path)} in the {name}. Compute both with respect to the "
+          f"vs {_keystr(reg_path)} in the {what}. Compute both with respect to the "
           "same parameters (use None for untouched leaves)."
       )
     if jnp.shape(leaf) != jnp.shape(empirical_leaf):
       raise ValueError(
-          f"dtnh: leaf {_keystr(path)} has shape {jnp.shape(leaf)} in the {name} "
+          f"{name}: leaf {_keystr(path)} has shape {jnp.shape(leaf)} in the {what} "
           f"but {jnp.shape(empirical_leaf)} in the empirical gradient."
       )
     aligned.append(leaf)
     position += 1
   if position < len(flat):
     raise ValueError(
-        f"dtnh: the {name} has a leaf at {_keystr(flat[position][0])} that the empirical "
+        f"{name}: the {what} has a leaf at {_keystr(flat[position][0])} that the empirical "
         "gradient lacks; both must have the structure of the parameters."
     )
   return aligned
@@ -114,23 +114,23 @@ _FORMS = (
 )
 
 
-def _split_updates(updates, params):
+def _split_updates(updates, params, name="dtnh"):
   """The tuple form: ``updates == (g, r_1, ..., r_k)``."""
   if not isinstance(updates, (tuple, list)) or len(updates) < 2:
     raise TypeError(
-        f"dtnh got no regularizer gradient: {_FORMS}; got {type(updates).__name__}"
+        f"{name} got no regularizer gradient: {_FORMS}; got {type(updates).__name__}"
         + (f" of length {len(updates)}" if isinstance(updates, (tuple, list)) else "")
         + " and no regularizer_grads. For a step without regularizer, pass zeros as regularizer_grads."
     )
   if params is not None and jax.tree.structure(updates) == jax.tree.structure(params):
     raise TypeError(
-        "dtnh got a single pytree shaped like the parameters and no regularizer_grads: "
+        f"{name} got a single pytree shaped like the parameters and no regularizer_grads: "
         f"{_FORMS}. Compute the two gradients separately, e.g. with dtnh_jax.split_value_and_grad."
     )
   return updates[0], list(updates[1:])
 
 
-def _regularizer_list(regularizer_grads, empirical, num_weights: int) -> list:
+def _regularizer_list(regularizer_grads, empirical, num_weights: int, name: str = "dtnh") -> list:
   """The extra-args form: ``regularizer_grads`` is one pytree per ``reg_weight``.
 
   With one weight it is a pytree (``(r,)`` is read as one regularizer too, unless
@@ -143,14 +143,14 @@ def _regularizer_list(regularizer_grads, empirical, num_weights: int) -> list:
     if is_sequence and not isinstance(empirical, (tuple, list)):
       if len(regularizer_grads) != 1:
         raise ValueError(
-            f"dtnh: regularizer_grads holds {len(regularizer_grads)} regularizer gradients but there is "
+            f"{name}: regularizer_grads holds {len(regularizer_grads)} regularizer gradients but there is "
             "1 reg_weight; give reg_weight a sequence with one weight per regularizer."
         )
       return [regularizer_grads[0]]
     return [regularizer_grads]
   if not is_sequence:
     raise ValueError(
-        f"dtnh: reg_weight has {num_weights} weights, so regularizer_grads must be a tuple of "
+        f"{name}: reg_weight has {num_weights} weights, so regularizer_grads must be a tuple of "
         f"{num_weights} pytrees (one per weight); got a single {type(regularizer_grads).__name__}."
     )
   return list(regularizer_grads)
@@ -174,23 +174,24 @@ def _both_forms(updates, params, regularizer_grads) -> bool:
   return jax.tree.structure(updates) not in shapes and jax.tree.structure(updates[0]) in shapes
 
 
-def _gradients_from_arguments(updates, params, regularizer_grads, num_weights: int) -> tuple[PyTree, list]:
+def _gradients_from_arguments(updates, params, regularizer_grads, num_weights: int,
+                              name: str = "dtnh") -> tuple[PyTree, list]:
   """``(empirical, [regularizer, ...])`` from either calling form of :func:`dtnh`.
 
   Raises ``TypeError`` for both forms at once, or for neither.
   """
   if regularizer_grads is None:
-    return _split_updates(updates, params)
+    return _split_updates(updates, params, name)
   if _both_forms(updates, params, regularizer_grads):
     raise TypeError(
-        "dtnh got both calling forms at once: updates is the tuple (empirical_grad, regularizer_grad, ...) "
+        f"{name} got both calling forms at once: updates is the tuple (empirical_grad, regularizer_grad, ...) "
         "and regularizer_grads is given too. Pass the empirical gradient alone as updates with "
         "regularizer_grads=..., or the tuple without regularizer_grads."
     )
-  return updates, _regularizer_list(regularizer_grads, updates, num_weights)
+  return updates, _regularizer_list(regularizer_grads, updates, num_weights, name)
 
 
-def _normalize_weights(reg_weight) -> tuple[list[ScalarOrSchedule], bool]:
+def _normalize_weights(reg_weight, name: str = "dtnh") -> tuple[list[ScalarOrSchedule], bool]:
   """The list of per-regularizer weights, and whether there is exactly one."""
   if callable(reg_weight):
     weights, single = [reg_weight], True
@@ -201,15 +202,16 @@ def _normalize_weights(reg_weight) -> tuple[list[ScalarOrSchedule], bool]:
   elif jnp.ndim(reg_weight) == 1:
     weights, single = [reg_weight[i] for i in range(jnp.shape(reg_weight)[0])], False
   else:
-    raise ValueError(f"dtnh: reg_weight must be a scalar, a schedule or a sequence; got shape {jnp.shape(reg_weight)}")
+    raise ValueError(f"{name}: reg_weight must be a scalar, a schedule or a sequence; "
+                     f"got shape {jnp.shape(reg_weight)}")
   if not weights:
-    raise ValueError("dtnh: reg_weight is an empty sequence; give one weight per regularizer.")
+    raise ValueError(f"{name}: reg_weight is an empty sequence; give one weight per regularizer.")
   for index, weight in enumerate(weights):
-    _check_weight(weight, None if single else index)
+    _check_weight(weight, None if single else index, name)
   return weights, single
 
 
-def _check_weight(weight, index: int | None) -> None:
+def _check_weight(weight, index: int | None, name: str = "dtnh") -> None:
   """Refuses a concrete weight that is negative, NaN or infinite.
 
   Such a weight would be applied silently (a negative one turns the step
@@ -228,13 +230,13 @@ def _check_weight(weight, index: int | None) -> None:
   if value is None or value.ndim != 0 or not (
       jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
       or value.dtype == np.bool_):
-    raise TypeError(f"dtnh: reg_weight must hold real numbers or schedules; got {weight!r}{where}.")
+    raise TypeError(f"{name}: reg_weight must hold real numbers or schedules; got {weight!r}{where}.")
   number = float(value)
   if not (np.isfinite(number) and number >= 0):
-    raise ValueError(f"dtnh: reg_weight must be >= 0 and finite, got {number}{where}.")
+    raise ValueError(f"{name}: reg_weight must be >= 0 and finite, got {number}{where}.")
 
 
-def _labels(granularity: Granularity, paths, tree) -> list[Hashable]:
+def _labels(granularity: Granularity, paths, tree, name: str = "dtnh") -> list[Hashable]:
   if isinstance(granularity, str):
     if granularity == "tree":
       return [0] * len(paths)
@@ -242,12 +244,13 @@ def _labels(granularity: Granularity, paths, tree) -> list[Hashable]:
       return list(range(len(paths)))
     if granularity == "module":
       return [tuple(path[:-1]) for path in paths]
-    raise ValueError(f"dtnh: granularity must be one of {_GRANULARITIES}, a label pytree or a function; got {granularity!r}.")
+    raise ValueError(f"{name}: granularity must be one of {names.GRANULARITIES}, a label pytree or a function; "
+                     f"got {granularity!r}.")
   labels = granularity(tree) if callable(granularity) else granularity
-  return _leaves_like(labels, tree, "granularity labels")
+  return _leaves_like(labels, tree, "granularity labels", name)
 
 
-def _leaves_like(prefix_tree, tree, what: str) -> list:
+def _leaves_like(prefix_tree, tree, what: str, name: str = "dtnh") -> list:
   """Leaves of a pytree matching ``tree``'s structure, one per leaf of ``tree``.
 
   ``optax.MaskedNode`` entries of ``tree`` (dtnh inside ``optax.masked``) take
@@ -258,15 +261,15 @@ def _leaves_like(prefix_tree, tree, what: str) -> list:
   try:
     values = treedef.flatten_up_to(jax.tree.map(lambda _, value: value, tree, prefix_tree, is_leaf=_is_masked))
   except ValueError as error:
-    raise ValueError(f"dtnh: the {what} must have the structure of the parameters: {error}") from None
+    raise ValueError(f"{name}: the {what} must have the structure of the parameters: {error}") from None
   return [value for entry, value in zip(entries, values) if not _is_masked(entry)]
 
 
-def _unprojected_flags(unprojected, tree, num_leaves) -> list[bool]:
+def _unprojected_flags(unprojected, tree, num_leaves, name: str = "dtnh") -> list[bool]:
   if unprojected is None:
     return [False] * num_leaves
   mask = unprojected(tree) if callable(unprojected) else unprojected
-  return [bool(flag) for flag in _leaves_like(mask, tree, "unprojected mask")]
+  return [bool(flag) for flag in _leaves_like(mask, tree, "unprojected mask", name)]
 
 
 def dtnh(
@@ -275,6 +278,7 @@ def dtnh(
     granularity: Granularity = "tree",
     projection: str = "conflict",
     unprojected: PyTree | Callable[[PyTree], PyTree] | None = None,
+    max_angle: float | jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DTNH: a descent direction that never slows the empirical loss down.
 
@@ -378,6 +382,28 @@ def dtnh(
       one); True leaves are never projected (``d = g + λ r`` there) and take
       no part in the groups' inner products (the released code skips the new
       classifier head this way).
+    max_angle: ``None`` (default) for Algorithm 1. A number ``s`` of degrees
+      in [0, 180] solves the paper's Eq. 5 exactly instead: per group, the
+      direction of the plane of :math:`g` and :math:`R = \sum_i \lambda_i r_i`
+      with the smallest angle to :math:`g` subject to :math:`\angle(d, R) \le s`:
+      :math:`\hat g` when :math:`\angle(g, R) \le s`, else the direction at
+      exactly ``s`` from :math:`R` towards :math:`g`
+      (:func:`~dtnh_jax.projection.max_angle_scales`). Eq. 5 fixes a direction
+      only; ``d`` keeps the length of the direction Algorithm 1 gives with the
+      same ``projection`` (``"none"``: :math:`|g + R|`), so a learning rate and
+      ``λ`` schedule tuned for ``dtnh`` keep their meaning. Against Algorithm 1,
+      ``s = 90``: both never point against :math:`g`, and where
+      :math:`\langle g, R\rangle < 0` both stay in the plane of g and R and have
+      the same length; but Eq. 5 there takes :math:`g` minus its component along
+      :math:`R` (so :math:`\angle(d, R) = 90°` exactly and :math:`\angle(d, g)`
+      is the smallest possible), while Algorithm 1 takes :math:`r` minus its
+      component along :math:`g` (so :math:`\langle d, g\rangle = |g|^2` and
+      :math:`\angle(d, R)` may exceed 90°); and where they do not conflict Eq. 5
+      steps along :math:`g` alone (it keeps the regularizer only as a
+      constraint) while Algorithm 1 steps along :math:`g + R`. ``s = 180`` is
+      :math:`g` rescaled; ``s = 0`` follows :math:`R`. Traced values (e.g.
+      ``optax.inject_hyperparams``) are fine; concrete ones outside [0, 180]
+      raise ``ValueError``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(g, state,
@@ -410,53 +436,107 @@ def dtnh(
     Wan, Xiong, Li, Zhu, Huan, `Towards Making Deep Transfer Learning Never
     Hurt <https://arxiv.org/abs/1911.07489>`_, ICDM 2019.
   """
-  weights, single = _normalize_weights(reg_weight)
-  if projection not in projection_lib.PROJECTIONS:
-    raise ValueError(f"dtnh: projection must be one of {projection_lib.PROJECTIONS}, got {projection!r}.")
+  _normalize_weights(reg_weight)   # refuses bad weights before the other options, as it always has
+  if projection not in names.PROJECTIONS:
+    raise ValueError(f"dtnh: projection must be one of {names.PROJECTIONS}, got {projection!r}.")
+  if max_angle is not None:
+    _check_angle(max_angle)
+
+  def init_state(params, num_regularizers, single):
+    del params
+    return DTNHState(count=jnp.zeros([], jnp.int32), diagnostics=Diagnostics.zeros(num_regularizers, single))
+
+  def direction(empirical_leaves, regularizer_leaves, reg_weights, grouping, single, state):
+    direction_leaves, diagnostics = projection_lib.project(
+        empirical_leaves, regularizer_leaves, reg_weights, grouping, projection, single, max_angle
+    )
+    return direction_leaves, DTNHState(count=state.count, diagnostics=diagnostics)
+
+  return gram_transformation("dtnh", reg_weight, granularity=granularity, unprojected=unprojected,
+                             init_state=init_state, direction=direction)
+
+
+def _check_angle(max_angle) -> None:
+  """Refuses a concrete ``max_angle`` outside [0, 180] degrees (traced ones are applied as given)."""
+  if isinstance(max_angle, jax.core.Tracer):
+    return
+  try:
+    value = float(np.asarray(max_angle))
+  except (TypeError, ValueError):
+    raise TypeError(f"dtnh: max_angle must be a number of degrees or None; got {max_angle!r}.") from None
+  if not 0 <= value <= 180:
+    raise ValueError(f"dtnh: max_angle must be in [0, 180] degrees, got {value}.")
+
+
+def gram_transformation(
+    name: str,
+    reg_weight: ScalarOrSchedule | Sequence[ScalarOrSchedule],
+    *,
+    granularity: Granularity,
+    unprojected: PyTree | Callable[[PyTree], PyTree] | None,
+    init_state: Callable[[PyTree, int, bool], NamedTuple],
+    direction: Callable[..., tuple[list[jax.Array], NamedTuple]],
+) -> optax.GradientTransformationExtraArgs:
+  """The optax plumbing that :func:`dtnh` and every ``dtnh_jax.aggregators`` correction share.
+
+  Both calling forms, ``None``/``MaskedNode`` regularizer leaves, the
+  grouping, ``reg_weight`` schedules and the step count live here once; a
+  correction is only its ``direction``.
+
+  Args:
+    name: the correction's name in error messages.
+    reg_weight: as for :func:`dtnh` (checked here).
+    granularity: as for :func:`dtnh`.
+    unprojected: as for :func:`dtnh`.
+    init_state: ``(params, num_regularizers, single) -> state``, a NamedTuple
+      with a ``count`` field (and ``diagnostics``, by convention).
+    direction: ``(empirical_leaves, regularizer_leaves, reg_weights, grouping,
+      single, state) -> (direction_leaves, state)``; ``reg_weights`` is the
+      float32 ``λ`` of this step, the returned state's count is advanced here.
+  """
+  weights, single = _normalize_weights(reg_weight, name)
 
   def init_fn(params):
-    del params
-    return DTNHState(count=jnp.zeros([], jnp.int32), diagnostics=Diagnostics.zeros(len(weights), single))
+    return init_state(params, len(weights), single)
 
   def update_fn(updates, state, params=None, *, regularizer_grads=None, **extra_args):
     del extra_args
-    empirical, regularizers = _gradients_from_arguments(updates, params, regularizer_grads, len(weights))
+    empirical, regularizers = _gradients_from_arguments(updates, params, regularizer_grads, len(weights), name)
     if len(regularizers) != len(weights):
       raise ValueError(
-          f"dtnh: got {len(regularizers)} regularizer gradient(s) but {len(weights)} "
+          f"{name}: got {len(regularizers)} regularizer gradient(s) but {len(weights)} "
           "reg_weight(s); give one weight per regularizer."
       )
-    # MaskedNode entries (dtnh inside optax.masked) stay in the tree and take no part in the projection.
+    # MaskedNode entries (inside optax.masked) stay in the tree and take no part in the projection.
     flat, treedef = jax.tree_util.tree_flatten_with_path(empirical, is_leaf=_is_masked)
     paths = [path for path, _ in flat]
     entries = [leaf for _, leaf in flat]
     empirical_leaves = [leaf for leaf in entries if not _is_masked(leaf)]
     regularizer_leaves = [
-        _flatten_regularizer(paths, entries, reg, i + 1 if len(regularizers) > 1 else 0)
+        _flatten_regularizer(paths, entries, reg, i + 1 if len(regularizers) > 1 else 0, name)
         for i, reg in enumerate(regularizers)
     ]
     tree_for_labels = empirical if params is None else params
-    grouping = projection_groups(tree_for_labels, granularity, unprojected)
+    grouping = projection_groups(tree_for_labels, granularity, unprojected, name)
     reg_weights = jnp.stack([
         jnp.asarray(w(state.count) if callable(w) else w, jnp.float32) for w in weights
     ])
-    direction_leaves, diagnostics = projection_lib.project(
-        empirical_leaves, regularizer_leaves, reg_weights, grouping, projection, single
-    )
+    direction_leaves, new_state = direction(empirical_leaves, regularizer_leaves, reg_weights, grouping, single, state)
     computed = iter(direction_leaves)
-    direction = jax.tree_util.tree_unflatten(
+    updates = jax.tree_util.tree_unflatten(
         treedef, [leaf if _is_masked(leaf) else next(computed) for leaf in entries])
-    return direction, DTNHState(count=optax.safe_increment(state.count), diagnostics=diagnostics)
+    return updates, new_state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def projection_groups(tree: PyTree, granularity: Granularity = "tree", unprojected=None) -> projection_lib.Grouping:
+def projection_groups(tree: PyTree, granularity: Granularity = "tree", unprojected=None,
+                      name: str = "dtnh") -> projection_lib.Grouping:
   """The :class:`~dtnh_jax.projection.Grouping` that :func:`dtnh` uses for ``tree``.
 
   Handy to check which parameters share a projection before training.
   """
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  labels = _labels(granularity, paths, tree)
-  flags = _unprojected_flags(unprojected, tree, len(paths))
+  labels = _labels(granularity, paths, tree, name)
+  flags = _unprojected_flags(unprojected, tree, len(paths), name)
   return projection_lib.group_leaves(labels, flags)

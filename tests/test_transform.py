@@ -204,13 +204,15 @@ def test_negative_jax_reg_weight_is_refused():
     dtnh_jax.dtnh(jnp.array(-0.5))
 
 
-@pytest.mark.parametrize("weight", [float("nan"), np.float64("nan"), jnp.array(jnp.nan)], ids=["python", "numpy", "jax"])
+@pytest.mark.parametrize("weight", [float("nan"), np.float64("nan"), jnp.array(jnp.nan)],
+                         ids=["python", "numpy", "jax"])
 def test_nan_reg_weight_is_refused(weight):
   with pytest.raises(ValueError, match="got nan"):
     dtnh_jax.dtnh(weight)
 
 
-@pytest.mark.parametrize("weight", [float("inf"), np.float32("inf"), jnp.array(jnp.inf)], ids=["python", "numpy", "jax"])
+@pytest.mark.parametrize("weight", [float("inf"), np.float32("inf"), jnp.array(jnp.inf)],
+                         ids=["python", "numpy", "jax"])
 def test_infinite_reg_weight_is_refused(weight):
   with pytest.raises(ValueError, match="got inf"):
     dtnh_jax.dtnh(weight)
@@ -291,3 +293,157 @@ def test_apply_if_finite_around_the_whole_chain_with_the_tuple_form_is_unsupport
   tx = optax.apply_if_finite(optax.chain(dtnh_jax.dtnh(0.1), optax.sgd(0.1)), max_consecutive_errors=3)
   with pytest.raises(TypeError, match="same (pytree|type) structure"):
     tx.update(grads(PARAMS), tx.init(PARAMS), PARAMS)
+
+
+# --- max_angle: the paper's Eq. 5 ------------------------------------------------------
+
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from reference import angle_degrees  # noqa: E402
+
+
+def eq5_brute_force(g, reg, s, step_degrees=0.01):
+  """Eq. 5 by search: of unit directions in the plane of g and R (a dense grid), the closest to g within s of R."""
+  e1 = g / np.linalg.norm(g)
+  other = reg - (reg @ e1) * e1
+  e2 = other / np.linalg.norm(other)
+  phi = np.radians(np.arange(0, 360, step_degrees))
+  directions = np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2
+  to_g = np.degrees(np.arccos(np.clip(directions @ e1, -1, 1)))
+  to_reg = np.degrees(np.arccos(np.clip(directions @ reg / np.linalg.norm(reg), -1, 1)))
+  feasible = to_reg <= s + step_degrees / 2   # the grid's nearest point to the boundary (s = 0: R itself)
+  best = np.argmin(np.where(feasible, to_g, np.inf))
+  return directions[best], to_g[best]
+
+
+def eq5_apply(g, rs, lam, s, **kwargs):
+  g_tree = {"a": jnp.asarray(g[:3], jnp.float32), "b": jnp.asarray(g[3:], jnp.float32)}
+  r_trees = [{"a": jnp.asarray(r[:3], jnp.float32), "b": jnp.asarray(r[3:], jnp.float32)} for r in rs]
+  tx = dtnh_jax.dtnh(lam, max_angle=s, **kwargs)
+  direction, state = tx.update((g_tree, *r_trees), tx.init(g_tree), g_tree)
+  return flat(leaves64(direction)), state.diagnostics
+
+
+def check_eq5(g, rs, lams, s, direction):
+  """The direction solves Eq. 5 (against the brute force), meets its constraint and has Algorithm 1's length."""
+  reg = sum(lam * r for lam, r in zip(lams, rs))
+  best, best_angle = eq5_brute_force(g, reg, s)
+  assert angle_degrees(direction, reg) <= s + 1e-2                                   # the constraint holds
+  np.testing.assert_allclose(angle_degrees(direction, g), best_angle, atol=0.02)   # the smallest angle to g
+  np.testing.assert_allclose(direction / np.linalg.norm(direction), best, atol=5e-4)
+  residual = direction - np.linalg.lstsq(np.stack([g, reg], 1), direction, rcond=None)[0] @ np.stack([g, reg])
+  assert np.linalg.norm(residual) <= 1e-5 * np.linalg.norm(direction)               # in the plane of g and R
+  np.testing.assert_allclose(np.linalg.norm(direction), np.linalg.norm(dtnh_vectors(g, rs, lams)), rtol=1e-5)
+
+
+RNG = np.random.default_rng(42)
+G_VEC, R_VEC = RNG.normal(size=7), RNG.normal(size=7)
+
+
+@pytest.mark.parametrize("s", [0.0, 10.0, 45.0, 90.0, 120.0, 179.0])
+@pytest.mark.parametrize("lam", [0.3, 2.0])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_max_angle_solves_eq5_like_a_brute_force_search_in_the_plane(s, lam, sign):
+  r = sign * R_VEC - (0.5 if sign < 0 else 0) * G_VEC     # obtuse and acute pairs
+  direction, diag = eq5_apply(G_VEC, [r], lam, s)
+  check_eq5(G_VEC, [r], [lam], s, direction)
+  np.testing.assert_allclose(diag.angle1, angle_degrees(direction, G_VEC), atol=0.05)
+  assert float(diag.angle2) <= s + 0.05
+
+
+@pytest.mark.parametrize("s", [30.0, 90.0])
+def test_max_angle_with_several_regularizers_constrains_their_weighted_sum(s):
+  rs = [RNG.normal(size=7) for _ in range(3)]
+  lams = [0.5, 1.0, 0.2]
+  direction, _ = eq5_apply(G_VEC, rs, lams, s)
+  check_eq5(G_VEC, rs, lams, s, direction)
+
+
+finite_vectors = hnp.arrays(np.float64, 7, elements=st.floats(-10, 10, allow_nan=False, width=32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(finite_vectors, finite_vectors, st.floats(0.05, 5), st.floats(0, 180))
+def test_max_angle_matches_the_brute_force_on_random_pairs(g, r, lam, s):
+  reg = lam * r
+  norms = np.linalg.norm(g) * np.linalg.norm(reg)
+  # away from degenerate pairs (zero or (anti)parallel: their own tests) and from the grid's edge
+  assume(norms > 1e-3 and 1 - abs(g @ reg) / norms > 1e-4 and abs(angle_degrees(g, reg) - s) > 0.05)
+  direction, _ = eq5_apply(g, [r], lam, s)
+  check_eq5(g, [r], [lam], s, direction)
+
+
+def test_max_angle_180_rescales_the_empirical_gradient_to_algorithm_1s_length():
+  r = -R_VEC - 0.5 * G_VEC
+  direction, _ = eq5_apply(G_VEC, [r], 0.7, 180.0)
+  want = G_VEC / np.linalg.norm(G_VEC) * np.linalg.norm(dtnh_vectors(G_VEC, [r], [0.7]))
+  np.testing.assert_allclose(direction, want, rtol=1e-5)
+
+
+def test_max_angle_90_under_conflict_removes_from_g_its_component_along_r():
+  r = -R_VEC - 0.5 * G_VEC
+  assert G_VEC @ r < 0
+  direction, diag = eq5_apply(G_VEC, [r], 0.7, 90.0)
+  g_perp = G_VEC - (G_VEC @ r) / (r @ r) * r
+  np.testing.assert_allclose(direction / np.linalg.norm(direction), g_perp / np.linalg.norm(g_perp), atol=1e-5)
+  np.testing.assert_allclose(diag.angle2, 90.0, atol=0.01)
+
+
+def test_max_angle_90_without_conflict_steps_along_g_alone():
+  r = R_VEC - (R_VEC @ G_VEC) / (G_VEC @ G_VEC) * G_VEC + 0.5 * G_VEC
+  direction, _ = eq5_apply(G_VEC, [r], 0.7, 90.0)
+  want = G_VEC / np.linalg.norm(G_VEC) * np.linalg.norm(G_VEC + 0.7 * r)     # Algorithm 1's d is g + λr here
+  np.testing.assert_allclose(direction, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s", [0.0, 60.0, 179.0, 180.0])
+@pytest.mark.parametrize("case", ["zero_empirical", "zero_regularizer", "both_zero", "exactly_aligned",
+                                  "exactly_opposite"])
+def test_max_angle_edge_cases(case, s):
+  g, r = {"zero_empirical": (0 * G_VEC, R_VEC), "zero_regularizer": (G_VEC, 0 * R_VEC),
+          "both_zero": (0 * G_VEC, 0 * R_VEC), "exactly_aligned": (G_VEC, 3 * G_VEC),
+          "exactly_opposite": (G_VEC, -2.5 * G_VEC)}[case]
+  direction, _ = eq5_apply(g, [r], 0.3, s)
+  assert np.all(np.isfinite(direction))
+  length = np.linalg.norm(dtnh_vectors(g, [r], [0.3]))
+  unit = lambda v: v / np.linalg.norm(v)
+  if case == "both_zero":
+    want = np.zeros_like(g)
+  elif case == "zero_empirical":              # only R to follow: Algorithm 1's d = λ r
+    want = 0.3 * r
+  elif case in ("zero_regularizer", "exactly_aligned"):   # nothing to trade: along g
+    want = length * unit(g)
+  elif s == 180.0:                            # antiparallel, but any direction is within 180° of R
+    want = length * unit(g)
+  else:                                       # antiparallel: in the g–R line only R itself is within s < 180° of R
+    want = length * unit(r)
+  np.testing.assert_allclose(direction, want, rtol=1e-5, atol=1e-6)
+
+
+def test_max_angle_per_leaf_solves_eq5_in_each_leaf():
+  g, r = RNG.normal(size=7), -RNG.normal(size=7)
+  direction, _ = eq5_apply(g, [r], 1.5, 40.0, granularity="leaf")
+  for sl in (slice(0, 3), slice(3, 7)):
+    check_eq5(g[sl], [r[sl]], [1.5], 40.0, direction[sl])
+
+
+def test_max_angle_unprojected_leaves_get_the_plain_sum():
+  g, r = RNG.normal(size=7), -RNG.normal(size=7)
+  direction, _ = eq5_apply(g, [r], 1.5, 40.0, unprojected={"a": False, "b": True})
+  np.testing.assert_allclose(direction[3:], g[3:] + 1.5 * r[3:], rtol=1e-6)
+  check_eq5(g[:3], [r[:3]], [1.5], 40.0, direction[:3])
+
+
+def test_max_angle_as_an_injected_hyperparameter_gives_identical_numbers():
+  tx = dtnh_jax.dtnh(0.3, max_angle=50.0)
+  injected = optax.inject_hyperparams(dtnh_jax.dtnh)(reg_weight=0.3, max_angle=50.0)
+  direction, _ = jax.jit(tx.update)(grads(PARAMS), tx.init(PARAMS), PARAMS)
+  direction_i, _ = jax.jit(injected.update)(grads(PARAMS), injected.init(PARAMS), PARAMS)
+  chex.assert_trees_all_close(direction, direction_i, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 180.5, float("nan")])
+def test_max_angle_outside_0_to_180_is_refused(bad):
+  with pytest.raises(ValueError, match=r"max_angle must be in \[0, 180\]"):
+    dtnh_jax.dtnh(0.1, max_angle=bad)
