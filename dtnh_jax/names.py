@@ -7,6 +7,8 @@ regularizers, ``dtnh``, the input pipeline) import the same tuple.
 """
 
 __all__ = [
+    "AGGREGATOR_LABELS",
+    "AGGREGATORS",
     "ARCHITECTURES",
     "COMPUTE_DTYPES",
     "DEFAULT_FEATURE_LAYERS",
@@ -48,6 +50,10 @@ FEATURE_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
 GRANULARITIES = ("tree", "leaf", "module")
 #: When DTNH projects: on conflict (the paper), always (the authors' code), or never (the plain regularized gradient).
 PROJECTIONS = ("conflict", "always", "none")
+#: The gradient-surgery corrections beside DTNH's (dtnh_jax.aggregators), each the name of its factory.
+AGGREGATORS = ("pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad")
+#: Their names in tables, in ``AGGREGATORS``' order.
+AGGREGATOR_LABELS = ("PCGrad", "GradVac", "MGDA", "UPGrad", "DualProj", "CAGrad")
 #: Per-channel (RGB) mean of ImageNet for pixels in [0, 1], as torchvision's weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 #: Per-channel (RGB) standard deviation of ImageNet for pixels in [0, 1].

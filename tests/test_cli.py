@@ -69,7 +69,7 @@ EXPECTED_CHOICES = {
     "feature_layers": ("layer1", "layer2", "layer3", "layer4", "pool"),
     "feature_normalize": ("sum", "spatial_mean", "mean"),
     "granularity": ("tree", "leaf", "module"),
-    "projection": ("conflict", "always"),
+    "projection": ("conflict", "always", "pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad"),
     "compute_dtype": ("float32", "bfloat16"),
     "on_nonfinite": ("stop", "skip"),
 }
@@ -156,7 +156,7 @@ def test_printed_config_holds_every_setting_and_the_grid_as_lists():
   settings = tomllib.loads(_printed("--dataset", "cifar10", "--source", "scratch", "--method", "l2-sp,dtnh-l2-sp",
                                     "--seeds", "1,2", "--optimizer", "adamw", "--weight-decay", "0.01"))
   # TOML has no null: the unset optional settings are left out
-  assert set(settings) == {f.name for f in _fields()} - {"data_dir", "split_seed"}
+  assert set(settings) == {f.name for f in _fields()} - {"data_dir", "split_seed", "max_angle"}
   assert settings["method"] == ["l2-sp", "dtnh-l2-sp"] and settings["seed"] == [1, 2]
   assert settings["source"] == "scratch" and settings["optimizer"] == "adamw" and settings["weight_decay"] == 0.01
   assert settings["steps"] == 20000  # the paper's schedule for CIFAR-10, resolved

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -216,3 +217,37 @@ def test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_
     assert {r["reg_weight"] for r in runs if r["selected"]} == {best}
   assert (tmp_path / "lambda_curve.png").exists()
   assert "Δ" in open(tmp_path / "results.md").read()
+
+
+@pytest.mark.parametrize("projection", ["pcgrad", "upgrad", "cagrad"])
+def test_projection_selects_the_aggregator_in_the_optimizer(projection):
+  import optax
+  import dtnh_jax
+  config = tiny(method="dtnh-l2-sp", projection=projection, cagrad_c=0.4)
+  tx = step_lib.make_optimizer(config, steps_per_epoch=2)
+  extra = {"c": 0.4} if projection == "cagrad" else {}
+  reg_weight = optax.exponential_decay(config.recipe.reg_weight, 2, config.recipe.reg_decay, staircase=True)
+  expected = optax.chain(getattr(dtnh_jax, projection)(reg_weight, **extra),
+                         optax.sgd(optax.piecewise_constant_schedule(config.recipe.learning_rate, {4: 0.1}),
+                                   momentum=config.recipe.momentum))
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.3])}
+  g = {"w": jnp.array([0.2, 0.1, -0.4]), "b": jnp.array([0.5])}
+  r = {"w": jnp.array([-0.3, 0.2, 0.1]), "b": jnp.array([-1.0])}
+  got, _ = tx.update((g, r), tx.init(params), params)
+  want, _ = expected.update((g, r), expected.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_run_with_an_aggregator_is_labelled_by_it(tmp_path):
+  results = loop.train(tiny(method="dtnh-l2-sp", projection="pcgrad", steps=2, eval_every=2), tmp_path)
+  assert results["label"] == "PCGrad (L2-SP)" and results["projection"] == "pcgrad"
+  assert "angle1" in json.loads(open(tmp_path / "metrics.jsonl").readline())  # the same diagnostics as DTNH
+
+
+def test_max_angle_reaches_dtnh_and_is_refused_with_an_aggregator():
+  with pytest.raises(ConfigError, match="--max-angle"):
+    tiny(projection="pcgrad", max_angle=60.0)
+  with pytest.raises(ConfigError, match="--max-angle"):
+    tiny(max_angle=200.0)
+  assert step_lib.make_optimizer(tiny(max_angle=60.0), 2) is not None

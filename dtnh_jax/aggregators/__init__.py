@@ -19,6 +19,7 @@ All but MGDA give ``g + Σ λ_i r_i`` when no two rows conflict (CAGrad: for
 matrices ``[groups, m, m]``, returning the rows' weights ``[groups, m]``.
 """
 
+from dtnh_jax import names
 from dtnh_jax.aggregators._cagrad import cagrad, cagrad_weights
 from dtnh_jax.aggregators._dualproj import dualproj, dualproj_weights
 from dtnh_jax.aggregators._gradvac import GradVacState, gradvac, gradvac_weights
@@ -46,4 +47,4 @@ __all__ = [
 ]
 
 #: The corrections' names, each the name of its factory here (``getattr(dtnh_jax.aggregators, name)``).
-AGGREGATORS = ("pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad")
+AGGREGATORS = names.AGGREGATORS

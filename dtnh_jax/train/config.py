@@ -53,7 +53,7 @@ METHODS = names.REGULARIZERS
 _LABELS = dict(zip(names.REGULARIZERS, names.METHOD_LABELS, strict=True))
 ON_NONFINITE = ("stop", "skip")
 # dtnh's "none" is the plain method here (--method without the dtnh- prefix).
-PROJECTIONS = tuple(projection for projection in names.PROJECTIONS if projection != "none")
+PROJECTIONS = tuple(projection for projection in names.PROJECTIONS if projection != "none") + names.AGGREGATORS
 #: What follows DTNH in the chain: the paper's SGD with momentum, or optax.adamw.
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -93,8 +93,15 @@ class Method:
   @property
   def label(self) -> str:
     """The paper's column name, e.g. ``DTNH (L2-SP)``."""
+    return self.label_with()
+
+  def label_with(self, projection: str = "conflict") -> str:
+    """The column name with the correction ``projection`` (``--projection``), e.g. ``PCGrad (L2-SP)``."""
     label = _LABELS[self.regularizer]
-    return f"DTNH ({label})" if self.dtnh else label
+    if not self.dtnh:
+      return label
+    corrections = dict(zip(names.AGGREGATORS, names.AGGREGATOR_LABELS, strict=True))
+    return f"{corrections.get(projection, 'DTNH')} ({label})"
 
   @property
   def uses_features(self) -> bool:
@@ -248,12 +255,24 @@ class DTNHConfig:
 
   granularity: str = _setting("tree", "what DTNH projects as one vector: all parameters (tree, the paper), "
                               "each tensor (leaf) or each module", names.GRANULARITIES)
-  projection: str = _setting("conflict", "when DTNH projects: where <∇J, ∇Ω> < 0 (conflict, the paper) or "
-                             "always", PROJECTIONS)
+  projection: str = _setting("conflict", "the correction of a dtnh- method: DTNH projecting where <∇J, ∇Ω> < 0 "
+                             "(conflict, the paper) or always, or one of the gradient-surgery family "
+                             "(dtnh_jax.aggregators) on the same gradients", PROJECTIONS)
+  max_angle: float | None = _setting(None, "with conflict or always: the paper's Eq. 5 solved exactly, the "
+                                     "direction closest to ∇J within this angle (degrees) of the regularizer's")
+  cagrad_c: float = _setting(0.5, "CAGrad's c, the radius of its ball around the mean gradient (--projection "
+                             "cagrad; its paper uses 0.2-0.9)")
 
   def __post_init__(self):
     _check_choice(self, "granularity")
     _check_choice(self, "projection")
+    _check_finite(self)
+    if self.max_angle is not None and not (0 <= self.max_angle <= 180 and math.isfinite(self.max_angle)):
+      raise ConfigError(f"--max-angle is an angle in degrees in [0, 180], got {self.max_angle}.")
+    if self.max_angle is not None and self.projection in names.AGGREGATORS:
+      raise ConfigError(f"--max-angle is DTNH's Eq. 5; --projection {self.projection} has no such option.")
+    if self.cagrad_c < 0:
+      raise ConfigError(f"--cagrad-c must be >= 0, got {self.cagrad_c}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -392,7 +392,9 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
     final = final[-1]
   else:  # its line was damaged (and set aside): evaluate the final state again
     final = {"step": config.recipe.steps, "kind": "eval", **_evaluate(eval_step, state, data, placement)}
-  results = {"method": method.name, "label": method.label, "source": config.source, "dataset": config.dataset,
+  results = {"method": method.name, "label": method.label_with(config.dtnh.projection),
+             "projection": config.dtnh.projection if method.dtnh else None, "source": config.source,
+             "dataset": config.dataset,
              "seed": config.seed, "steps": config.recipe.steps, "test_accuracy": final["test_accuracy"],
              "test_loss": final["test_loss"], "val_accuracy": final.get("val_accuracy"),
              "val_loss": final.get("val_loss"), "reg_weight": config.recipe.reg_weight,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import dtnh_jax
-from dtnh_jax import regularizers
+from dtnh_jax import names, regularizers
 from dtnh_jax.train.config import STEP_GROUPS, TrainConfig
 
 __all__ = [
@@ -88,8 +88,16 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
   reg_weight = optax.exponential_decay(
       config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
       staircase=True)
-  projection = config.dtnh.projection if method.dtnh else "none"
-  return optax.chain(dtnh_jax.dtnh(reg_weight, granularity=config.dtnh.granularity, projection=projection), optimizer)
+  options = config.dtnh
+  if method.dtnh and options.projection in names.AGGREGATORS:
+    from dtnh_jax import aggregators  # pylint: disable=g-import-not-at-top
+    extra = {"c": options.cagrad_c} if options.projection == "cagrad" else {}
+    correction = getattr(aggregators, options.projection)(reg_weight, granularity=options.granularity, **extra)
+  else:
+    correction = dtnh_jax.dtnh(reg_weight, granularity=options.granularity,
+                               projection=options.projection if method.dtnh else "none",
+                               max_angle=options.max_angle if method.dtnh else None)
+  return optax.chain(correction, optimizer)
 
 
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
