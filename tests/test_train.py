@@ -251,3 +251,11 @@ def test_max_angle_reaches_dtnh_and_is_refused_with_an_aggregator():
   with pytest.raises(ConfigError, match="--max-angle"):
     tiny(max_angle=200.0)
   assert step_lib.make_optimizer(tiny(max_angle=60.0), 2) is not None
+
+
+def test_results_record_where_they_were_computed(tmp_path):
+  results = loop.train(tiny(steps=2, eval_every=2), tmp_path)
+  record = results["provenance"]
+  assert record["versions"]["jax"] == jax.__version__ and record["backend"] == jax.default_backend()
+  assert record["cpu"] and record["devices"].startswith(f"{jax.device_count()} x ")
+  assert json.load(open(tmp_path / "results.json"))["provenance"] == record

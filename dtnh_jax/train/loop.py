@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import models, regularizers
-from dtnh_jax.train import checkpoint, interrupts, report, sharding, step as step_lib
+from dtnh_jax.train import checkpoint, interrupts, provenance, report, sharding, step as step_lib
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
@@ -398,7 +398,8 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
              "seed": config.seed, "steps": config.recipe.steps, "test_accuracy": final["test_accuracy"],
              "test_loss": final["test_loss"], "val_accuracy": final.get("val_accuracy"),
              "val_loss": final.get("val_loss"), "reg_weight": config.recipe.reg_weight,
-             "reg_decay": config.recipe.reg_decay, "split": data.split, "skipped_steps": skipped.count}
+             "reg_decay": config.recipe.reg_decay, "split": data.split, "skipped_steps": skipped.count,
+             "provenance": provenance.provenance()}
   if skipped.count:
     warnings.warn(f"{workdir}: {skipped.count} of {config.recipe.steps} steps were skipped (non-finite loss or update; "
                   "'skipped' in metrics.jsonl marks them).", RuntimeWarning, stacklevel=3)

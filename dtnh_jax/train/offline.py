@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dtnh_jax import models, names
-from dtnh_jax.train import loop, presets, report, selection, sharding, stats
+from dtnh_jax.train import loop, presets, provenance, report, selection, sharding, stats
 from dtnh_jax.train import sources as sources_lib
 from dtnh_jax.train.config import ConfigError, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
@@ -260,6 +260,11 @@ def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[st
   else:
     table = report.results_table(results, methods)
   os.makedirs(workdir, exist_ok=True)
+  machine = provenance.provenance()  # this process's; each run's own is in its record
+  with open(os.path.join(workdir, "provenance.json"), "w") as f:
+    json.dump(machine, f, indent=2)
+  header += (f"Computed on {machine['cpu']} ({machine['cpu_count']} CPUs, jax {machine['versions']['jax']} "
+             f"{machine['backend']}), commit {machine['commit']}; other machines differ within the spread.\n\n")
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(header + table)
   with open(os.path.join(workdir, "results.json"), "w") as f:
