@@ -192,7 +192,9 @@ def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any
   for source in sources:
     rows = [row for row in summary if row["source"] == source]
     target = next((row["dataset"] for row in rows if row.get("dataset")), None) or "–"
-    references = [row for row in rows if row["method"] == selection.FINE_TUNE] + scratch
+    # from scratch does not depend on the source: this source's runs if there are, else the first found
+    own_scratch = [row for row in scratch if row["source"] == source]
+    references = [row for row in rows if row["method"] == selection.FINE_TUNE] + (own_scratch or scratch[:1])
     for row in references:
       label = "From scratch" if selection.is_scratch(row["method"], row["source"]) else row["label"]
       lines.append(f"| {source} | {target} | {label} (reference) | {_percent(row['test_mean'], row['test_std'])} "
