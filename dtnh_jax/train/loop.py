@@ -147,13 +147,27 @@ def _stop_on_non_finite(record: dict[str, Any], log: metrics_lib.MetricsLog,
       "--learning-rate and --restart (the stopped run is set aside), or check the data.")
 
 
-def _progress_values(stacked: dict[str, np.ndarray]) -> dict[str, float]:
-  """What a progress display shows of the steps just fetched (host arrays, one row per step): the last
-  step's scalar metrics, and the fraction of them where the gradients conflicted."""
-  values = {k: float(v[-1]) for k, v in stacked.items() if np.ndim(v) == 1}
-  if "conflict" in stacked:
-    values["conflict_rate"] = float(np.mean(stacked["conflict"]))
-  return values
+def _fetch(pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, np.ndarray]]]:
+  """The pending steps' device metrics on the host: one transfer per metric for all the steps that have it,
+  not one per scalar (a plain method's steps that log no angles have fewer metrics)."""
+  keys = list(dict.fromkeys(key for _, values in pending for key in values))
+  rows = {key: [row for row, (_, values) in enumerate(pending) if key in values] for key in keys}
+  stacked = jax.device_get({key: jnp.stack([pending[row][1][key] for row in rows[key]]) for key in keys})
+  fetched = [(step, {}) for step, _ in pending]
+  for key in keys:
+    for position, row in enumerate(rows[key]):
+      fetched[row][1][key] = stacked[key][position]
+  return fetched
+
+
+def _progress_values(fetched: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, float]:
+  """What a progress display shows of the steps just fetched: the newest value of each scalar metric, and the
+  fraction of the steps that log angles where the gradients conflicted."""
+  shown = {k: float(v) for _, values in fetched for k, v in values.items() if np.ndim(v) == 0}
+  conflicts = [values["conflict"] for _, values in fetched if "conflict" in values]
+  if conflicts:
+    shown["conflict_rate"] = float(np.mean(conflicts))
+  return shown
 
 
 def _to_python(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -279,8 +293,8 @@ def train(
     data = data or load_data(config, *sharding.process_shard())  # this process's shard of the data
     model = create_model(config, data.num_classes)
     initial = initial_variables(config, data)
-    tx, train_step, eval_step = step_lib.steps_for(model, config, data.steps_per_epoch)
-    state = step_lib.create_train_state(initial, tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
+    steps = step_lib.steps_for(model, config, data.steps_per_epoch)
+    state = step_lib.create_train_state(initial, steps.tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
     sharding.Placement.create(state, step_lib.Reference(initial), fsdp=config.run.fsdp,
                               batch_size=config.recipe.batch_size)  # the devices' checks (the batch must split)
 
@@ -293,7 +307,7 @@ def train(
     if method.regularizer == "delta":
       attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
                                    lambda: delta_attention(model, config, data))
-    return _run(config, workdir, data, train_step, eval_step, state,
+    return _run(config, workdir, data, steps, state,
                 step_lib.Reference(initial, attention), stop_after=stop_after, progress=progress,
                 export_to=export_to, force_export=force_export)
   finally:
@@ -310,14 +324,18 @@ def _evaluate(eval_step, state, data: RunData, placement) -> dict[str, float]:
   return evaluation
 
 
-def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop_after, progress,
+def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop_after, progress,
          export_to, force_export) -> dict[str, Any]:
   """The training loop of :func:`train`, once the workdir is ready."""
   method = config.method_spec
   # on the mesh of all devices: batches split over them, state and reference replicated or FSDP-sharded
   placement = sharding.Placement.create(state, reference, fsdp=config.run.fsdp, batch_size=config.recipe.batch_size)
   state, reference = placement.put_state(state), placement.put_reference(reference)
-  train_step, eval_step = placement.jit_train_step(train_step), placement.jit_eval_step(eval_step)
+  # a plain regularized method's steps that log no angles run its one-backward-pass step (steps.train_step_at)
+  steps = steps._replace(
+      train_step=placement.jit_train_step(steps.train_step), eval_step=placement.jit_eval_step(steps.eval_step),
+      summed_train_step=steps.summed_train_step and placement.jit_train_step(steps.summed_train_step))
+  eval_step = steps.eval_step
   train_loader = data.train_loader(config.seed)
   checkpoints = checkpoint.Checkpoints(workdir, keep=config.run.keep_checkpoints)
   restored = checkpoints.restore(checkpoint.abstract(state))
@@ -341,6 +359,7 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
   try:
     with interrupts.deferred() as interrupt:
       while step < config.recipe.steps:
+        train_step = steps.train_step_at(step + 1, config.run.log_every, config.recipe.steps)
         state, metrics = train_step(state, placement.put_batch(next(train_loader)), reference)
         step += 1
         pending.append((step, metrics))
@@ -352,11 +371,10 @@ def _run(config, workdir, data, train_step, eval_step, state, reference, *, stop
         # before an evaluation or a checkpoint every step's metrics are on hand: a checkpoint
         # covers all lines up to its step, and none is written after a non-finite step
         if step % config.run.log_every == 0 or last or stopping or evaluating or checkpointing:
-          # one transfer per metric for all pending steps, not one per scalar
-          stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *[values for _, values in pending]))
-          latest = {**latest, **_progress_values(stacked)}
-          for row, (logged_step, _) in enumerate(pending):
-            record = {"step": logged_step, "kind": "train", **_to_python(jax.tree.map(lambda x: x[row], stacked))}
+          fetched = _fetch(pending)
+          latest = {**latest, **_progress_values(fetched)}
+          for logged_step, values in fetched:
+            record = {"step": logged_step, "kind": "train", **_to_python(values)}
             log.write(record)
             if record["skipped"]:
               if config.run.on_nonfinite == "skip":

@@ -31,6 +31,7 @@ from dtnh_jax import names, regularizers
 from dtnh_jax.train.config import STEP_GROUPS, TrainConfig
 
 __all__ = [
+    "base_optimizer",
     "closed_form_regularizers",
     "create_train_state",
     "cross_entropy",
@@ -40,6 +41,8 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "Reference",
+    "reg_weight_schedule",
+    "Steps",
     "steps_for",
     "TrainState",
 ]
@@ -64,30 +67,44 @@ class Reference(NamedTuple):
   attention: PyTree = None    # DELTA's per-layer channel attention, else None
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """DTNH first, then ``config.recipe.optimizer`` with step-wise learning rate drops.
+def base_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """``config.recipe.optimizer`` with step-wise learning rate drops: what follows DTNH in :func:`make_optimizer`.
 
   ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
-  ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``. DTNH does
-  not care which: it turns the two gradients into one direction ``d``, and the
-  optimizer treats ``d`` as it would any gradient. The plain regularized
-  methods use ``dtnh(..., projection="none")``: the same transformation
-  computing ``g + λ r`` and the same diagnostics, so that the only difference
-  between a method and its DTNH variant is the projection. Fine-tuning has no
-  regularizer and no DTNH.
+  ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``.
   """
   learning_rate = optax.piecewise_constant_schedule(
       config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
   if config.recipe.optimizer == "adamw":
-    optimizer = optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
-  else:
-    optimizer = optax.sgd(learning_rate, momentum=config.recipe.momentum)
+    return optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
+  return optax.sgd(learning_rate, momentum=config.recipe.momentum)
+
+
+def reg_weight_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """λ at each step: ``reg_weight`` times ``reg_decay`` once per epoch of ``steps_per_epoch`` steps (staircase)."""
+  return optax.exponential_decay(
+      config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
+      staircase=True)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """DTNH first, then :func:`base_optimizer`; λ follows :func:`reg_weight_schedule`.
+
+  DTNH does not care which optimizer follows: it turns the two gradients into
+  one direction ``d``, and the optimizer treats ``d`` as it would any
+  gradient. The plain regularized methods use ``dtnh(..., projection="none")``:
+  the same transformation computing ``g + λ r`` and the same diagnostics, so
+  that the only difference between a method and its DTNH variant is the
+  projection (on the steps that log no angles, a plain method's step skips
+  this transformation and takes one backward pass of ``J + λ Ω``:
+  :func:`make_train_step`'s ``summed_reg_weight``). Fine-tuning has no
+  regularizer and no DTNH.
+  """
+  optimizer = base_optimizer(config)
   method = config.method_spec
   if not method.has_regularizer:
     return optimizer
-  reg_weight = optax.exponential_decay(
-      config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
-      staircase=True)
+  reg_weight = reg_weight_schedule(config, steps_per_epoch)
   options = config.dtnh
   if method.dtnh and options.projection in names.AGGREGATORS:
     from dtnh_jax import aggregators  # pylint: disable=g-import-not-at-top
@@ -152,28 +169,66 @@ def feature_regularizer(config: TrainConfig, reference: Reference) -> Callable |
   return None
 
 
+class Steps(NamedTuple):
+  """The compiled-to-be functions of a run (unjitted; ``Placement`` jits them)."""
+
+  tx: optax.GradientTransformation
+  train_step: Callable           # every step of DTNH and fine-tuning; a plain method's steps that log angles
+  eval_step: Callable
+  # a plain regularized method's other steps: one backward pass of J + λΩ, no angles (else None)
+  summed_train_step: Callable | None = None
+
+  def train_step_at(self, step: int, log_every: int, last_step: int) -> Callable:
+    """The train step that computes step ``step`` (1-based): :attr:`summed_train_step` where there is one,
+    except on the steps whose angles are logged (every ``log_every``-th and the last)."""
+    if self.summed_train_step is None or step % log_every == 0 or step == last_step:
+      return self.train_step
+    return self.summed_train_step
+
+
 @functools.lru_cache(maxsize=32)
-def _cached_steps(model, step_key: tuple, steps_per_epoch: int):
+def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
   config = dataclasses.replace(TrainConfig(method=step_key[0]), **dict(zip(STEP_GROUPS, step_key[1:], strict=True)))
   tx = make_optimizer(config, steps_per_epoch)
-  return tx, make_train_step(model, config, tx), make_eval_step(model)
+  method = config.method_spec
+  summed = None
+  if method.has_regularizer and not method.dtnh:
+    summed = make_train_step(model, config, tx, summed_reg_weight=reg_weight_schedule(config, steps_per_epoch))
+  return Steps(tx, make_train_step(model, config, tx), make_eval_step(model), summed)
 
 
-def steps_for(model, config: TrainConfig, steps_per_epoch: int):
-  """``(tx, train_step, eval_step)`` for ``config``, the same function objects for every config with the same
+def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
+  """The :class:`Steps` of ``config``, the same function objects for every config with the same
   :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, bookkeeping) traces
   and compiles each method once when ``dtnh_jax.train.sharding.Placement`` jits them."""
   return _cached_steps(model, config.step_key(), steps_per_epoch)
 
 
-def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation):
+def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation, *,
+                    summed_reg_weight: optax.Schedule | None = None):
   """The train step of ``config``'s method, ``(state, batch, reference) -> (state, metrics)``, unjitted:
-  ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state."""
+  ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state.
+
+  By default the regularized methods hold the two gradients apart
+  (``split_value_and_grad``) and hand them to ``tx`` (:func:`make_optimizer`),
+  which logs the angles between them. With ``summed_reg_weight`` (λ's
+  schedule, :func:`reg_weight_schedule`), a plain regularized method's step is
+  the method as usually written: one backward pass of ``J + λ Ω`` (a closed-form
+  regularizer's gradient added), then :func:`base_optimizer`; no angles are
+  computed. It reads and writes the same state as the default step (``tx``'s
+  state; DTNH's step counter advances, its diagnostics stay those of the last
+  step that computed them), so the two can alternate within a run.
+  """
   method = config.method_spec
+  summed = summed_reg_weight is not None
+  if summed and (method.dtnh or not method.has_regularizer):
+    raise ValueError(f"summed_reg_weight is for the plain regularized methods; {method.name} has no such step.")
+  base = base_optimizer(config) if summed else None
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
     images, labels = batch["image"], batch["label"]
     feature_term = feature_regularizer(config, reference)
+    closed_form = closed_form_regularizers(config, reference)
     source_features = (
         regularizers.source_features(model, reference.variables, images, config.regularizer.feature_layers)
         if feature_term is not None else None)
@@ -187,29 +242,39 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
         terms += (feature_term(features, source_features),)
       return terms, (updated["batch_stats"], logits)
 
-    # "retrace": each term's backward pass holds only its own path; XLA merges
-    # the forward passes (see split_value_and_grad).
-    grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True,
-                                            closed_form=closed_form_regularizers(config, reference), backward="retrace")
-    (values, (batch_stats, logits)), grads = grad_fn(state.params)
-    # DTNH's passes over the gradients start after the backward passes end: left
-    # free, XLA:CPU runs the inner products alongside the convolutions, which
-    # slows both (measured in benchmarks/RESULTS.md, "Train step").
-    grads = jax.lax.optimization_barrier(grads)
-    updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state, state.params)
+    if summed:
+      correction_state, base_state = state.opt_state
+      reg_weight = jnp.asarray(summed_reg_weight(correction_state.count), jnp.float32)
+      values, (batch_stats, logits), grads = _summed_gradient(loss_terms, closed_form, reg_weight, state.params)
+      updates, base_state = base.update(grads, base_state, state.params)
+      new_opt_state = (correction_state._replace(count=optax.safe_increment(correction_state.count)), base_state)
+      finite = _all_finite((values, grads))
+    else:
+      # "retrace": each term's backward pass holds only its own path; XLA merges
+      # the forward passes (see split_value_and_grad).
+      grad_fn = dtnh_jax.split_value_and_grad(loss_terms, has_aux=True, closed_form=closed_form, backward="retrace")
+      (values, (batch_stats, logits)), grads = grad_fn(state.params)
+      # DTNH's passes over the gradients start after the backward passes end: left
+      # free, XLA:CPU runs the inner products alongside the convolutions, which
+      # slows both (measured in benchmarks/RESULTS.md, "Train step").
+      grads = jax.lax.optimization_barrier(grads)
+      updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state,
+                                         state.params)
+      # The check reads no parameter-sized array when there is a regularizer: the
+      # diagnostics' norms and inner products are finite exactly when both
+      # gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and
+      # the SGD update, barring float32 overflow. Deciding before the update is
+      # formed lets XLA fuse the select into the update's own pass.
+      if method.has_regularizer:
+        diagnostics = optax.tree.get(new_opt_state, "diagnostics")  # this step's, also when it is skipped
+        reg_weight = diagnostics.reg_weight
+        finite = _all_finite((values, diagnostics))
+      else:
+        finite = _all_finite((values, grads))
     # A NaN/Inf loss or update is never applied: parameters, optimizer state and
     # BatchNorm statistics keep their last good values (a select, not a branch:
     # one program for every step). The step counter, the RNG and the data
     # position advance; the loop stops the run or goes on (config.run.on_nonfinite).
-    # The check reads no parameter-sized array when there is a regularizer: the
-    # diagnostics' norms and inner products are finite exactly when both
-    # gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and
-    # the SGD update, barring float32 overflow. Deciding before the update is
-    # formed lets XLA fuse the select into the update's own pass.
-    if method.has_regularizer:
-      finite = _all_finite((values, optax.tree.get(new_opt_state, "diagnostics")))
-    else:
-      finite = _all_finite((values, grads))
     params = optax.tree.where(finite, optax.apply_updates(state.params, updates), state.params)
     opt_state = optax.tree.where(finite, new_opt_state, state.opt_state)
     batch_stats = optax.tree.where(finite, batch_stats, state.batch_stats)
@@ -220,11 +285,9 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
         "skipped": jnp.logical_not(finite).astype(jnp.float32),
     }
     if method.has_regularizer:
-      diagnostics = optax.tree.get(new_opt_state, "diagnostics")  # this step's, also when it is skipped
+      metrics.update(loss_regularizer=values[1], reg_weight=reg_weight, loss_total=values[0] + reg_weight * values[1])
+    if method.has_regularizer and not summed:
       metrics.update(
-          loss_regularizer=values[1],
-          reg_weight=diagnostics.reg_weight,
-          loss_total=values[0] + diagnostics.reg_weight * values[1],
           conflict=diagnostics.conflict,
           angle1=diagnostics.angle1, angle2=diagnostics.angle2,
           angle3=diagnostics.angle3, angle4=diagnostics.angle4,
@@ -236,7 +299,26 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
                               rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics
 
+  if summed:  # its own name in jax's logs and profiles
+    train_step.__name__ = train_step.__qualname__ = "summed_train_step"
   return train_step
+
+
+def _summed_gradient(loss_terms, closed_form, reg_weight, params):
+  """``(values, aux, grad)`` of ``J + λ Ω`` in one backward pass: ``loss_terms(params) -> ((J, Ω...), aux)``
+  differentiated as their λ-weighted sum, each closed-form regularizer's gradient added times λ; ``values``
+  are ``(J, Ω)`` as ``split_value_and_grad`` gives them."""
+
+  def total(params):
+    terms, aux = loss_terms(params)
+    return terms[0] + reg_weight * sum(terms[1:], jnp.zeros([], jnp.float32)), (terms, aux)
+
+  (_, (terms, aux)), grad = jax.value_and_grad(total, has_aux=True)(params)
+  for regularizer in closed_form:
+    terms += (regularizer.value(params),)
+    grad = jax.tree.map(lambda r, g: g if r is None else g + reg_weight * r, regularizer.grad(params), grad,
+                        is_leaf=lambda x: x is None)
+  return terms, aux, grad
 
 
 def make_eval_step(model):
