@@ -345,6 +345,7 @@ def _plan(args) -> _Plan:
   """
   from dtnh_jax import names  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train.data import validation_kind  # pylint: disable=g-import-not-at-top
   settings = config_lib.read_settings(args.config, lists=_GRID) if args.config else {}
   settings.update({name: value for name, value in vars(args).items()
                    if name in config_lib.setting_types() and name != "method" and value is not None})
@@ -400,10 +401,10 @@ def _plan(args) -> _Plan:
   for weight in swept["reg_weight"]:
     for decay in swept["reg_decay"]:
       base.replace(reg_weight=weight, reg_decay=decay)
-  if len(swept["reg_weight"]) * len(swept["reg_decay"]) > 1 and not base.val_fraction:
-    raise config_lib.ConfigError("a sweep of --reg-weight/--reg-decay picks on validation accuracy: pass "
-                                 "--val-fraction (e.g. 0.2) so that a validation split exists; nothing is chosen "
-                                 "on the test split.")
+  if len(swept["reg_weight"]) * len(swept["reg_decay"]) > 1 and validation_kind(base) is None:
+    raise config_lib.ConfigError(f"a sweep of --reg-weight/--reg-decay picks on validation accuracy, and --dataset "
+                                 f"{base.dataset} has no validation split of its own: pass --val-fraction (e.g. "
+                                 "0.2) to carve one; nothing is chosen on the test split.")
   # folder:PATH datasets run under runs/folder-NAME (no colon or absolute path in a folder name)
   dataset_dir = (f"folder-{os.path.basename(os.path.normpath(base.dataset.split(':', 1)[1])) or 'data'}"
                  if base.dataset.startswith("folder:") else base.dataset)

@@ -334,7 +334,7 @@ TINY = dict(width=0.125, small_stem=True, resize=10, crop=8, batch_size=4, eval_
 def test_load_data_gives_the_folders_classes_sizes_and_loaders(tmp_path):
   _make_split(tmp_path, "train")
   run = load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY))
-  assert (run.num_classes, run.num_train) == (3, 12)
+  assert (run.num_classes, run.num_train) == (3, 15)  # 6 per class, 1 to the carved test split; no --val-fraction
   batch = next(run.train_loader(0))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].shape == (4,)
   assert sum(int(b["mask"].sum()) for b in run.eval_batches()) == 3  # the carved test split
@@ -343,7 +343,7 @@ def test_load_data_gives_the_folders_classes_sizes_and_loaders(tmp_path):
 def test_load_data_shards_the_training_split_between_processes(tmp_path):
   _make_split(tmp_path, "train")
   config = TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY)
-  assert [load_data(config, index, 2).train_loader(0).num_examples for index in range(2)] == [6, 6]
+  assert [load_data(config, index, 2).train_loader(0).num_examples for index in range(2)] == [8, 7]
 
 
 def test_load_data_reads_the_folder_and_writes_nothing_into_it(tmp_path):
@@ -367,7 +367,7 @@ def test_load_data_turns_folder_errors_into_one_line_config_errors(make, message
 
 
 def test_load_data_refuses_more_processes_than_training_images(tmp_path):
-  _make_split(tmp_path, "train", per_class=3)  # 1 + 1 + 1 per class: 3 training images
+  _make_split(tmp_path, "train", per_class=2)  # 1 to the test split + 1 per class: 3 training images
   with pytest.raises(ConfigError, match="3 training image.* cannot be shared by 4 processes"):
     load_data(TrainConfig.create(dataset=f"folder:{tmp_path}", **TINY), 0, 4)
 

@@ -3,7 +3,7 @@
 Layout (the torchvision ``ImageFolder`` one, split at the top)::
 
   PATH/train/CLASS/IMAGE      one folder per class (images may sit in sub-folders of it)
-  PATH/val/CLASS/IMAGE        optional
+  PATH/val/CLASS/IMAGE        optional (or PATH/validation/CLASS/IMAGE, not both)
   PATH/test/CLASS/IMAGE       optional
 
 Images are files ending in ``.jpg .jpeg .png .bmp .gif .webp`` (any case);
@@ -15,17 +15,21 @@ exactly the same class folders.
 **Carved splits.** The paper's protocol needs a test split, and choosing λ
 needs a validation split that is not the test split (``DESIGN.md``). When
 ``test/`` is missing, ``test_fraction`` of every class of ``train/`` is
-held out as the test split; when ``val/`` is missing, ``val_fraction`` of
-every class is held out as the validation split; ``"train"`` is what
-remains. Each class gives ``max(1, round(fraction · n))`` of its ``n``
-readable images and keeps at least one for training. The split is computed,
-never stored: nothing is written anywhere, and the user's folder is only
-read. The images of a class are ordered by ``sha256("SEED/CLASS/FILE")``
-and the first ones are taken: the test carve uses the fixed seed
-:data:`TEST_SPLIT_SEED` (the same test split for every run and seed), the
-validation carve ``val_seed`` (a study may redraw it per seed). Sorting by a
-hash of each file's own name, rather than permuting the list, keeps the
-split of the other files when a file is added or removed.
+held out as the test split first; then, when ``val/`` is missing,
+``val_fraction`` of every class of what is left (the training pool) is held
+out as the validation split (``val_fraction=0``: none, ``"val"`` is empty);
+``"train"`` is what remains. Each class of ``n`` images gives
+:func:`dtnh_jax.data.splits.held_out_count` ``(n, fraction)``, i.e.
+``max(1, round(fraction · n))``, and keeps at least one for training. The
+split is computed, never stored: nothing is written anywhere, and the
+user's folder is only read. The images of a class are ordered by
+``sha256("SEED/CLASS/FILE")`` and the first ones are taken: the test carve
+uses the fixed seed :data:`TEST_SPLIT_SEED` (the same test split for every
+run and seed), the validation carve ``val_seed`` (a study may redraw it per
+seed; it never moves a test image). Sorting by a hash of each file's own
+name, rather than permuting the list, keeps the split of the other files
+when a file is added or removed. :func:`split_record` describes the
+validation split of a run, carved or the folder's own.
 
 **Order, sharding, resume.** A split is a random-access source (``len`` and
 indexing) in sorted order (class, then path), read by
@@ -69,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from dtnh_jax.data import pipeline
+from dtnh_jax.data import splits as splits_lib
 
 __all__ = [
     "FolderLayoutError",
@@ -81,19 +86,24 @@ __all__ = [
     "VAL_FRACTION",
     "folder_source",
     "folder_splits",
+    "split_folder",
+    "split_record",
 ]
 
 #: File endings read as images (compared in lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 #: The splits of a folder dataset.
 SPLITS = ("train", "val", "test")
+#: The folder names each split may have (the first found is used; two present is an error).
+_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 #: Fraction of each class of ``train/`` held out for testing when there is no ``test/``.
 TEST_FRACTION = 0.2
 #: Fraction of each class of ``train/`` held out for validation when there is no ``val/``.
 VAL_FRACTION = 0.1
 #: Seed of the test carve: fixed, so that no seed or setting can move a test image into training.
 TEST_SPLIT_SEED = 20190101
-_LAYOUT = "PATH/train/CLASS/IMAGE (one folder per class), optionally PATH/val/CLASS/... and PATH/test/CLASS/..."
+_LAYOUT = ("PATH/train/CLASS/IMAGE (one folder per class), optionally PATH/val/CLASS/... (or validation/) and "
+           "PATH/test/CLASS/...")
 _SHOWN = 5  # file names shown in a message
 
 
@@ -114,6 +124,9 @@ class FolderSource:
   Attributes:
     root: the dataset folder.
     split: ``"train"``, ``"val"`` or ``"test"``.
+    origin: the folder the split's images are in: its own (``"val"``,
+      ``"validation"``, ``"test"``, ``"train"``), or ``"train"`` for a split
+      carved from ``train/``.
     classes: class names; label ``k`` is ``classes[k]``.
     num_classes: ``len(classes)``.
     files: paths relative to ``root`` (``/``-separated), in record order.
@@ -124,11 +137,12 @@ class FolderSource:
   """
 
   def __init__(self, root: str, split: str, classes: Sequence[str], files: Sequence[str],
-               labels: Sequence[int], *, image_size: int | None = None):
+               labels: Sequence[int], *, image_size: int | None = None, origin: str | None = None):
     if image_size is not None and image_size < 1:
       raise ValueError(f"image_size must be positive, got {image_size}")
     self.root = os.fspath(root)
     self.split = split
+    self.origin = split if origin is None else origin
     self.classes = tuple(classes)
     self.num_classes = len(self.classes)
     self.files = tuple(files)
@@ -212,7 +226,24 @@ def _hash_order(paths: list[str], seed: int, class_name: str) -> list[str]:
 
 
 def _held_out(count: int, fraction: float) -> int:
-  return max(1, int(fraction * count + 0.5))
+  """How many of a class of ``count`` images a carve takes before the cut: :func:`splits.held_out_count`."""
+  return splits_lib.held_out_count(count, fraction)
+
+
+def split_folder(root: str | os.PathLike, split: str) -> str | None:
+  """The name of ``split``'s own folder in ``root`` (``"val"`` or ``"validation"`` for ``"val"``), or ``None``.
+
+  Raises:
+    FolderLayoutError: both names of the split are present.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  root = os.fspath(root)
+  present = [name for name in _FOLDER_NAMES[split] if os.path.exists(os.path.join(root, name))]
+  if len(present) > 1:
+    raise FolderLayoutError(f"both {' and '.join(n + '/' for n in present)} are in {root}: they would be the same "
+                            "split; keep one.")
+  return present[0] if present else None
 
 
 def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
@@ -230,9 +261,10 @@ def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
     raise FolderLayoutError(f"{train_dir} has no class folders{found}; expected {_LAYOUT}.")
   splits = {}
   for split in SPLITS:
-    split_dir = os.path.join(root, split)
-    if split != "train" and not os.path.exists(split_dir):
+    folder = split_folder(root, split)
+    if folder is None:
       continue
+    split_dir = os.path.join(root, folder)
     if not os.path.isdir(split_dir):
       raise FolderLayoutError(f"{split_dir} is not a directory; expected {_LAYOUT}.")
     if split != "train":
@@ -241,10 +273,10 @@ def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
       extra = sorted(set(present) - set(classes))
       if missing or extra:
         differences = " and ".join([f"lacks {missing}"] * bool(missing) + [f"has extra {extra}"] * bool(extra))
-        raise FolderLayoutError(f"the class folders of {split}/ must be those of train/: {split}/ {differences}; "
+        raise FolderLayoutError(f"the class folders of {folder}/ must be those of train/: {folder}/ {differences}; "
                                 "add or remove class folders so that both have the same.")
     splits[split] = {name: _images_of_class(split_dir, name) for name in classes}
-    empty = [f"{split}/{name}" for name, paths in splits[split].items() if not paths]
+    empty = [f"{folder}/{name}" for name, paths in splits[split].items() if not paths]
     if empty:
       raise FolderLayoutError(f"empty class folder(s) {empty} in {root}: each needs at least one image "
                               f"({' '.join(IMAGE_EXTENSIONS)}).")
@@ -268,7 +300,8 @@ def _drop_unreadable(root: str, splits: dict[str, dict[str, list[str]]]) -> None
   more = f"; and {len(unreadable) - _SHOWN} more" if len(unreadable) > _SHOWN else ""
   warnings.warn(f"skipped {len(unreadable)} unreadable image(s) of {root} (left out of every split): {shown}{more}. "
                 "Remove or replace them to use them.", stacklevel=3)
-  emptied = [f"{split}/{name}" for split, by_class in splits.items() for name, p in by_class.items() if not p]
+  emptied = [f"{split_folder(root, split) or split}/{name}" for split, by_class in splits.items()
+             for name, p in by_class.items() if not p]
   if emptied:
     raise FolderLayoutError(f"class folder(s) {emptied} in {root} have no readable image; add readable images.")
 
@@ -279,11 +312,13 @@ def folder_splits(root: str | os.PathLike, *, image_size: int | None = None, val
   """The train, validation and test splits of an image folder (see the module docstring).
 
   Args:
-    root: the dataset folder, holding ``train/`` and optionally ``val/`` and ``test/``.
+    root: the dataset folder, holding ``train/`` and optionally ``val/``
+      (or ``validation/``) and ``test/``.
     image_size: resize images to ``image_size × image_size`` when read (the
       input pipeline's ``resize``); ``None``: as decoded.
-    val_fraction: fraction of each class of ``train/`` held out for
-      validation when there is no ``val/``.
+    val_fraction: fraction of each class of the training pool (``train/``
+      after the test carve) held out for validation when there is no
+      ``val/``; 0: none (``"val"`` is then empty).
     test_fraction: fraction of each class of ``train/`` held out for testing
       when there is no ``test/``.
     val_seed: seed of the validation carve (the test carve's is fixed).
@@ -296,19 +331,23 @@ def folder_splits(root: str | os.PathLike, *, image_size: int | None = None, val
   Raises:
     FolderLayoutError: ``root`` or ``root/train`` is not a directory, ``train/``
       has no class folders, ``val/``/``test/`` have other classes than
-      ``train/``, a class folder holds no (readable) image, or a class has
-      too few images to carve the missing splits and keep one for training.
-    ValueError: a fraction outside ``(0, 1)``.
+      ``train/``, both ``val/`` and ``validation/`` exist, a class folder
+      holds no (readable) image, or a class has too few images to carve the
+      missing splits and keep one for training.
+    ValueError: ``test_fraction`` outside ``(0, 1)``, ``val_fraction`` outside ``[0, 1)``.
   """
-  for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-    if not 0 < fraction < 1:
-      raise ValueError(f"{name} must lie in (0, 1), got {fraction}")
+  if not 0 <= val_fraction < 1:
+    raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
   root = os.fspath(root)
   classes, splits = _scan(root)
+  origins = {split: split_folder(root, split) for split in splits}
   if check_images:
     _drop_unreadable(root, splits)
   carves = [(split, fraction, seed) for split, fraction, seed in
-            (("test", test_fraction, TEST_SPLIT_SEED), ("val", val_fraction, val_seed)) if split not in splits]
+            (("test", test_fraction, TEST_SPLIT_SEED), ("val", val_fraction, val_seed))
+            if split not in splits and fraction > 0]
   carved = {split: {} for split, _, _ in carves}
   pool = splits["train"]
   for name in classes:
@@ -319,20 +358,60 @@ def folder_splits(root: str | os.PathLike, *, image_size: int | None = None, val
           f"{' and '.join(s + '/' for s, _, _ in carves)} and keep one for training: add images, or the "
           "missing folder(s).")
     for position, (split, fraction, seed) in enumerate(carves):
-      # every split still to carve, and training, keep at least one image
+      # a fraction of what is left (validation: of the pool after the test carve); every split still to carve,
+      # and training, keep at least one image
       still_needed = len(carves) - position
-      count = min(_held_out(len(pool[name]), fraction), len(kept) - still_needed)
+      count = min(_held_out(len(kept), fraction), len(kept) - still_needed)
       held_out = set(_hash_order(kept, seed, name)[:count])
       carved[split][name] = sorted(held_out)
       kept = [p for p in kept if p not in held_out]
     pool[name] = kept
+  for split in SPLITS:
+    if split not in splits and split not in carved:  # val with val_fraction=0: empty
+      carved[split] = {name: [] for name in classes}
+  for split in carved:
+    origins.setdefault(split, "train")
   splits.update(carved)
   sources = {}
   for split in SPLITS:
     files = [p for name in classes for p in splits[split][name]]
     labels = [label for label, name in enumerate(classes) for _ in splits[split][name]]
-    sources[split] = FolderSource(root, split, classes, files, labels, image_size=image_size)
+    sources[split] = FolderSource(root, split, classes, files, labels, image_size=image_size,
+                                  origin=origins[split])
   return sources
+
+
+def _digest(files: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
+
+
+def split_record(splits: dict[str, FolderSource], *, val_fraction: float, val_seed: int) -> dict[str, Any] | None:
+  """A JSON-able account of the validation split of :func:`folder_splits` ``(..., val_fraction, val_seed)``.
+
+  Returns:
+    ``None`` without a validation split; for the folder's own
+    (``val/``/``validation/``): ``{"kind": "own", "split": "val/", "num_train",
+    "num_val", "per_class", "val_sha256"}``; for a carved one: ``{"kind":
+    "carved", "seed", "order": "sha256(SEED/CLASS/FILE)", "rule": "fraction",
+    "fraction_or_count", "test": "own" | "carved" (whether the test split was
+    carved first, and so is not in the pool), "num_examples" (the pool),
+    "num_train", "num_val", "per_class", "val_sha256"}``. ``per_class`` is
+    ``[{"label", "class", "total", "train", "val"}]``; ``val_sha256`` the
+    SHA-256 of the sorted validation files (``SPLIT/CLASS/FILE``), one per line.
+  """
+  train, val = splits["train"], splits["val"]
+  if not len(val):
+    return None
+  in_train = np.bincount(train.labels, minlength=train.num_classes)
+  in_val = np.bincount(val.labels, minlength=train.num_classes)
+  per_class = [{"label": label, "class": name, "total": int(in_train[label] + in_val[label]),
+                "train": int(in_train[label]), "val": int(in_val[label])} for label, name in enumerate(train.classes)]
+  counts = {"num_train": len(train), "num_val": len(val), "per_class": per_class, "val_sha256": _digest(val.files)}
+  if val.origin != "train":
+    return {"kind": "own", "split": f"{val.origin}/", **counts}
+  return {"kind": "carved", "seed": int(val_seed), "order": "sha256(SEED/CLASS/FILE)", "rule": "fraction",
+          "fraction_or_count": float(val_fraction), "test": "carved" if splits["test"].origin == "train" else "own",
+          "num_examples": len(train) + len(val), **counts}
 
 
 def folder_source(root: str | os.PathLike, split: str = "train", **kwargs: Any) -> FolderSource:

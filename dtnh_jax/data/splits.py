@@ -2,11 +2,12 @@
 
 The evidence protocol (``DESIGN.md``) chooses λ and its decay on validation
 accuracy and never on a test split. A dataset without a validation split of
-its own (the offline digits, a TFDS dataset with only ``train``/``test``)
-gets one here: from the indices of its training pool, each class gives a
-seeded random choice of its examples to validation and keeps the rest for
-training. A study redraws the split per seed, so that the spread over seeds
-includes the luck of the split.
+its own (the offline digits, a TFDS dataset with only ``train``/``test``:
+CIFAR-10, Caltech-256, MIT Indoor-67, Stanford Dogs) gets one here: from
+the indices of its training pool, each class gives a seeded random choice of
+its examples to validation and keeps the rest for training. A study redraws
+the split per seed, so that the spread over seeds includes the luck of the
+split.
 
 **How many per class.** ``fraction_or_count`` is either a fraction in
 ``(0, 1)`` or a count (an ``int`` ≥ 1). A class of ``n`` examples gives
@@ -71,9 +72,10 @@ def held_out_count(n: int, fraction_or_count: float) -> int:
   """How many of a class of ``n`` examples are held out, before keeping any for training.
 
   A fraction ``f`` in ``(0, 1)``: ``max(1, floor(f · n + 0.5))`` (round half
-  up, at least one); a count ``k``: ``k``. The rule of the folder datasets'
-  carves (``folder._held_out``), kept here so that both carve alike; the
-  callers then cut it so that training keeps at least one example.
+  up, at least one); a count ``k``: ``k``. The folder datasets' carves
+  (:func:`dtnh_jax.data.folder.folder_splits`) use it too, so that both
+  carve alike; the callers then cut it so that training keeps at least one
+  example.
   """
   kind, value = _rule(fraction_or_count)
   if kind == "count":

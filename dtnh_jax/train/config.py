@@ -341,11 +341,16 @@ class TrainConfig:
   source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
                          "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
   seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
-  val_fraction: float = _setting(0.0, "fraction of each class of the training pool held out for validation (0: "
-                                 "none); the offline datasets so far")
+  val_fraction: float = _setting(0.0, "fraction of each class of the training split carved out for validation, "
+                                 "evaluated as val_accuracy (0: none): TFDS datasets without a validation split "
+                                 "(CIFAR-10, Caltech-256, MIT Indoor-67, Dogs), the offline datasets, a folder "
+                                 "without PATH/val/ (after its test carve). Refused where the dataset has its own, "
+                                 "which every run evaluates instead (oxford_flowers102's validation split, a "
+                                 "folder's PATH/val/ or PATH/validation/)")
   target_per_class: int = _setting(10, "training pool per class of the offline target offline-digits (the rest "
                                    "of its ~90 digits per class is the test split)")
-  split_seed: int | None = _setting(None, "seed of the validation carve; unset: the run's --seed (redrawn per seed)")
+  split_seed: int | None = _setting(None, "seed of the --val-fraction carve, recorded with the run; unset: the "
+                                    "run's --seed, so each seed redraws the split (the test split never moves)")
   pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
                                  "(run once per model and cached)")
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -6,6 +6,28 @@ offline default pre-trains on (90% for training, 10% held out).
 ``folder:PATH`` is your own images, ``PATH/train/CLASS/IMAGE`` (see
 :mod:`dtnh_jax.data.folder`): trained on the ``train`` split, tested on
 ``PATH/test/`` or, without it, on the test split carved from ``train/``.
+
+**Validation.** No test number ever helps choose anything: λ and its decay
+are chosen on a validation split, which is
+
+* the dataset's own where it has one, evaluated by every run as
+  ``val_accuracy``: Flowers-102's TFDS ``validation`` split (another TFDS
+  dataset's ``validation`` split likewise), a folder's ``PATH/val/`` (or
+  ``PATH/validation/``). ``--val-fraction`` is refused there;
+* else, with ``--val-fraction F`` > 0, carved per class from the training
+  pool (:func:`dtnh_jax.data.splits.carve_validation`; a folder's own
+  hash-ordered carve, after its test carve): Caltech-256/30 and /60, MIT
+  Indoor-67, Stanford Dogs, CIFAR-10, the offline datasets, a folder
+  without ``val/``. The carve is seeded by ``--split-seed`` (default the
+  run's ``--seed``, so every seed redraws it) and recorded in
+  ``RunData.split`` (and each run's ``results.json``); the test split never
+  moves. Without ``--val-fraction`` such a run has no validation split and
+  costs what it did.
+
+A carved TFDS split reads the training split's labels once (without
+decoding an image, :func:`dtnh_jax.data.datasets.split_labels`) and reads
+both sides through :class:`~dtnh_jax.data.datasets.IndexSubset`: the
+training loader never sees a validation example.
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import numpy as np
 
 from dtnh_jax import data as data_lib
 from dtnh_jax import names
+from dtnh_jax.data import datasets as datasets_lib
 from dtnh_jax.data import splits
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
@@ -27,16 +50,18 @@ __all__ = [
     "OFFLINE_PREFIX",
     "OFFLINE_TARGET",
     "RunData",
+    "validation_kind",
 ]
 
 OFFLINE_TARGET = names.OFFLINE_TARGET
 OFFLINE_PREFIX = "offline-"
 FOLDER_PREFIX = "folder:"
+_SHOWN = 5  # classes named in a message
 
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
-  """Loaders of one run's training and test data, and their sizes."""
+  """Loaders of one run's training, test and validation data, and their sizes."""
 
   name: str
   num_classes: int
@@ -45,7 +70,8 @@ class RunData:
   train_loader: Callable[[int], data_lib.TrainLoader]   # seed -> endless resumable loader
   eval_batches: Callable[[], Iterable[dict]]             # -> one pass over the test split
   val_batches: Callable[[], Iterable[dict]] | None = None  # -> one pass over the validation split, if any
-  split: dict | None = None                              # how the validation split was carved (splits.split_record)
+  # the validation split: splits.split_record of a carve (kind "carved"), or {"kind": "own", "split", ...}
+  split: dict | None = None
 
   @property
   def steps_per_epoch(self) -> int:
@@ -55,6 +81,25 @@ class RunData:
 def _subset(source: data_lib.ArraySource, indices, name: str) -> data_lib.ArraySource:
   return data_lib.ArraySource(source.images[indices], source.labels[indices], num_classes=source.num_classes,
                               name=name)
+
+
+def _split_seed(config: TrainConfig) -> int:
+  return config.seed if config.split_seed is None else config.split_seed
+
+
+def _carve(labels: np.ndarray, config: TrainConfig, where: str,
+           class_name: Callable[[int], str] = str) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(train indices, val indices, split record) of ``config``'s carve of a pool with ``labels``."""
+  counts = np.bincount(np.asarray(labels, np.int64))
+  single = np.flatnonzero(counts == 1)
+  if single.size:
+    shown = ", ".join(class_name(int(c)) for c in single[:_SHOWN])
+    more = f" and {single.size - _SHOWN} more" if single.size > _SHOWN else ""
+    raise ConfigError(f"{where}: class {shown}{more} has a single training example, which cannot be both trained "
+                      "and validated on; --val-fraction needs at least 2 per class (leave it at 0, or add examples).")
+  seed = _split_seed(config)
+  train_indices, val_indices = splits.carve_validation(labels, config.val_fraction, seed)
+  return train_indices, val_indices, splits.split_record(labels, config.val_fraction, seed)
 
 
 def _offline_sources(dataset: str, image_size: int,
@@ -72,29 +117,118 @@ def _offline_sources(dataset: str, image_size: int,
           _subset(full, np.sort(order[:held_out]), f"{name}/test"))
 
 
-def _folder_sources(dataset: str, image_size: int,
-                    shard_count: int) -> tuple[data_lib.FolderSource, data_lib.FolderSource]:
+def _folder_path(dataset: str) -> str:
   path = os.path.expanduser(dataset[len(FOLDER_PREFIX):])
   if not path:
     raise ConfigError(f"--dataset {dataset!r} names no folder; use --dataset folder:PATH with PATH/train/CLASS/IMAGE.")
+  return path
+
+
+def _folder_sources(config: TrainConfig, shard_count: int):
+  """(train, test, val or None, split record or None) of a ``folder:PATH`` dataset."""
+  dataset = config.dataset
+  path = _folder_path(dataset)
   try:
-    splits = data_lib.folder_splits(path, image_size=image_size)
+    own_val = data_lib.folder.split_folder(path, "val")
+    if own_val and config.val_fraction:
+      raise ConfigError(f"--dataset {dataset} has its own validation split {own_val}/, which every run evaluates; "
+                        f"--val-fraction carves one only where there is none: leave it at 0 (or remove {own_val}/).")
+    sources = data_lib.folder_splits(path, image_size=config.recipe.resize, val_fraction=config.val_fraction,
+                                     val_seed=_split_seed(config))
   except data_lib.FolderLayoutError as error:
     raise ConfigError(f"--dataset {dataset}: {error}") from None
-  train, test = splits["train"], splits["test"]
+  train, test, val = sources["train"], sources["test"], sources["val"]
   if len(train) < shard_count:  # every process needs a non-empty shard
     raise ConfigError(f"--dataset {dataset}: {len(train)} training image(s) cannot be shared by {shard_count} "
                       "processes; add images or run fewer processes.")
-  return train, test
+  record = data_lib.folder.split_record(sources, val_fraction=config.val_fraction, val_seed=_split_seed(config))
+  return train, test, (val if len(val) else None), record
+
+
+def _tfds_sources(config: TrainConfig):
+  """(train source, val source or None, split record or None, num_classes, num_train) of a TFDS dataset.
+
+  The sources are a TFDS name (read by the loaders with ``data_dir``), a
+  ``tfds`` data source (an own validation split) or
+  :class:`~dtnh_jax.data.datasets.IndexSubset` of the training split (a
+  carve).
+  """
+  name, data_dir = config.dataset, config.run.data_dir
+  spec = data_lib.DATASETS.get(name)
+  train_split = spec.train_split if spec else "train"
+
+  def read(function, *args):
+    try:
+      return function(*args, data_dir=data_dir)
+    except data_lib.DatasetNotPreparedError as error:
+      raise ConfigError(str(error)) from None
+    except (KeyError, ValueError) as error:
+      raise ConfigError(f"--dataset {name!r}: {error}") from None
+
+  train = read(data_lib.data_source, name, train_split)  # fails early if not prepared
+  info = read(data_lib.dataset_info, name)
+  if info.val_split is not None:
+    if config.val_fraction:
+      raise ConfigError(f"--dataset {name} has its own validation split {info.val_split!r}, which every run "
+                        "evaluates as val_accuracy; --val-fraction carves one only from datasets without: leave it "
+                        "at 0.")
+    val = read(data_lib.data_source, name, info.val_split)
+    record = {"kind": "own", "split": info.val_split, "num_train": len(train), "num_val": len(val)}
+    return name, val, record, info.num_classes, info.num_train
+  if not config.val_fraction:
+    return name, None, None, info.num_classes, info.num_train
+  labels = read(datasets_lib.split_labels, name, train_split)
+  if len(labels) != len(train):
+    raise ConfigError(f"--dataset {name}: read {len(labels)} labels of its {train_split!r} split of {len(train)} "
+                      "examples; prepare it again.")
+
+  def class_name(label: int) -> str:
+    try:
+      return f"{label} ({train.dataset_info.features['label'].int2str(label)!r})"
+    except Exception:  # pylint: disable=broad-except  # no class names: the number says it
+      return str(label)
+
+  train_indices, val_indices, record = _carve(labels, config, f"--dataset {name}", class_name)
+  pool = f"{name}:{train_split}[val {record['val_sha256'][:12]}]"  # another split, another name: no wrong resume
+  record = {**record, "pool": f"{name}:{train_split}"}
+  return (datasets_lib.IndexSubset(train, train_indices, name=f"{pool}/train", num_classes=info.num_classes),
+          datasets_lib.IndexSubset(train, val_indices, name=f"{pool}/val", num_classes=info.num_classes),
+          record, info.num_classes, len(train_indices))
+
+
+def validation_kind(config: TrainConfig) -> str | None:
+  """Which validation split :func:`load_data` ``(config)`` gives, without reading any data.
+
+  Returns:
+    ``"carved"`` (``--val-fraction`` > 0), ``"own"`` (the dataset has its
+    own: the registry's ``val_split``, a prepared TFDS ``validation`` split,
+    a folder's ``val/``), or ``None`` (no validation split; also when the
+    dataset cannot be looked at, which :func:`load_data` then reports).
+  """
+  if config.val_fraction:
+    return "carved"
+  if config.dataset.startswith(OFFLINE_PREFIX):
+    return None
+  try:
+    if config.dataset.startswith(FOLDER_PREFIX):
+      return "own" if data_lib.folder.split_folder(_folder_path(config.dataset), "val") else None
+    return "own" if data_lib.dataset_info(config.dataset, data_dir=config.run.data_dir).val_split else None
+  except (ValueError, OSError, data_lib.DatasetNotPreparedError):
+    return None
 
 
 def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -> RunData:
   """The loaders for ``config``; this process reads shard ``shard_index`` of ``shard_count``.
 
+  The validation split (module docstring) is the dataset's own, or carved
+  with ``config.val_fraction`` and ``config.split_seed``, or none.
+
   Raises:
     ConfigError: the dataset is unknown or not prepared (the message says
-      how to download and prepare it), or a ``folder:`` dataset's layout is
-      wrong (the message says what and where).
+      how to download and prepare it), a ``folder:`` dataset's layout is
+      wrong (the message says what and where), ``--val-fraction`` on a
+      dataset with its own validation split, or a class with a single
+      training example to carve from.
   """
   sizes = {"resize": config.recipe.resize, "crop": config.recipe.crop}
   shard = {"shard_index": shard_index, "shard_count": shard_count}
@@ -103,31 +237,20 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
                       f"({shard_count}).")
   per_process_batch = config.recipe.batch_size // shard_count
   val_source = split = None
-  if config.val_fraction and not config.dataset.startswith(OFFLINE_PREFIX):
-    raise ConfigError(f"--val-fraction carves a validation split from the offline datasets only so far, not from "
-                      f"--dataset {config.dataset}; leave it at 0 there.")
+  tfds_args = {}
   if config.dataset.startswith(OFFLINE_PREFIX):
     train, test = _offline_sources(config.dataset, config.recipe.resize, config.target_per_class)
     if config.val_fraction:
-      split_seed = config.seed if config.split_seed is None else config.split_seed
-      train_indices, val_indices = splits.carve_validation(train.labels, config.val_fraction, split_seed)
-      split = splits.split_record(train.labels, config.val_fraction, split_seed)
+      train_indices, val_indices, split = _carve(train.labels, config, f"--dataset {config.dataset}")
       train, val_source = (_subset(train, train_indices, f"{train.name}/train"),
                            _subset(train, val_indices, f"{train.name}/val"))
-    num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
+    num_classes, num_train, train_source, test_source = train.num_classes, len(train), train, test
   elif config.dataset.startswith(FOLDER_PREFIX):
-    train, test = _folder_sources(config.dataset, config.recipe.resize, shard_count)
-    num_classes, num_train, train_source, test_source, tfds_args = train.num_classes, len(train), train, test, {}
+    train, test, val_source, split = _folder_sources(config, shard_count)
+    num_classes, num_train, train_source, test_source = train.num_classes, len(train), train, test
   else:
-    try:
-      data_lib.data_source(config.dataset, "train", data_dir=config.run.data_dir)  # fails early if not prepared
-      info = data_lib.dataset_info(config.dataset, data_dir=config.run.data_dir)
-    except data_lib.DatasetNotPreparedError as error:
-      raise ConfigError(str(error)) from None
-    except (KeyError, ValueError) as error:
-      raise ConfigError(f"--dataset {config.dataset!r}: {error}") from None
-    num_classes, num_train = info.num_classes, info.num_train
-    train_source = test_source = config.dataset
+    train_source, val_source, split, num_classes, num_train = _tfds_sources(config)
+    test_source = config.dataset
     tfds_args = {"data_dir": config.run.data_dir}
 
   def train_loader(seed: int):

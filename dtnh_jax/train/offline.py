@@ -29,7 +29,7 @@ from dtnh_jax import models, names
 from dtnh_jax.train import loop, presets, provenance, report, selection, sharding, stats
 from dtnh_jax.train import sources as sources_lib
 from dtnh_jax.train.config import ConfigError, Method, TrainConfig
-from dtnh_jax.train.data import OFFLINE_PREFIX, load_data
+from dtnh_jax.train.data import OFFLINE_PREFIX, load_data, validation_kind
 
 __all__ = [
     "pretrain_sources",
@@ -196,15 +196,15 @@ def run_grid(
   resumes where it stopped. Methods without regularizer run once per seed whatever the sweep. Writes
   ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars), and,
   when the runs exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source) and
-  ``figure4_5_angles.png``. With a validation split (``base.val_fraction``) it also picks, per method and
-  source, the λ and decay with the best mean validation accuracy (``dtnh_jax.train.selection``; records get
-  ``selected``), and writes the tuned table with DTNH(X) − X paired over seeds (``dtnh_jax.train.stats``)
-  and, for a sweep, ``lambda_curve.png``.
+  ``figure4_5_angles.png``. With a validation split (carved with ``base.val_fraction``, or the dataset's own)
+  it also picks, per method and source, the λ and decay with the best mean validation accuracy
+  (``dtnh_jax.train.selection``; records get ``selected``), and writes the tuned table with DTNH(X) − X paired
+  over seeds (``dtnh_jax.train.stats``) and, for a sweep, ``lambda_curve.png``.
   """
   pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
   combinations = [(w, d) for w in reg_weights for d in reg_decays]
   sweep = len(combinations) > 1
-  if sweep and not base.val_fraction:
+  if sweep and validation_kind(base) is None:
     raise ConfigError("a sweep of reg_weight/reg_decay picks on validation accuracy; set val_fraction so that a "
                       "validation split exists.")
   datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
