@@ -2,21 +2,27 @@
 
 1. ``jit(chain(dtnh, sgd momentum)).update((g, r))`` against
    ``jit(sgd momentum).update(g + λ r)`` (the pre-summed gradient) on a pytree
-   shaped like torchvision ResNet-18's parameters (11.7M floats).
+   shaped like torchvision ResNet-18's parameters (11.7M floats), against the
+   plain update summing ``g + λ r`` in its own jit, and the same two steps
+   with ``optax.apply_updates`` in the jit (issue #14's comparison).
 2. ``split_value_and_grad`` (one forward, two backward passes) against two
    separate ``jax.value_and_grad`` calls on a small CNN with a KnowDist-style
    feature-map regularizer.
+3. With ``--gram NAME,...``: the step of part 1 with ``apply_updates`` and the
+   Gram matrices computed another way (:data:`GRAM_STRATEGIES`), all in one
+   interleaved run against the same summing step, and the Gram pass alone.
 
 Runs are interleaved (A, B, A, B, ...) and the median of the per-pair ratios is
 reported, so the shared, noisy machine affects both sides alike. The last line
-printed is one JSON object with both ratios.
+printed is one JSON object with all the ratios.
 
-    python benchmarks/transform_overhead.py [--repeats 30]
+    python benchmarks/transform_overhead.py [--repeats 30] [--gram all]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -27,6 +33,7 @@ import numpy as np
 import optax
 
 import dtnh_jax
+from dtnh_jax import projection
 
 
 def resnet18_shapes(num_classes: int = 1000) -> dict:
@@ -69,7 +76,7 @@ def interleaved_ratio(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
   return float(np.median(ratios)), 1e3 * float(np.median(times_a)), 1e3 * float(np.median(times_b))
 
 
-def transform_overhead(repeats: int) -> float:
+def transform_overhead(repeats: int) -> tuple[float, float, float]:
   lam = 0.01
   shapes = resnet18_shapes()
   params, g, r = (random_tree(shapes, seed) for seed in range(3))
@@ -98,10 +105,181 @@ def transform_overhead(repeats: int) -> float:
   )
   print(f"update: same, against sgd-momentum summing g+λr in its own jit {ms_summing:.2f} ms: "
         f"median ratio {ratio_summing:.3f}x")
+  dtnh_step, summing_step = applied_steps(lam)
+  ratio_applied, ms_dtnh_applied, ms_summing_applied = interleaved_ratio(
+      lambda: dtnh_step(g, r, dtnh_state, params)[0],
+      lambda: summing_step(g, r, plain_state, params)[0],
+      repeats,
+  )
+  print(f"step with apply_updates: chain(dtnh, sgd-momentum) {ms_dtnh_applied:.2f} ms, sgd-momentum summing "
+        f"g+λr {ms_summing_applied:.2f} ms: median ratio {ratio_applied:.3f}x (issue #14's target <= 1.45x)")
   print("memory traffic (arrays of the parameters' size read+written): sgd on a pre-summed gradient 4 "
         "(read g, trace; write trace, update); summing inside 5; DTNH 7 (one pass reading g and r for the "
-        "inner products, one reading g, r, trace and writing trace, update): floors 1.75x and 1.40x")
-  return ratio, ratio_summing
+        "inner products, one reading g, r, trace and writing trace, update): floors 1.75x and 1.40x; "
+        "with apply_updates (read params, write params) 6 and 8: floor 1.33x")
+  return ratio, ratio_summing, ratio_applied
+
+
+def applied_steps(lam: float):
+  """``(g, r, state, params) -> (new params, state)`` for DTNH and for the plain update summing ``g + λ r``."""
+  sgd = optax.sgd(0.01, momentum=0.9)
+  dtnh_tx = optax.chain(dtnh_jax.dtnh(lam), sgd)
+
+  def dtnh_step(g, r, state, params):
+    updates, state = dtnh_tx.update((g, r), state, params)
+    return optax.apply_updates(params, updates), state
+
+  def summing_step(g, r, state, params):
+    updates, state = sgd.update(jax.tree.map(lambda a, b: a + lam * b, g, r), state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(dtnh_step), jax.jit(summing_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 3: ways to compute the Gram matrices, each swapped in for the library's ``projection.leaf_gram`` (or, for
+# ``concat``, ``projection.leaf_grams_by_group``): dtnh and every aggregator look both up at trace time.
+
+def _accumulation(vectors):
+  return projection.accumulation_dtype(jnp.result_type(*[v for v in vectors if v is not None]))
+
+
+def _gram_from(vectors, entries):
+  """The ``[k+1, k+1]`` matrix from ``{(i, j): value}`` over the pairs ``i <= j`` (missing: structural zero)."""
+  zero = jnp.zeros((), _accumulation(vectors))
+  n = len(vectors)
+  return jnp.stack([jnp.stack([entries.get((min(i, j), max(i, j)), zero) for j in range(n)]) for i in range(n)])
+
+
+def _products(vectors):
+  acc = _accumulation(vectors)
+  pairs = projection._structural_pairs(vectors)  # pylint: disable=protected-access
+  return pairs, [vectors[i].astype(acc).ravel() * vectors[j].astype(acc).ravel() for i, j in pairs]
+
+
+def gram_separate(vectors):
+  """Before issue #14: one fused multiply-reduce per entry, so one pass over the leaf per entry."""
+  pairs, products = _products(vectors)
+  return _gram_from(vectors, {pair: jnp.sum(x) for pair, x in zip(pairs, products)})
+
+
+def gram_variadic(vectors):
+  """One ``lax.reduce`` with an accumulator per entry over the flat leaf: one pass, XLA:CPU's own loop."""
+  pairs, products = _products(vectors)
+  zeros = tuple(jnp.zeros((), x.dtype) for x in products)
+  sums = jax.lax.reduce(tuple(products), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0,))
+  return _gram_from(vectors, dict(zip(pairs, sums)))
+
+
+def gram_stacked(vectors):
+  """``jnp.sum`` over the stacked products ``[entries, n]`` (XLA writes the stack, then reduces it)."""
+  pairs, products = _products(vectors)
+  sums = jnp.sum(jnp.stack(products), axis=1)
+  return _gram_from(vectors, {pair: sums[k] for k, pair in enumerate(pairs)})
+
+
+def gram_einsum(vectors):
+  """``einsum("in,jn->ij")`` of the stacked ``[k+1, n]`` vectors (a copy, then a matrix product)."""
+  acc = _accumulation(vectors)
+  stacked = jnp.stack([(jnp.zeros_like(vectors[0]) if v is None else v).astype(acc).ravel() for v in vectors])
+  return jnp.einsum("in,jn->ij", stacked, stacked, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+
+
+def gram_blocked128(vectors):
+  """Per entry, the products as ``[-1, 128]`` (zero-padded), summed over the 128 first, then over the rows."""
+  pairs, products = _products(vectors)
+  def two_stage(x):
+    return jnp.sum(jnp.sum(jnp.pad(x, (0, -x.size % 128)).reshape(-1, 128), axis=1))
+  return _gram_from(vectors, {pair: two_stage(x) for pair, x in zip(pairs, products)})
+
+
+def grams_concat(empirical_leaves, regularizer_leaves, grouping):
+  """All leaves of a group concatenated into one vector per gradient first (a copy), then the library's Gram."""
+  per_leaf = list(zip(empirical_leaves, *regularizer_leaves))
+  grams = []
+  for group in range(grouping.num_groups + 1):
+    members = [vectors for vectors, label in zip(per_leaf, grouping.leaf_group) if label == group]
+    if not members:
+      grams.append(jnp.zeros((len(per_leaf[0]),) * 2, _accumulation(per_leaf[0])))
+      continue
+    flat = [jnp.concatenate([(jnp.zeros_like(m[0]) if m[i] is None else m[i]).ravel() for m in members])
+            for i in range(len(per_leaf[0]))]
+    grams.append(projection.leaf_gram(flat))
+  return per_leaf, jnp.stack(grams)
+
+
+#: ``name: (the stand-in for projection.leaf_gram, or None, the one for projection.leaf_grams_by_group, or None)``.
+GRAM_STRATEGIES = {
+    "library": (None, None),
+    "separate": (gram_separate, None),
+    "variadic": (gram_variadic, None),
+    "stacked": (gram_stacked, None),
+    "einsum": (gram_einsum, None),
+    "blocked128": (gram_blocked128, None),
+    "concat": (None, grams_concat),
+}
+
+
+@contextlib.contextmanager
+def gram_strategy(name: str):
+  """The library with ``name``'s Gram computation swapped in (for tracing only: jit inside the block)."""
+  leaf_gram, by_group = GRAM_STRATEGIES[name]
+  saved = projection.leaf_gram, projection.leaf_grams_by_group
+  projection.leaf_gram = leaf_gram or saved[0]
+  projection.leaf_grams_by_group = by_group or saved[1]
+  try:
+    yield
+  finally:
+    projection.leaf_gram, projection.leaf_grams_by_group = saved
+
+
+def gram_strategies(names: list[str], repeats: int) -> dict:
+  """Part 3: each strategy's step (with apply_updates) / the summing step, interleaved in one run."""
+  lam = 0.01
+  shapes = resnet18_shapes()
+  params, g, r = (random_tree(shapes, seed) for seed in range(3))
+  state = optax.chain(dtnh_jax.dtnh(lam), optax.sgd(0.01, momentum=0.9)).init(params)
+  plain_state = optax.sgd(0.01, momentum=0.9).init(params)
+  summing_step = applied_steps(lam)[1].lower(g, r, plain_state, params).compile()
+  grouping = dtnh_jax.projection_groups(params)
+  g_leaves, r_leaves = jax.tree.leaves(g), jax.tree.leaves(r)
+  steps, grams = {}, {}
+  for name in names:
+    with gram_strategy(name):
+      steps[name] = applied_steps(lam)[0].lower(g, r, state, params).compile()
+      grams[name] = jax.jit(lambda gl, rl: projection.leaf_grams_by_group(gl, [rl], grouping)[1]).lower(
+          g_leaves, r_leaves).compile()
+
+  def summing():
+    return summing_step(g, r, plain_state, params)[0]
+
+  def timed(call):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
+
+  for name in names:
+    timed(summing), timed(lambda: steps[name](g, r, state, params)[0]), timed(lambda: grams[name](g_leaves, r_leaves))
+  # Each step is timed right after a summing step, so both see the caches the calls before them left.
+  ratios = {name: [] for name in names}
+  times = {name: [] for name in names}
+  times_summing, times_gram = [], {name: [] for name in names}
+  for _ in range(repeats):
+    for name in names:
+      times_summing.append(timed(summing))
+      times[name].append(timed(lambda: steps[name](g, r, state, params)[0]))
+      ratios[name].append(times[name][-1] / times_summing[-1])
+    for name in names:
+      times_gram[name].append(timed(lambda: grams[name](g_leaves, r_leaves)))
+  print(f"Gram strategies (step with apply_updates / the sgd-momentum step summing g+λr timed just before it, "
+        f"{1e3 * np.median(times_summing):.2f} ms; the Gram pass alone):")
+  result = {}
+  for name in names:
+    ratio, ms_gram = float(np.median(ratios[name])), 1e3 * float(np.median(times_gram[name]))
+    print(f"  {name:12s} step {1e3 * np.median(times[name]):7.2f} ms, median ratio {ratio:.3f}x; "
+          f"Gram alone {ms_gram:6.2f} ms")
+    result[name] = {"ratio": ratio, "gram_ms": ms_gram}
+  return result
 
 
 class SmallCNN(nn.Module):
@@ -160,11 +338,20 @@ def split_gradient_ratio(repeats: int) -> float:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--gram", default="", help="comma-separated Gram strategies to compare (part 3), or 'all': "
+                      + ", ".join(GRAM_STRATEGIES))
   args = parser.parse_args(argv)
+  names = list(GRAM_STRATEGIES) if args.gram == "all" else [n for n in args.gram.split(",") if n]
+  unknown = sorted(set(names) - set(GRAM_STRATEGIES))
+  if unknown:
+    parser.error(f"unknown --gram strategies {unknown}; known: {', '.join(GRAM_STRATEGIES)}")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
-  transform, transform_vs_summing = transform_overhead(args.repeats)
+  transform, transform_vs_summing, transform_applied = transform_overhead(args.repeats)
   result = {"transform": transform, "transform_vs_summing": transform_vs_summing,
+            "transform_vs_summing_applied": transform_applied,
             "split_gradients": split_gradient_ratio(args.repeats)}
+  if names:
+    result["gram_strategies"] = gram_strategies(names, args.repeats)
   print(json.dumps(result))
 
 
