@@ -163,9 +163,10 @@ def _train_parser():
                       help="comma-separated seeds, one run each (default: --seed; offline: 0,1,2)")
   parser.add_argument("--preset", choices=tuple(presets.PRESETS), default=None,
                       help="the settings to start from (dtnh_jax.train.presets): paper (the paper's recipe, the "
-                      "default with a --dataset), offline (the offline default, without one), tiny (seconds per "
-                      "run, for a smoke test) or study (the offline study of benchmarks/RESULTS.md: validation split, "
-                      "λ swept and picked on validation); --config and the flags override it")
+                      "default with a --dataset), released-code (DTNH(L2-SP) as the authors' grod.py runs it), "
+                      "offline (the offline default, without one), tiny (seconds per run, for a smoke test) or "
+                      "study (the offline study of benchmarks/RESULTS.md: validation split, λ swept and picked on "
+                      "validation); --config and the flags override it")
   parser.add_argument("--offline", action="store_true",
                       help="the offline default, as --preset offline (also chosen when no --dataset is given, or "
                       f"with --dataset {names.OFFLINE_TARGET})")
@@ -359,7 +360,7 @@ def _plan(args) -> _Plan:
   if preset_name is None:
     preset_name = "offline" if settings.get("dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET else "paper"
   dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
-  preset = presets.paper(dataset) if preset_name == "paper" else presets.PRESETS[preset_name]()
+  preset = presets.settings(preset_name, dataset)
   offline_default = preset.get("dataset") == names.OFFLINE_TARGET and settings.get(
       "dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET
   grid = presets.GRIDS.get(preset_name, {})  # the preset's default runs, each overridden by a flag or --config

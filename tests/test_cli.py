@@ -66,6 +66,8 @@ EXPECTED_CHOICES = {
                "dtnh-delta"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "optimizer": ("sgd", "adamw"),
+    "reg_schedule": ("epoch", "released-code"),
+    "l2_sp_include": ("kernels", "weights_and_biases", "all"),
     "feature_layers": ("layer1", "layer2", "layer3", "layer4", "pool"),
     "feature_normalize": ("sum", "spatial_mean", "mean"),
     "granularity": ("tree", "leaf", "module"),
@@ -259,7 +261,7 @@ def test_the_optimizer_follows_dtnh_in_the_chain(optimizer):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"weight_decay": 0.01}, "--weight-decay is AdamW's decoupled weight decay"),
+    ({"reg_schedule": "hourly"}, "--reg-schedule must be epoch or released-code"),
     ({"optimizer": "adamw", "momentum": 0.5}, "--momentum is SGD's"),
     ({"optimizer": "adam"}, "--optimizer must be one of sgd, adamw"),
     ({"optimizer": "adamw", "weight_decay": -1.0}, "--weight-decay must be >= 0"),

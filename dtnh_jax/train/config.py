@@ -56,6 +56,8 @@ ON_NONFINITE = ("stop", "skip")
 PROJECTIONS = tuple(projection for projection in names.PROJECTIONS if projection != "none") + names.AGGREGATORS
 #: What follows DTNH in the chain: the paper's SGD with momentum, or optax.adamw.
 OPTIMIZERS = ("sgd", "adamw")
+REG_SCHEDULES = ("epoch", "released-code")
+L2_SP_INCLUDES = ("kernels", "weights_and_biases", "all")
 
 
 class ConfigError(ValueError):
@@ -189,14 +191,19 @@ class RecipeConfig:
   optimizer: str = _setting("sgd", "what follows DTNH in the chain: sgd (SGD with --momentum, the paper's) or "
                             "adamw (optax.adamw, b1 0.9, b2 0.999, with --weight-decay)", OPTIMIZERS)
   momentum: float = _setting(0.9, "SGD's momentum; --optimizer sgd only")
-  weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay; --optimizer adamw only (with SGD, "
-                                 "--method l2 is the L2 penalty)")
+  weight_decay: float = _setting(0.0, "with adamw: its decoupled weight decay; with sgd: weight decay added to "
+                                 "DTNH's direction after the projection (optax.add_decayed_weights, the released "
+                                 "code's 1e-4; --method l2 is the L2 penalty as a regularizer)")
   steps: int = _setting(8000, "training steps (by default 20000 for a cifar10 target, as the paper)")
   lr_drop_steps: tuple[int, ...] = _setting((6000,), "comma-separated steps at which the learning rate is "
                                             "multiplied by --lr-drop-factor")
   lr_drop_factor: float = _setting(0.1, "learning-rate factor at each of --lr-drop-steps")
   reg_weight: float = _setting(1.0, "λ, the regularizer's weight at the first epoch")
   reg_decay: float = _setting(1.0, "λ's per-epoch decay factor in [0, 1]: λ = reg_weight · reg_decay^epoch")
+  reg_schedule: str = _setting("epoch", "when λ decays: once per epoch (epoch), or as the released DTNH code "
+                               "(released-code: λ = 0 on the first step, then reg_weight · reg_decay^(c // 5000) "
+                               "with a counter c that advances once per regularized tensor per step)",
+                               REG_SCHEDULES)
   resize: int = _setting(256, "images are resized to resize x resize")
   crop: int = _setting(224, "then cropped to crop x crop: at random (and mirrored) for training, centrally "
                        "for testing")
@@ -211,9 +218,7 @@ class RecipeConfig:
       raise ConfigError(f"--crop ({self.crop}) cannot exceed --resize ({self.resize}).")
     if self.optimizer not in OPTIMIZERS:
       raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
-    if self.optimizer != "adamw" and self.weight_decay != 0:
-      raise ConfigError(f"--weight-decay is AdamW's decoupled weight decay; with --optimizer {self.optimizer} "
-                        "it would be a second, unprojected L2 penalty. Pass --optimizer adamw, or use --method l2.")
+    _check_choice(self, "reg_schedule")
     if self.optimizer != "sgd" and self.momentum != RecipeConfig.__dataclass_fields__["momentum"].default:
       raise ConfigError(f"--momentum is SGD's; --optimizer {self.optimizer} has its own moments (b1 0.9, "
                         "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
@@ -228,6 +233,9 @@ class RegularizerConfig:
   l2_weight: float = _setting(1e-4, "L2's coefficient (--method l2)")
   l2_sp_alpha: float = _setting(0.1, "L2-SP's α: weight of the squared distance to the pre-trained backbone")
   l2_sp_beta: float = _setting(0.01, "L2-SP's β: weight of plain L2 on the new head")
+  l2_sp_include: str = _setting("kernels", "the backbone tensors L2-SP pulls toward the source: kernels (the "
+                                "L2-SP paper's), weights_and_biases, or all (BatchNorm too, as the released DTNH "
+                                "code)", L2_SP_INCLUDES)
   knowdist_weight: float = _setting(1.0, "scale of KnowDist's feature-map distance")
   delta_weight: float = _setting(1.0, "scale of DELTA's attention-weighted feature-map distance")
   feature_layers: tuple[str, ...] = _setting(names.DEFAULT_FEATURE_LAYERS,
@@ -243,6 +251,7 @@ class RegularizerConfig:
     _check_finite(self)
     _check_non_negative(self, ("l2_weight", "l2_sp_alpha", "l2_sp_beta", "knowdist_weight", "delta_weight"))
     _check_choice(self, "feature_normalize")
+    _check_choice(self, "l2_sp_include")
     unknown_layers = [layer for layer in self.feature_layers if layer not in names.FEATURE_NAMES]
     if unknown_layers or not self.feature_layers:
       raise ConfigError(f"--feature-layers takes comma-separated names among {', '.join(names.FEATURE_NAMES)}, "
@@ -262,6 +271,8 @@ class DTNHConfig:
                                      "direction closest to ∇J within this angle (degrees) of the regularizer's")
   cagrad_c: float = _setting(0.5, "CAGrad's c, the radius of its ball around the mean gradient (--projection "
                              "cagrad; its paper uses 0.2-0.9)")
+  project_head: bool = _setting(True, "project the new head's gradient too; false: the head takes g + λ r "
+                                "unprojected and only the backbone is projected (the released code)")
 
   def __post_init__(self):
     _check_choice(self, "granularity")

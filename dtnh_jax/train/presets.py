@@ -7,6 +7,7 @@ flat settings (the names of the flags), and :func:`get` turns one into a
 these:
 
 - ``paper``: the paper's recipe (Section V.A) for a target dataset;
+- ``released-code``: DTNH(L2-SP) as the authors' released ``grod.py`` runs it;
 - ``offline``: the offline default, the same code at CPU scale on
   scikit-learn's digits (``dtnh_jax.train.offline``);
 - ``tiny``: the offline default shrunk until a run takes seconds: what the
@@ -30,6 +31,8 @@ __all__ = [
     "offline_pretraining",
     "paper",
     "GRIDS",
+    "released_code",
+    "settings",
     "PRESETS",
     "study",
     "tiny",
@@ -40,6 +43,26 @@ def paper(dataset: str = TrainConfig.dataset) -> dict[str, Any]:
   """The paper's schedule: 8000 iterations of 48 images, 20000 for CIFAR-10; lr / 10 after 6000."""
   steps = 20000 if dataset.startswith("cifar10") else 8000
   return {"dataset": dataset, "steps": steps, "lr_drop_steps": (6000,)}
+
+
+def released_code(dataset: str = TrainConfig.dataset) -> dict[str, Any]:
+  """DTNH(L2-SP) as the authors' released code runs it, at the paper's schedule.
+
+  ``grod.py`` of github.com/xhyccc/Paddle-based-GroD (commit b6421b3), ``GrodOptimizer.minimize``: every
+  parameter tensor whose name lacks ``FC`` (convolutions and BatchNorm scales and biases: ``l2_sp_include
+  all``) has its gradient corrected one tensor at a time (``granularity leaf``) on every step, conflict or not
+  (``projection always``); the head is neither regularized (``l2_sp_beta 0``) nor projected
+  (``--no-project-head``); the regularizer's gradient is ``w - w0`` (``l2_sp_alpha 1``) weighted by
+  ``0.1 · 0.99^(counter // 5000)`` with a counter that advances once per corrected tensor and skips the first
+  step (``reg_schedule released-code``); the optimizer's 1e-4 L2 decay is added after the correction
+  (``weight_decay``). The correction is the one of the PyTorch lines left commented out in that file (the
+  gradient's norm and its inner product with ``w - w0``); the Paddle lines that run use the *parameter* in
+  place of the gradient in both (``np.linalg.norm(param_np)``, ``np.dot(param_np, ...)``), a bug that this
+  preset does not reproduce (README, "The released code").
+  """
+  return {**paper(dataset), "method": "dtnh-l2-sp", "granularity": "leaf", "projection": "always",
+          "project_head": False, "l2_sp_include": "all", "l2_sp_alpha": 1.0, "l2_sp_beta": 0.0, "reg_weight": 0.1,
+          "reg_decay": 0.99, "reg_schedule": "released-code", "weight_decay": 1e-4}
 
 
 def offline() -> dict[str, Any]:
@@ -92,7 +115,10 @@ def study() -> dict[str, Any]:
 
 
 #: The presets ``get`` and ``dtnh-train --preset`` know.
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"paper": paper, "offline": offline, "tiny": tiny, "study": study}
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"paper": paper, "released-code": released_code,
+                                                    "offline": offline, "tiny": tiny, "study": study}
+#: The presets whose settings follow the ``dataset`` override (the paper's schedule: CIFAR-10 trains longer).
+_PER_DATASET = ("paper", "released-code")
 
 #: The runs ``dtnh-train --preset NAME`` makes by default (flags and --config override each): methods, seeds,
 #: sources and the sweep of λ. Presets not listed: one run, or the offline default's grid.
@@ -105,12 +131,18 @@ GRIDS: dict[str, dict[str, Any]] = {
 def get(name: str, **overrides: Any) -> TrainConfig:
   """The config of preset ``name`` with ``overrides`` (flat settings) on top.
 
-  ``paper``'s schedule follows the ``dataset`` override (CIFAR-10 trains longer).
+  ``paper``'s and ``released-code``'s schedule follows the ``dataset`` override (CIFAR-10 trains longer).
 
   Raises:
     ConfigError: an unknown preset, or a bad override.
   """
   if name not in PRESETS:
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
-  settings = paper(overrides.get("dataset", TrainConfig.dataset)) if name == "paper" else PRESETS[name]()
-  return TrainConfig.create(**{**settings, **overrides})
+  return TrainConfig.create(**{**settings(name, overrides.get("dataset", TrainConfig.dataset)), **overrides})
+
+
+def settings(name: str, dataset: str = TrainConfig.dataset) -> dict[str, Any]:
+  """Preset ``name``'s flat settings; ``paper`` and ``released-code`` for ``dataset``."""
+  if name not in PRESETS:
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+  return PRESETS[name](dataset) if name in _PER_DATASET else PRESETS[name]()

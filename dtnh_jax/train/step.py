@@ -31,17 +31,20 @@ from dtnh_jax import names, regularizers
 from dtnh_jax.train.config import STEP_GROUPS, TrainConfig
 
 __all__ = [
+    "backbone_tensor_count",
     "base_optimizer",
     "closed_form_regularizers",
     "create_train_state",
     "cross_entropy",
     "evaluate",
     "feature_regularizer",
+    "head_mask",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
     "Reference",
     "reg_weight_schedule",
+    "released_code_schedule",
     "Steps",
     "steps_for",
     "TrainState",
@@ -77,17 +80,56 @@ def base_optimizer(config: TrainConfig) -> optax.GradientTransformation:
       config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
   if config.recipe.optimizer == "adamw":
     return optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
-  return optax.sgd(learning_rate, momentum=config.recipe.momentum)
+  sgd = optax.sgd(learning_rate, momentum=config.recipe.momentum)
+  if config.recipe.weight_decay:  # added to DTNH's direction, after the projection (the released code's order)
+    return optax.chain(optax.add_decayed_weights(config.recipe.weight_decay), sgd)
+  return sgd
 
 
-def reg_weight_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-  """λ at each step: ``reg_weight`` times ``reg_decay`` once per epoch of ``steps_per_epoch`` steps (staircase)."""
+#: The released code's λ counter: it advances once per regularized tensor per step, λ decays every this many.
+RELEASED_CODE_DECAY_COUNT = 5000
+
+
+def released_code_schedule(reg_weight: float, reg_decay: float, num_tensors: int) -> optax.Schedule:
+  """λ as the released DTNH code computes it (``grod.py``, ``GrodOptimizer.minimize``; see README).
+
+  Its counter starts at 1 and advances once per regularized tensor on every
+  step but the first, which it leaves unregularized; a tensor's λ is
+  ``reg_weight · reg_decay^(counter // 5000)``. Per step this is
+  ``λ(0) = 0`` and ``λ(k) = reg_weight · reg_decay^((1 + (k - 1) · num_tensors) // 5000)``: the counter at the
+  step's first tensor (the step's later tensors may see one more decay at a boundary, every
+  ``5000 / num_tensors`` steps).
+  """
+
+  def schedule(count):
+    counter = 1 + (jnp.maximum(count, 1) - 1) * num_tensors
+    weight = reg_weight * jnp.power(jnp.float32(reg_decay), (counter // RELEASED_CODE_DECAY_COUNT).astype(jnp.float32))
+    return jnp.where(count == 0, 0.0, weight)
+
+  return schedule
+
+
+def reg_weight_schedule(config: TrainConfig, steps_per_epoch: int, num_tensors: int | None = None) -> optax.Schedule:
+  """λ at each step: ``reg_weight`` times ``reg_decay`` once per epoch of ``steps_per_epoch`` steps (staircase),
+  or with ``reg_schedule="released-code"`` :func:`released_code_schedule` over ``num_tensors`` regularized
+  tensors (the backbone's)."""
+  if config.recipe.reg_schedule == "released-code":
+    if num_tensors is None:
+      raise ValueError("reg_schedule='released-code' counts the regularized tensors: pass num_tensors.")
+    return released_code_schedule(config.recipe.reg_weight, config.recipe.reg_decay, num_tensors)
   return optax.exponential_decay(
       config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
       staircase=True)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def head_mask(params: PyTree, head: str = "fc") -> PyTree:
+  """``True`` at the leaves of the new head (top-level module ``head``), ``False`` elsewhere: DTNH's
+  ``unprojected`` mask when ``project_head`` is off."""
+  return {name: jax.tree.map(lambda _, is_head=name == head: is_head, subtree) for name, subtree in params.items()}
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, *,
+                   num_tensors: int | None = None) -> optax.GradientTransformation:
   """DTNH first, then :func:`base_optimizer`; λ follows :func:`reg_weight_schedule`.
 
   DTNH does not care which optimizer follows: it turns the two gradients into
@@ -98,22 +140,25 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
   projection (on the steps that log no angles, a plain method's step skips
   this transformation and takes one backward pass of ``J + λ Ω``:
   :func:`make_train_step`'s ``summed_reg_weight``). Fine-tuning has no
-  regularizer and no DTNH.
+  regularizer and no DTNH. ``num_tensors`` (the backbone's tensors) is
+  needed by ``reg_schedule="released-code"`` only.
   """
   optimizer = base_optimizer(config)
   method = config.method_spec
   if not method.has_regularizer:
     return optimizer
-  reg_weight = reg_weight_schedule(config, steps_per_epoch)
+  reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors)
   options = config.dtnh
+  unprojected = None if options.project_head else head_mask
   if method.dtnh and options.projection in names.AGGREGATORS:
     from dtnh_jax import aggregators  # pylint: disable=g-import-not-at-top
     extra = {"c": options.cagrad_c} if options.projection == "cagrad" else {}
-    correction = getattr(aggregators, options.projection)(reg_weight, granularity=options.granularity, **extra)
+    correction = getattr(aggregators, options.projection)(reg_weight, granularity=options.granularity,
+                                                          unprojected=unprojected, **extra)
   else:
     correction = dtnh_jax.dtnh(reg_weight, granularity=options.granularity,
                                projection=options.projection if method.dtnh else "none",
-                               max_angle=options.max_angle if method.dtnh else None)
+                               max_angle=options.max_angle if method.dtnh else None, unprojected=unprojected)
   return optax.chain(correction, optimizer)
 
 
@@ -148,7 +193,7 @@ def closed_form_regularizers(config: TrainConfig, reference: Reference) -> list[
   if method == "l2-sp":
     coefficients = config.regularizer
     return [regularizers.l2_sp_regularizer(reference.variables["params"], coefficients.l2_sp_alpha,
-                                           coefficients.l2_sp_beta)]
+                                           coefficients.l2_sp_beta, include=coefficients.l2_sp_include)]
   return []
 
 
@@ -167,6 +212,13 @@ def feature_regularizer(config: TrainConfig, reference: Reference) -> Callable |
     return lambda feats, source: coefficients.delta_weight * regularizers.delta(feats, source, reference.attention,
                                                                                 **options)
   return None
+
+
+def backbone_tensor_count(model, config: TrainConfig) -> int:
+  """How many parameter tensors ``model`` has outside its head ``fc`` (shapes only, nothing computed)."""
+  size = config.recipe.crop
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return sum(len(jax.tree.leaves(subtree)) for name, subtree in shapes["params"].items() if name != "fc")
 
 
 class Steps(NamedTuple):
@@ -189,11 +241,13 @@ class Steps(NamedTuple):
 @functools.lru_cache(maxsize=32)
 def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
   config = dataclasses.replace(TrainConfig(method=step_key[0]), **dict(zip(STEP_GROUPS, step_key[1:], strict=True)))
-  tx = make_optimizer(config, steps_per_epoch)
+  num_tensors = backbone_tensor_count(model, config) if config.recipe.reg_schedule == "released-code" else None
+  tx = make_optimizer(config, steps_per_epoch, num_tensors=num_tensors)
   method = config.method_spec
   summed = None
   if method.has_regularizer and not method.dtnh:
-    summed = make_train_step(model, config, tx, summed_reg_weight=reg_weight_schedule(config, steps_per_epoch))
+    summed = make_train_step(model, config, tx,
+                             summed_reg_weight=reg_weight_schedule(config, steps_per_epoch, num_tensors))
   return Steps(tx, make_train_step(model, config, tx), make_eval_step(model), summed)
 
 
