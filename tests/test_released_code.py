@@ -103,3 +103,24 @@ def test_released_code_preset_trains(tiny_released, tmp_path):
   config, _, _ = tiny_released
   results = loop.train(config.replace(steps=2, eval_every=2, checkpoint_every=2), tmp_path)
   assert results["method"] == "dtnh-l2-sp" and 0 <= results["test_accuracy"] <= 1
+
+
+def test_official_head_term_of_knowdist_adds_beta_w_to_the_head_only_unprojected(tiny_released):
+  _, data, model = tiny_released
+  for method in ("knowdist", "dtnh-knowdist"):
+    config = presets.get("tiny", method=method, head_beta=0.01)
+    initial = loop.initial_variables(config, data)
+    params = initial["params"]
+    with_beta = step_lib.make_optimizer(config, 2)
+    without = step_lib.make_optimizer(config.replace(head_beta=0.0), 2)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), params)
+    regularizer = jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), params)
+    a, _ = with_beta.update((grads, regularizer), with_beta.init(params), params)
+    b, _ = without.update((grads, regularizer), without.init(params), params)
+    lr = config.recipe.learning_rate
+    for name in params:  # the first SGD step is -lr · direction: the difference is -lr · β · w on the head
+      for x, y, w in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name]), jax.tree.leaves(params[name])):
+        expected = -lr * 0.01 * np.asarray(w) if name == "fc" else 0.0
+        np.testing.assert_allclose(np.asarray(x) - np.asarray(y), expected, atol=1e-7)
+  assert presets.get("paper").regularizer.head_beta == 0.01 and presets.get("offline").regularizer.head_beta == 0

@@ -238,6 +238,9 @@ class RegularizerConfig:
                                 "code)", L2_SP_INCLUDES)
   knowdist_weight: float = _setting(1.0, "scale of KnowDist's feature-map distance")
   delta_weight: float = _setting(1.0, "scale of DELTA's attention-weighted feature-map distance")
+  head_beta: float = _setting(0.0, "KnowDist and DELTA as their official code: β of the β/2·|head|² term, its "
+                              "gradient β·w added to the direction unprojected (0.01 there and in --preset paper; "
+                              "0: none)")
   feature_layers: tuple[str, ...] = _setting(names.DEFAULT_FEATURE_LAYERS,
                                              "comma-separated layers whose feature maps KnowDist and DELTA "
                                              "compare", names.FEATURE_NAMES)
@@ -249,7 +252,8 @@ class RegularizerConfig:
 
   def __post_init__(self):
     _check_finite(self)
-    _check_non_negative(self, ("l2_weight", "l2_sp_alpha", "l2_sp_beta", "knowdist_weight", "delta_weight"))
+    _check_non_negative(self, ("l2_weight", "l2_sp_alpha", "l2_sp_beta", "knowdist_weight", "delta_weight",
+                               "head_beta"))
     _check_choice(self, "feature_normalize")
     _check_choice(self, "l2_sp_include")
     unknown_layers = [layer for layer in self.feature_layers if layer not in names.FEATURE_NAMES]

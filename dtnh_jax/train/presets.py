@@ -42,7 +42,8 @@ __all__ = [
 def paper(dataset: str = TrainConfig.dataset) -> dict[str, Any]:
   """The paper's schedule: 8000 iterations of 48 images, 20000 for CIFAR-10; lr / 10 after 6000."""
   steps = 20000 if dataset.startswith("cifar10") else 8000
-  return {"dataset": dataset, "steps": steps, "lr_drop_steps": (6000,)}
+  # head_beta: the official KnowDist/DELTA code's β/2·|fc|² (used by those methods only)
+  return {"dataset": dataset, "steps": steps, "lr_drop_steps": (6000,), "head_beta": 0.01}
 
 
 def released_code(dataset: str = TrainConfig.dataset) -> dict[str, Any]:

@@ -71,7 +71,8 @@ class Reference(NamedTuple):
 
 
 def base_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """``config.recipe.optimizer`` with step-wise learning rate drops: what follows DTNH in :func:`make_optimizer`.
+  """``config.recipe.optimizer`` with step-wise learning rate drops: what follows DTNH in :func:`make_optimizer`;
+  with SGD ``weight_decay``, and for KnowDist and DELTA ``head_beta``'s ``β·w`` on the head, are added first.
 
   ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
   ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``.
@@ -79,11 +80,15 @@ def base_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   learning_rate = optax.piecewise_constant_schedule(
       config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
   if config.recipe.optimizer == "adamw":
-    return optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
-  sgd = optax.sgd(learning_rate, momentum=config.recipe.momentum)
-  if config.recipe.weight_decay:  # added to DTNH's direction, after the projection (the released code's order)
-    return optax.chain(optax.add_decayed_weights(config.recipe.weight_decay), sgd)
-  return sgd
+    chain = [optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)]
+  else:
+    chain = [optax.sgd(learning_rate, momentum=config.recipe.momentum)]
+    if config.recipe.weight_decay:  # added to DTNH's direction, after the projection (the released code's order)
+      chain.insert(0, optax.add_decayed_weights(config.recipe.weight_decay))
+  if config.regularizer.head_beta and config.method_spec.regularizer in ("knowdist", "delta"):
+    # the official KnowDist/DELTA code's β/2·|head|²: its gradient added to the direction, unprojected
+    chain.insert(0, optax.add_decayed_weights(config.regularizer.head_beta, mask=head_mask))
+  return chain[0] if len(chain) == 1 else optax.chain(*chain)
 
 
 #: The released code's λ counter: it advances once per regularized tensor per step, λ decays every this many.
