@@ -44,8 +44,9 @@ def import_benchmark(name):
 def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
   lines = run_benchmark("train_step_overhead", *TINY, "--repeats", "1", "--block", "1", "--regularizers", "delta")
   result = json.loads(lines[-1])
-  variants = {"plain", "dtnh", "naive", "separate", "summed"}
-  for key in ("delta", "delta_naive_vs_summed", "delta_separate_vs_dtnh", "delta_dtnh_vs_plain"):
+  variants = {"plain", "angles", "dtnh", "naive", "separate", "summed"}
+  for key in ("delta", "delta_naive_vs_summed", "delta_separate_vs_dtnh", "delta_plain_vs_summed",
+              "delta_dtnh_vs_angles"):
     assert result[key] > 0
   for key in ("delta_ms", "delta_compile_s", "delta_peak_mib", "delta_convolutions"):
     assert set(result[key]) == variants
