@@ -374,9 +374,15 @@ def _summed_gradient(loss_terms, closed_form, reg_weight, params):
 
   (_, (terms, aux)), grad = jax.value_and_grad(total, has_aux=True)(params)
   for regularizer in closed_form:
-    terms += (regularizer.value(params),)
     grad = jax.tree.map(lambda r, g: g if r is None else g + reg_weight * r, regularizer.grad(params), grad,
                         is_leaf=lambda x: x is None)
+  if closed_form:
+    # The value only for the metrics, after the gradient and from a copy of the parameters (an optimization
+    # barrier's output): else XLA materializes the w - w0 that the value and the gradient share, in an extra
+    # parameter-sized pass (6-8% of the ResNet-18 step at 96x96/16; with the barrier it is within the
+    # noise, benchmarks/RESULTS.md). split_value_and_grad does the same for its closed forms.
+    grad, value_params = jax.lax.optimization_barrier((grad, params))
+    terms += tuple(regularizer.value(value_params) for regularizer in closed_form)
   return terms, aux, grad
 
 
