@@ -84,7 +84,7 @@ def measure(granularity: str, repeats: int, block: int) -> dict:
   return result
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--block", type=int, default=3)
@@ -94,6 +94,7 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPU(s)")
   result = {granularity: measure(granularity, args.repeats, args.block) for granularity in args.granularity.split(",")}
   print(json.dumps(result))
+  return result
 
 
 if __name__ == "__main__":

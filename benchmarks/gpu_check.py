@@ -11,9 +11,19 @@ fine-tuning, not part of the step).
 
 The headline is DTNH(X) over X as usually written (``summed``: one
 ``value_and_grad`` of ``J + λΩ``, see ``train_step_overhead.py``), as in
-``train_step_overhead.py``. The library's plain step already holds the two
-gradients apart (it is ``dtnh(projection="none")``), so DTNH over it measures
-the projection alone (``*_vs_plain``).
+``train_step_overhead.py``. The library's plain step is the one ``dtnh-train``
+runs on the steps that log no angles (one backward pass of ``J + λΩ`` with the
+library's NaN guard and metrics); DTNH over it is ``*_vs_plain``.
+
+``--suite`` then runs the other benchmarks in the same process and adds their
+JSON objects under their names: ``train_step`` (``train_step_overhead.py``,
+every variant, at this run's size), ``transform`` (``transform_overhead.py``,
+with every Gram strategy), ``aggregators`` (``aggregator_overhead.py``) and
+``peer_torch`` (``peer_torch.py --check``: PyTorch on the same device; skipped,
+and said so, where torch is not installed). ``--suite all`` is the one command
+to run on the first GPU the project gets; a part that fails is recorded
+(``{"error": ...}``) and the others still run; the exit status is 1 if any
+failed.
 
 Meant for a GPU: 13 compiles (9 with ``--no-summed``) and a few hundred steps,
 sized to finish in under five minutes on an H100 (not yet run on one);
@@ -24,7 +34,8 @@ library's plain step under ``*_vs_plain``, images/s per method under
 ``images_per_s``.
 
     python benchmarks/gpu_check.py [--size 224 --batch 48 --steps 20 --rounds 5] [--no-summed]
-    python benchmarks/gpu_check.py --small
+    python benchmarks/gpu_check.py --suite all          # everything, one JSON line
+    python benchmarks/gpu_check.py --small [--suite all]
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -48,6 +60,44 @@ RATIO_KEYS = {"l2": "l2", "l2-sp": "l2sp", "knowdist": "knowdist", "delta": "del
 #: Defaults of a run, and of a ``--small`` one (explicit flags win over both).
 FULL = {"size": 224, "batch": 48, "width": 1.0, "steps": 20, "rounds": 5}
 SMALL = {"size": 32, "batch": 4, "width": 0.125, "steps": 2, "rounds": 2}
+#: The benchmarks ``--suite`` can add, in the order it runs them.
+SUITE = ("train_step", "transform", "aggregators", "peer_torch")
+
+
+def suite_arguments(part: str, args) -> tuple[str, list[str]]:
+  """``(module, argv)`` of one ``--suite`` part at this run's sizes."""
+  sizes = ["--size", str(args.size), "--batch", str(args.batch)]
+  repeats = ["--repeats", str(max(args.rounds, 3))]
+  if part == "train_step":
+    return "train_step_overhead", sizes + ["--width", str(args.width)] + repeats
+  if part == "transform":
+    return "transform_overhead", ["--repeats", str(max(3 * args.rounds, 5)), "--gram", "all"]
+  if part == "aggregators":
+    return "aggregator_overhead", repeats
+  # torchvision's ResNet-18 is full width: peer_torch has no --width
+  return "peer_torch", sizes + repeats + ["--check"]
+
+
+def run_suite(parts, args) -> dict:
+  """Each part's JSON object under its name; a part that fails or cannot run says why instead."""
+  results = {}
+  for part in parts:
+    module_name, argv = suite_arguments(part, args)
+    print(f"\n== suite: {part}: python benchmarks/{module_name}.py {' '.join(argv)}", flush=True)
+    try:
+      module = __import__(module_name)
+    except ImportError as error:  # peer_torch without torch
+      results[part] = {"skipped": f"{module_name} cannot be imported: {error}"}
+      print(f"suite: {part} skipped: {error}")
+      continue
+    try:
+      results[part] = module.main(argv)
+    except SystemExit as error:  # argparse, or a failed check (peer_torch exits 1)
+      results[part] = {"error": f"exited with status {error.code}"}
+    except Exception as error:  # pylint: disable=broad-except  # one part's failure must not lose the others
+      traceback.print_exc()
+      results[part] = {"error": f"{type(error).__name__}: {error}"}
+  return results
 
 
 def peak_device_mib() -> float | None:
@@ -69,6 +119,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--summed", action=argparse.BooleanOptionalAction, default=True,
                       help="time each regularizer written as one value_and_grad of J + λΩ (one backward pass, "
                       "no DTNH; see train_step_overhead.py), the headline's baseline (default: on; 4 compiles)")
+  parser.add_argument("--suite", default="",
+                      help="comma-separated benchmarks to run after this one, among " + ", ".join(SUITE)
+                      + ", or 'all' (default: none)")
   parser.add_argument("--small", action="store_true",
                       help="a CPU-sized smoke run; defaults become "
                       + ", ".join(f"--{k} {v}" for k, v in SMALL.items()))
@@ -81,6 +134,10 @@ def main(argv=None) -> dict:
   unknown = sorted(set(chosen) - set(known))
   if unknown:
     parser.error(f"unknown method(s) {unknown}; choose among {', '.join(known)}")
+  parts = list(SUITE) if args.suite == "all" else [p.strip() for p in args.suite.split(",") if p.strip()]
+  if set(parts) - set(SUITE):
+    parser.error(f"unknown --suite part(s) {sorted(set(parts) - set(SUITE))}; choose among {', '.join(SUITE)} "
+                 "or 'all'")
 
   started = time.perf_counter()
   device = jax.devices()[0]
@@ -119,10 +176,16 @@ def main(argv=None) -> dict:
     print(f"device peak memory in use: {peak:.0f} MiB")
   result = {**ratios, "images_per_s": {k: round(v, 1) for k, v in images_per_s.items()},
             "device": device.device_kind, "platform": device.platform, "device_peak_mib": peak,
-            "config": {k: getattr(args, k) for k in ("size", "batch", "width", "steps", "rounds")},
-            "total_s": round(time.perf_counter() - started, 1)}
+            "config": {k: getattr(args, k) for k in ("size", "batch", "width", "steps", "rounds")}}
+  if parts:
+    result["suite"] = run_suite(parts, args)
+  result["total_s"] = round(time.perf_counter() - started, 1)
   print(f"total {result['total_s']:.0f} s")
   print(json.dumps(result))
+  failed = [part for part, value in result.get("suite", {}).items() if "error" in value]
+  if failed:
+    print(f"suite: failed: {', '.join(failed)}", file=sys.stderr)
+    sys.exit(1)
   return result
 
 

@@ -314,7 +314,7 @@ def split_gradient_ratio(repeats: int) -> float:
   return ratio
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--gram", default="", help="comma-separated Gram strategies to compare (part 3), or 'all': "
@@ -332,6 +332,7 @@ def main(argv=None) -> None:
   if names:
     result["gram_strategies"] = gram_strategies(names, args.repeats)
   print(json.dumps(result))
+  return result
 
 
 if __name__ == "__main__":

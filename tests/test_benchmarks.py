@@ -4,10 +4,11 @@ Each script runs as users run it, ``python benchmarks/NAME.py ...``, in a
 subprocess of this interpreter. Compiling a ResNet-18 train step dominates
 their cost on a CPU (several seconds per step), so each smoke run compiles
 few steps: DELTA's five variants (it uses all that the others use: the source
-network's features, the attention, a traced regularizer) and the L2-SP pair
-of the GPU check.
+network's features, the attention, a traced regularizer), the L2-SP pair
+of the GPU check, and the L2-SP pair of the PyTorch comparison's check.
 """
 
+import argparse
 import json
 import os
 import pathlib
@@ -71,3 +72,62 @@ def test_gpu_check_runs_small_on_a_cpu_and_ends_with_json():
   assert result["l2sp"] > 0 and result["l2sp_vs_plain"] > 0
   assert set(result["images_per_s"]) == {"l2-sp", "dtnh-l2-sp", "l2-sp (summed)"}
   assert result["platform"] == "cpu" and result["config"]["size"] == 16
+
+
+@pytest.mark.slow
+def test_peer_torch_check_finds_both_frameworks_compute_the_same_step():
+  pytest.importorskip("torch")
+  # one method, the check only: both frameworks' updates from the same weights, w0 moved so that L2-SP's term is
+  # as large as the loss's gradient and DTNH projects (32x32, batch 8: float32 BatchNorm is still reliable)
+  lines = run_benchmark("peer_torch", "--size", "32", "--batch", "8", "--regularizers", "l2sp",
+                        "--jax-variants", "summed,dtnh", "--check-only")
+  result = json.loads(lines[-1])
+  assert result["check_ok"]
+  checked = result["check"]["l2sp"]
+  assert checked["jax dtnh vs torch dtnh"]["update"] < 1e-3
+  # the check can see a wrong term: DTNH and the regularizer each move the update far more than the tolerance
+  assert checked["dtnh_conflict"] == 1.0 and checked["dtnh_share"] > 0.1 and checked["regularizer_share"] > 0.1
+
+
+def test_peer_torch_refuses_an_unknown_regularizer(capsys):
+  pytest.importorskip("torch")
+  with pytest.raises(SystemExit) as exit_info:
+    import_benchmark("peer_torch").main(["--regularizers", "delta"])
+  assert exit_info.value.code == 2 and "unknown regularizer" in capsys.readouterr().err
+
+
+def test_gpu_check_suite_runs_every_part_and_keeps_going_past_a_failure(monkeypatch, capsys):
+  gpu_check = import_benchmark("gpu_check")
+  calls = []
+
+  def fake(name, outcome):
+    def main(argv):
+      calls.append((name, argv))
+      if isinstance(outcome, BaseException):
+        raise outcome
+      return outcome
+    return main
+
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    modules = {name: __import__(name) for name in ("train_step_overhead", "transform_overhead",
+                                                    "aggregator_overhead")}
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  monkeypatch.setattr(modules["train_step_overhead"], "main", fake("train_step_overhead", {"l2sp": 1.0}))
+  monkeypatch.setattr(modules["transform_overhead"], "main", fake("transform_overhead", RuntimeError("no memory")))
+  monkeypatch.setattr(modules["aggregator_overhead"], "main", fake("aggregator_overhead", {"tree": {}}))
+  monkeypatch.setitem(sys.modules, "peer_torch", None)  # as where torch is not installed: the import fails
+  monkeypatch.setattr(sys, "path", [str(BENCHMARKS)] + sys.path)
+  parts = gpu_check.run_suite(gpu_check.SUITE, argparse.Namespace(size=32, batch=4, width=0.125, rounds=2))
+  assert [name for name, _ in calls] == ["train_step_overhead", "transform_overhead", "aggregator_overhead"]
+  assert calls[0][1][:4] == ["--size", "32", "--batch", "4"]
+  assert parts["train_step"] == {"l2sp": 1.0} and parts["aggregators"] == {"tree": {}}
+  assert "no memory" in parts["transform"]["error"]
+  assert "skipped" in parts["peer_torch"]
+
+
+def test_gpu_check_refuses_an_unknown_suite_part(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    import_benchmark("gpu_check").main(["--suite", "train_step,nonsense"])
+  assert exit_info.value.code == 2 and "unknown --suite part" in capsys.readouterr().err
