@@ -84,7 +84,13 @@ gradient and KnowDist's source differs from the target, and DTNH projects
 (JAX's ``conflict`` metric is printed); the shares of the update that the
 regularizer and the projection make (from PyTorch runs without them) are
 printed beside the differences, to show the check would see a wrong term.
-It fails (exit 1) above ``--check-tolerance`` (1e-3 on the updates). One step
+It fails (exit 1) above ``--check-tolerance`` (5e-3 on the updates, far
+below the regularizer's and the projection's shares of 0.1-1). JAX's own
+float32 math sets that level: with XLA:CPU's default platform-dependent
+math (approximate transcendental functions), JAX's one-step L2-SP update
+at 96x96/16 is 1.5e-3 from PyTorch's, and 1.0e-5 with
+``XLA_FLAGS=--xla_cpu_enable_platform_dependent_math=false`` (and with the
+test suite's unoptimized compiles), as PyTorch is from float64. One step
 by default: at 96x96, batch 16, float32 PyTorch is 1.6e-5 from float64 PyTorch
 after one step and 5e-4 after two (the random network's second step is
 ill-conditioned), and below 32x32 or batch 4 BatchNorm over a few values
@@ -518,7 +524,7 @@ def main(argv=None) -> dict[str, Any]:
                       help="first check that both frameworks compute the same steps (exit 1 if not)")
   parser.add_argument("--check-only", action="store_true", help="the check and no timing")
   parser.add_argument("--check-steps", type=int, default=1, help="steps the check runs (default: %(default)s)")
-  parser.add_argument("--check-tolerance", type=float, default=1e-3,
+  parser.add_argument("--check-tolerance", type=float, default=5e-3,
                       help="largest relative difference of the updates the check accepts (default: %(default)s)")
   args = parser.parse_args(argv)
   chosen = [name for name in args.regularizers.split(",") if name]
