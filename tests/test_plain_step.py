@@ -60,8 +60,11 @@ def test_summed_step_makes_the_split_steps_update(method, digits):
   for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(summed.params)):
     # float32 rounding of two summation orders, relative to the leaf's scale (KnowDist's gradient is large)
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-8)
-  for key in ("loss_empirical", "loss_regularizer", "loss_total", "reg_weight"):
+  traced = method in ("knowdist", "delta")  # a closed-form Ω's value is left to the steps that log angles
+  for key in ("loss_empirical", "reg_weight") + (("loss_regularizer", "loss_total") if traced else ()):
     np.testing.assert_allclose(summed_metrics[key], split_metrics[key], rtol=1e-5)
+  if not traced:
+    assert not {"loss_regularizer", "loss_total"} & set(summed_metrics)
   assert jax.tree.structure(summed) == jax.tree.structure(split)  # the same state: the two can alternate
 
 
@@ -103,4 +106,6 @@ def test_plain_run_logs_angles_on_the_logged_steps_only(tmp_path):
   train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"train"' in line]
   assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # every step has its line
   assert [r["step"] for r in train if "angle1" in r] == [3, 6]
-  assert all("loss_regularizer" in r and "reg_weight" in r for r in train)
+  assert all("reg_weight" in r for r in train)
+  # L2-SP's value is a pass over the weights that the one-backward-pass steps skip
+  assert [r["step"] for r in train if "loss_regularizer" in r] == [3, 6]

@@ -274,7 +274,12 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
   schedule, :func:`reg_weight_schedule`), a plain regularized method's step is
   the method as usually written: one backward pass of ``J + λ Ω`` (a closed-form
   regularizer's gradient added), then :func:`base_optimizer`; no angles are
-  computed. It reads and writes the same state as the default step (``tx``'s
+  computed, and no closed-form regularizer's value either (L2, L2-SP: a pass
+  over the weights and ``w0`` that the update does not need, 3-8% of the
+  ResNet-18 step, benchmarks/RESULTS.md): such a step's metrics have
+  ``loss_regularizer`` and ``loss_total`` only where Ω is traced (KnowDist,
+  DELTA); the steps that log angles have them for every method. It reads and
+  writes the same state as the default step (``tx``'s
   state; DTNH's step counter advances, its diagnostics stay those of the last
   step that computed them), so the two can alternate within a run.
   """
@@ -304,10 +309,14 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
     if summed:
       correction_state, base_state = state.opt_state
       reg_weight = jnp.asarray(summed_reg_weight(correction_state.count), jnp.float32)
-      values, (batch_stats, logits), grads = _summed_gradient(loss_terms, closed_form, reg_weight, state.params)
+      values, (batch_stats, logits), traced = _summed_gradient(loss_terms, reg_weight, state.params)
+      grads = _add_closed_form(traced, closed_form, reg_weight, state.params)
       updates, base_state = base.update(grads, base_state, state.params)
       new_opt_state = (correction_state._replace(count=optax.safe_increment(correction_state.count)), base_state)
-      finite = _all_finite((values, grads))
+      # The traced gradient, not the sum: a closed form of finite parameters is finite (a step with a
+      # non-finite update is never applied), and reading g + λr here would make XLA write it out in a pass
+      # of its own instead of forming it inside the update.
+      finite = _all_finite((values, traced))
     else:
       # "retrace": each term's backward pass holds only its own path; XLA merges
       # the forward passes (see split_value_and_grad).
@@ -344,7 +353,9 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
         "skipped": jnp.logical_not(finite).astype(jnp.float32),
     }
     if method.has_regularizer:
-      metrics.update(loss_regularizer=values[1], reg_weight=reg_weight, loss_total=values[0] + reg_weight * values[1])
+      metrics["reg_weight"] = reg_weight
+    if method.has_regularizer and len(values) > 1:  # the summed step computes no closed-form value
+      metrics.update(loss_regularizer=values[1], loss_total=values[0] + reg_weight * values[1])
     if method.has_regularizer and not summed:
       metrics.update(
           conflict=diagnostics.conflict,
@@ -363,27 +374,25 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
   return train_step
 
 
-def _summed_gradient(loss_terms, closed_form, reg_weight, params):
+def _summed_gradient(loss_terms, reg_weight, params):
   """``(values, aux, grad)`` of ``J + λ Ω`` in one backward pass: ``loss_terms(params) -> ((J, Ω...), aux)``
-  differentiated as their λ-weighted sum, each closed-form regularizer's gradient added times λ; ``values``
-  are ``(J, Ω)`` as ``split_value_and_grad`` gives them."""
+  differentiated as their λ-weighted sum; ``values`` are the traced terms, ``(J,)`` or ``(J, Ω)``."""
 
   def total(params):
     terms, aux = loss_terms(params)
     return terms[0] + reg_weight * sum(terms[1:], jnp.zeros([], jnp.float32)), (terms, aux)
 
   (_, (terms, aux)), grad = jax.value_and_grad(total, has_aux=True)(params)
+  return terms, aux, grad
+
+
+def _add_closed_form(grad, closed_form, reg_weight, params):
+  """``grad`` plus λ times each closed-form regularizer's gradient (leaves it leaves out: unchanged). Their
+  values are not computed: the update does not need them."""
   for regularizer in closed_form:
     grad = jax.tree.map(lambda r, g: g if r is None else g + reg_weight * r, regularizer.grad(params), grad,
                         is_leaf=lambda x: x is None)
-  if closed_form:
-    # The value only for the metrics, after the gradient and from a copy of the parameters (an optimization
-    # barrier's output): else XLA materializes the w - w0 that the value and the gradient share, in an extra
-    # parameter-sized pass (6-8% of the ResNet-18 step at 96x96/16; with the barrier it is within the
-    # noise, benchmarks/RESULTS.md). split_value_and_grad does the same for its closed forms.
-    grad, value_params = jax.lax.optimization_barrier((grad, params))
-    terms += tuple(regularizer.value(value_params) for regularizer in closed_form)
-  return terms, aux, grad
+  return grad
 
 
 def make_eval_step(model):
