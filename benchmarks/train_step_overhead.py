@@ -112,8 +112,10 @@ def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10
 
 
 def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, width: float) -> TrainConfig:
+  # KnowDist/DELTA averaged over positions at weight 1, as every figure in RESULTS.md (and peer_torch's PyTorch side)
   return TrainConfig.create(method=Method(regularizer, dtnh).name, dataset="synthetic", width=width,
-                            batch_size=batch_size, resize=size, crop=size)
+                            batch_size=batch_size, resize=size, crop=size, feature_normalize="spatial_mean",
+                            knowdist_weight=1.0, delta_weight=1.0)
 
 
 # ----------------------------------------------------------------------------

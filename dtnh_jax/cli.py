@@ -327,9 +327,9 @@ class _Plan(NamedTuple):
 
   @property
   def runs(self) -> int:
-    regularized = sum(m.has_regularizer for m in self.methods)
-    combinations = len(self.reg_weights) * len(self.reg_decays)
-    return (len(self.methods) - regularized + regularized * combinations) * len(self.seeds) * len(self.sources)
+    from dtnh_jax.train import offline  # pylint: disable=g-import-not-at-top
+    combinations = [(w, d) for w in self.reg_weights for d in self.reg_decays]
+    return len(offline.grid_runs(self.sources, self.methods, self.seeds, combinations))
 
 
 #: λ and its decay: a flag or --config list of several values sweeps them (selection on validation).

@@ -18,6 +18,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "METHOD_LABELS",
+    "OFFICIAL_FEATURE_NORMALIZE",
     "OFFLINE_DATASETS",
     "OFFLINE_SOURCES",
     "OFFLINE_TARGET",
@@ -45,7 +46,10 @@ FEATURE_NAMES = ("layer1", "layer2", "layer3", "layer4", "pool")
 #: The four stage outputs: the feature maps KnowDist and DELTA compare unless told otherwise.
 DEFAULT_FEATURE_LAYERS = FEATURE_NAMES[:4]
 #: How KnowDist and DELTA scale a channel's feature-map distance: summed, averaged over positions, or over all.
-FEATURE_NORMALIZATIONS = ("sum", "spatial_mean", "mean")
+FEATURE_NORMALIZATIONS = ("official", "sum", "spatial_mean", "mean")
+#: ``"official"``: each feature regularizer as its released code (DELTA's train.py) normalizes: KnowDist's
+#: ``fea_map`` sums over positions (Eq. 3), DELTA's ``att_fea_map`` averages over them.
+OFFICIAL_FEATURE_NORMALIZE = {"knowdist": "sum", "delta": "spatial_mean"}
 #: What DTNH projects as one vector: all parameters (the paper), each leaf, or each module.
 GRANULARITIES = ("tree", "leaf", "module")
 #: When DTNH projects: on conflict (the paper), always (the authors' code), or never (the plain regularized gradient).

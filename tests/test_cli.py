@@ -69,7 +69,7 @@ EXPECTED_CHOICES = {
     "reg_schedule": ("epoch", "released-code"),
     "l2_sp_include": ("kernels", "weights_and_biases", "all"),
     "feature_layers": ("layer1", "layer2", "layer3", "layer4", "pool"),
-    "feature_normalize": ("sum", "spatial_mean", "mean"),
+    "feature_normalize": ("official", "sum", "spatial_mean", "mean"),
     "granularity": ("tree", "leaf", "module"),
     "projection": ("conflict", "always", "pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad"),
     "compute_dtype": ("float32", "bfloat16"),
@@ -391,8 +391,9 @@ def test_importing_the_package_warns_nothing():
 
 def test_study_preset_prints_its_grid_and_flags_override_it(capsys):
   code, out, _ = _main(cli.train_main, ["--preset", "study", "--print-config"])
-  assert code == 0 and "108 run(s) in runs/offline-study" in out
-  assert "reg_weight = [0.01, 0.1, 1.0, 10.0]" in out and "val_fraction = 0.25" in out
+  # per seed: fine-tuning from each source, scratch once, 8 regularized methods x 5 λ x 2 sources; 5 seeds
+  assert code == 0 and f"{5 * (2 + 1 + 8 * 5 * 2)} run(s) in runs/offline-study" in out
+  assert "reg_weight = [0.001, 0.01, 0.1, 1.0, 10.0]" in out and "val_fraction = 0.25" in out
   code, out, _ = _main(cli.train_main, ["--preset", "study", "--seeds", "0", "--reg-weight", "0.1,1", "--method",
                                         "l2-sp,dtnh-l2-sp", "--print-config"])
   assert code == 0 and "8 run(s)" in out and "reg_weight = [0.1, 1.0]" in out

@@ -263,3 +263,37 @@ def test_results_record_where_they_were_computed(tmp_path):
   assert record["versions"]["jax"] == jax.__version__ and record["backend"] == jax.default_backend()
   assert record["cpu"] and record["devices"].startswith(f"{jax.device_count()} x ")
   assert json.load(open(tmp_path / "results.json"))["provenance"] == record
+
+
+def test_delta_attention_fits_its_head_on_a_whole_epoch_and_ranks_channels_on_four_batches(monkeypatch):
+  from dtnh_jax import regularizers
+  from dtnh_jax.train.data import load_data
+  config = tiny(method="delta", target_per_class=20)
+  data = load_data(config)
+  assert data.steps_per_epoch > 4  # so that a whole epoch and the released code's 4 batches differ
+  seen = {}
+  fit_head, rank = regularizers.fit_head, regularizers.delta_channel_attention
+
+  def counting_fit_head(model, variables, batches, **kwargs):
+    batches = list(batches)
+    seen["head"] = sum(len(b["label"]) for b in batches)
+    return fit_head(model, variables, batches, **kwargs)
+
+  def counting_rank(model, variables, batches, layers):
+    seen["ranked"] = len(batches)
+    return rank(model, variables, batches, layers)
+
+  monkeypatch.setattr(regularizers, "fit_head", counting_fit_head)
+  monkeypatch.setattr(regularizers, "delta_channel_attention", counting_rank)
+  attention = loop.delta_attention(loop.create_model(config, data.num_classes), config, data)
+  assert seen == {"head": data.steps_per_epoch * config.recipe.batch_size, "ranked": 4}
+  assert all(np.isclose(weights.sum(), 1.0) for weights in attention.values())
+
+
+def test_a_grid_trains_from_scratch_once_whatever_the_sources_and_sweeps_only_regularized_methods():
+  methods = [Method.parse(m) for m in ("scratch", "fine-tune", "dtnh-l2-sp")]
+  runs = offline.grid_runs(["related", "unrelated"], methods, [0, 1], [(0.1, 1.0), (1.0, 1.0)])
+  scratch = [(source, seed) for source, method, seed, _ in runs if method.from_scratch]
+  assert scratch == [("related", 0), ("related", 1)]
+  assert sum(method.name == "fine-tune" for _, method, _, _ in runs) == 2 * 2  # per source and seed
+  assert sum(method.name == "dtnh-l2-sp" for _, method, _, _ in runs) == 2 * 2 * 2  # and per λ

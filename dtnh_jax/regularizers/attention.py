@@ -253,7 +253,11 @@ def fit_head(
   ``0.1 ** (1 / decay_epochs)`` after every epoch. Unlike it, the pooled
   features of ``batches`` are computed once (eval mode) and reused every
   epoch, without fresh data augmentation: fitting a linear head then costs
-  one forward pass per batch.
+  one forward pass per batch. The released code also runs the frozen network
+  in training mode while it fits (``model.train()``), so BatchNorm normalizes
+  with batch statistics and its running statistics drift toward the target
+  data before the channels are evaluated; here the source's statistics stay
+  as they are (eval mode), the network DELTA then regularizes toward.
 
   Args:
     model: a Flax model whose features include ``"pool"``, the vector the head

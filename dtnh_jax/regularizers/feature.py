@@ -40,9 +40,11 @@ def _paired_features(target_features, source_features, layers, caller):
   return pairs
 
 
-def _check_normalize(normalize, caller):
+def _resolved_normalize(normalize, caller, regularizer):
+  """``normalize`` checked; ``"official"`` replaced by ``regularizer``'s official one."""
   if normalize not in names.FEATURE_NORMALIZATIONS:
     raise ValueError(f"{caller}: normalize must be one of {names.FEATURE_NORMALIZATIONS}, got {normalize!r}.")
+  return names.OFFICIAL_FEATURE_NORMALIZE[regularizer] if normalize == "official" else normalize
 
 
 def _squared_distance_per_channel(target, source, normalize):
@@ -105,7 +107,8 @@ def feature_distance(
     source_features: the frozen source network's maps on the same batch (one
       extra forward pass; see :func:`source_features`).
     layers: which feature maps to compare.
-    normalize: ``"sum"``, ``"spatial_mean"`` or ``"mean"`` (see above).
+    normalize: ``"sum"``, ``"spatial_mean"`` or ``"mean"`` (see above);
+      ``"official"`` (the training CLI's default) is ``"sum"``.
 
   Returns:
     The scalar regularizer, float32 (or wider).
@@ -132,7 +135,7 @@ def feature_distance(
     <https://openaccess.thecvf.com/content_cvpr_2017/html/Yim_A_Gift_From_CVPR_2017_paper.html>`_,
     CVPR 2017 (ref. [31] of Wan et al.); Wan et al., ICDM 2019, Eq. 3.
   """
-  _check_normalize(normalize, "feature_distance")
+  normalize = _resolved_normalize(normalize, "feature_distance", "knowdist")
   total = jnp.zeros((), jnp.float32)
   for _, target, source in _paired_features(target_features, source_features, layers, "feature_distance"):
     per_example = jnp.sum(_squared_distance_per_channel(target, source, normalize), axis=-1)
@@ -182,7 +185,8 @@ def delta(
     attention: ``{name: (C,)}`` non-negative channel weights (any mapping of
       arrays, e.g. loaded with :func:`load_attention`).
     layers: which maps to compare; default: the attention's keys.
-    normalize: ``"sum"``, ``"spatial_mean"`` (default) or ``"mean"``.
+    normalize: ``"sum"``, ``"spatial_mean"`` (default) or ``"mean"``;
+      ``"official"`` (the training CLI's default) is ``"spatial_mean"``.
 
   Returns:
     The scalar regularizer, float32 (or wider).
@@ -213,7 +217,7 @@ def delta(
     Map with Attention for Convolutional Networks <https://arxiv.org/abs/1901.09229>`_,
     ICLR 2019; code: ``github.com/lixingjian/DELTA``.
   """
-  _check_normalize(normalize, "delta")
+  normalize = _resolved_normalize(normalize, "delta", "delta")
   if not isinstance(attention, Mapping):
     raise TypeError(f"delta: attention must be a dict {{layer: (C,) weights}}, got {type(attention).__name__}.")
   layers = tuple(attention) if layers is None else _as_layers(layers, "delta")

@@ -236,19 +236,25 @@ class RegularizerConfig:
   l2_sp_include: str = _setting("kernels", "the backbone tensors L2-SP pulls toward the source: kernels (the "
                                 "L2-SP paper's), weights_and_biases, or all (BatchNorm too, as the released DTNH "
                                 "code)", L2_SP_INCLUDES)
-  knowdist_weight: float = _setting(1.0, "scale of KnowDist's feature-map distance")
-  delta_weight: float = _setting(1.0, "scale of DELTA's attention-weighted feature-map distance")
+  # The feature regularizers average over the batch (Eq. 3's 1/n); the official code (DELTA's train.py) sums
+  # over it with a 1/2: its alpha is ours · 2 / batch_size, ours = alpha · batch_size / 2. The defaults are its
+  # alpha = 0.01 (run.sh; 0.1 for Stanford Dogs) at this config's default batch of 48: 0.01 · 48 / 2 = 0.24.
+  knowdist_weight: float = _setting(0.24, "scale of KnowDist's feature-map distance, per example (the official "
+                                    "code's alpha · batch_size / 2: 0.24 is its 0.01 at batch 48)")
+  delta_weight: float = _setting(0.24, "scale of DELTA's attention-weighted feature-map distance, per example "
+                                 "(the official code's alpha · batch_size / 2: 0.24 is its 0.01 at batch 48)")
   head_beta: float = _setting(0.0, "KnowDist and DELTA as their official code: β of the β/2·|head|² term, its "
                               "gradient β·w added to the direction unprojected (0.01 there and in --preset paper; "
                               "0: none)")
   feature_layers: tuple[str, ...] = _setting(names.DEFAULT_FEATURE_LAYERS,
                                              "comma-separated layers whose feature maps KnowDist and DELTA "
                                              "compare", names.FEATURE_NAMES)
-  # "spatial_mean" (DELTA's code) for both feature regularizers: KnowDist is then
-  # DELTA with uniform attention and one weight scale serves both; "sum" is Eq. 3
-  feature_normalize: str = _setting("spatial_mean", "feature-map distance per channel: summed over positions "
-                                    "(sum, Eq. 3), averaged (spatial_mean, DELTA's code), or also over channels "
-                                    "(mean)", names.FEATURE_NORMALIZATIONS)
+  # "official": KnowDist summed over positions (Eq. 3 and the official fea_map), DELTA averaged (att_fea_map);
+  # the offline presets use "spatial_mean" for both (KnowDist is then DELTA with uniform attention)
+  feature_normalize: str = _setting("official", "feature-map distance per channel: as each regularizer's official "
+                                    "code (official: KnowDist summed, DELTA averaged over positions), summed over "
+                                    "positions (sum, Eq. 3), averaged (spatial_mean), or also over channels (mean)",
+                                    names.FEATURE_NORMALIZATIONS)
 
   def __post_init__(self):
     _check_finite(self)
@@ -345,8 +351,10 @@ class TrainConfig:
 
   The regularizer enters as ``λ Ω`` with ``Ω`` one of the regularizers and
   ``λ = reg_weight · reg_decay^epoch`` (the paper decays the coefficient per
-  epoch); the regularizers' own coefficients (``alpha``, ``beta``, ...) keep
-  the values of their original papers.
+  epoch); the regularizers' own coefficients default to their official
+  values (L2-SP's α 0.1, β 0.01; KnowDist's and DELTA's α 0.01 of DELTA's
+  ``train.py``, converted to this library's per-example units at the default
+  batch of 48: 0.24; the offline presets set their own).
   """
 
   method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",

@@ -86,9 +86,13 @@ def initial_variables(config: TrainConfig, data: RunData) -> dict[str, Any]:
 def delta_attention(model, config: TrainConfig, data: RunData, num_batches: int = 4):
   """DELTA's channel attention for ``config``'s source and data.
 
-  As the DELTA authors' code: the new head is first fitted on the frozen
-  source features (so that zeroing a channel changes a meaningful loss), then
-  each channel's loss increase over a few training batches gives the attention.
+  As the DELTA authors' ``channel_eval.py``: the new head is first fitted on
+  the frozen source network over the whole training loader for 10 epochs
+  (``train_classifier``; here the pooled features of one pass over the
+  training set, ``data.steps_per_epoch`` batches, reused each epoch, see
+  ``regularizers.fit_head``), so that zeroing a channel changes a meaningful
+  loss; then each channel's loss increase over the first ``num_batches``
+  batches of a fresh pass (``feature_weight``: 4) gives the attention.
   It describes the source network on the target data, not a run: the same for
   every seed (the head it fits starts from seed 0's and the batches are seed
   1's), so runs that differ in their seed share it. Computed in float32
@@ -99,8 +103,9 @@ def delta_attention(model, config: TrainConfig, data: RunData, num_batches: int 
   config = config.replace(seed=0)
   initial = initial_variables(config, data)
   loader = data.train_loader(config.seed + 1)
+  # a generator: one epoch of images is never held in memory at once (only its pooled features are)
+  fitted = regularizers.fit_head(model, initial, (next(loader) for _ in range(data.steps_per_epoch)))
   batches = [next(loader) for _ in range(max(num_batches, 1))]
-  fitted = regularizers.fit_head(model, initial, batches)
   return regularizers.delta_channel_attention(model, fitted, batches, config.regularizer.feature_layers)
 
 

@@ -193,7 +193,8 @@ def run_grid(
 
   Each run keeps its own workdir ``workdir/SOURCE/METHOD/seedK`` (``.../METHOD/lambdaL_decayD/seedK`` when
   ``reg_weights`` x ``reg_decays`` holds several combinations; None: ``base``'s), so an interrupted grid
-  resumes where it stopped. Methods without regularizer run once per seed whatever the sweep. Writes
+  resumes where it stopped. Methods without regularizer run once per seed whatever the sweep, and ``scratch``
+  (which ignores the source) under the first source only. Writes
   ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars), and,
   when the runs exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source) and
   ``figure4_5_angles.png``. With a validation split (carved with ``base.val_fraction``, or the dataset's own)
@@ -209,8 +210,7 @@ def run_grid(
                       "validation split exists.")
   datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
   base = base.replace(plots=False)  # the grid draws its figures once, for all runs
-  runs = [(source, method, seed, combination) for source in sources for method in methods for seed in seeds
-          for combination in (combinations if method.has_regularizer else combinations[:1])]
+  runs = grid_runs(sources, methods, seeds, combinations)
   results = []
   progress = Progress(len(runs), enabled=show_progress and sharding.is_chief())
   started = time.perf_counter()
@@ -232,6 +232,18 @@ def run_grid(
     results = _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
                              _safe_name(sources[-1]), base.dataset, sweep)
   return results
+
+
+def grid_runs(sources: Sequence[str], methods: Sequence[Method], seeds: Sequence[int],
+              combinations: Sequence[tuple[float | None, float | None]]) -> list[tuple]:
+  """The runs of a grid, ``(source, method, seed, (reg_weight, reg_decay))``, in the order they run.
+
+  A method without regularizer runs once per seed whatever the combinations of λ and decay; ``scratch`` (which
+  ignores the source) under the first source only: the tuned table and the λ curve use it for every source.
+  """
+  return [(source, method, seed, combination) for source in sources for method in methods for seed in seeds
+          for combination in (combinations if method.has_regularizer else combinations[:1])
+          if not (method.from_scratch and source != sources[0])]
 
 
 def _combination_name(config: TrainConfig) -> str:
