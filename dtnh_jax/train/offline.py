@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -25,8 +26,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from dtnh_jax import models, names
 from dtnh_jax.train import loop, presets, provenance, report, selection, sharding, stats
+from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import sources as sources_lib
 from dtnh_jax.train.config import ConfigError, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data, validation_kind
@@ -39,6 +43,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What a grid draws for its Figures 3-5 and the summary of what it drew (:func:`_draw_figures`).
+FIGURE3, FIGURE4_5, FIGURES_SUMMARY = "figure3_losses.png", "figure4_5_angles.png", "figures.json"
 
 
 def _set_aside(path: str) -> str:
@@ -195,12 +202,20 @@ def run_grid(
   ``reg_weights`` x ``reg_decays`` holds several combinations; None: ``base``'s), so an interrupted grid
   resumes where it stopped. Methods without regularizer run once per seed whatever the sweep, and ``scratch``
   (which ignores the source) under the first source only. Writes
-  ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars), and,
-  when the runs exist, ``figure3_losses.png`` (L2-SP vs DTNH (L2-SP) from the last source) and
-  ``figure4_5_angles.png``. With a validation split (carved with ``base.val_fraction``, or the dataset's own)
-  it also picks, per method and source, the λ and decay with the best mean validation accuracy
-  (``dtnh_jax.train.selection``; records get ``selected``), and writes the tuned table with DTNH(X) − X paired
-  over seeds (``dtnh_jax.train.stats``) and, for a sweep, ``lambda_curve.png``.
+  ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars). With a
+  validation split (carved with ``base.val_fraction``, or the dataset's own) it also picks, per method and
+  source, the λ and decay with the best mean validation accuracy (``dtnh_jax.train.selection``; records get
+  ``selected``), and writes the tuned table with DTNH(X) − X paired over seeds (``dtnh_jax.train.stats``) and,
+  for a sweep, ``lambda_curve.png``.
+
+  The paper's figures are drawn where DTNH changes the outcome: of the regularizers X run with DTNH(X) too,
+  the (X, source) whose DTNH(X) and X differ most in mean validation accuracy over seeds (test accuracy
+  without a validation split), each at its pick; one seed's runs (0 if run). ``figure3_losses.png``: their
+  empirical and test losses. ``figure4_5_angles.png``: DTNH(X)'s Angles 1-4 with Angle 3 and 4 along the X
+  run, a line at 90° and a caption with the share of steps where Angle 2 > 90° (the paper's Fig. 2 has DTNH's
+  direction acute with the regularizer's gradient), noting that Angle 1 < Angle 3 is an identity of the
+  projection. ``figures.json`` says what was drawn and why, with those numbers; a line after the table says
+  it too. Without such a pair nothing is drawn.
   """
   pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
   combinations = [(w, d) for w in reg_weights for d in reg_decays]
@@ -230,8 +245,13 @@ def run_grid(
     progress.close()  # also before an error's message, so that it starts on a clean line
   if sharding.is_chief():  # with several processes, process 0 writes the table and figures
     results = _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
-                             _safe_name(sources[-1]), base.dataset, sweep)
+                             base.dataset, sweep)
   return results
+
+
+def _combination_label(weight: float, decay: float) -> str:
+  """``lambdaW_decayD``: the folder of one (λ, decay) combination of a sweep."""
+  return f"lambda{weight:g}_decay{decay:g}"
 
 
 def grid_runs(sources: Sequence[str], methods: Sequence[Method], seeds: Sequence[int],
@@ -247,7 +267,7 @@ def grid_runs(sources: Sequence[str], methods: Sequence[Method], seeds: Sequence
 
 
 def _combination_name(config: TrainConfig) -> str:
-  return f"lambda{config.recipe.reg_weight:g}_decay{config.recipe.reg_decay:g}"
+  return _combination_label(config.recipe.reg_weight, config.recipe.reg_decay)
 
 
 def _safe_name(source: str) -> str:
@@ -261,7 +281,7 @@ def run_dir(workdir: str, source: str, method: str, seed: int, combination: str 
 
 
 def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], elapsed: float,
-                   figure_source: str, dataset: str, sweep: bool) -> list[dict[str, Any]]:
+                   dataset: str, sweep: bool) -> list[dict[str, Any]]:
   validated = all(r.get("val_accuracy") is not None for r in results)
   header = (f"Target {dataset}: test accuracy (%), mean ± std over {len({r['seed'] for r in results})} seed(s); "
             f"{len(results)} runs in {elapsed / 60:.1f} min.\n\n")
@@ -288,14 +308,100 @@ def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[st
   if sweep:
     report.plot_lambda_curve(results, os.path.join(workdir, "lambda_curve.png"),
                              f"{dataset}: accuracy against λ")
-    return results
-  metrics = lambda method: os.path.join(workdir, figure_source, method, "seed0", "metrics.jsonl")
-  figure_runs = {Method.parse(m).label: report.read_metrics(metrics(m))
-                 for m in ("l2-sp", "dtnh-l2-sp") if os.path.exists(metrics(m))}
-  if figure_runs:
-    report.plot_losses(figure_runs, os.path.join(workdir, "figure3_losses.png"),
-                       f"{figure_source} → {dataset}: L2-SP vs DTNH (L2-SP)")
-  if os.path.exists(metrics("dtnh-l2-sp")):
-    report.plot_angles(report.read_metrics(metrics("dtnh-l2-sp")), os.path.join(workdir, "figure4_5_angles.png"),
-                       f"{figure_source} → {dataset}, DTNH (L2-SP)")
+  drawn = _draw_figures(workdir, results, dataset, sweep)
+  if drawn is not None:
+    print(_figures_line(drawn))
   return results
+
+
+def _figure_pair(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The regularizer X and source where DTNH(X) and X differ most: in mean validation accuracy over seeds
+  (test accuracy when a run has none) at each method's pick (its records marked ``selected``; all of them when
+  none is). ``None`` without a pair of X and DTNH(X) from the same source.
+
+  Returns:
+    ``regularizer``, ``source``, ``field`` (the accuracy compared), ``difference`` (DTNH(X) − X, a fraction;
+    the largest in size, the first pair found on a tie) and ``candidates`` (every pair's ``regularizer``,
+    ``source``, ``x_mean``, ``dtnh_mean``, ``difference``).
+  """
+  picked = [r for r in results if r.get("selected", True)]
+  field = "val_accuracy" if all(r.get("val_accuracy") is not None for r in picked) else "test_accuracy"
+  accuracies: dict[tuple[str, str], list[float]] = {}
+  for r in picked:
+    accuracies.setdefault(selection.group_key(r), []).append(float(r[field]))
+  candidates = []
+  for (method, source), values in accuracies.items():
+    x = selection.plain_method(method)
+    if x is None or (x, source) not in accuracies:
+      continue
+    x_mean, dtnh_mean = float(np.mean(accuracies[(x, source)])), float(np.mean(values))
+    if math.isfinite(dtnh_mean - x_mean):
+      candidates.append({"regularizer": x, "source": source, "x_mean": x_mean, "dtnh_mean": dtnh_mean,
+                         "difference": dtnh_mean - x_mean})
+  if not candidates:
+    return None
+  best = max(candidates, key=lambda c: abs(c["difference"]))
+  return {"regularizer": best["regularizer"], "source": best["source"], "field": field,
+          "difference": best["difference"], "candidates": candidates}
+
+
+def _figure_runs(results: list[dict[str, Any]], methods: Sequence[str], source: str) -> list[dict[str, Any]]:
+  """The record of each of ``methods`` from ``source`` at its pick for one seed: 0 if all ran it, else the
+  smallest seed they all ran."""
+  picked = [[r for r in results if r.get("selected", True) and (r["method"], r["source"]) == (method, source)]
+            for method in methods]
+  seeds = set.intersection(*({int(r["seed"]) for r in runs} for runs in picked))
+  seed = 0 if 0 in seeds else min(seeds)
+  return [next(r for r in runs if int(r["seed"]) == seed) for runs in picked]
+
+
+def _metrics_of(workdir: str, record: dict[str, Any], sweep: bool) -> str:
+  """The metrics.jsonl of the grid's run that ``record`` came from (see :func:`run_dir`)."""
+  combination = _combination_label(record["reg_weight"], record["reg_decay"]) if sweep else None
+  return os.path.join(run_dir(workdir, record["source"], record["method"], int(record["seed"]), combination),
+                      metrics_lib.FILE)
+
+
+def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool) -> dict[str, Any] | None:
+  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why.
+
+  Figure 3 (``figure3_losses.png``): empirical and test loss of X and DTNH(X). Figures 4-5
+  (``figure4_5_angles.png``, :func:`report.plot_angles`): the angles of the DTNH(X) run, with Angle 3 and 4
+  along the X run. Both runs of one seed (:func:`_figure_runs`). Returns the summary written, or ``None``
+  (nothing drawn) without such a pair or when a run's metrics are missing.
+  """
+  pair = _figure_pair(results)
+  if pair is None:
+    return None
+  methods = (pair["regularizer"], selection.DTNH_PREFIX + pair["regularizer"])
+  runs = _figure_runs(results, methods, pair["source"])
+  paths = [_metrics_of(workdir, run, sweep) for run in runs]
+  if not all(os.path.exists(path) for path in paths):
+    return None
+  (x, dtnh), (x_metrics, dtnh_metrics) = runs, [report.read_metrics(path) for path in paths]
+  where = f"{_safe_name(pair['source'])} → {dataset}, seed {x['seed']}"
+  report.plot_losses({x["label"]: x_metrics, dtnh["label"]: dtnh_metrics}, os.path.join(workdir, FIGURE3),
+                     f"{where}: {x['label']} vs {dtnh['label']}")
+  angles = report.plot_angles(dtnh_metrics, os.path.join(workdir, FIGURE4_5), f"{where}: {dtnh['label']}",
+                              plain=x_metrics, labels=(dtnh["label"], x["label"]))
+  summary = {**pair, "dataset": dataset, "seed": int(x["seed"]), "figures": [FIGURE3, FIGURE4_5],
+             "reason": f"the largest |DTNH(X) − X| in mean {pair['field']} over seeds, each method at its pick, "
+                       f"of {len(pair['candidates'])} (regularizer, source) pair(s)",
+             "runs": [{"method": run["method"], "label": run["label"], "reg_weight": run["reg_weight"],
+                       "reg_decay": run["reg_decay"], "metrics": os.path.relpath(path, workdir)}
+                      for run, path in zip(runs, paths)],
+             "angles": angles}
+  with open(os.path.join(workdir, FIGURES_SUMMARY), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _figures_line(summary: dict[str, Any]) -> str:
+  """One line on Figures 3-5 for after the table."""
+  x, dtnh = summary["runs"]
+  field = "validation" if summary["field"] == "val_accuracy" else "test"
+  share = summary["angles"]["angle2_obtuse_share"]
+  obtuse = f"; Angle 2 > 90° on {100 * share:.0f}% of its logged steps" if share is not None else ""
+  return (f"Figures 3-5 ({FIGURE3}, {FIGURE4_5}): {x['label']} vs {dtnh['label']} from "
+          f"{_safe_name(summary['source'])}, seed {summary['seed']}, where DTNH changes the mean {field} accuracy "
+          f"most ({100 * summary['difference']:+.2f} points){obtuse}; see {FIGURES_SUMMARY}.")

@@ -15,6 +15,8 @@ from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import selection
 
 __all__ = [
+    "ANGLE_IDENTITY",
+    "angle_summary",
     "plot_angles",
     "plot_lambda_curve",
     "plot_losses",
@@ -54,18 +56,98 @@ def plot_losses(runs: dict[str, list[dict[str, Any]]], path: str, title: str = "
   _save(plt, fig, (ax_train, ax_test), path, title)
 
 
-def plot_angles(records: list[dict[str, Any]], path: str, title: str = "") -> None:
-  """Figures 4-5: Angle 1 vs Angle 3 and Angle 2 vs Angle 4 over steps, in degrees."""
+#: The caveat every angles figure states: after DTNH's projection of a conflicting step, <d, ∇J> = |∇J|², so
+#: Angle 1 is below Angle 3 whatever the data (no evidence for DTNH).
+ANGLE_IDENTITY = ("Angle 1 < Angle 3 is an identity whenever the step conflicts "
+                  "(cos∠(d, ∇J) = |∇J|/|d| after the projection)")
+
+# Figures 4-5's panels: (key, legend) of the run's own angle, then of the one it is compared with.
+_ANGLE_PANELS = ((("angle1", "Angle 1: ∠(d, ∇J)"), ("angle3", "Angle 3: ∠(∇J + λ∇Ω, ∇J)")),
+                 (("angle2", "Angle 2: ∠(d, ∇Ω)"), ("angle4", "Angle 4: ∠(∇J + λ∇Ω, ∇Ω)")))
+
+
+def _finite_values(records: list[dict[str, Any]], key: str) -> np.ndarray:
+  """The finite values of ``key`` over the train records that log it."""
+  values = _series(records, "train", key)[:, 1]
+  return values[np.isfinite(values)]
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+  return float(np.mean(values)) if values.size else None
+
+
+def angle_summary(records: list[dict[str, Any]], plain: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+  """The numbers behind Figures 4-5, over the logged train steps (non-finite values left out).
+
+  Args:
+    records: the metrics of a run that logs ``angle1``-``angle4`` (a DTNH run: every step).
+    plain: the metrics of the plain regularized run X, if any (angles on its logging steps only).
+
+  Returns:
+    ``angle_steps`` (steps with a finite Angle 2), ``angle2_obtuse_share`` (the share of them with Angle 2 >
+    90°: DTNH's direction against the regularizer's gradient), ``angle1_mean`` ... ``angle4_mean`` (degrees),
+    ``conflict_share`` (the share of steps logged with ``conflict`` where <∇J, ∇Ω> < 0); with ``plain``,
+    ``plain_angle_steps``, ``plain_angle3_mean`` and ``plain_angle4_mean`` of that run. A number without any
+    step to average is ``None``.
+  """
+  angle2 = _finite_values(records, "angle2")
+  summary: dict[str, Any] = {"angle_steps": int(angle2.size), "angle2_obtuse_share": _mean_or_none(angle2 > 90)}
+  summary.update({f"angle{k}_mean": _mean_or_none(_finite_values(records, f"angle{k}")) for k in range(1, 5)})
+  summary["conflict_share"] = _mean_or_none(_finite_values(records, "conflict"))
+  if plain is not None:
+    summary["plain_angle_steps"] = int(_finite_values(plain, "angle3").size)
+    summary.update({f"plain_angle{k}_mean": _mean_or_none(_finite_values(plain, f"angle{k}")) for k in (3, 4)})
+  return summary
+
+
+def _angles_caption(summary: dict[str, Any], label: str) -> str:
+  """The figure's caption: how often Angle 2 is obtuse and the steps conflict, then :data:`ANGLE_IDENTITY`."""
+  facts = []
+  if summary["angle2_obtuse_share"] is not None:
+    facts.append(f"Angle 2 > 90° on {100 * summary['angle2_obtuse_share']:.0f}% of the {summary['angle_steps']} "
+                 f"logged steps of {label}")
+  if summary["conflict_share"] is not None:
+    facts.append(f"conflicting steps: {100 * summary['conflict_share']:.0f}%")
+  return (("; ".join(facts) + ".\n") if facts else "") + ANGLE_IDENTITY + ": no evidence for DTNH."
+
+
+def plot_angles(records: list[dict[str, Any]], path: str, title: str = "", *,
+                plain: list[dict[str, Any]] | None = None,
+                labels: tuple[str, str] = ("this run", "the plain run")) -> dict[str, Any]:
+  """Figures 4-5, in degrees over steps: Angle 1 with Angle 3 (left), Angle 2 with Angle 4 (right), a line at 90°.
+
+  Args:
+    records: the metrics of the run drawn (a DTNH (X) run).
+    path: the PNG written.
+    title: of the figure.
+    plain: the metrics of the plain X run: its Angle 3 and Angle 4 (on its logging steps) are drawn too,
+      dashed, beside those at ``records``' iterate.
+    labels: the names of the run and of the plain run, in the legends (with ``plain``) and the caption.
+
+  The caption gives the share of logged steps with Angle 2 > 90° and of
+  conflicting steps, and says that Angle 1 < Angle 3 is an identity of the
+  projection (:data:`ANGLE_IDENTITY`), so that the left panel shows no gain.
+
+  Returns:
+    :func:`angle_summary` of ``records`` and ``plain``.
+  """
+  summary = angle_summary(records, plain)
   plt = _pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  pairs = (("angle1", "Angle 1: ∠(d, ∇J)", "angle3", "Angle 3: ∠(∇J + λ∇Ω, ∇J)"),
-           ("angle2", "Angle 2: ∠(d, ∇Ω)", "angle4", "Angle 4: ∠(∇J + λ∇Ω, ∇Ω)"))
-  for ax, (a, a_label, b, b_label) in zip(axes, pairs):
-    for key, label in ((a, a_label), (b, b_label)):
-      series = _series(records, "train", key)
-      ax.plot(series[:, 0], series[:, 1], lw=1, label=label)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+  for ax, ((own, own_label), (other, other_label)) in zip(axes, _ANGLE_PANELS):
+    lines = [(records, own, own_label, {}), (records, other, other_label, {})]
+    if plain is not None:
+      lines = [(records, own, f"{own_label}, {labels[0]}", {}),
+               (records, other, f"{other_label} at {labels[0]}'s iterate", {}),
+               (plain, other, f"{other_label.split(':')[0]} along {labels[1]}", {"ls": "--", "marker": "."})]
+    for run, key, label, style in lines:
+      series = _series(run, "train", key)
+      ax.plot(series[:, 0], series[:, 1], lw=1, label=label, **style)
+    ax.axhline(90, color="black", ls=":", lw=0.8)
     ax.set(xlabel="step", ylabel="degrees")
-  _save(plt, fig, axes, path, title)
+  fig.supxlabel(_angles_caption(summary, labels[0]), fontsize=8)
+  _save(plt, fig, axes, path, title, legend_size="x-small")
+  return summary
 
 
 def plot_results(results: Iterable[dict[str, Any]], path: str, methods: Sequence[str] | None = None,
@@ -89,11 +171,12 @@ def plot_results(results: Iterable[dict[str, Any]], path: str, methods: Sequence
   _finish(plt, fig, path, title)
 
 
-def _save(plt, fig, axes, path: str, title: str) -> None:
-  """Grid and legend on each of ``axes`` (line plots), then :func:`_finish`."""
+def _save(plt, fig, axes, path: str, title: str, legend_size: str | None = None) -> None:
+  """Grid and legend (of font size ``legend_size``: matplotlib's default if None) on each of ``axes`` (line
+  plots), then :func:`_finish`."""
   for ax in axes:
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
   _finish(plt, fig, path, title)
 
 
