@@ -297,3 +297,13 @@ def test_a_grid_trains_from_scratch_once_whatever_the_sources_and_sweeps_only_re
   assert scratch == [("related", 0), ("related", 1)]
   assert sum(method.name == "fine-tune" for _, method, _, _ in runs) == 2 * 2  # per source and seed
   assert sum(method.name == "dtnh-l2-sp" for _, method, _, _ in runs) == 2 * 2 * 2  # and per λ
+
+
+def test_an_offline_source_is_pre_trained_on_its_whole_pool_whatever_the_run_s_validation_carve(tmp_path, monkeypatch):
+  monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))
+  carved, whole = tiny(source="unrelated", val_fraction=0.25), tiny(source="unrelated")
+  from dtnh_jax.train import sources
+  assert sources.offline_source_path("unrelated", carved) == sources.offline_source_path("unrelated", whole)
+  path = offline.pretrain_sources(carved, ["unrelated"])["unrelated"]
+  pretraining = json.load(open(os.path.join(path + ".run", "results.json")))
+  assert pretraining.get("split") is None and pretraining.get("val_accuracy") is None

@@ -101,8 +101,10 @@ def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE
     path = sources_lib.offline_source_path(name, config)
     if not (os.path.lexists(path) and _usable(path)):
       # float32 whatever the run's compute dtype: the cache key does not hold it
+      # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
       pretrain = config.replace(method="fine-tune", source=sources_lib.SCRATCH, dataset=OFFLINE_PREFIX + name,
-                                seed=0, reg_decay=1.0, compute_dtype="float32", plots=False,
+                                seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
+                                split_seed=None,
                                 **presets.offline_pretraining(config.pretrain_steps))
       logger.info("pre-training the offline source %r once (cached in %s)", name, path)
       loop.train(pretrain, path + ".run", export_to=path)

@@ -47,8 +47,10 @@ def cache_dir() -> str:
 def offline_source_path(name: str, config: TrainConfig) -> str:
   """Where offline source ``name`` pre-trained for ``config``'s model is cached; the key holds the model, the
   image sizes and the pre-training (``dtnh_jax.train.offline.pretrain_sources`` writes it)."""
+  # batch size and the whole source pool ("split": none) joined the key when pre-training stopped inheriting the
+  # run's --val-fraction carve (2026-12-02): sources cached before may have been trained on 75% of the pool
   key = {"source": name, **_model_options(config), "resize": config.recipe.resize, "crop": config.recipe.crop,
-         **presets.offline_pretraining(config.pretrain_steps)}
+         "batch_size": config.recipe.batch_size, "split": "none", **presets.offline_pretraining(config.pretrain_steps)}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   return os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
 
