@@ -98,3 +98,18 @@ def random_torchvision_resnet():
     return model.eval()
 
   return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sources_out_of_the_users_cache(tmp_path_factory):
+  """Offline sources a test pre-trains go to a folder of this pytest process (one per xdist worker, so two
+  workers never write the same source at once), never to the user's ``~/.cache/dtnh_jax`` or
+  ``$DTNH_JAX_CACHE``: a tiny source cached by a test would otherwise be found by the user's next run of the
+  same key. Tests that need their own cache set it on top (monkeypatch restores this one)."""
+  previous = os.environ.get("DTNH_JAX_CACHE")
+  os.environ["DTNH_JAX_CACHE"] = str(tmp_path_factory.mktemp("dtnh-jax-sources"))
+  yield
+  if previous is None:
+    os.environ.pop("DTNH_JAX_CACHE", None)
+  else:
+    os.environ["DTNH_JAX_CACHE"] = previous
