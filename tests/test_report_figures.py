@@ -138,3 +138,59 @@ def test_a_real_tiny_sweep_draws_its_figures(tmp_path, capsys):
   assert (tmp_path / "figure3_losses.png").exists() and (tmp_path / "figure4_5_angles.png").exists()
   assert drawn["angles"]["angle_steps"] == 3 and drawn["angles"]["plain_angle_steps"] >= 1
   assert "Figures 3-5" in capsys.readouterr().out
+
+
+@pytest.fixture
+def study_figures(monkeypatch):
+  """benchmarks/study_figures.py as a module."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "path", [str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks")] + sys.path)
+  return importlib.import_module("study_figures")
+
+
+def _swept_grid(workdir):
+  """A grid of KnowDist ± DTNH from `unrelated` at λ 0.1 and 1, two seeds, with results.json and metrics."""
+  records = [_record(method, "unrelated", seed, 0.5, 0.5, weight=weight)
+             for method in ("knowdist", "dtnh-knowdist") for weight in (0.1, 1.0) for seed in (0, 1)]
+  for r in records:
+    _write_metrics(workdir, r, True, DTNH_RUN if r["method"].startswith("dtnh-") else PLAIN_RUN)
+  with open(workdir / "results.json", "w") as f:
+    json.dump(records, f)
+  return records
+
+
+def test_study_figures_draws_the_named_pair_at_the_named_lambda(tmp_path, study_figures):
+  _swept_grid(tmp_path)
+  out = tmp_path / "out"
+  summary = study_figures.main(["--workdir", str(tmp_path), "--method", "dtnh-knowdist", "--source", "unrelated",
+                                "--reg-weight", "1", "--out", str(out)])
+  assert [run["metrics"] for run in summary["runs"]] == [
+      f"unrelated/knowdist/lambda1_decay1/seed0/{metrics.FILE}",
+      f"unrelated/dtnh-knowdist/lambda1_decay1/seed0/{metrics.FILE}"]
+  assert "at λ 1" in summary["reason"] and json.load(open(out / "figures.json")) == summary
+  assert (out / "figure3_losses.png").exists() and not (tmp_path / "figures.json").exists()  # the grid's untouched
+
+
+def test_study_figures_names_the_lambdas_the_grid_ran_when_asked_for_another(tmp_path, study_figures, capsys):
+  _swept_grid(tmp_path)
+  with pytest.raises(SystemExit):
+    study_figures.main(["--workdir", str(tmp_path), "--method", "knowdist", "--source", "unrelated",
+                        "--reg-weight", "10", "--out", str(tmp_path / "out")])
+  error = capsys.readouterr().err
+  assert "no run of knowdist from 'unrelated' at λ 10" in error and "[(0.1, 1.0), (1.0, 1.0)]" in error
+
+
+def test_study_figures_refuses_to_overwrite_figures_without_force(tmp_path, study_figures, capsys):
+  _swept_grid(tmp_path)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "figures.json").write_text("mine")
+  argv = ["--workdir", str(tmp_path), "--method", "knowdist", "--source", "unrelated", "--reg-weight", "1",
+          "--out", str(out)]
+  with pytest.raises(SystemExit):
+    study_figures.main(argv)
+  assert "--force" in capsys.readouterr().err and (out / "figures.json").read_text() == "mine"
+  study_figures.main(argv + ["--force"])
+  assert json.load(open(out / "figures.json"))["regularizer"] == "knowdist"

@@ -364,8 +364,10 @@ def _metrics_of(workdir: str, record: dict[str, Any], sweep: bool) -> str:
                       metrics_lib.FILE)
 
 
-def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool) -> dict[str, Any] | None:
-  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why.
+def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool,
+                  out_dir: str | None = None) -> dict[str, Any] | None:
+  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why, in
+  ``out_dir`` (default: ``workdir``, where the runs are; the summary's metrics paths are relative to it).
 
   Figure 3 (``figure3_losses.png``): empirical and test loss of X and DTNH(X). Figures 4-5
   (``figure4_5_angles.png``, :func:`report.plot_angles`): the angles of the DTNH(X) run, with Angle 3 and 4
@@ -382,9 +384,11 @@ def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swe
     return None
   (x, dtnh), (x_metrics, dtnh_metrics) = runs, [report.read_metrics(path) for path in paths]
   where = f"{_safe_name(pair['source'])} → {dataset}, seed {x['seed']}"
-  report.plot_losses({x["label"]: x_metrics, dtnh["label"]: dtnh_metrics}, os.path.join(workdir, FIGURE3),
+  out_dir = workdir if out_dir is None else out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  report.plot_losses({x["label"]: x_metrics, dtnh["label"]: dtnh_metrics}, os.path.join(out_dir, FIGURE3),
                      f"{where}: {x['label']} vs {dtnh['label']}")
-  angles = report.plot_angles(dtnh_metrics, os.path.join(workdir, FIGURE4_5), f"{where}: {dtnh['label']}",
+  angles = report.plot_angles(dtnh_metrics, os.path.join(out_dir, FIGURE4_5), f"{where}: {dtnh['label']}",
                               plain=x_metrics, labels=(dtnh["label"], x["label"]))
   summary = {**pair, "dataset": dataset, "seed": int(x["seed"]), "figures": [FIGURE3, FIGURE4_5],
              "reason": f"the largest |DTNH(X) − X| in mean {pair['field']} over seeds, each method at its pick, "
@@ -393,7 +397,7 @@ def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swe
                        "reg_decay": run["reg_decay"], "metrics": os.path.relpath(path, workdir)}
                       for run, path in zip(runs, paths)],
              "angles": angles}
-  with open(os.path.join(workdir, FIGURES_SUMMARY), "w") as f:
+  with open(os.path.join(out_dir, FIGURES_SUMMARY), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
 
