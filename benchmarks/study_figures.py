@@ -85,14 +85,13 @@ def main(argv=None) -> dict[str, Any]:
   sweep = os.path.isdir(os.path.dirname(offline.run_dir(args.workdir, first["source"], first["method"],
                                                         int(first["seed"]), combination)))
   dataset = records[0].get("dataset") or "offline-digits"
-  summary = offline._draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out)  # pylint: disable=protected-access
+  reason = (f"chosen by the command: {selection.plain_method(first['method']) or first['method']} and DTNH from "
+            f"{args.source} at λ {args.reg_weight:g}"
+            + (f", decay {args.reg_decay:g}" if args.reg_decay is not None else ""))
+  summary = offline._draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out,  # pylint: disable=protected-access
+                                  reason=reason)
   if summary is None:
     parser.error(f"the runs' metrics.jsonl are missing under {args.workdir}: is it the grid's workdir?")
-  summary["reason"] = (f"chosen by the command: {summary['regularizer']} and DTNH from {args.source} at λ "
-                       f"{args.reg_weight:g}" + (f", decay {args.reg_decay:g}" if args.reg_decay is not None else ""))
-  summary["workdir"] = "the grid's (the runs' metrics paths are relative to it)"
-  with open(os.path.join(args.out, offline.FIGURES_SUMMARY), "w") as f:
-    json.dump(summary, f, indent=2)
   print(json.dumps(summary))
   return summary
 

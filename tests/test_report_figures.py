@@ -194,3 +194,20 @@ def test_study_figures_refuses_to_overwrite_figures_without_force(tmp_path, stud
   assert "--force" in capsys.readouterr().err and (out / "figures.json").read_text() == "mine"
   study_figures.main(argv + ["--force"])
   assert json.load(open(out / "figures.json"))["regularizer"] == "knowdist"
+
+
+def test_lambda_table_shows_every_lambda_with_the_paired_difference(monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "path", [str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks")] + sys.path)
+  lambda_table = importlib.import_module("lambda_table")
+  records = [_record(method, "unrelated", seed, 0.5, test, weight=weight)
+             for method, tests in (("knowdist", {0.1: (0.80, 0.82), 1.0: (0.60, 0.62)}),
+                                   ("dtnh-knowdist", {0.1: (0.81, 0.83), 1.0: (0.70, 0.72)}))
+             for weight, values in tests.items() for seed, test in enumerate(values)]
+  table = lambda_table.lambda_table(records)
+  header, _, row = table.splitlines()
+  assert header == "| source | X | λ 0.1 | λ 1 |"
+  # the same gain on both seeds: no spread to show, and an interval that excludes 0
+  assert row == "| unrelated | KnowDist | 81.0 → 82.0, +1.00 * | 61.0 → 71.0, +10.00 * |"

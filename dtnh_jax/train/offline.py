@@ -365,9 +365,10 @@ def _metrics_of(workdir: str, record: dict[str, Any], sweep: bool) -> str:
 
 
 def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool,
-                  out_dir: str | None = None) -> dict[str, Any] | None:
-  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why, in
-  ``out_dir`` (default: ``workdir``, where the runs are; the summary's metrics paths are relative to it).
+                  out_dir: str | None = None, reason: str | None = None) -> dict[str, Any] | None:
+  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why
+  (``reason``, by default the pair's rule), in ``out_dir`` (default: ``workdir``, where the runs are; the
+  summary's metrics paths are relative to ``workdir``).
 
   Figure 3 (``figure3_losses.png``): empirical and test loss of X and DTNH(X). Figures 4-5
   (``figure4_5_angles.png``, :func:`report.plot_angles`): the angles of the DTNH(X) run, with Angle 3 and 4
@@ -391,8 +392,8 @@ def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swe
   angles = report.plot_angles(dtnh_metrics, os.path.join(out_dir, FIGURE4_5), f"{where}: {dtnh['label']}",
                               plain=x_metrics, labels=(dtnh["label"], x["label"]))
   summary = {**pair, "dataset": dataset, "seed": int(x["seed"]), "figures": [FIGURE3, FIGURE4_5],
-             "reason": f"the largest |DTNH(X) − X| in mean {pair['field']} over seeds, each method at its pick, "
-                       f"of {len(pair['candidates'])} (regularizer, source) pair(s)",
+             "reason": reason or (f"the largest |DTNH(X) − X| in mean {pair['field']} over seeds, each method at "
+                                  f"its pick, of {len(pair['candidates'])} (regularizer, source) pair(s)"),
              "runs": [{"method": run["method"], "label": run["label"], "reg_weight": run["reg_weight"],
                        "reg_decay": run["reg_decay"], "metrics": os.path.relpath(path, workdir)}
                       for run, path in zip(runs, paths)],
