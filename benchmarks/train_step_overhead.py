@@ -351,6 +351,28 @@ def median_ratio(times: dict[str, np.ndarray], a: str, b: str) -> float:
   return float(np.median(times[a] / times[b]))
 
 
+def median_interval(ratios, level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+  """A percentile-bootstrap ``level`` interval of the median of per-round ratios.
+
+  The rounds are resampled (they are the independent units: within one the
+  variants ran back to back). An interval that excludes 1 says that the two
+  sides differ beyond the machine's noise in this run; one that contains 1,
+  that this run cannot tell them apart.
+  """
+  ratios = np.asarray(ratios, np.float64)
+  if ratios.size < 2:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  medians = np.median(ratios[rng.integers(0, ratios.size, (resamples, ratios.size))], axis=1)
+  tail = 100 * (1 - level) / 2
+  return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
+
+
+def ratio_interval(times: dict[str, np.ndarray], a: str, b: str, level: float = 0.95) -> tuple[float, float]:
+  """:func:`median_interval` of time(a)/time(b) over the rounds of :func:`interleaved_times`."""
+  return median_interval(times[a] / times[b], level)
+
+
 VARIANTS = ("plain", "angles", "dtnh", "naive", "separate", "summed")
 
 
@@ -417,6 +439,8 @@ def main(argv=None) -> dict[str, Any]:
     steps = build_steps(problem, REGULARIZERS[key], args, variants)
     times = interleaved_times(steps, args.repeats, block=args.block)
     ratios = {f"{a}/{b}": median_ratio(times, a, b) for a, b in RATIOS if a in steps and b in steps}
+    result[f"{key}_intervals"] = {f"{a}/{b}": [round(x, 3) for x in ratio_interval(times, a, b)]
+                                  for a, b in RATIOS if a in steps and b in steps}
     result[key] = ratios["dtnh/summed"]
     for a, b in RATIOS[1:]:
       if f"{a}/{b}" in ratios:
@@ -449,6 +473,10 @@ def main(argv=None) -> dict[str, Any]:
   for key in chosen:
     values = [result[key]] + [result[f"{key}_{a}_vs_{b}"] for a, b in shown[1:]]
     print(f"{REGULARIZERS[key]:<12}" + "".join(f"{v:16.3f}" for v in values))
+  print("95% bootstrap intervals of those medians (over rounds; one that contains 1.000 cannot tell the two apart)")
+  for key in chosen:
+    intervals = [result[f"{key}_intervals"][f"{a}/{b}"] for a, b in shown]
+    print(f"{REGULARIZERS[key]:<12}" + "".join(f"{f'{lo:.3f}-{hi:.3f}':>16}" for lo, hi in intervals))
   result["config"] = {"size": args.size, "batch": args.batch, "width": args.width, "repeats": args.repeats,
                       "block": args.block,
                       "variants": list(variants),
@@ -461,7 +489,7 @@ def main(argv=None) -> dict[str, Any]:
 
 #: Ratios reported, ``(a, b)`` for time(a) / time(b); the first is the headline: DTNH(X) over X.
 RATIOS = (("dtnh", "summed"), ("naive", "summed"), ("separate", "summed"), ("separate", "dtnh"), ("plain", "summed"),
-          ("angles", "summed"), ("dtnh", "angles"))
+          ("angles", "summed"), ("dtnh", "angles"), ("dtnh", "naive"))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,7 @@ import optax
 import dtnh_jax
 from shapes import resnet18_shapes  # noqa: F401  (aggregator_overhead imports it from here)
 from dtnh_jax import projection
+from train_step_overhead import median_interval
 
 
 def random_tree(shapes, seed):
@@ -42,8 +44,18 @@ def random_tree(shapes, seed):
   return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
 
 
-def interleaved_ratio(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
-  """Median of time(a)/time(b) over interleaved pairs, and both medians in ms."""
+class Ratio(NamedTuple):
+  median: float                  # of time(a)/time(b) over interleaved pairs
+  ms_a: float                    # median times
+  ms_b: float
+  interval: tuple[float, float]  # 95% bootstrap interval of the median (train_step_overhead.median_interval)
+
+  def __str__(self):
+    return f"{self.median:.3f}x (95% interval {self.interval[0]:.3f}-{self.interval[1]:.3f})"
+
+
+def interleaved_ratio(fn_a, fn_b, repeats: int) -> Ratio:
+  """Median of time(a)/time(b) over interleaved pairs, both medians in ms, and the median's interval."""
   fn_a(), fn_b()  # compile and warm up
   times_a, times_b = [], []
   for _ in range(repeats):
@@ -52,10 +64,11 @@ def interleaved_ratio(fn_a, fn_b, repeats: int) -> tuple[float, float, float]:
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - start)
   ratios = np.array(times_a) / np.array(times_b)
-  return float(np.median(ratios)), 1e3 * float(np.median(times_a)), 1e3 * float(np.median(times_b))
+  return Ratio(float(np.median(ratios)), 1e3 * float(np.median(times_a)), 1e3 * float(np.median(times_b)),
+               median_interval(ratios))
 
 
-def transform_overhead(repeats: int) -> tuple[float, float, float]:
+def transform_overhead(repeats: int) -> tuple[Ratio, Ratio, Ratio]:
   lam = 0.01
   shapes = resnet18_shapes()
   params, g, r = (random_tree(shapes, seed) for seed in range(3))
@@ -68,30 +81,30 @@ def transform_overhead(repeats: int) -> tuple[float, float, float]:
   dtnh_update = jax.jit(dtnh_tx.update)
   plain_update = jax.jit(plain_tx.update)
 
-  ratio, ms_dtnh, ms_plain = interleaved_ratio(
+  ratio = interleaved_ratio(
       lambda: dtnh_update((g, r), dtnh_state, params)[0],
       lambda: plain_update(summed, plain_state, params)[0],
       repeats,
   )
-  print(f"update: chain(dtnh, sgd-momentum) {ms_dtnh:.2f} ms, sgd-momentum on the pre-summed g+λr "
-        f"{ms_plain:.2f} ms, median ratio {ratio:.3f}x (memory-traffic floor 1.75x)")
+  print(f"update: chain(dtnh, sgd-momentum) {ratio.ms_a:.2f} ms, sgd-momentum on the pre-summed g+λr "
+        f"{ratio.ms_b:.2f} ms, median ratio {ratio} (memory-traffic floor 1.75x)")
   # The plain method when it also holds g and r apart: the sum is part of its update.
   summing_update = jax.jit(lambda g, r, state: plain_tx.update(jax.tree.map(lambda a, b: a + lam * b, g, r), state))
-  ratio_summing, _, ms_summing = interleaved_ratio(
+  ratio_summing = interleaved_ratio(
       lambda: dtnh_update((g, r), dtnh_state, params)[0],
       lambda: summing_update(g, r, plain_state)[0],
       repeats,
   )
-  print(f"update: same, against sgd-momentum summing g+λr in its own jit {ms_summing:.2f} ms: "
-        f"median ratio {ratio_summing:.3f}x")
+  print(f"update: same, against sgd-momentum summing g+λr in its own jit {ratio_summing.ms_b:.2f} ms: "
+        f"median ratio {ratio_summing}")
   dtnh_step, summing_step = applied_steps(lam)
-  ratio_applied, ms_dtnh_applied, ms_summing_applied = interleaved_ratio(
+  ratio_applied = interleaved_ratio(
       lambda: dtnh_step(g, r, dtnh_state, params)[0],
       lambda: summing_step(g, r, plain_state, params)[0],
       repeats,
   )
-  print(f"step with apply_updates: chain(dtnh, sgd-momentum) {ms_dtnh_applied:.2f} ms, sgd-momentum summing "
-        f"g+λr {ms_summing_applied:.2f} ms: median ratio {ratio_applied:.3f}x (issue #14's target <= 1.45x)")
+  print(f"step with apply_updates: chain(dtnh, sgd-momentum) {ratio_applied.ms_a:.2f} ms, sgd-momentum summing "
+        f"g+λr {ratio_applied.ms_b:.2f} ms: median ratio {ratio_applied} (issue #14's target <= 1.45x)")
   print("memory traffic (arrays of the parameters' size read+written): sgd on a pre-summed gradient 4 "
         "(read g, trace; write trace, update); summing inside 5; DTNH 7 (one pass reading g and r for the "
         "inner products, one reading g, r, trace and writing trace, update): floors 1.75x and 1.40x; "
@@ -273,7 +286,7 @@ class SmallCNN(nn.Module):
     return nn.Dense(10, name="fc")(x.mean(axis=(1, 2))), features
 
 
-def split_gradient_ratio(repeats: int) -> float:
+def split_gradient_ratio(repeats: int) -> Ratio:
   model = SmallCNN()
   key = jax.random.PRNGKey(0)
   images = jax.random.normal(key, (32, 32, 32, 3))
@@ -308,9 +321,9 @@ def split_gradient_ratio(repeats: int) -> float:
   def separate():
     return emp_grad(params, images, labels), reg_grad(params, source, images)
 
-  ratio, ms_split, ms_separate = interleaved_ratio(lambda: split(params, source, images, labels), separate, repeats)
-  print(f"gradients: split_value_and_grad {ms_split:.2f} ms, two value_and_grad calls {ms_separate:.2f} ms, "
-        f"median ratio {ratio:.3f}x (target <= 0.8x)")
+  ratio = interleaved_ratio(lambda: split(params, source, images, labels), separate, repeats)
+  print(f"gradients: split_value_and_grad {ratio.ms_a:.2f} ms, two value_and_grad calls {ratio.ms_b:.2f} ms, "
+        f"median ratio {ratio} (target <= 0.8x)")
   return ratio
 
 
@@ -326,9 +339,12 @@ def main(argv=None) -> dict:
     parser.error(f"unknown --gram strategies {unknown}; known: {', '.join(GRAM_STRATEGIES)}")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
   transform, transform_vs_summing, transform_applied = transform_overhead(args.repeats)
-  result = {"transform": transform, "transform_vs_summing": transform_vs_summing,
-            "transform_vs_summing_applied": transform_applied,
-            "split_gradients": split_gradient_ratio(args.repeats)}
+  split = split_gradient_ratio(args.repeats)
+  result = {"transform": transform.median, "transform_vs_summing": transform_vs_summing.median,
+            "transform_vs_summing_applied": transform_applied.median, "split_gradients": split.median,
+            "intervals": {"transform": transform.interval, "transform_vs_summing": transform_vs_summing.interval,
+                          "transform_vs_summing_applied": transform_applied.interval,
+                          "split_gradients": split.interval}}
   if names:
     result["gram_strategies"] = gram_strategies(names, args.repeats)
   print(json.dumps(result))

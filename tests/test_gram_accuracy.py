@@ -99,7 +99,14 @@ def _worst(computed, exact, abs_sum, num_elements) -> float:
   return float(np.max(np.abs(computed - exact) / bound(num_elements, abs_sum)))
 
 
-def test_the_tree_s_gram_entries_are_within_the_pairwise_bound(case):
+@pytest.fixture(params=[True, False], ids=["minor runs (CPU)", "runs of slices (other backends)"])
+def layout(request, monkeypatch):
+  """Both ways ``projection._blocked_shape`` splits a leaf, whichever backend runs the test."""
+  monkeypatch.setattr(projection, "_minor_runs", lambda: request.param)
+  return request.param
+
+
+def test_the_tree_s_gram_entries_are_within_the_pairwise_bound(case, layout):
   g, r, exact, abs_sums = case
   grams = _grams(g, r, dtnh_jax.projection_groups(g))
   total_exact, total_abs = sum(exact.values()), sum(abs_sums.values())
@@ -110,7 +117,7 @@ def test_the_tree_s_gram_entries_are_within_the_pairwise_bound(case):
   assert np.all(grams[1] == 0)  # no unprojected leaves
 
 
-def test_every_leaf_s_gram_entries_are_within_the_pairwise_bound(case):
+def test_every_leaf_s_gram_entries_are_within_the_pairwise_bound(case, layout):
   # granularity="leaf": one group per leaf, so every leaf's own entries, of every size and shape (1-D, odd, blocked)
   g, r, exact, abs_sums = case
   grams = _grams(g, r, dtnh_jax.projection_groups(g, "leaf"))
@@ -154,3 +161,14 @@ def test_the_bound_accepts_a_pairwise_sum_and_rejects_a_sequential_one(name, ent
   sequential = float(np.cumsum(products, dtype=np.float32)[-1])
   assert _worst(pairwise, exact, abs_sum, n) <= 0.1
   assert _worst(sequential, exact, abs_sum, n) > missed_by
+
+
+def test_on_a_cpu_a_wide_last_axis_is_summed_in_runs_of_consecutive_elements():
+  assert projection._blocked_shape((3, 3, 256, 512), minor_runs=True) == ((3, 3, 256, 32, 16), 4)
+  assert projection._blocked_shape((512, 256), minor_runs=True) == ((512, 16, 16), 2)
+
+
+def test_a_narrow_last_axis_and_other_backends_split_an_axis_before_the_last():
+  assert projection._blocked_shape((3, 3, 64, 128), minor_runs=True) == ((3, 3, 4, 16, 128), 3)
+  assert projection._blocked_shape((3, 3, 256, 512), minor_runs=False) == ((3, 3, 16, 16, 512), 3)
+  assert projection._blocked_shape((512,), minor_runs=True) == ((2, 16, 16), 1)
