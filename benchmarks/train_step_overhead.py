@@ -1,25 +1,25 @@
 """Step time of the whole ResNet-18 train step with DTNH against without it.
 
-For each regularizer X in L2-SP, KnowDist and DELTA, five train steps (SGD
+For each regularizer X in L2, L2-SP, KnowDist and DELTA, six train steps (SGD
 with momentum 0.9; the same model, batch, reference and settings) are timed
 side by side. The headline is DTNH(X) over X as it is usually written
 (``dtnh/summed``): what a user pays for DTNH on top of the regularizer.
 
 - ``summed``: X as usually written: one ``jax.value_and_grad`` of
-  ``J + λ Ω`` (one backward pass; L2-SP's gradient added in closed form) and
+  ``J + λ Ω`` (one backward pass; L2's and L2-SP's gradients added in closed form) and
   SGD, no DTNH, no diagnostics and no NaN guard: the baseline.
 - ``dtnh``: the library's jitted step for DTNH(X), ``Method(X, dtnh=True)``:
-  one forward pass, one backward pass per traced loss term (none for L2-SP's
+  one forward pass, one backward pass per traced loss term (none for L2's or L2-SP's
   closed form), ``chain(dtnh, sgd)``, the NaN/Inf guard and the metrics.
 - ``plain``: the library's jitted step for X on the steps that log no
   angles (all but every ``log_every``-th): ``make_train_step`` with
-  ``Method(X)`` and ``summed_reg_weight``: one backward pass of ``J + λ Ω``,
+  ``Method(X)`` and ``summed=True``: one backward pass of ``J + λ Ω``,
   then SGD, with the library's NaN/Inf guard and metrics. ``plain/summed``
   is what the library's baseline costs over X as usually written.
 - ``angles``: the library's jitted step for X on the steps that log angles.
   It holds the empirical and the regularizer gradient apart
   (``split_value_and_grad``: one forward pass, one backward pass per traced
-  term, none for L2-SP's closed form) and hands them to
+  term, none for L2's and L2-SP's closed forms) and hands them to
   ``dtnh(projection="none")``, which forms ``g + λ r`` and the diagnostics;
   ``dtnh/angles`` isolates the projection itself.
 - ``naive``: DTNH(X) in one jitted step written without
@@ -79,7 +79,7 @@ from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.config import Method, TrainConfig
 
 #: Benchmark name (JSON key) -> the method's regularizer.
-REGULARIZERS = {"l2sp": "l2-sp", "knowdist": "knowdist", "delta": "delta"}
+REGULARIZERS = {"l2": "l2", "l2sp": "l2-sp", "knowdist": "knowdist", "delta": "delta"}
 STEPS_PER_EPOCH = 100  # only sets when λ would decay; reg_decay is 1 here
 
 
@@ -376,9 +376,9 @@ def ratio_interval(times: dict[str, np.ndarray], a: str, b: str, level: float = 
 VARIANTS = ("plain", "angles", "dtnh", "naive", "separate", "summed")
 
 
-def library_step(model, config: TrainConfig, tx: optax.GradientTransformation, **options):
+def library_step(model, config: TrainConfig, **options):
   """The library's train step jitted as ``Placement.jit_train_step`` does on one device (state donated)."""
-  return jax.jit(step_lib.make_train_step(model, config, tx, **options), donate_argnums=(0,))
+  return jax.jit(step_lib.make_train_step(model, config, STEPS_PER_EPOCH, **options), donate_argnums=(0,))
 
 
 def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> dict[str, CompiledStep]:
@@ -391,12 +391,10 @@ def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> 
     dtnh_tx = step_lib.make_optimizer(dtnh_config, STEPS_PER_EPOCH)
     sgd = step_lib.make_optimizer(plain_config.replace(method="fine-tune"), STEPS_PER_EPOCH)
   model = problem.model
-  summed_weight = step_lib.reg_weight_schedule(plain_config, STEPS_PER_EPOCH)
   makers = {
-      "plain": lambda: CompiledStep(library_step(model, plain_config, plain_tx, summed_reg_weight=summed_weight),
-                                    plain_tx, problem, reference),
-      "angles": lambda: CompiledStep(library_step(model, plain_config, plain_tx), plain_tx, problem, reference),
-      "dtnh": lambda: CompiledStep(library_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem, reference),
+      "plain": lambda: CompiledStep(library_step(model, plain_config, summed=True), plain_tx, problem, reference),
+      "angles": lambda: CompiledStep(library_step(model, plain_config), plain_tx, problem, reference),
+      "dtnh": lambda: CompiledStep(library_step(model, dtnh_config), dtnh_tx, problem, reference),
       "naive": lambda: CompiledStep(make_naive_step(model, dtnh_config, dtnh_tx), dtnh_tx, problem, reference),
       "separate": lambda: SeparateStep(make_separate_programs(model, dtnh_config, dtnh_tx), dtnh_tx, problem,
                                        reference),

@@ -185,6 +185,20 @@ def gram_blocked128(vectors):
   return _gram_from(vectors, {pair: two_stage(x) for pair, x in zip(pairs, products)})
 
 
+LIBRARY_LEAF_GRAM = projection.leaf_gram  # gram_strategy swaps projection.leaf_gram itself
+
+
+def gram_slices(vectors):
+  """The library's one pass with the layout it uses off a CPU (runs of 16 slices of an axis before the last; on a
+  CPU until 2026-12-02): XLA:CPU sums each partial sum in a scalar loop."""
+  saved = projection._minor_runs
+  projection._minor_runs = lambda: False
+  try:
+    return LIBRARY_LEAF_GRAM(vectors)
+  finally:
+    projection._minor_runs = saved
+
+
 def grams_concat(empirical_leaves, regularizer_leaves, grouping):
   """All leaves of a group concatenated into one vector per gradient first (a copy), then the library's Gram."""
   per_leaf = list(zip(empirical_leaves, *regularizer_leaves))
@@ -203,6 +217,7 @@ def grams_concat(empirical_leaves, regularizer_leaves, grouping):
 #: ``name: (the stand-in for projection.leaf_gram, or None, the one for projection.leaf_grams_by_group, or None)``.
 GRAM_STRATEGIES = {
     "library": (None, None),
+    "slices": (gram_slices, None),
     "separate": (gram_separate, None),
     "variadic": (gram_variadic, None),
     "stacked": (gram_stacked, None),

@@ -28,6 +28,7 @@ import optax
 
 import dtnh_jax
 from dtnh_jax import names, regularizers
+from dtnh_jax.train import guard
 from dtnh_jax.train.config import STEP_GROUPS, TrainConfig
 
 __all__ = [
@@ -70,19 +71,23 @@ class Reference(NamedTuple):
   attention: PyTree = None    # DELTA's per-layer channel attention, else None
 
 
-def base_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def base_optimizer(config: TrainConfig, *, guarded: bool = False) -> optax.GradientTransformation:
   """``config.recipe.optimizer`` with step-wise learning rate drops: what follows DTNH in :func:`make_optimizer`;
   with SGD ``weight_decay``, and for KnowDist and DELTA ``head_beta``'s ``β·w`` on the head, are added first.
 
   ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
   ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``.
+  With ``guarded``, the same optimizer and state whose ``update`` takes ``finite=`` and changes nothing when
+  it is false (:mod:`dtnh_jax.train.guard`): what the train steps run.
   """
   learning_rate = optax.piecewise_constant_schedule(
       config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
   if config.recipe.optimizer == "adamw":
-    chain = [optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)]
+    adamw = optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
+    chain = [guard.guarded(adamw) if guarded else adamw]
   else:
-    chain = [optax.sgd(learning_rate, momentum=config.recipe.momentum)]
+    sgd = guard.guarded_sgd if guarded else optax.sgd
+    chain = [sgd(learning_rate, momentum=config.recipe.momentum)]
     if config.recipe.weight_decay:  # added to DTNH's direction, after the projection (the released code's order)
       chain.insert(0, optax.add_decayed_weights(config.recipe.weight_decay))
   if config.regularizer.head_beta and config.method_spec.regularizer in ("knowdist", "delta"):
@@ -144,27 +149,34 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *,
   that the only difference between a method and its DTNH variant is the
   projection (on the steps that log no angles, a plain method's step skips
   this transformation and takes one backward pass of ``J + λ Ω``:
-  :func:`make_train_step`'s ``summed_reg_weight``). Fine-tuning has no
+  :func:`make_train_step`'s ``summed``). Fine-tuning has no
   regularizer and no DTNH. ``num_tensors`` (the backbone's tensors) is
   needed by ``reg_schedule="released-code"`` only.
   """
   optimizer = base_optimizer(config)
+  if not config.method_spec.has_regularizer:
+    return optimizer
+  return optax.chain(make_correction(config, steps_per_epoch, num_tensors=num_tensors), optimizer)
+
+
+def make_correction(config: TrainConfig, steps_per_epoch: int, *,
+                    num_tensors: int | None = None) -> optax.GradientTransformation:
+  """The first element of :func:`make_optimizer`'s chain for a regularized method: ``dtnh`` (``projection="none"``
+  for the plain methods) or the aggregator ``config.dtnh.projection`` names, with λ's schedule."""
   method = config.method_spec
   if not method.has_regularizer:
-    return optimizer
+    raise ValueError(f"{method.name} has no regularizer, so no correction.")
   reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors)
   options = config.dtnh
   unprojected = None if options.project_head else head_mask
   if method.dtnh and options.projection in names.AGGREGATORS:
     from dtnh_jax import aggregators  # pylint: disable=g-import-not-at-top
     extra = {"c": options.cagrad_c} if options.projection == "cagrad" else {}
-    correction = getattr(aggregators, options.projection)(reg_weight, granularity=options.granularity,
-                                                          unprojected=unprojected, **extra)
-  else:
-    correction = dtnh_jax.dtnh(reg_weight, granularity=options.granularity,
-                               projection=options.projection if method.dtnh else "none",
-                               max_angle=options.max_angle if method.dtnh else None, unprojected=unprojected)
-  return optax.chain(correction, optimizer)
+    return getattr(aggregators, options.projection)(reg_weight, granularity=options.granularity,
+                                                    unprojected=unprojected, **extra)
+  return dtnh_jax.dtnh(reg_weight, granularity=options.granularity,
+                       projection=options.projection if method.dtnh else "none",
+                       max_angle=options.max_angle if method.dtnh else None, unprojected=unprojected)
 
 
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -251,9 +263,9 @@ def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
   method = config.method_spec
   summed = None
   if method.has_regularizer and not method.dtnh:
-    summed = make_train_step(model, config, tx,
-                             summed_reg_weight=reg_weight_schedule(config, steps_per_epoch, num_tensors))
-  return Steps(tx, make_train_step(model, config, tx), make_eval_step(model), summed)
+    summed = make_train_step(model, config, steps_per_epoch, num_tensors=num_tensors, summed=True)
+  return Steps(tx, make_train_step(model, config, steps_per_epoch, num_tensors=num_tensors), make_eval_step(model),
+               summed)
 
 
 def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
@@ -263,15 +275,19 @@ def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
   return _cached_steps(model, config.step_key(), steps_per_epoch)
 
 
-def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation, *,
-                    summed_reg_weight: optax.Schedule | None = None):
+def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_tensors: int | None = None,
+                    summed: bool = False):
   """The train step of ``config``'s method, ``(state, batch, reference) -> (state, metrics)``, unjitted:
   ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state.
 
+  The state's optimizer is :func:`make_optimizer`'s (same ``steps_per_epoch`` and ``num_tensors``), which the
+  step runs in two parts: the correction (:func:`make_correction`), then the NaN/Inf guard's decision, then
+  :func:`base_optimizer` guarded (``guarded=True``: a non-finite step changes neither the parameters nor the
+  optimizer state nor the BatchNorm statistics; the step counter, the RNG and the data position advance).
+
   By default the regularized methods hold the two gradients apart
-  (``split_value_and_grad``) and hand them to ``tx`` (:func:`make_optimizer`),
-  which logs the angles between them. With ``summed_reg_weight`` (λ's
-  schedule, :func:`reg_weight_schedule`), a plain regularized method's step is
+  (``split_value_and_grad``) and hand them to the correction,
+  which logs the angles between them. With ``summed``, a plain regularized method's step is
   the method as usually written: one backward pass of ``J + λ Ω`` (a closed-form
   regularizer's gradient added), then :func:`base_optimizer`; no angles are
   computed, and no closed-form regularizer's value either (L2, L2-SP: a pass
@@ -279,15 +295,17 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
   ResNet-18 step, benchmarks/RESULTS.md): such a step's metrics have
   ``loss_regularizer`` and ``loss_total`` only where Ω is traced (KnowDist,
   DELTA); the steps that log angles have them for every method. It reads and
-  writes the same state as the default step (``tx``'s
-  state; DTNH's step counter advances, its diagnostics stay those of the last
-  step that computed them), so the two can alternate within a run.
+  writes the same state as the default step (the correction's step counter
+  advances, its diagnostics stay those of the last step that computed them),
+  so the two can alternate within a run.
   """
   method = config.method_spec
-  summed = summed_reg_weight is not None
   if summed and (method.dtnh or not method.has_regularizer):
-    raise ValueError(f"summed_reg_weight is for the plain regularized methods; {method.name} has no such step.")
-  base = base_optimizer(config) if summed else None
+    raise ValueError(f"summed=True is for the plain regularized methods; {method.name} has no such step.")
+  base = base_optimizer(config, guarded=True)
+  correction = (make_correction(config, steps_per_epoch, num_tensors=num_tensors)
+                if method.has_regularizer and not summed else None)
+  summed_reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors) if summed else None
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
     images, labels = batch["image"], batch["label"]
@@ -311,12 +329,13 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
       reg_weight = jnp.asarray(summed_reg_weight(correction_state.count), jnp.float32)
       values, (batch_stats, logits), traced = _summed_gradient(loss_terms, reg_weight, state.params)
       grads = _add_closed_form(traced, closed_form, reg_weight, state.params)
-      updates, base_state = base.update(grads, base_state, state.params)
-      new_opt_state = (correction_state._replace(count=optax.safe_increment(correction_state.count)), base_state)
-      # The traced gradient, not the sum: a closed form of finite parameters is finite (a step with a
-      # non-finite update is never applied), and reading g + λr here would make XLA write it out in a pass
-      # of its own instead of forming it inside the update.
+      # The traced gradient, not the sum: a closed form of finite parameters is finite, and reading g + λr
+      # here would make XLA write it out in a pass of its own instead of forming it inside the update.
       finite = _all_finite((values, traced))
+      updates, base_state = base.update(grads, base_state, state.params, finite=finite)
+      correction_state = optax.tree.where(
+          finite, correction_state._replace(count=optax.safe_increment(correction_state.count)), correction_state)
+      opt_state = (correction_state, base_state)
     else:
       # "retrace": each term's backward pass holds only its own path; XLA merges
       # the forward passes (see split_value_and_grad).
@@ -326,25 +345,26 @@ def make_train_step(model, config: TrainConfig, tx: optax.GradientTransformation
       # free, XLA:CPU runs the inner products alongside the convolutions, which
       # slows both (measured in benchmarks/RESULTS.md, "Train step").
       grads = jax.lax.optimization_barrier(grads)
-      updates, new_opt_state = tx.update(grads if method.has_regularizer else grads[0], state.opt_state,
-                                         state.params)
-      # The check reads no parameter-sized array when there is a regularizer: the
-      # diagnostics' norms and inner products are finite exactly when both
-      # gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and
-      # the SGD update, barring float32 overflow. Deciding before the update is
-      # formed lets XLA fuse the select into the update's own pass.
       if method.has_regularizer:
-        diagnostics = optax.tree.get(new_opt_state, "diagnostics")  # this step's, also when it is skipped
+        correction_state, base_state = state.opt_state
+        direction, new_correction_state = correction.update(grads, correction_state, state.params)
+        # The check reads no parameter-sized array: the diagnostics' norms and inner products are finite
+        # exactly when both gradients are, and then so is DTNH's direction (|d| <= |g| + 2 Σ λ|r|) and the
+        # SGD update, barring float32 overflow. Deciding before the update is formed lets the guarded
+        # optimizer select inside the update's own pass.
+        diagnostics = optax.tree.get(new_correction_state, "diagnostics")  # this step's, also when it is skipped
         reg_weight = diagnostics.reg_weight
         finite = _all_finite((values, diagnostics))
+        updates, base_state = base.update(direction, base_state, state.params, finite=finite)
+        opt_state = (optax.tree.where(finite, new_correction_state, correction_state), base_state)
       else:
         finite = _all_finite((values, grads))
-    # A NaN/Inf loss or update is never applied: parameters, optimizer state and
-    # BatchNorm statistics keep their last good values (a select, not a branch:
-    # one program for every step). The step counter, the RNG and the data
-    # position advance; the loop stops the run or goes on (config.run.on_nonfinite).
+        updates, opt_state = base.update(grads[0], state.opt_state, state.params, finite=finite)
+    # A NaN/Inf loss or update is never applied: the guarded optimizer kept its state and emitted zeros;
+    # parameters and BatchNorm statistics keep their last good values (selects, not a branch: one program for
+    # every step; the parameters' select reads the update the optimizer formed, so it costs no pass of its
+    # own). The loop stops the run or goes on (config.run.on_nonfinite).
     params = optax.tree.where(finite, optax.apply_updates(state.params, updates), state.params)
-    opt_state = optax.tree.where(finite, new_opt_state, state.opt_state)
     batch_stats = optax.tree.where(finite, batch_stats, state.batch_stats)
 
     metrics = {

@@ -1,0 +1,101 @@
+"""The NaN/Inf guard inside the optimizer (``dtnh_jax.train.guard``) and what it costs the compiled train step.
+
+Checked against optax itself: a guarded optimizer with ``finite=True`` is the optax optimizer, bit for bit, and
+with ``finite=False`` it changes no state and emits zeros, whatever the gradient holds. The train steps guard
+this way so that XLA forms the parameters' update from the momentum it writes: the compiled DTNH step copies no
+optimizer state (it copied every momentum leaf when the guard selected the optimizer's outputs afterwards).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dtnh_jax.train import guard, loop, presets
+from dtnh_jax.train import step as step_lib
+from dtnh_jax.train.data import load_data
+
+
+def _tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {"conv": jnp.asarray(scale * rng.normal(size=(3, 3, 4, 8)), jnp.float32),
+          "bias": jnp.asarray(scale * rng.normal(size=(8,)), jnp.float32)}
+
+
+OPTIMIZERS = {
+    "sgd momentum": (lambda: optax.sgd(0.1, momentum=0.9), lambda: guard.guarded_sgd(0.1, momentum=0.9)),
+    "sgd": (lambda: optax.sgd(0.1), lambda: guard.guarded_sgd(0.1)),
+    "sgd scheduled": (lambda: optax.sgd(optax.piecewise_constant_schedule(0.1, {2: 0.1}), momentum=0.9),
+                      lambda: guard.guarded_sgd(optax.piecewise_constant_schedule(0.1, {2: 0.1}), momentum=0.9)),
+    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), lambda: guard.guarded(optax.adamw(1e-3, weight_decay=1e-2))),
+}
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_guarded_optimizer_is_the_optax_optimizer_when_the_step_is_finite(name):
+  plain, guarded = (make() for make in OPTIMIZERS[name])
+  params = _tree(0)
+  plain_state, guarded_state = plain.init(params), guarded.init(params)
+  _assert_trees_equal(plain_state, guarded_state)
+  for step in range(4):
+    grads = _tree(step + 1)
+    plain_updates, plain_state = jax.jit(plain.update)(grads, plain_state, params)
+    guarded_updates, guarded_state = jax.jit(lambda g, s, p: guarded.update(g, s, p, finite=jnp.asarray(True)))(
+        grads, guarded_state, params)
+    _assert_trees_equal(plain_updates, guarded_updates)
+    _assert_trees_equal(plain_state, guarded_state)
+    params = optax.apply_updates(params, plain_updates)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_a_guarded_optimizer_keeps_its_state_and_emits_zeros_when_the_step_is_not_finite(name, poison):
+  _, make = OPTIMIZERS[name]
+  guarded = make()
+  params = _tree(0)
+  state = guarded.init(params)
+  state = guarded.update(_tree(1), state, params, finite=jnp.asarray(True))[1]  # a momentum that is not zero
+  bad = jax.tree.map(lambda x: x.at[0].set(poison), _tree(2))
+  updates, new_state = jax.jit(lambda g, s, p: guarded.update(g, s, p, finite=jnp.asarray(False)))(bad, state, params)
+  _assert_trees_equal(new_state, state)
+  for leaf in jax.tree.leaves(updates):
+    assert np.all(np.asarray(leaf) == 0)
+
+
+def test_base_optimizer_guarded_has_the_unguarded_state():
+  config = presets.get("tiny", method="knowdist", weight_decay=1e-4)
+  params = _tree(0)
+  plain, guarded = step_lib.base_optimizer(config), step_lib.base_optimizer(config, guarded=True)
+  assert jax.tree.structure(plain.init(params)) == jax.tree.structure(guarded.init(params))
+
+
+def _optimizer_state_copies(compiled_text: str) -> int:
+  """Copies of the train state's optimizer-state arguments in an optimized XLA program."""
+  return len(re.findall(r"copy\(%state_opt_state\w*trace", compiled_text))
+
+
+@pytest.mark.parametrize("method", ["dtnh-knowdist", "dtnh-l2-sp", "knowdist", "fine-tune"])
+def test_the_guarded_train_step_copies_no_momentum(method):
+  config = presets.get("tiny", method=method)
+  data = load_data(config)
+  model = loop.create_model(config, data.num_classes)
+  initial = loop.initial_variables(config, data)
+  steps = step_lib.steps_for(model, config, 2)
+  state = step_lib.create_train_state(initial, steps.tx, jax.random.key(0))
+  batch = next(data.train_loader(0))
+  reference = step_lib.Reference(initial, None)
+  for step_fn in filter(None, (steps.train_step, steps.summed_train_step)):
+    text = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, reference).compile().as_text()
+    assert "trace" in text  # the momentum is an argument of the program under this name
+    assert _optimizer_state_copies(text) == 0
