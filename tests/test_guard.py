@@ -32,7 +32,8 @@ OPTIMIZERS = {
     "sgd": (lambda: optax.sgd(0.1), lambda: guard.guarded_sgd(0.1)),
     "sgd scheduled": (lambda: optax.sgd(optax.piecewise_constant_schedule(0.1, {2: 0.1}), momentum=0.9),
                       lambda: guard.guarded_sgd(optax.piecewise_constant_schedule(0.1, {2: 0.1}), momentum=0.9)),
-    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), lambda: guard.guarded(optax.adamw(1e-3, weight_decay=1e-2))),
+    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2),
+              lambda: guard.guarded(optax.adamw(1e-3, weight_decay=1e-2))),
 }
 
 
