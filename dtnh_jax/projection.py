@@ -106,7 +106,7 @@ def _blocked_shape(shape: tuple[int, ...], minor_runs: bool = False) -> tuple[tu
   With ``minor_runs`` (on a CPU) and a leaf of two or more axes whose last one is a multiple of
   ``_MINOR_RUNS_FROM``, the last axis is split and the runs are ``_ROWS`` consecutive elements: XLA:CPU
   vectorizes a reduction over the minor axis, not one over the axis before it, where it sums each partial sum
-  in a scalar loop (the Gram pass of ResNet-18's 11.7M parameters: 6.4 ms against 9.3 ms, benchmarks/RESULTS.md).
+  in a scalar loop (the Gram pass of ResNet-18's 11.7M parameters: 4.7 ms against 6.1 ms, benchmarks/RESULTS.md).
   Otherwise the axis split is the last but one that divides (then the rows are ``_ROWS`` consecutive slices and
   the axes after it, contiguous in memory, are what one step adds up), else the last one split into blocks of
   ``_ROWS x _LANES``; ``None`` if no axis divides. No other axis moves, so a sharded leaf keeps its sharding
