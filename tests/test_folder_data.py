@@ -8,8 +8,10 @@ came from.
 import json
 import os
 import re
+import struct
 import sys
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -108,6 +110,102 @@ def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
   expected = [(77, 77, 77), (1, 2, 3), (9, 8, 7), (4, 5, 6)]
   for index, colour in enumerate(expected):
     np.testing.assert_array_equal(source[index]["image"], np.broadcast_to(colour, (4, 5, 3)))
+
+
+def _png_16_bit(path, samples):
+  """Writes ``samples`` (uint16 ``(H, W, 3)`` or ``(H, W, 4)``) as a 16-bit RGB(A) PNG: Pillow cannot write one."""
+  height, width, channels = samples.shape
+
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)  # filter 0 before each row
+  header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                   + chunk(b"IEND", b""))
+
+
+def _decoded(path):
+  """The image at ``path`` as the folder dataset's records decode it."""
+  return data.FolderSource(path.parent.parent.parent, "train", [path.parent.name],
+                           [f"train/{path.parent.name}/{path.name}"], [0])[0]["image"]
+
+
+def test_16_bit_grayscale_png_decodes_to_the_matching_8_bit_ramp(tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  ramp = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 0, 257, ..., 65535: exactly k/255 of full scale
+  Image.fromarray(ramp).save(tmp_path / "train" / "a" / "ramp.png")
+  assert Image.open(tmp_path / "train" / "a" / "ramp.png").mode == "I;16"
+  image = _decoded(tmp_path / "train" / "a" / "ramp.png")
+  assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+  for channel in range(3):
+    np.testing.assert_array_equal(image[..., channel], np.arange(256).reshape(16, 16))
+
+
+def test_16_bit_grayscale_png_values_between_the_ramp_round_to_the_nearest_8_bit_value(tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  values = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
+  Image.fromarray(values).save(tmp_path / "train" / "a" / "noise.png")
+  image = _decoded(tmp_path / "train" / "a" / "noise.png")
+  assert np.abs(image[..., 0].astype(float) - values * 255.0 / 65535.0).max() <= 0.5
+
+
+def test_16_bit_grayscale_png_at_image_size_is_the_8_bit_image_resized(tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  Image.fromarray(np.full((12, 9), 100 * 257, np.uint16)).save(tmp_path / "train" / "a" / "flat.png")
+  source = data.FolderSource(tmp_path, "train", ["a"], ["train/a/flat.png"], [0], image_size=6)
+  np.testing.assert_array_equal(source[0]["image"], np.full((6, 6, 3), 100))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_rgb_and_rgba_pngs_decode_to_the_matching_8_bit_values_within_1(channels, tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  samples = np.random.default_rng(1).integers(0, 65536, (6, 7, channels)).astype(np.uint16)
+  _png_16_bit(tmp_path / "train" / "a" / "deep.png", samples)
+  image = _decoded(tmp_path / "train" / "a" / "deep.png")
+  assert image.shape == (6, 7, 3)
+  assert np.abs(image.astype(float) - samples[..., :3] * 255.0 / 65535.0).max() <= 1
+
+
+def test_palette_png_with_transparency_decodes_to_its_colours_without_a_warning(tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
+  rgba.putpixel((0, 0), (200, 100, 50, 255))
+  rgba.convert("P").save(tmp_path / "train" / "a" / "sprite.png")  # tRNS as bytes: one alpha per palette entry
+  assert "transparency" in Image.open(tmp_path / "train" / "a" / "sprite.png").info
+  expected = np.broadcast_to(np.array((10, 20, 30), np.uint8), (3, 4, 3)).copy()
+  expected[0, 0] = (200, 100, 50)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    np.testing.assert_array_equal(_decoded(tmp_path / "train" / "a" / "sprite.png"), expected)
+
+
+@pytest.mark.parametrize("mode,value,name,expected", [
+    ("1", 1, "mask.png", (255, 255, 255)),
+    ("1", 0, "mask.bmp", (0, 0, 0)),
+    ("L", 77, "gray.jpg", (77, 77, 77)),
+    ("LA", (90, 0), "gray_alpha.png", (90, 90, 90)),  # the colour under a transparent pixel is kept, as for RGBA
+    ("CMYK", (0, 255, 255, 0), "red.jpg", (255, 0, 0)),
+    ("CMYK", (0, 0, 0, 255), "black.jpg", (0, 0, 0)),
+])
+def test_one_bit_gray_gray_alpha_and_cmyk_images_decode_to_rgb(mode, value, name, expected, tmp_path):
+  os.makedirs(tmp_path / "train" / "a")
+  Image.new(mode, (8, 8), value).save(tmp_path / "train" / "a" / name)
+  image = _decoded(tmp_path / "train" / "a" / name)
+  assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+  assert np.abs(image.astype(int) - expected).max() <= 3  # JPEG: a few levels of rounding
+
+
+@pytest.mark.parametrize("mode,value", [("F", 0.5), ("I", 70000)])
+def test_images_without_a_known_8_bit_scale_are_skipped_naming_file_and_mode(mode, value, tmp_path):
+  colours = _make_split(tmp_path, "train")
+  Image.new(mode, (4, 4), value).save(tmp_path / "train" / "ant" / "scan.png", format="TIFF")  # TIFF under a .png name
+  with pytest.warns(UserWarning, match=f"skipped 1 unreadable image.*train/ant/scan.png .*mode {mode}"):
+    splits = data.folder_splits(tmp_path)
+  assert set().union(*(s.files for s in splits.values())) == set(colours)
+  source = data.FolderSource(tmp_path, "train", ["ant"], ["train/ant/scan.png"], [0], image_size=None)
+  with pytest.raises(data.UnreadableImageError, match=f"train/ant/scan.png .*mode {mode}"):
+    source[0]
 
 
 def test_large_jpegs_decoded_at_a_reduced_scale_match_a_full_decode_and_resize(tmp_path):
@@ -285,6 +383,83 @@ def test_image_damaged_after_the_check_stops_the_pipeline_naming_it(tmp_path):
     train[3]
 
 
+# --- symbolic links: each image file once ------------------------------------------------------------------------
+
+
+def _files(splits):
+  return [path for split in splits.values() for path in split.files]
+
+
+def test_class_folder_linked_to_its_parent_is_an_error_naming_the_link(tmp_path):
+  _make_split(tmp_path, "train", per_class=8)
+  os.symlink("..", tmp_path / "train" / "mole" / "up")  # the issue: 24 images read as 984, other classes as 'mole'
+  with pytest.raises(data.FolderLayoutError, match=r"symbolic link loop .*train/mole/up -> \.\."):
+    data.folder_splits(tmp_path)
+
+
+def test_link_to_a_folder_holding_it_is_an_error_even_inside_one_class(tmp_path):
+  _make_split(tmp_path, "train")
+  os.makedirs(tmp_path / "train" / "ant" / "more")
+  os.symlink(tmp_path / "train" / "ant", tmp_path / "train" / "ant" / "more" / "again")
+  with pytest.raises(data.FolderLayoutError, match=r"symbolic link loop .*train/ant/more/again -> "):
+    data.folder_splits(tmp_path)
+
+
+@pytest.mark.parametrize("link", ["file", "class folder", "split folder"])
+def test_the_same_image_file_in_two_splits_is_an_error_naming_it_and_both_splits(link, tmp_path):
+  _make_split(tmp_path, "train")
+  if link == "split folder":
+    os.symlink("train", tmp_path / "test")
+    leaked = "ant/00"  # the first of all
+  else:
+    _make_split(tmp_path, "test", per_class=2)
+    leaked = "mole/03" if link == "file" else "mole/00"
+    if link == "file":
+      os.symlink(os.path.join("..", "..", "train", "mole", "03.png"), tmp_path / "test" / "mole" / "leak.png")
+    else:
+      os.symlink(os.path.join("..", "..", "train", "mole"), tmp_path / "test" / "mole" / "leak")
+  with pytest.raises(data.FolderLayoutError, match=rf"file train/{leaked}\.png .* in two splits, train/ and test/"):
+    data.folder_splits(tmp_path)
+
+
+def test_the_same_image_file_in_two_classes_is_an_error_naming_it_and_both(tmp_path):
+  _make_split(tmp_path, "train")
+  os.symlink(os.path.join("..", "ant", "02.png"), tmp_path / "train" / "zebra" / "stripes.png")
+  with pytest.raises(data.FolderLayoutError, match=r"train/ant/02\.png .* in two classes of train/, 'ant' .*'zebra'"):
+    data.folder_splits(tmp_path)
+
+
+def test_images_linked_from_a_store_outside_the_folder_are_read_once_each(tmp_path):
+  colours = _make_split(tmp_path / "store", "train")
+  root = tmp_path / "dataset"
+  for name in CLASSES:
+    os.makedirs(root / "train" / name)
+    for index in range(6):  # a dataset assembled from links, one per image
+      os.symlink(tmp_path / "store" / "train" / name / f"{index:02d}.png", root / "train" / name / f"{index:02d}.png")
+  splits = _splits(root)
+  assert sorted(_files(splits)) == sorted(colours)
+  train = splits["train"]
+  for index, path in enumerate(train.files):
+    np.testing.assert_array_equal(train[index]["image"][0, 0], colours[path])
+
+
+def test_class_folder_that_is_a_link_outside_the_folder_is_read(tmp_path):
+  colours = _make_split(tmp_path / "store", "train")
+  os.makedirs(tmp_path / "dataset" / "train")
+  for name in CLASSES:
+    os.symlink(tmp_path / "store" / "train" / name, tmp_path / "dataset" / "train" / name)
+  assert sorted(_files(_splits(tmp_path / "dataset"))) == sorted(colours)
+
+
+def test_an_image_reached_twice_in_one_class_is_counted_once_with_a_warning_naming_it(tmp_path):
+  colours = _make_split(tmp_path, "train")
+  os.symlink("04.png", tmp_path / "train" / "ant" / "copy.png")
+  repeated = r"counted 1 image file\(s\) .* once.*train/ant/copy\.png \(same file as train/ant/04\.png\)"
+  with pytest.warns(UserWarning, match=repeated):
+    splits = data.folder_splits(tmp_path)
+  assert sorted(_files(splits)) == sorted(colours)
+
+
 # --- the pipeline: sharding and resume ---------------------------------------------------------------------------
 
 
@@ -395,3 +570,14 @@ def test_cli_exits_with_code_2_and_one_line_on_a_bad_folder(tmp_path, capsys):
   error = capsys.readouterr().err
   assert exit_info.value.code == 2
   assert "test/ lacks ['zebra']" in error and "Traceback" not in error
+
+
+def test_cli_refuses_a_folder_with_a_symbolic_link_loop_and_writes_no_result(tmp_path, capsys):
+  _make_split(tmp_path / "images", "train")
+  os.symlink("..", tmp_path / "images" / "train" / "mole" / "up")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.train_main(_cli_args(tmp_path / "images", tmp_path / "runs"))
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2
+  assert "symbolic link loop" in error and "train/mole/up" in error and "Traceback" not in error
+  assert not list((tmp_path / "runs").rglob("results.json"))

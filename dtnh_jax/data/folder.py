@@ -12,6 +12,27 @@ The classes are the sorted names of the subfolders of ``train/``, labelled
 ``0 .. C-1`` in that order; ``val/`` and ``test/``, when present, must have
 exactly the same class folders.
 
+**Each image file once, in one split and one class.** Symbolic links (to
+files or folders, inside the dataset or outside it: a dataset assembled
+from links into a shared store is read as it is) are followed, and every
+image is identified by its real path (``os.path.realpath``):
+
+- a link to a folder that holds it (a loop: ``train/ant/up -> ..`` would
+  read every image of the split again and again, and other classes' images
+  as ``ant``) is an error naming the link;
+- a file in two splits (``test/`` linked to ``train/``, or one image linked
+  from both) is an error naming it and both splits: a model would be tested
+  on images it was trained on;
+- a file in two classes of a split is an error naming it and both classes:
+  it would be trained with two labels;
+- a file reached under two names in its own class folder is counted once,
+  with a warning naming the names left out.
+
+These are refused rather than skipped because each means the folder is not
+the dataset its author thinks it is, and a run on a guess reports an
+accuracy that looks real. Identical copies (or hard links) of a file are
+separate files: only links are seen through.
+
 **Carved splits.** The paper's protocol needs a test split, and choosing λ
 needs a validation split that is not the test split (``DESIGN.md``). When
 ``test/`` is missing, ``test_fraction`` of every class of ``train/`` is
@@ -40,13 +61,22 @@ state. The source's ``name`` carries a digest of its files and labels, so
 the loader refuses to resume a run on a folder whose split has changed.
 
 **Memory.** Only the file names are held; each image is decoded when its
-record is read (``source[i]``), converted to RGB and, with ``image_size``,
+record is read (``source[i]``), converted to 8-bit RGB and, with ``image_size``,
 resized to ``image_size × image_size`` with the pipeline's own
 :func:`~dtnh_jax.data.pipeline.resize`. JPEGs are then decoded at the
 smallest DCT scale that still covers ``image_size`` on both sides (Pillow's
 ``draft``): a photo many times larger than the network's input decodes up to
 8× faster per side, with a slightly different anti-aliasing than a full
 decode followed by the resize.
+
+**Pixel formats.** 8-bit gray, gray with alpha, 1-bit, palette (with or
+without transparency), RGB, RGBA and CMYK images become 8-bit RGB (alpha is
+dropped and the colour under it kept, as torchvision's loader does); 16-bit
+grayscale PNGs are scaled by 255/65535 and rounded (``257·k`` gives ``k``),
+16-bit RGB(A) PNGs are read by Pillow at 8 bits (within 1 of that scale).
+Pixels without a known 8-bit scale (32-bit float or integer, other colour
+modes: a TIFF named ``.png``) are never guessed at: such a file is
+unreadable (below), with its mode in the message.
 
 **Unreadable images are skipped, with a warning.** When the splits are made,
 every image is opened and checked with Pillow (PNG: structure and checksums;
@@ -63,6 +93,7 @@ resume.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -174,6 +205,41 @@ class FolderSource:
             f"num_classes={self.num_classes}, image_size={self.image_size})")
 
 
+#: Modes Pillow converts to RGB as they are (alpha, where there is one, is dropped: the colour under it is kept).
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+#: 16-bit grayscale modes (a 16-bit gray PNG); 16-bit RGB(A) PNGs Pillow itself opens as 8-bit RGB(A).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class _UnknownScaleError(ValueError):
+  """An image whose pixels have no known 8-bit scale (32-bit float or integer pixels, unusual colour modes)."""
+
+
+def _unsupported(image: Any) -> str | None:
+  """Why ``image``'s pixels cannot be brought to 8-bit RGB, or ``None``."""
+  mode = image.mode
+  if mode in _EIGHT_BIT_MODES or mode in _SIXTEEN_BIT_MODES or (mode == "I" and image.format == "PNG"):
+    return None
+  return (f"mode {mode}: pixels without a known 8-bit scale; save it as 8- or 16-bit RGB or grayscale (PNG) or as "
+          "a JPEG")
+
+
+def _to_rgb(image: Any) -> np.ndarray:
+  """``image`` (open Pillow image) as uint8 RGB ``(H, W, 3)``, 16-bit gray scaled by 255/65535, rounded."""
+  why = _unsupported(image)
+  if why:
+    raise _UnknownScaleError(why)
+  if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":  # "I": how older Pillows open a 16-bit gray PNG
+    gray = np.asarray(image).astype(np.int64)
+    if gray.min() < 0 or gray.max() > 65535:
+      raise _UnknownScaleError(f"mode {image.mode}: values {gray.min()}..{gray.max()} outside 16 bits")
+    gray = ((gray * 255 + 32767) // 65535).astype(np.uint8)  # round(v · 255 / 65535): 257·k -> k exactly
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if image.mode in ("P", "PA"):
+    image = image.convert("RGBA")  # a palette's transparency: RGB directly warns (and gives the same colours)
+  return np.asarray(image.convert("RGB"))
+
+
 def _decode(path: str, image_size: int | None) -> np.ndarray:
   """The image at ``path`` as uint8 RGB ``(H, W, 3)``, resized to ``image_size`` if given."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -181,16 +247,19 @@ def _decode(path: str, image_size: int | None) -> np.ndarray:
   with Image.open(path) as image:
     if image_size is not None:
       image.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale >= the size
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = _to_rgb(image)
   return rgb if image_size is None else pipeline.resize(rgb, image_size)
 
 
 def _check(path: str) -> str | None:
-  """``None`` if Pillow reads ``path``, else why not."""
+  """``None`` if Pillow reads ``path`` and its pixels convert to 8-bit RGB, else why not."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   try:
     with Image.open(path) as image:
+      why = _unsupported(image)
+      if why:
+        return why
       if image.format == "PNG":
         image.verify()  # every chunk and its CRC, without inflating the pixels
       else:
@@ -210,15 +279,99 @@ def _class_folders(split_dir: str) -> list[str]:
     return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_of_class(split_dir: str, name: str) -> list[str]:
-  """Image paths under ``split_dir/name``, sorted, as ``SPLIT/CLASS/...`` (relative to the dataset folder)."""
-  split = os.path.basename(split_dir)
+def _images_of_class(root: str, folder: str, name: str) -> list[tuple[str, str]]:
+  """``(SPLIT/CLASS/... path, real path)`` of the images under ``root/folder/name``, sorted by path.
+
+  Symbolic links are followed, wherever they lead; a link to a folder that
+  is already being read (one that holds the link) is an error naming it.
+
+  Raises:
+    FolderLayoutError: a symbolic link loop, or a folder that cannot be listed.
+  """
+  top = os.path.join(root, folder, name)
   found = []
-  for directory, subdirectories, files in os.walk(os.path.join(split_dir, name), followlinks=True):
-    subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-    relative = os.path.relpath(directory, split_dir).replace(os.sep, "/")
-    found += [f"{split}/{relative}/{f}" for f in files if _is_image(f)]
+  # (folder to list, its path relative to root, the folders it is in: (real path, relative path, is a link)
+  # from the class folder down to itself)
+  pending = [(top, f"{folder}/{name}", ((os.path.realpath(top), f"{folder}/{name}", os.path.islink(top)),))]
+  while pending:
+    directory, relative, chain = pending.pop()
+    try:
+      with os.scandir(directory) as scanned:
+        entries = sorted(scanned, key=lambda e: e.name)
+    except OSError as error:
+      raise FolderLayoutError(f"cannot list {relative}/ in {root} ({type(error).__name__}: {error.strerror}); make "
+                              "it readable or remove it.") from None
+    for entry in reversed(entries):  # popped in name order
+      if entry.name.startswith("."):
+        continue
+      path = f"{relative}/{entry.name}"
+      if entry.is_dir():  # through a link too
+        real = os.path.realpath(entry.path)
+        below = chain + ((real, path, entry.is_symlink()),)
+        repeated = [index for index, (seen, _, _) in enumerate(chain) if seen == real]
+        if repeated:
+          link = next((rel for _, rel, is_link in below[repeated[0] + 1:] if is_link), path)
+          target = real_target = os.path.realpath(os.path.join(root, *link.split("/")))
+          with contextlib.suppress(OSError):
+            target = os.readlink(os.path.join(root, *link.split("/")))  # as the user wrote it
+          class_folder = chain[0][0]
+          beside = "" if (real_target + os.sep).startswith(class_folder + os.sep) else (
+              f", and the images beside the class folder as class {name!r}")
+          raise FolderLayoutError(
+              f"symbolic link loop in {root}: {path} is {chain[repeated[0]][1]} again, through the link {link} -> "
+              f"{target}; it would read the same images again and again{beside}: remove the link.")
+        pending.append((entry.path, path, below))
+      elif _is_image(entry.name):
+        real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(chain[-1][0], entry.name)
+        found.append((path, real))
   return sorted(found)
+
+
+def _count_each_file_once(root: str, folders: dict[str, str],
+                          found: dict[str, dict[str, list[tuple[str, str]]]]) -> dict[str, dict[str, list[str]]]:
+  """``{split: {class: paths}}`` of ``found``, each real file once; in two splits or classes: an error.
+
+  Args:
+    root: the dataset folder (for messages).
+    folders: the folder of each split (``"val"`` or ``"validation"``...).
+    found: ``{split: {class: [(path, real path)]}}`` from :func:`_images_of_class`.
+
+  Raises:
+    FolderLayoutError: a file is in two splits (a test or validation image
+      would be trained on) or in two classes (it would carry two labels).
+  """
+  first_seen = {}  # real path -> (split, class, path)
+  conflicts, repeats = [], []
+  kept = {}
+  for split, by_class in found.items():
+    kept[split] = {}
+    for name, pairs in by_class.items():
+      kept[split][name] = []
+      for path, real in pairs:
+        seen = first_seen.setdefault(real, (split, name, path))
+        if seen[2] == path:
+          kept[split][name].append(path)
+        elif seen[:2] == (split, name):
+          repeats.append(f"{path} (same file as {seen[2]})")
+        else:
+          conflicts.append((real, seen, (split, name, path)))
+  if conflicts:
+    real, (split_a, class_a, path_a), (split_b, class_b, path_b) = conflicts[0]
+    where = (f"two splits, {folders[split_a]}/ and {folders[split_b]}/ (as {path_a} and {path_b}): a model "
+             "would be evaluated on an image it was trained on" if split_a != split_b else
+             f"two classes of {folders[split_a]}/, {class_a!r} and {class_b!r} (as {path_a} and {path_b}): it "
+             "would be trained with two labels")
+    more = f" (and {len(conflicts) - 1} more path(s) like it)" if len(conflicts) > 1 else ""
+    real_root = os.path.realpath(root)
+    shown = os.path.relpath(real, real_root) if real.startswith(real_root + os.sep) else real
+    raise FolderLayoutError(f"the image file {shown} of {root} is in {where}{more}; give each image file one split "
+                            "and one class (remove the link or the copy).")
+  if repeats:
+    more = f"; and {len(repeats) - _SHOWN} more" if len(repeats) > _SHOWN else ""
+    warnings.warn(f"counted {len(repeats)} image file(s) of {root} once each, which their class folder holds under "
+                  f"more than one name (symbolic links): left out {'; '.join(repeats[:_SHOWN])}{more}. Remove the "
+                  "extra links to silence this.", stacklevel=4)
+  return kept
 
 
 def _hash_order(paths: list[str], seed: int, class_name: str) -> list[str]:
@@ -247,7 +400,7 @@ def split_folder(root: str | os.PathLike, split: str) -> str | None:
 
 
 def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
-  """(classes, {split: {class: image paths}}) of the splits present; layout errors raised."""
+  """(classes, {split: {class: image paths}}) of the splits present, each image file once; layout errors raised."""
   train_dir = os.path.join(root, "train")
   if not os.path.isdir(root):
     raise FolderLayoutError(f"{root} is not a directory; expected {_LAYOUT}.")
@@ -259,7 +412,7 @@ def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
       loose = sum(e.is_file() and _is_image(e.name) for e in entries)
     found = f" (found {loose} image(s) directly in train/)" if loose else ""
     raise FolderLayoutError(f"{train_dir} has no class folders{found}; expected {_LAYOUT}.")
-  splits = {}
+  scanned, folders = {}, {}
   for split in SPLITS:
     folder = split_folder(root, split)
     if folder is None:
@@ -275,12 +428,13 @@ def _scan(root: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
         differences = " and ".join([f"lacks {missing}"] * bool(missing) + [f"has extra {extra}"] * bool(extra))
         raise FolderLayoutError(f"the class folders of {folder}/ must be those of train/: {folder}/ {differences}; "
                                 "add or remove class folders so that both have the same.")
-    splits[split] = {name: _images_of_class(split_dir, name) for name in classes}
-    empty = [f"{folder}/{name}" for name, paths in splits[split].items() if not paths]
+    scanned[split] = {name: _images_of_class(root, folder, name) for name in classes}
+    folders[split] = folder
+    empty = [f"{folder}/{name}" for name, paths in scanned[split].items() if not paths]
     if empty:
       raise FolderLayoutError(f"empty class folder(s) {empty} in {root}: each needs at least one image "
                               f"({' '.join(IMAGE_EXTENSIONS)}).")
-  return classes, splits
+  return classes, _count_each_file_once(root, folders, scanned)
 
 
 def _drop_unreadable(root: str, splits: dict[str, dict[str, list[str]]]) -> None:
