@@ -17,6 +17,8 @@ import importlib
 
 from dtnh_jax.accumulate import multi_steps
 from dtnh_jax.aggregators import AggregatorState, GradVacState, cagrad, dualproj, gradvac, mgda, pcgrad, upgrad
+from dtnh_jax.corrections import (CorrectionState, EMAState, SubspaceState, ema_projection, share_bound,
+                                  subspace_projection)
 from dtnh_jax.gradients import ClosedFormRegularizer, split_value_and_grad
 from dtnh_jax.projection import Diagnostics
 from dtnh_jax.transform import DTNHState, dtnh, projection_groups
@@ -27,17 +29,23 @@ __all__ = [
     "AggregatorState",
     "cagrad",
     "ClosedFormRegularizer",
+    "CorrectionState",
     "DTNHState",
     "Diagnostics",
     "dtnh",
     "dualproj",
+    "ema_projection",
+    "EMAState",
     "gradvac",
     "GradVacState",
     "mgda",
     "multi_steps",
     "pcgrad",
     "projection_groups",
+    "share_bound",
     "split_value_and_grad",
+    "subspace_projection",
+    "SubspaceState",
     "upgrad",
 ]
 

@@ -309,16 +309,24 @@ def _micro_batches():
   return [(INPUTS[i::K], TARGETS[i::K]) for i in range(K)]
 
 
-def _dtnh_sgd(weights):
-  return optax.chain(dtnh_jax.dtnh(weights), optax.sgd(0.1, momentum=0.9))
+#: dtnh and the never-hurt candidates of dtnh_jax.corrections (the stateful ones included): multi_steps serves all.
+CORRECTIONS = {"dtnh": dtnh_jax.dtnh,
+               "subspace_projection": functools.partial(dtnh_jax.subspace_projection, memory=3),
+               "ema_projection": functools.partial(dtnh_jax.ema_projection, decay=0.5, guard_current=True),
+               "share_bound": functools.partial(dtnh_jax.share_bound, kappa=0.5, projection="conflict")}
 
 
-@pytest.mark.parametrize("names", [("feature_distance",), ("feature_distance", "l2_sp")],
-                         ids=["knowdist", "knowdist+l2sp"])
-def test_multi_steps_equals_one_step_on_the_concatenated_batch(names):
+def _dtnh_sgd(weights, correction="dtnh"):
+  return optax.chain(CORRECTIONS[correction](weights), optax.sgd(0.1, momentum=0.9))
+
+
+@pytest.mark.parametrize("names,correction", [(("feature_distance",), "dtnh"), (("feature_distance", "l2_sp"), "dtnh")]
+                         + [(("feature_distance", "l2_sp"), name) for name in CORRECTIONS if name != "dtnh"],
+                         ids=["knowdist", "knowdist+l2sp"] + [f"knowdist+l2sp-{name}" for name in CORRECTIONS][1:])
+def test_multi_steps_equals_one_step_on_the_concatenated_batch(names, correction):
   weights = [3.0, 1.0][:len(names)] if len(names) > 1 else 3.0
-  accumulated = dtnh_jax.multi_steps(_dtnh_sgd(weights), K, num_regularizers=len(names))
-  reference = _dtnh_sgd(weights)
+  accumulated = dtnh_jax.multi_steps(_dtnh_sgd(weights, correction), K, num_regularizers=len(names))
+  reference = _dtnh_sgd(weights, correction)
   params, state = MLP, accumulated.init(MLP)
   want_params, want_state = MLP, reference.init(MLP)
   step = jax.jit(accumulated.update)
@@ -329,7 +337,7 @@ def test_multi_steps_equals_one_step_on_the_concatenated_batch(names):
       updates, state = step(g, state, params, regularizer_grads=rs[0] if len(rs) == 1 else tuple(rs))
       params = optax.apply_updates(params, updates)
     g, rs = _gradients(want_params, INPUTS, TARGETS, names)
-    updates, want_state = reference.update((g, *rs), want_state, want_params)
+    updates, want_state = jax.jit(reference.update)((g, *rs), want_state, want_params)
     want_params = optax.apply_updates(want_params, updates)
     conflicts.append(np.max(want_state[0].diagnostics.conflict))
     chex.assert_trees_all_close(params, want_params, rtol=1e-5, atol=1e-6)
