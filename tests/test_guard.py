@@ -95,7 +95,7 @@ def test_the_guarded_train_step_copies_no_momentum(method):
   steps = step_lib.steps_for(model, config, 2)
   state = step_lib.create_train_state(initial, steps.tx, jax.random.key(0))
   batch = next(data.train_loader(0))
-  reference = step_lib.Reference(initial, None)
+  reference = step_lib.Reference(initial, None, step_lib.RegWeight.of(config))
   for step_fn in filter(None, (steps.train_step, steps.summed_train_step)):
     text = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, reference).compile().as_text()
     assert "trace" in text  # the momentum is an argument of the program under this name

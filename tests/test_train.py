@@ -150,7 +150,7 @@ def test_runs_that_differ_outside_the_step_groups_share_one_step_function():
   other_run = tiny(seed=3, source="unrelated", dataset="offline-related", eval_every=1, fsdp=True, plots=True,
                    pretrain_steps=7)
   assert step_lib.steps_for(model, other_run, 2) is first  # the same Steps: the same function objects
-  for changed in (tiny(reg_weight=0.5), tiny(width=0.25), tiny(projection="always"), tiny(method="l2-sp"),
+  for changed in (tiny(learning_rate=0.5), tiny(width=0.25), tiny(projection="always"), tiny(method="l2-sp"),
                   tiny(knowdist_weight=2.0)):
     assert step_lib.steps_for(model, changed, 2).train_step is not first.train_step, changed
 
@@ -166,8 +166,8 @@ def test_a_grid_of_seeds_compiles_its_train_step_once(tmp_path, caplog):
   import logging
   with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
     for seed in (0, 1):
-      # a reg_weight no other test uses: a step this process has not compiled yet
-      loop.train(tiny(method="l2-sp", reg_weight=0.37, seed=seed, steps=2, eval_every=2, checkpoint_every=2),
+      # a learning rate no other test uses: a step this process has not compiled yet
+      loop.train(tiny(method="l2-sp", learning_rate=0.037, seed=seed, steps=2, eval_every=2, checkpoint_every=2),
                  tmp_path / f"s{seed}")
   traced = [r.getMessage() for r in caplog.records if "Finished tracing" in r.getMessage()
             and "train_step" in r.getMessage()]

@@ -45,6 +45,7 @@ __all__ = [
     "setting_types",
     "SETTINGS_FORMATS",
     "STEP_GROUPS",
+    "STEP_INPUTS",
     "TrainConfig",
 ]
 
@@ -337,6 +338,9 @@ GROUPS: dict[str, type] = {"model": ModelConfig, "recipe": RecipeConfig, "regula
                            "dtnh": DTNHConfig, "run": RunConfig}
 #: The groups the compiled train step depends on (with the method); runs that differ elsewhere share it.
 STEP_GROUPS = ("model", "recipe", "regularizer", "dtnh")
+#: Settings of those groups that are inputs of the compiled step (``dtnh_jax.train.step.RegWeight``), not part
+#: of it: runs that differ only in them (a sweep over λ and its decay) share it too.
+STEP_INPUTS = ("reg_weight", "reg_decay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,8 +433,14 @@ class TrainConfig:
             for group, field in setting_fields()}
 
   def step_key(self) -> tuple:
-    """What the compiled train step depends on: the method and the groups of :data:`STEP_GROUPS`."""
-    return (self.method,) + tuple(getattr(self, group) for group in STEP_GROUPS)
+    """What the compiled train step depends on: the method and the groups of :data:`STEP_GROUPS`, with the
+    settings of :data:`STEP_INPUTS` at their defaults (placeholders: the step takes them as inputs)."""
+    key = [self.method]
+    for name in STEP_GROUPS:
+      group = getattr(self, name)
+      inputs = {field.name: field.default for field in dataclasses.fields(group) if field.name in STEP_INPUTS}
+      key.append(dataclasses.replace(group, **inputs))
+    return tuple(key)
 
   def to_json(self) -> str:
     return json.dumps(self.settings(), sort_keys=True)

@@ -4,8 +4,9 @@ The step is ``(state, batch, reference) -> (state, metrics)`` under one
 ``jax.jit``. ``reference`` holds what the regularizers compare against: the
 variables fine-tuning started from (source backbone + new head; L2-SP's
 ``w0`` and the frozen network KnowDist/DELTA take feature maps from) and
-DELTA's channel attention. It is an argument, not a closure, so runs from
-different sources or seeds reuse one compiled step.
+DELTA's channel attention; and how much they weigh: λ and its decay
+(:class:`RegWeight`). It is an argument, not a closure, so runs from
+different sources, seeds or λ reuse one compiled step.
 
 BatchNorm during fine-tuning: the target network runs in train mode, so it
 normalizes with the statistics of the batch and updates its running
@@ -24,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import dtnh_jax
@@ -37,6 +39,7 @@ __all__ = [
     "closed_form_regularizers",
     "create_train_state",
     "cross_entropy",
+    "epoch_schedule",
     "evaluate",
     "feature_regularizer",
     "head_mask",
@@ -45,6 +48,7 @@ __all__ = [
     "make_train_step",
     "Reference",
     "reg_weight_schedule",
+    "RegWeight",
     "released_code_schedule",
     "Steps",
     "steps_for",
@@ -64,11 +68,25 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
 
 
+class RegWeight(NamedTuple):
+  """λ's settings as inputs of the train step, not constants compiled into it: a sweep over them runs one
+  compiled step. ``RegWeight.of(config)`` holds ``config``'s as float32 scalars."""
+
+  reg_weight: Any   # λ at the first epoch
+  reg_decay: Any    # its decay factor (see reg_weight_schedule)
+
+  @classmethod
+  def of(cls, config: TrainConfig) -> "RegWeight":
+    return cls(np.float32(config.recipe.reg_weight), np.float32(config.recipe.reg_decay))
+
+
 class Reference(NamedTuple):
-  """What the regularizers compare the target network with (fixed during a run)."""
+  """What the regularizers compare the target network with, and λ (fixed during a run)."""
 
   variables: PyTree           # {"params", "batch_stats"} fine-tuning started from
   attention: PyTree = None    # DELTA's per-layer channel attention, else None
+  # λ and its decay; None: the config's, compiled into the step (make_train_step; steps_for's steps need them)
+  reg_weight: RegWeight | None = None
 
 
 def base_optimizer(config: TrainConfig, *, guarded: bool = False) -> optax.GradientTransformation:
@@ -100,7 +118,8 @@ def base_optimizer(config: TrainConfig, *, guarded: bool = False) -> optax.Gradi
 RELEASED_CODE_DECAY_COUNT = 5000
 
 
-def released_code_schedule(reg_weight: float, reg_decay: float, num_tensors: int) -> optax.Schedule:
+def released_code_schedule(reg_weight: float | jax.Array, reg_decay: float | jax.Array,
+                           num_tensors: int) -> optax.Schedule:
   """λ as the released DTNH code computes it (``grod.py``, ``GrodOptimizer.minimize``; see README).
 
   Its counter starts at 1 and advances once per regularized tensor on every
@@ -108,7 +127,7 @@ def released_code_schedule(reg_weight: float, reg_decay: float, num_tensors: int
   ``reg_weight · reg_decay^(counter // 5000)``. Per step this is
   ``λ(0) = 0`` and ``λ(k) = reg_weight · reg_decay^((1 + (k - 1) · num_tensors) // 5000)``: the counter at the
   step's first tensor (the step's later tensors may see one more decay at a boundary, every
-  ``5000 / num_tensors`` steps).
+  ``5000 / num_tensors`` steps). ``reg_weight`` and ``reg_decay`` may be traced (:class:`RegWeight`).
   """
 
   def schedule(count):
@@ -119,17 +138,32 @@ def released_code_schedule(reg_weight: float, reg_decay: float, num_tensors: int
   return schedule
 
 
-def reg_weight_schedule(config: TrainConfig, steps_per_epoch: int, num_tensors: int | None = None) -> optax.Schedule:
-  """λ at each step: ``reg_weight`` times ``reg_decay`` once per epoch of ``steps_per_epoch`` steps (staircase),
-  or with ``reg_schedule="released-code"`` :func:`released_code_schedule` over ``num_tensors`` regularized
-  tensors (the backbone's)."""
+def epoch_schedule(reg_weight: float | jax.Array, reg_decay: float | jax.Array,
+                   steps_per_epoch: int) -> optax.Schedule:
+  """λ = ``reg_weight · reg_decay^epoch`` with epochs of ``steps_per_epoch`` steps: ``optax.exponential_decay``
+  with ``staircase=True``, computed as it does, for a ``reg_weight`` and ``reg_decay`` that may be traced
+  (:class:`RegWeight`). As it, a ``reg_decay`` of 0 is no decay (λ = ``reg_weight`` throughout)."""
+
+  def schedule(count):
+    decayed = jnp.where(count <= 0, reg_weight, reg_weight * jnp.power(reg_decay, jnp.floor(count / steps_per_epoch)))
+    return jnp.where(reg_decay == 0, reg_weight, decayed)
+
+  return schedule
+
+
+def reg_weight_schedule(config: TrainConfig, steps_per_epoch: int, num_tensors: int | None = None,
+                        reg_weight: RegWeight | None = None) -> optax.Schedule:
+  """λ at each step: ``reg_weight`` times ``reg_decay`` once per epoch of ``steps_per_epoch`` steps
+  (:func:`epoch_schedule`), or with ``reg_schedule="released-code"`` :func:`released_code_schedule` over
+  ``num_tensors`` regularized tensors (the backbone's). ``reg_weight``: λ's settings (traced in a train step),
+  else ``config``'s."""
+  if reg_weight is None:
+    reg_weight = RegWeight(config.recipe.reg_weight, config.recipe.reg_decay)
   if config.recipe.reg_schedule == "released-code":
     if num_tensors is None:
       raise ValueError("reg_schedule='released-code' counts the regularized tensors: pass num_tensors.")
-    return released_code_schedule(config.recipe.reg_weight, config.recipe.reg_decay, num_tensors)
-  return optax.exponential_decay(
-      config.recipe.reg_weight, transition_steps=max(1, steps_per_epoch), decay_rate=config.recipe.reg_decay,
-      staircase=True)
+    return released_code_schedule(*reg_weight, num_tensors)
+  return epoch_schedule(*reg_weight, max(1, steps_per_epoch))
 
 
 def head_mask(params: PyTree, head: str = "fc") -> PyTree:
@@ -159,14 +193,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *,
   return optax.chain(make_correction(config, steps_per_epoch, num_tensors=num_tensors), optimizer)
 
 
-def make_correction(config: TrainConfig, steps_per_epoch: int, *,
-                    num_tensors: int | None = None) -> optax.GradientTransformation:
+def make_correction(config: TrainConfig, steps_per_epoch: int, *, num_tensors: int | None = None,
+                    reg_weight: RegWeight | None = None) -> optax.GradientTransformation:
   """The first element of :func:`make_optimizer`'s chain for a regularized method: ``dtnh`` (``projection="none"``
-  for the plain methods) or the aggregator ``config.dtnh.projection`` names, with λ's schedule."""
+  for the plain methods) or the aggregator ``config.dtnh.projection`` names, with λ's schedule
+  (:func:`reg_weight_schedule`; its state is the same whatever λ)."""
   method = config.method_spec
   if not method.has_regularizer:
     raise ValueError(f"{method.name} has no regularizer, so no correction.")
-  reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors)
+  reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors, reg_weight)
   options = config.dtnh
   unprojected = None if options.project_head else head_mask
   if method.dtnh and options.projection in names.AGGREGATORS:
@@ -241,7 +276,7 @@ def backbone_tensor_count(model, config: TrainConfig) -> int:
 class Steps(NamedTuple):
   """The compiled-to-be functions of a run (unjitted; ``Placement`` jits them)."""
 
-  tx: optax.GradientTransformation
+  tx: optax.GradientTransformation  # the optimizer whose state the steps update (its λ is not the run's)
   train_step: Callable           # every step of DTNH and fine-tuning; a plain method's steps that log angles
   eval_step: Callable
   # a plain regularized method's other steps: one backward pass of J + λΩ, no angles (else None)
@@ -257,28 +292,38 @@ class Steps(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
+  # the key's λ and decay are placeholders (config.STEP_INPUTS): the steps read the run's from their reference
   config = dataclasses.replace(TrainConfig(method=step_key[0]), **dict(zip(STEP_GROUPS, step_key[1:], strict=True)))
   num_tensors = backbone_tensor_count(model, config) if config.recipe.reg_schedule == "released-code" else None
   tx = make_optimizer(config, steps_per_epoch, num_tensors=num_tensors)
   method = config.method_spec
+  options = {"num_tensors": num_tensors, "reg_weight_input": True}
   summed = None
   if method.has_regularizer and not method.dtnh:
-    summed = make_train_step(model, config, steps_per_epoch, num_tensors=num_tensors, summed=True)
-  return Steps(tx, make_train_step(model, config, steps_per_epoch, num_tensors=num_tensors), make_eval_step(model),
-               summed)
+    summed = make_train_step(model, config, steps_per_epoch, summed=True, **options)
+  return Steps(tx, make_train_step(model, config, steps_per_epoch, **options), make_eval_step(model), summed)
 
 
 def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
   """The :class:`Steps` of ``config``, the same function objects for every config with the same
-  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, bookkeeping) traces
-  and compiles each method once when ``dtnh_jax.train.sharding.Placement`` jits them."""
+  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, λ and its decay,
+  bookkeeping) traces and compiles each method once when ``dtnh_jax.train.sharding.Placement`` jits them.
+
+  Their train steps read λ and its decay from the reference they are called with:
+  ``Reference(..., reg_weight=RegWeight.of(config))``.
+  """
   return _cached_steps(model, config.step_key(), steps_per_epoch)
 
 
 def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_tensors: int | None = None,
-                    summed: bool = False):
+                    summed: bool = False, reg_weight_input: bool = False):
   """The train step of ``config``'s method, ``(state, batch, reference) -> (state, metrics)``, unjitted:
   ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state.
+
+  λ and its decay are ``reference.reg_weight`` (:class:`RegWeight`), inputs of the compiled step, so runs
+  that differ only in them share it; a reference without them takes ``config``'s, compiled in. With
+  ``reg_weight_input`` the reference must hold them (the steps of :func:`steps_for`, made from a
+  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`'s config, whose λ is not the run's).
 
   The state's optimizer is :func:`make_optimizer`'s (same ``steps_per_epoch`` and ``num_tensors``), which the
   step runs in two parts: the correction (:func:`make_correction`), then the NaN/Inf guard's decision, then
@@ -303,11 +348,16 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
   if summed and (method.dtnh or not method.has_regularizer):
     raise ValueError(f"summed=True is for the plain regularized methods; {method.name} has no such step.")
   base = base_optimizer(config, guarded=True)
-  correction = (make_correction(config, steps_per_epoch, num_tensors=num_tensors)
-                if method.has_regularizer and not summed else None)
-  summed_reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors) if summed else None
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
+    if reg_weight_input and method.has_regularizer and reference.reg_weight is None:
+      raise ValueError("this train step reads λ and its decay from its reference, and it holds none: pass "
+                       "Reference(..., reg_weight=RegWeight.of(config)).")
+    # built here: λ's schedule closes over the step's inputs (the optimizer state is the same whatever λ)
+    correction = (make_correction(config, steps_per_epoch, num_tensors=num_tensors, reg_weight=reference.reg_weight)
+                  if method.has_regularizer and not summed else None)
+    summed_reg_weight = (reg_weight_schedule(config, steps_per_epoch, num_tensors, reference.reg_weight)
+                         if summed else None)
     images, labels = batch["image"], batch["label"]
     feature_term = feature_regularizer(config, reference)
     closed_form = closed_form_regularizers(config, reference)
