@@ -10,6 +10,8 @@ cache of an offline source is set aside and rebuilt.
 import glob
 import os
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 
@@ -215,6 +217,68 @@ def test_a_failure_during_the_write_leaves_the_old_checkpoint_loadable(tmp_path,
   monkeypatch.undo()
   _assert_trees_equal(models.load_variables(path)[0], old)
   assert os.listdir(tmp_path) == ["ckpt"]  # the temporary folder is gone
+
+
+# --- a save killed outright leaves nothing behind for good ----------------------------------------------------------
+
+
+def _dead_pid():
+  """The pid of a process that has exited (and was waited for)."""
+  finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True)
+  return int(finished.stdout)
+
+
+def _left_behind(parent, name, kind, pid, age_s=0.0, random="0badf00d"):
+  """The folder a save of ``pid`` to ``parent/name`` killed by SIGKILL leaves: ``.NAME.dtnh-KIND-PID-RANDOM``."""
+  folder = parent / f".{name}.dtnh-{kind}-{pid}-{random}"
+  (folder / name / "d").mkdir(parents=True)
+  (folder / name / "d" / "half-written").write_bytes(b"\0" * 64)
+  if age_s:
+    past = time.time() - age_s
+    os.utime(folder, (past, past))
+  return folder
+
+
+def test_a_save_removes_the_temporary_folders_that_killed_saves_to_its_target_left(tmp_path):
+  """Before: a SIGKILL during --export left .NAME.dtnh-tmp-PID-* next to the target forever; reruns added more."""
+  dead = _left_behind(tmp_path, "ckpt", "tmp", _dead_pid())
+  reused = _left_behind(tmp_path, "ckpt", "tmp", os.getppid(), age_s=10 * 365 * 86400)  # before its pid's process
+  # a save of a live process, made since that process started
+  running = _left_behind(tmp_path, "ckpt", "tmp", os.getppid(), random="5ca1ab1e")
+  other_target = _left_behind(tmp_path, "other", "tmp", _dead_pid())
+  (tmp_path / ".ckpt.mine").mkdir()  # not of that pattern: the user's
+  expected = _save(tmp_path / "ckpt")
+  _assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], expected)
+  assert not dead.exists() and not reused.exists()
+  assert running.exists() and other_target.exists() and (tmp_path / ".ckpt.mine").is_dir()
+
+
+def test_a_checkpoint_a_killed_save_had_moved_aside_is_put_back_before_the_next_save(tmp_path):
+  """Killed between its two renames, a --force save left the old checkpoint hidden and none at the target."""
+  _save(tmp_path / "aside", seed=3)
+  dead = _dead_pid()
+  os.rename(tmp_path / "aside", tmp_path / f".ckpt.dtnh-old-{dead}-abcd_123")
+  with pytest.raises(models.UnsafeTargetError, match="pass --force"):  # the old checkpoint is back: not replaced
+    _save(tmp_path / "ckpt")
+  _assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], _tiny_variables(seed=3))
+  assert os.listdir(tmp_path) == ["ckpt"]
+
+
+# --- --export never replaces the run's own source ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["the source", "inside it", "its parent"])
+def test_export_onto_the_runs_own_source_is_refused_even_with_force(tmp_path, capsys, where):
+  """Before: --source X --export X --force replaced the source checkpoint with the fine-tuned weights."""
+  from test_faults import _cli_error, _run_args  # pylint: disable=g-import-not-at-top
+  source = tmp_path / "models" / "source"
+  _save(source)
+  export = {"the source": source, "inside it": source / "export", "its parent": source.parent}[where]
+  before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+  error = _cli_error(_run_args(tmp_path) + ["--source", str(source), "--export", str(export), "--force"], capsys)
+  assert len(error.strip().splitlines()) == 1 and "the export would replace the weights the run starts from" in error
+  assert sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
 # --- an unwritable target fails at once, in one line ------------------------------------------------------------

@@ -11,7 +11,10 @@ A save is all or nothing. Orbax writes into a new hidden sibling folder
 (``.NAME.dtnh-tmp-<pid>-<random>``) that is renamed into place once complete;
 an old checkpoint of ours is first renamed aside and removed only after the
 new one is in place. A failure at any point leaves what was there before and
-removes only the temporary folder.
+removes only the temporary folder. A save killed outright (SIGKILL, power
+loss) cannot clean up: the next save to (or check of) the same path removes
+the temporary folders it left, and puts back a checkpoint it had renamed aside
+but not yet replaced (:func:`_clean_after_killed_saves`).
 
 The custom metadata also holds checksums of the arrays
 (:mod:`dtnh_jax.checksums`): orbax reads flipped bytes in a data file without
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import checksums
-from dtnh_jax.models import resnet
+from dtnh_jax import names
 
 __all__ = [
     "CorruptCheckpointError",
@@ -144,12 +149,76 @@ def _check_can_create_in(path: str, shown: str) -> None:
                             "write to.") from None
 
 
+def _process_start(pid: int) -> float | None:
+  """When process ``pid`` started (seconds since the epoch), from Linux's /proc; None where unknown."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, "starttime", after "pid (comm)"
+    with open("/proc/stat", encoding="ascii") as f:
+      boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError, StopIteration):
+    return None
+
+
+def _left_by_a_dead_save(pid: int, modified: float) -> bool:
+  """Whether a folder a save of process ``pid`` made, last modified at ``modified``, outlived that save: the
+  process is gone, or it started after the folder was made (its pid was reused)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # alive, another user's
+    pass
+  started = _process_start(pid)
+  return started is not None and modified < started - 1.0  # 1 s: /proc's clock ticks against file times
+
+
+def _clean_after_killed_saves(real: str) -> None:
+  """Removes the temporary folders a killed :func:`save_variables` to ``real`` left beside it
+  (``.NAME.dtnh-tmp-PID-*``), and settles the checkpoint a killed save had renamed aside
+  (``.NAME.dtnh-old-PID-*``): removed when a checkpoint is at ``real`` again, put back when none is. Only
+  folders of that name whose process is gone (or started after them) are touched, and an aside folder only
+  when its manifest lists all it holds: a running save, and anything not ours, are left alone."""
+  parent, name = os.path.split(real)
+  ours = re.compile(rf"\.{re.escape(name)}\.dtnh-(tmp|old)-(\d+)-[0-9a-z_]+")
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return
+  for entry in entries:
+    match = ours.fullmatch(entry)
+    if match is None:
+      continue
+    folder = os.path.join(parent, entry)
+    try:
+      info = os.lstat(folder)
+    except OSError:
+      continue
+    if not stat.S_ISDIR(info.st_mode) or not _left_by_a_dead_save(int(match[2]), info.st_mtime):
+      continue
+    try:
+      if match[1] == "tmp":
+        shutil.rmtree(folder)
+      elif _read_manifest(folder) is not None and not _foreign_entries(folder):
+        if os.path.lexists(real):
+          shutil.rmtree(folder)  # the checkpoint it replaced; the new one is in place
+        else:
+          os.rename(folder, real)  # killed between its two renames: what was there before, back in place
+    except OSError:  # another process cleaning up at the same time, or no permission: left as it is
+      continue
+
+
 def check_save_target(path: str | os.PathLike, *, force: bool = False) -> None:
   """Refuses, before anything is computed or written, a path a save could harm.
 
   Fine: a path that does not exist, or an empty folder, where a new folder
   can be created; with ``force``, also a checkpoint that
   :func:`save_variables` wrote (its manifest lists everything there).
+
+  First cleans up after a save to ``path`` that was killed
+  (:func:`_clean_after_killed_saves`), so that its leftovers neither stay
+  forever nor decide the outcome.
 
   Raises:
     UnsafeTargetError: ``path`` is a file, a folder holding anything dtnh_jax
@@ -161,6 +230,7 @@ def check_save_target(path: str | os.PathLike, *, force: bool = False) -> None:
   real = os.path.realpath(shown)
   if os.path.dirname(real) == real:
     raise UnsafeTargetError(f"cannot save to {shown}: it is the root folder; choose a new folder.")
+  _clean_after_killed_saves(real)
   try:
     cwd = os.path.realpath(os.getcwd())
   except OSError:  # the current folder was removed: it cannot be the target
@@ -286,9 +356,9 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     OSError: the write itself failed (nothing at ``path`` changed).
   """
   metadata = dict(metadata)
-  if metadata.get("arch") not in resnet.ARCHITECTURES:
+  if metadata.get("arch") not in names.MODEL_ARCHITECTURES:
     raise ValueError(f"metadata must name an arch among "
-                     f"{sorted(resnet.ARCHITECTURES)}, got "
+                     f"{sorted(names.MODEL_ARCHITECTURES)}, got "
                      f"{metadata.get('arch')!r}.")
   if _CHECKSUMS_KEY in metadata:
     raise ValueError(f"metadata key {_CHECKSUMS_KEY!r} is reserved for the "
