@@ -570,10 +570,12 @@ def parse_settings(values: Mapping[str, Any], where: str, lists: Collection[str]
 SETTINGS_FORMATS = ("toml", "json")
 
 
-def read_settings(path: str | os.PathLike, lists: Collection[str] = ()) -> dict[str, Any]:
+def read_settings(path: str | os.PathLike, lists: Collection[str] = (),
+                  extra: Collection[str] = ()) -> dict[str, Any]:
   """The settings in a ``.toml`` or ``.json`` file (``dtnh-train --config``): one table of ``name = value``.
 
-  See :func:`parse_settings` for ``lists`` and the checks.
+  See :func:`parse_settings` for ``lists`` and the checks. ``extra``: names of entries that are not settings
+  but that the caller reads (``dtnh-train``'s ``workdir``): non-empty strings, returned with the settings.
 
   Raises:
     ConfigError: the file cannot be read or parsed, has another extension, or holds a bad setting.
@@ -596,7 +598,11 @@ def read_settings(path: str | os.PathLike, lists: Collection[str] = ()) -> dict[
     raise ConfigError(f"{where}: not valid {extension.upper()} ({error}).") from None
   if not isinstance(values, dict):
     raise ConfigError(f"{where}: expected a table of settings (name = value), got {type(values).__name__}.")
-  return parse_settings(values, where, lists)
+  extras = {name: values.pop(name) for name in extra if name in values}
+  for name, value in extras.items():
+    if not isinstance(value, str) or not value.strip():
+      raise ConfigError(f"{where}: {name} must be a non-empty string, got {value!r}.")
+  return {**parse_settings(values, where, lists), **extras}
 
 
 def format_settings(settings: Mapping[str, Any], fmt: str = "toml") -> str:

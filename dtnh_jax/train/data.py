@@ -244,8 +244,8 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
     ConfigError: the dataset is unknown or not prepared (the message says
       how to download and prepare it), a ``folder:`` dataset's layout is
       wrong (the message says what and where), ``--val-fraction`` on a
-      dataset with its own validation split, or a class with a single
-      training example to carve from.
+      dataset with its own validation split, a class with a single
+      training example to carve from, or a batch larger than the training split.
   """
   sizes = {"resize": config.recipe.resize, "crop": config.recipe.crop}
   shard = {"shard_index": shard_index, "shard_count": shard_count}
@@ -269,6 +269,9 @@ def load_data(config: TrainConfig, shard_index: int = 0, shard_count: int = 1) -
     train_source, val_source, split, num_classes, num_train = _tfds_sources(config)
     test_source = config.dataset
     tfds_args = {"data_dir": config.run.data_dir}
+  if config.recipe.batch_size > num_train:  # each batch would hold some images twice: not the batch asked for
+    raise ConfigError(f"--batch-size {config.recipe.batch_size} is larger than the training split of --dataset "
+                      f"{config.dataset} ({num_train} images); pass --batch-size {num_train} or less.")
 
   def train_loader(seed: int):
     return data_lib.make_train_loader(train_source, batch_size=per_process_batch, seed=seed, **sizes, **shard,

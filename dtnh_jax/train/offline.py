@@ -16,6 +16,7 @@ nothing of this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from dtnh_jax import models, names
 from dtnh_jax.train import loop, presets, provenance, report, selection, sharding, stats
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import sources as sources_lib
+from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, Method, TrainConfig
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data, validation_kind
 
@@ -46,6 +48,14 @@ logger = logging.getLogger(__name__)
 
 #: What a grid draws for its Figures 3-5 and the summary of what it drew (:func:`_draw_figures`).
 FIGURE3, FIGURE4_5, FIGURES_SUMMARY = "figure3_losses.png", "figure4_5_angles.png", "figures.json"
+#: Every file a grid writes into its workdir: the only ones there it replaces, once it listed them as its own
+#: (``workdir.WRITTEN``); the runs are in folders of their own.
+SUMMARY_FILES = ("results.md", workdir_lib.RESULTS, "provenance.json", "results.png", "lambda_curve.png", FIGURE3,
+                 FIGURE4_5, FIGURES_SUMMARY)  # the first four always, the others when drawn
+#: How long a grid waits, at its end, for another grid writing the summary of the same workdir.
+_SUMMARY_WAIT_S = 600.0
+#: The fields a record of a grid's results.json has (and that a results.json of dtnh_jax's is recognized by).
+_RECORD_FIELDS = ("method", "source", "seed", "reg_weight", "reg_decay", "test_accuracy")
 
 
 def _set_aside(path: str) -> str:
@@ -90,24 +100,38 @@ def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE
   source that cannot be read (damaged files, checksums that do not match) or
   holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with a warning
   and pre-trained again, so that one bad cache does not fail every later run.
+  A process that finds another one pre-training the same source waits for it
+  (one log line) and uses its result (``sources.pretraining_lock``).
 
   Returns:
     offline source name -> its cached checkpoint (a folder ``--source`` also takes).
+
+  Raises:
+    ConfigError: the cache cannot be written, or the pre-training failed; the message names the cache path and
+      ``$DTNH_JAX_CACHE``.
   """
   paths = {}
   for name in dict.fromkeys(sources):
     if name not in names.OFFLINE_SOURCES:
       continue
     path = sources_lib.offline_source_path(name, config)
-    if not (os.path.lexists(path) and _usable(path)):
-      # float32 whatever the run's compute dtype: the cache key does not hold it
-      # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
-      pretrain = config.replace(method="fine-tune", source=sources_lib.SCRATCH, dataset=OFFLINE_PREFIX + name,
-                                seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
-                                split_seed=None,
-                                **presets.offline_pretraining(config.pretrain_steps))
-      logger.info("pre-training the offline source %r once (cached in %s)", name, path)
-      loop.train(pretrain, path + ".run", export_to=path)
+    waiting = lambda: logger.info("waiting for another process pre-training %s into %s", name, path)
+    # process 0 holds the lock (the others are in the same command): the others look once it does
+    with sources_lib.pretraining_lock(path, waiting) if sharding.is_chief() else contextlib.nullcontext():
+      sharding.sync("offline source locked")
+      if not (os.path.lexists(path) and _usable(path)):
+        # float32 whatever the run's compute dtype: the cache key does not hold it
+        # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
+        pretrain = config.replace(method="fine-tune", source=sources_lib.SCRATCH, dataset=OFFLINE_PREFIX + name,
+                                  seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
+                                  split_seed=None,
+                                  **presets.offline_pretraining(config.pretrain_steps))
+        logger.info("pre-training the offline source %r once (cached in %s)", name, path)
+        try:
+          loop.train(pretrain, path + ".run", export_to=path)
+        except ConfigError as error:  # its messages name the internal --workdir and --export: say what they are
+          raise sources_lib.cache_error(f"pre-training the offline source {name} into {path} failed: {error}"
+                                        ) from None
     paths[name] = path
   return paths
 
@@ -204,7 +228,14 @@ def run_grid(
   ``reg_weights`` x ``reg_decays`` holds several combinations; None: ``base``'s), so an interrupted grid
   resumes where it stopped. Methods without regularizer run once per seed whatever the sweep, and ``scratch``
   (which ignores the source) under the first source only. Writes
-  ``workdir/results.md``, ``results.json`` (one record per run), ``results.png`` (the table as bars). With a
+  ``workdir/results.md``, ``results.json`` (one record per run, with ``run``, its folder, and
+  ``train_seconds``, the time this or an earlier command spent training it; None when unknown),
+  ``provenance.json``, ``results.png`` (the table as bars).
+
+  The summary is of every run in ``workdir``: a second grid there (at the same time or later) adds its runs to
+  it, a run run again replaces its record (one record per source, method, seed and, for a regularized method,
+  λ and decay), and runs with other settings than ``base``'s are refused before any training, as is a summary
+  file that dtnh_jax did not write (``workdir.WRITTEN`` lists those it did). With a
   validation split (carved with ``base.val_fraction``, or the dataset's own) it also picks, per method and
   source, the λ and decay with the best mean validation accuracy (``dtnh_jax.train.selection``; records get
   ``selected``), and writes the tuned table with DTNH(X) − X paired over seeds (``dtnh_jax.train.stats``) and,
@@ -219,36 +250,179 @@ def run_grid(
   projection. ``figures.json`` says what was drawn and why, with those numbers; a line after the table says
   it too. Without such a pair nothing is drawn.
   """
-  pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
   combinations = [(w, d) for w in reg_weights for d in reg_decays]
   sweep = len(combinations) > 1
   if sweep and validation_kind(base) is None:
     raise ConfigError("a sweep of reg_weight/reg_decay picks on validation accuracy; set val_fraction so that a "
                       "validation split exists.")
-  datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
   base = base.replace(plots=False)  # the grid draws its figures once, for all runs
-  runs = grid_runs(sources, methods, seeds, combinations)
+  runs = []  # (config, its folder)
+  for source, method, seed, (weight, decay) in grid_runs(sources, methods, seeds, combinations):
+    config = base.replace(source=source, method=method.name, seed=seed)
+    config = config.replace(**{k: v for k, v in (("reg_weight", weight), ("reg_decay", decay)) if v is not None})
+    runs.append((config, run_dir(workdir, source, method.name, seed, _combination_name(config) if sweep else None)))
+  # before any training: the summary files are ours to replace, and the runs already summarized go with these
+  _check_summary(workdir, base, [_planned(config, folder, workdir) for config, folder in runs],
+                 validation_kind(base) is not None)
+  pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
+  datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
   results = []
   progress = Progress(len(runs), enabled=show_progress and sharding.is_chief())
-  started = time.perf_counter()
   try:
-    for source, method, seed, (weight, decay) in runs:
-      config = base.replace(source=source, method=method.name, seed=seed)
-      config = config.replace(**{k: v for k, v in (("reg_weight", weight), ("reg_decay", decay)) if v is not None})
+    for config, folder in runs:
       split_seed = config.seed if config.split_seed is None or not config.val_fraction else config.split_seed
       if split_seed not in datas:
         datas[split_seed] = load_data(config, *sharding.process_shard())
-      combination = _combination_name(config) if sweep else None
-      label = f"{_safe_name(source)} {method.name}{' ' + combination if combination else ''} seed {seed}"
-      results.append(loop.train(config, run_dir(workdir, source, method.name, seed, combination),
-                                data=datas[split_seed], restart=restart, progress=progress.for_run(label)))
+      combination = f" {_combination_name(config)}" if sweep else ""
+      label = f"{_safe_name(config.source)} {config.method}{combination} seed {config.seed}"
+      timed = _Timed(progress.for_run(label))
+      record = loop.train(config, folder, data=datas[split_seed], restart=restart, progress=timed)
+      results.append({**record, "run": _planned(config, folder, workdir)["run"], "train_seconds": timed.seconds()})
       progress.run_done(label, results[-1])
   finally:
     progress.close()  # also before an error's message, so that it starts on a clean line
   if sharding.is_chief():  # with several processes, process 0 writes the table and figures
-    results = _write_outputs(workdir, results, [m.name for m in methods], time.perf_counter() - started,
-                             base.dataset, sweep)
+    results = _write_outputs(workdir, results, [m.name for m in methods], base, sweep)
   return results
+
+
+class _Timed:
+  """A run's ``progress`` hook (around the grid's own, if any) that times the steps this command trained."""
+
+  def __init__(self, hook: Callable[[int, int, dict[str, float]], None] | None):
+    self.hook, self.started, self.steps = hook, time.perf_counter(), 0
+
+  def __call__(self, step: int, total: int, latest: dict[str, float]) -> None:
+    self.steps += 1
+    if self.hook is not None:
+      self.hook(step, total, latest)
+
+  def seconds(self) -> float | None:
+    """The time since this hook was made, or None when the run trained no step (it had finished before)."""
+    return time.perf_counter() - self.started if self.steps else None
+
+
+def _planned(config: TrainConfig, folder: str, workdir: str) -> dict[str, Any]:
+  """What identifies a run of a grid in its summary (see :func:`_run_key`), and its folder in ``workdir``."""
+  return {"source": config.source, "method": config.method, "seed": config.seed,
+          "reg_weight": config.recipe.reg_weight, "reg_decay": config.recipe.reg_decay,
+          "run": os.path.relpath(folder, workdir).replace(os.sep, "/")}
+
+
+def _run_key(record: dict[str, Any]) -> tuple:
+  """One record per run in a summary: its source, method, seed and, for a method with a regularizer, its λ and
+  decay (fine-tuning and scratch run once per seed whatever λ a sweep gave them)."""
+  key = (record["source"], record["method"], int(record["seed"]))
+  try:
+    regularized = Method.parse(record["method"]).has_regularizer
+  except ValueError:  # a method this version does not know: λ may matter
+    regularized = True
+  return key + ((float(record["reg_weight"]), float(record["reg_decay"])) if regularized else ())
+
+
+def _read_summary(workdir: str) -> list[dict[str, Any]] | None:
+  """The records of the summary in ``workdir`` (its results.json): [] without one, None when it is not one."""
+  try:
+    with open(os.path.join(workdir, workdir_lib.RESULTS), encoding="utf-8") as f:
+      records = json.load(f)
+  except FileNotFoundError:
+    return []
+  except (OSError, ValueError):
+    return None
+  if not isinstance(records, list) or not all(
+      isinstance(r, dict) and all(field in r for field in _RECORD_FIELDS) for r in records):
+    return None
+  return records
+
+
+def _summary_from_before_the_list(workdir: str) -> Callable[[str], bool]:
+  """``workdir.claim``'s test for a workdir that an older dtnh_jax wrote, without ``workdir.WRITTEN``: its
+  summary files are ours when its results.json holds dtnh_jax's run records."""
+  recognized = bool(_read_summary(workdir))
+  return lambda path: recognized and os.path.basename(path) in SUMMARY_FILES
+
+
+def _record_folder(workdir: str, record: dict[str, Any]) -> str | None:
+  """The folder of the run of an earlier summary's ``record`` (its ``run``, or where a grid of an older
+  dtnh_jax kept it), or None when it holds no run any more."""
+  if isinstance(record.get("run"), str):
+    candidates = [os.path.join(workdir, *record["run"].split("/"))]
+  else:
+    plain = run_dir(workdir, record["source"], record["method"], int(record["seed"]))
+    candidates = [run_dir(workdir, record["source"], record["method"], int(record["seed"]),
+                          _combination_label(float(record["reg_weight"]), float(record["reg_decay"]))), plain]
+  return next((folder for folder in candidates if os.path.exists(os.path.join(folder, workdir_lib.CONFIG))), None)
+
+
+def _merge(workdir: str, base: TrainConfig, records: list[dict[str, Any]], validated: bool,
+           writing: bool = False) -> list[dict[str, Any]]:
+  """``records`` (this grid's runs) added to the summary already in ``workdir``: its records of other runs
+  first, in their order, then these; a run in both keeps this grid's record and, when this command did not
+  train it, the training time the summary had for it.
+
+  ``writing``: a summary that cannot be read is set aside (``results.json.corrupt-N``) with a warning, and
+  records whose run folder is gone are left out with one; otherwise both are only skipped.
+
+  Raises:
+    ConfigError: a run already summarized has other settings than ``base`` (beyond the grid's axes: source,
+      method, seed, λ and decay), or, without a validation split, a method and source would have several
+      (λ, decay) in the summary with nothing to pick between them.
+  """
+  earlier = _read_summary(workdir)
+  if earlier is None:
+    earlier = []
+    if writing:
+      aside = _set_aside(os.path.join(workdir, workdir_lib.RESULTS))
+      warnings.warn(f"{os.path.join(workdir, workdir_lib.RESULTS)} could not be read as a summary of runs; moved "
+                    f"it to {aside} and wrote a summary of this grid's runs.", RuntimeWarning, stacklevel=3)
+  now = {_run_key(r): r for r in records}
+  kept, gone = [], []
+  for record in earlier:
+    key = _run_key(record)
+    if key in now:
+      if now[key].get("train_seconds") is None and record.get("train_seconds") is not None:
+        now[key] = {**now[key], "train_seconds": record["train_seconds"]}
+      continue
+    folder = _record_folder(workdir, record)
+    if folder is None:
+      gone.append(record)
+      continue
+    config = base.replace(source=record["source"], method=record["method"], seed=int(record["seed"]),
+                          reg_weight=float(record["reg_weight"]), reg_decay=float(record["reg_decay"]))
+    differs = workdir_lib.differing_settings(workdir_lib.read_settings(folder), config)
+    if differs:
+      here = " ".join(workdir_lib.flag_text(name, new) for name, _, new in differs[:3])
+      there = " ".join(workdir_lib.flag_text(name, old) for name, old, _ in differs[:3])
+      raise ConfigError(
+          f"--workdir {workdir} summarizes runs with other settings than this grid's ({here}; its run "
+          f"{os.path.relpath(folder, workdir)} has {there}), and one summary does not mix them: use another "
+          f"--workdir, or move its {workdir_lib.RESULTS} away to start a new summary there.")
+    kept.append({k: v for k, v in record.items() if k != "selected"})
+  if gone and writing:
+    warnings.warn(f"{len(gone)} run(s) of the summary in {workdir} are no longer there (the first: "
+                  f"{gone[0].get('run') or _safe_name(gone[0]['source']) + '/' + gone[0]['method']}); left out of "
+                  "it.", RuntimeWarning, stacklevel=3)
+  merged = kept + [now[_run_key(r)] for r in records]
+  if not validated:
+    choices: dict[tuple[str, str], set] = {}
+    for record in merged:
+      choices.setdefault((record["method"], record["source"]), set()).add(_run_key(record)[3:])
+    several = next(((group, combos) for group, combos in choices.items() if len(combos) > 1), None)
+    if several is not None:
+      (method, source), combos = several
+      shown = " and ".join(f"λ {w:g} decay {d:g}" for w, d in sorted(combos))
+      raise ConfigError(
+          f"--workdir {workdir}: its summary would hold {method} from {_safe_name(source)} at {shown}, and without "
+          "a validation split nothing picks between them: use another --workdir, or pass --val-fraction (e.g. "
+          "0.2) to pick on validation.")
+  return merged
+
+
+def _check_summary(workdir: str, base: TrainConfig, planned: list[dict[str, Any]], validated: bool) -> None:
+  """Before a grid trains: refuses (ConfigError) a summary file in ``workdir`` that dtnh_jax did not write, and
+  runs already summarized there that its runs would not go with (see :func:`_merge`)."""
+  workdir_lib.check_ours(workdir, SUMMARY_FILES, _summary_from_before_the_list(workdir))
+  _merge(workdir, base, planned, validated)
 
 
 def _combination_label(weight: float, decay: float) -> str:
@@ -282,34 +456,59 @@ def run_dir(workdir: str, source: str, method: str, seed: int, combination: str 
   return os.path.join(workdir, _safe_name(source), method, *([combination] if combination else []), f"seed{seed}")
 
 
-def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], elapsed: float,
-                   dataset: str, sweep: bool) -> list[dict[str, Any]]:
+def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], base: TrainConfig,
+                   sweep: bool) -> list[dict[str, Any]]:
+  """Adds ``results`` to the summary of ``workdir`` (:func:`_merge`) and writes its table, records and figures,
+  under the workdir's lock (another grid there waits), each file replaced atomically and only if ours."""
+  lock = workdir_lib.Lock(workdir).acquire(wait=_SUMMARY_WAIT_S)
+  try:
+    validated = all(r.get("val_accuracy") is not None for r in results)
+    results = _merge(workdir, base, results, validated, writing=True)
+    # the figures are claimed when drawn; files of an older dtnh_jax's summary here are listed now
+    workdir_lib.claim(workdir, SUMMARY_FILES[:4], _summary_from_before_the_list(workdir))
+    return _write_summary(workdir, results, methods, base.dataset, sweep)
+  finally:
+    lock.release()
+
+
+def _training_time(results: list[dict[str, Any]]) -> str:
+  """``3 runs, 4.2 min of training`` from the records' ``train_seconds`` (saying how many have none)."""
+  timed = [float(r["train_seconds"]) for r in results if r.get("train_seconds") is not None]
+  if not timed:
+    return f"{len(results)} runs (training time not recorded)"
+  untimed = len(results) - len(timed)
+  return (f"{len(results)} runs, {math.fsum(timed) / 60:.1f} min of training"
+          + (f" ({untimed} of them not timed: finished before this summary recorded times)" if untimed else ""))
+
+
+def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[str], dataset: str,
+                   sweep: bool) -> list[dict[str, Any]]:
+  # earlier grids' runs: their methods too, and a sweep when the summary holds several λ of a method
+  methods = list(dict.fromkeys([r["method"] for r in results] + list(methods)))  # earlier grids' first
   validated = all(r.get("val_accuracy") is not None for r in results)
+  sweep = sweep or (validated and len({_run_key(r)[3:] for r in results if len(_run_key(r)) > 3}) > 1)
   header = (f"Target {dataset}: test accuracy (%), mean ± std over {len({r['seed'] for r in results})} seed(s); "
-            f"{len(results)} runs in {elapsed / 60:.1f} min.\n\n")
+            f"{_training_time(results)}.\n\n")
   if validated:  # the λ and decay of each method chosen on validation, then its test accuracy
     results = selection.select(results)
     tuned = report.tuned_table(selection.summary(results), stats.dtnh_pairs(results))
     table = tuned if sweep else report.results_table(results, methods) + "\n" + tuned
   else:
     table = report.results_table(results, methods)
-  os.makedirs(workdir, exist_ok=True)
   machine = provenance.provenance()  # this process's; each run's own is in its record
-  with open(os.path.join(workdir, "provenance.json"), "w") as f:
-    json.dump(machine, f, indent=2)
+  write = lambda name, text: workdir_lib.write_atomically(os.path.join(workdir, name), text)
+  write("provenance.json", json.dumps(machine, indent=2))
   header += (f"Computed on {machine['cpu']} ({machine['cpu_count']} CPUs, jax {machine['versions']['jax']} "
              f"{machine['backend']}), commit {machine['commit']}; other machines differ within the spread.\n\n")
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(header + table)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  write("results.md", header + table)
+  write(workdir_lib.RESULTS, json.dumps(results, indent=2))
   print("\n" + header + table)
   shown = [r for r in results if r.get("selected", True)]  # a sweep's bars: each method at its pick
-  report.plot_results(shown, os.path.join(workdir, "results.png"), methods,
-                      f"{dataset}: test accuracy, mean ± std over seeds")
+  write("results.png", lambda path: report.plot_results(shown, path, methods,
+                                                        f"{dataset}: test accuracy, mean ± std over seeds"))
   if sweep:
-    report.plot_lambda_curve(results, os.path.join(workdir, "lambda_curve.png"),
-                             f"{dataset}: accuracy against λ")
+    workdir_lib.claim(workdir, ["lambda_curve.png"])
+    write("lambda_curve.png", lambda path: report.plot_lambda_curve(results, path, f"{dataset}: accuracy against λ"))
   drawn = _draw_figures(workdir, results, dataset, sweep)
   if drawn is not None:
     print(_figures_line(drawn))
@@ -358,7 +557,9 @@ def _figure_runs(results: list[dict[str, Any]], methods: Sequence[str], source: 
 
 
 def _metrics_of(workdir: str, record: dict[str, Any], sweep: bool) -> str:
-  """The metrics.jsonl of the grid's run that ``record`` came from (see :func:`run_dir`)."""
+  """The metrics.jsonl of the grid's run that ``record`` came from (its ``run``, else see :func:`run_dir`)."""
+  if isinstance(record.get("run"), str):
+    return os.path.join(workdir, *record["run"].split("/"), metrics_lib.FILE)
   combination = _combination_label(record["reg_weight"], record["reg_decay"]) if sweep else None
   return os.path.join(run_dir(workdir, record["source"], record["method"], int(record["seed"]), combination),
                       metrics_lib.FILE)
@@ -385,12 +586,17 @@ def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swe
     return None
   (x, dtnh), (x_metrics, dtnh_metrics) = runs, [report.read_metrics(path) for path in paths]
   where = f"{_safe_name(pair['source'])} → {dataset}, seed {x['seed']}"
-  out_dir = workdir if out_dir is None else out_dir
+  if out_dir is None:  # the grid's own figures: replaced only if ours, atomically
+    out_dir = workdir
+    save = lambda name, write: workdir_lib.replace_ours(workdir, name, write)
+  else:  # elsewhere (benchmarks/study_figures.py): its caller decides
+    save = lambda name, write: write(os.path.join(out_dir, name))
   os.makedirs(out_dir, exist_ok=True)
-  report.plot_losses({x["label"]: x_metrics, dtnh["label"]: dtnh_metrics}, os.path.join(out_dir, FIGURE3),
-                     f"{where}: {x['label']} vs {dtnh['label']}")
-  angles = report.plot_angles(dtnh_metrics, os.path.join(out_dir, FIGURE4_5), f"{where}: {dtnh['label']}",
-                              plain=x_metrics, labels=(dtnh["label"], x["label"]))
+  save(FIGURE3, lambda path: report.plot_losses({x["label"]: x_metrics, dtnh["label"]: dtnh_metrics}, path,
+                                                f"{where}: {x['label']} vs {dtnh['label']}"))
+  angles = {}
+  save(FIGURE4_5, lambda path: angles.update(report.plot_angles(
+      dtnh_metrics, path, f"{where}: {dtnh['label']}", plain=x_metrics, labels=(dtnh["label"], x["label"]))))
   summary = {**pair, "dataset": dataset, "seed": int(x["seed"]), "figures": [FIGURE3, FIGURE4_5],
              "reason": reason or (f"the largest |DTNH(X) − X| in mean {pair['field']} over seeds, each method at "
                                   f"its pick, of {len(pair['candidates'])} (regularizer, source) pair(s)"),
@@ -398,9 +604,13 @@ def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swe
                        "reg_decay": run["reg_decay"], "metrics": os.path.relpath(path, workdir)}
                       for run, path in zip(runs, paths)],
              "angles": angles}
-  with open(os.path.join(out_dir, FIGURES_SUMMARY), "w") as f:
-    json.dump(summary, f, indent=2)
+  save(FIGURES_SUMMARY, lambda path: _write_json(path, summary))
   return summary
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
 
 
 def _figures_line(summary: dict[str, Any]) -> str:

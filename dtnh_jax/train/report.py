@@ -13,6 +13,7 @@ import numpy as np
 
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import selection
+from dtnh_jax.train import workdir as workdir_lib
 
 __all__ = [
     "ANGLE_IDENTITY",
@@ -188,20 +189,47 @@ def _finish(plt, fig, path: str, title: str) -> None:
   plt.close(fig)
 
 
+#: The files :func:`write_run_report` writes into a run's folder.
+RUN_REPORT = ("results.md", "losses.png", "angles.png")
+
+
+def _run_report_from_before_the_list(workdir: str):
+  """``workdir.claim``'s test for a run folder an older dtnh_jax wrote (without ``workdir.WRITTEN``): its report
+  files are ours when its results.md is one of our tables."""
+  try:
+    with open(os.path.join(workdir, RUN_REPORT[0]), encoding="utf-8") as f:
+      recognized = f.read(len(_TABLE_START)) == _TABLE_START
+  except (OSError, UnicodeDecodeError):
+    recognized = False
+  return lambda path: recognized and os.path.basename(path) in RUN_REPORT
+
+
 def write_run_report(workdir: str, records: list[dict[str, Any]], results: dict[str, Any], plots: bool = True) -> None:
-  """``results.md`` and, with ``plots``, ``losses.png`` and ``angles.png`` (when there is a regularizer) of one run."""
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(results_table([results]))
+  """``results.md`` and, with ``plots``, ``losses.png`` and ``angles.png`` (when there is a regularizer) of one run.
+
+  Each is replaced atomically, and only if dtnh_jax wrote it (``dtnh_jax.train.workdir.replace_ours``).
+
+  Raises:
+    ConfigError: one of them is there and dtnh_jax did not write it (it is left as it is).
+  """
+  written_before = _run_report_from_before_the_list(workdir)
+  workdir_lib.claim(workdir, RUN_REPORT[:1] + (RUN_REPORT[1:] if plots else ()), written_before)
+  workdir_lib.write_atomically(os.path.join(workdir, RUN_REPORT[0]), results_table([results]))
   if not plots:
     return
-  plot_losses({results["label"]: records}, os.path.join(workdir, "losses.png"), results["label"])
+  workdir_lib.write_atomically(os.path.join(workdir, "losses.png"),
+                               lambda path: plot_losses({results["label"]: records}, path, results["label"]))
   if any("angle1" in r for r in records):
-    plot_angles(records, os.path.join(workdir, "angles.png"), results["label"])
+    workdir_lib.write_atomically(os.path.join(workdir, "angles.png"),
+                                 lambda path: plot_angles(records, path, results["label"]))
 
 
 def _mean_std(values: Sequence[float]) -> str:
   values = 100 * np.asarray(values)
   return f"{values.mean():.2f} ± {values.std():.2f}"
+
+
+_TABLE_START = "| source | target | "
 
 
 def results_table(results: Iterable[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
@@ -211,7 +239,7 @@ def results_table(results: Iterable[dict[str, Any]], methods: Sequence[str] | No
   """
   cells, labels = _accuracies(results)
   methods = [m for m in (methods or labels) if m in labels]
-  lines = ["| source | target | " + " | ".join(labels[m] for m in methods) + " |",
+  lines = [_TABLE_START + " | ".join(labels[m] for m in methods) + " |",
            "|---|---|" + "---|" * len(methods)]
   for (source, dataset), by_method in cells.items():
     row = [_mean_std(by_method[m]) if by_method.get(m) else "–" for m in methods]

@@ -11,6 +11,14 @@ Three rules keep a user's runs safe:
   (:func:`check_settings`), unless ``--restart`` sets the old run aside.
 - **Nothing is deleted.** :func:`set_aside` moves an old run's files to
   ``WORKDIR/set-aside/N/``; files are replaced atomically (:func:`write_atomically`).
+
+And one rule keeps a user's own files safe: **only what dtnh_jax wrote is
+replaced.** The summaries a command writes into a folder the user named
+(a grid's ``results.md``, ``results.json``, ``provenance.json``, its figures;
+a run's report) go through :func:`replace_ours`, which lists each file in the
+folder's :data:`WRITTEN` before writing it and refuses one it did not list
+(:func:`check_ours` says so before any training). It is the rule of exported
+checkpoints (``dtnh_jax.models.store``'s manifest), for single files.
 """
 
 from __future__ import annotations
@@ -21,23 +29,30 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from dtnh_jax.train.config import ConfigError, RunConfig, TrainConfig
 
 __all__ = [
     "BOOKKEEPING",
+    "check_ours",
     "check_settings",
+    "claim",
     "CONFIG",
     "differing_settings",
+    "flag_text",
+    "foreign_files",
     "Lock",
     "read_settings",
+    "replace_ours",
     "RESULTS",
     "run_files",
     "SET_ASIDE",
     "set_aside",
     "WorkdirBusyError",
     "write_atomically",
+    "WRITTEN",
 ]
 
 # Settings a run may resume with changed: TrainConfig's run group, which does not change its numbers
@@ -49,18 +64,117 @@ CONFIG = "config.json"
 RESULTS = "results.json"
 SET_ASIDE = "set-aside"
 _LOCK = ".lock"
+#: The file, in a folder dtnh_jax writes summaries to, that lists the files there that dtnh_jax wrote: those,
+#: and only those, a later command may replace.
+WRITTEN = "dtnh_jax_files.json"
+_WRITTEN_FORMAT = "dtnh_jax files"
 
 
 class WorkdirBusyError(ConfigError):
   """Another process holds the workdir's lock."""
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` so that a kill leaves the old file or the new one, never a part."""
-  partial = f"{path}.tmp{os.getpid()}"
-  with open(partial, "w") as f:
-    f.write(text)
-  os.replace(partial, path)
+def write_atomically(path: str, text: str | Callable[[str], None]) -> None:
+  """Writes ``text`` to ``path`` so that a kill leaves the old file or the new one, never a part.
+
+  ``text`` may also be a function that writes the file at the path it is given (a plot's ``savefig``): that
+  path keeps ``path``'s extension. A failure removes the partial file and leaves ``path`` as it was.
+  """
+  folder, name = os.path.split(path)
+  stem, extension = os.path.splitext(name)
+  partial = os.path.join(folder, f".{stem}.tmp{os.getpid()}{extension}")
+  try:
+    if callable(text):
+      text(partial)
+    else:
+      with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
+  except BaseException:
+    try:
+      os.unlink(partial)
+    except OSError:
+      pass
+    raise
+
+
+def _read_written(folder: str) -> set[str] | None:
+  """The names :data:`WRITTEN` in ``folder`` lists; an empty set without the file; None for a file of that
+  name that is not such a list (the user's, or damaged: then nothing there counts as ours)."""
+  try:
+    with open(os.path.join(folder, WRITTEN), encoding="utf-8") as f:
+      listed = json.load(f)
+  except FileNotFoundError:
+    return set()
+  except (OSError, ValueError):
+    return None
+  if not isinstance(listed, dict) or listed.get("format") != _WRITTEN_FORMAT or not isinstance(
+      listed.get("files"), list):
+    return None
+  return {name for name in listed["files"] if isinstance(name, str)}
+
+
+def foreign_files(folder: str, names: Iterable[str], ours: Callable[[str], bool] | None = None) -> list[str]:
+  """Those of ``names`` that exist in ``folder`` and that dtnh_jax did not write there.
+
+  A file is dtnh_jax's when :data:`WRITTEN` lists it, or (``ours``: a test for folders written before that
+  list existed) when ``ours(path)`` holds and the folder has no such list yet. :data:`WRITTEN` itself counts
+  as foreign when it is not such a list.
+  """
+  listed = _read_written(folder)
+  present = [name for name in dict.fromkeys(names) if os.path.lexists(os.path.join(folder, name))]
+  if listed is None:
+    return ([WRITTEN] if os.path.lexists(os.path.join(folder, WRITTEN)) else []) + present
+  legacy = not listed and ours is not None and not os.path.lexists(os.path.join(folder, WRITTEN))
+  return [name for name in present
+          if name not in listed and not (legacy and ours(os.path.join(folder, name)))]
+
+
+def check_ours(folder: str, names: Iterable[str], ours: Callable[[str], bool] | None = None,
+               what: str = "--workdir") -> None:
+  """Refuses, in one line, to write ``names`` into ``folder`` when one of them is a file dtnh_jax did not write.
+
+  Raises:
+    ConfigError: names those files and what to do; nothing was written.
+  """
+  foreign = foreign_files(folder, names, ours)
+  if foreign:
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise ConfigError(f"{what} {folder} holds {shown}, which dtnh_jax did not write (not listed in its {WRITTEN}) "
+                      "and will not replace; move them away, or choose another --workdir.")
+
+
+def claim(folder: str, names: Iterable[str], ours: Callable[[str], bool] | None = None,
+          what: str = "--workdir") -> None:
+  """Lists ``names`` in ``folder``'s :data:`WRITTEN` (created if missing) after :func:`check_ours`: from now on
+  they are dtnh_jax's to replace. A folder without that list gets the files ``ours`` recognizes listed too.
+
+  Callers hold the folder's :class:`Lock` (two processes adding names at once would lose one).
+  """
+  names = list(names)
+  check_ours(folder, names, ours, what)
+  listed = _read_written(folder) or set()
+  wanted = set(listed) | set(names)
+  if not listed and ours is not None and os.path.isdir(folder):
+    wanted |= {name for name in os.listdir(folder) if name != WRITTEN and ours(os.path.join(folder, name))}
+  if wanted != listed:
+    os.makedirs(folder, exist_ok=True)
+    write_atomically(os.path.join(folder, WRITTEN), json.dumps(
+        {"format": _WRITTEN_FORMAT, "version": 1, "files": sorted(wanted)}, indent=1) + "\n")
+
+
+def replace_ours(folder: str, name: str, text: str | Callable[[str], None],
+                 ours: Callable[[str], bool] | None = None, what: str = "--workdir") -> None:
+  """Writes ``folder/name`` atomically (:func:`write_atomically`), unless a file there is not dtnh_jax's.
+
+  The name is listed (:func:`claim`) before the file is written, so that a kill between the two leaves a list
+  that names a file perhaps not written, never a file of ours that a later command would take for the user's.
+
+  Raises:
+    ConfigError: ``folder/name`` exists and dtnh_jax did not write it (see :func:`check_ours`).
+  """
+  claim(folder, [name], ours, what)
+  write_atomically(os.path.join(folder, name), text)
 
 
 def read_settings(workdir: str) -> dict[str, Any] | None:
@@ -77,6 +191,11 @@ def read_settings(workdir: str) -> dict[str, Any] | None:
   if not isinstance(settings, dict):
     raise ConfigError(f"--workdir {workdir}: {CONFIG} does not hold settings. Pass --restart to set it aside.")
   return settings
+
+
+def flag_text(name: str, value: Any) -> str:
+  """The ``dtnh-train`` flag that sets setting ``name`` to ``value`` (``--steps 10``, ``--no-plots``)."""
+  return _flag(name, value)
 
 
 def _flag(name: str, value: Any) -> str:
@@ -149,8 +268,15 @@ class Lock:
   def path(self) -> str:
     return os.path.join(self.workdir, _LOCK)
 
-  def acquire(self) -> "Lock":
+  def acquire(self, wait: float = 0.0) -> "Lock":
+    """Takes the lock; ``wait``: seconds to wait for another holder to release it before refusing.
+
+    Raises:
+      WorkdirBusyError: another process holds it (still, after ``wait``).
+      ConfigError: the folder cannot be created or written.
+    """
     import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+    deadline = time.monotonic() + wait
     try:
       ancestor = os.path.abspath(self.workdir)
       while not os.path.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
@@ -160,7 +286,9 @@ class Lock:
     except OSError as error:  # a file in the way, no permission, ...
       raise ConfigError(f"--workdir: cannot create the directory {self.workdir} "
                         f"({error.strerror or error}).") from None
-    for _ in range(10):  # the holder may remove the file between our open and our flock
+    attempts = 0
+    while attempts < 10:  # the holder may remove the file between our open and our flock
+      attempts += 1
       try:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       except OSError as error:
@@ -170,7 +298,12 @@ class Lock:
       except OSError as error:
         holder = _read_holder(fd)
         os.close(fd)
-        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        busy = error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+        if busy and time.monotonic() < deadline:
+          attempts = 0
+          time.sleep(0.1)
+          continue
+        if busy:
           raise WorkdirBusyError(
               f"--workdir {self.workdir} is in use by another dtnh-train ({holder}). Wait for it to finish or "
               "stop it, or use another --workdir.") from None
