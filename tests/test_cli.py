@@ -64,7 +64,7 @@ def test_every_setting_has_a_one_line_help(name):
 EXPECTED_CHOICES = {
     "method": ("scratch", "fine-tune", "l2", "dtnh-l2", "l2-sp", "dtnh-l2-sp", "knowdist", "dtnh-knowdist", "delta",
                "dtnh-delta"),
-    "arch": ("resnet18", "resnet34", "resnet50"),
+    "arch": ("resnet18", "resnet34", "resnet50", "efficientnet-lite0"),
     "optimizer": ("sgd", "adamw"),
     "reg_schedule": ("epoch", "released-code"),
     "l2_sp_include": ("kernels", "weights_and_biases", "all"),
@@ -157,8 +157,8 @@ def test_printed_config_read_back_with_config_prints_the_same(args, fmt, tmp_pat
 def test_printed_config_holds_every_setting_and_the_grid_as_lists():
   settings = tomllib.loads(_printed("--dataset", "cifar10", "--source", "scratch", "--method", "l2-sp,dtnh-l2-sp",
                                     "--seeds", "1,2", "--optimizer", "adamw", "--weight-decay", "0.01"))
-  # TOML has no null: the unset optional settings are left out
-  assert set(settings) == {f.name for f in _fields()} - {"data_dir", "split_seed", "max_angle"}
+  # TOML has no null: the unset optional settings are left out; the workdir is there too
+  assert set(settings) == {f.name for f in _fields()} - {"data_dir", "split_seed", "max_angle"} | {"workdir"}
   assert settings["method"] == ["l2-sp", "dtnh-l2-sp"] and settings["seed"] == [1, 2]
   assert settings["source"] == "scratch" and settings["optimizer"] == "adamw" and settings["weight_decay"] == 0.01
   assert settings["steps"] == 20000  # the paper's schedule for CIFAR-10, resolved
@@ -205,6 +205,76 @@ def test_unknown_config_key_exits_2_naming_it_and_the_valid_ones(tmp_path):
 ])
 def test_bad_config_file_exits_2_saying_what_is_wrong(tmp_path, name, text, message):
   assert message in _config_error(tmp_path, name, text)
+
+
+@pytest.mark.parametrize("fmt", ["toml", "json"])
+def test_a_printed_config_runs_in_the_workdir_its_header_names(tmp_path, fmt):
+  """Before: --preset tiny printed "in runs/offline-tiny", and --config of that file ran in runs/offline-default."""
+  printed = _printed("--preset", "tiny", fmt=fmt)
+  assert _load(printed, fmt)["workdir"] == os.path.join("runs", "offline-tiny")
+  path = tmp_path / f"settings.{fmt}"
+  path.write_text(printed)
+  assert "1 run(s) in runs/offline-tiny;" in _printed("--config", str(path))
+  assert f"1 run(s) in {tmp_path};" in _printed("--config", str(path), "--workdir", str(tmp_path))  # flags first
+
+
+def _one_line_error(*args):
+  code, out, err = _main(cli.train_main, [*args, "--print-config"])
+  assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  return err.strip()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0,1,1"], "--seeds 0,1,1 names seed 1 twice"),
+    (["--method", "l2-sp,dtnh-l2-sp,L2-SP"], "--method l2-sp,dtnh-l2-sp,L2-SP names method l2-sp twice"),
+    (["--reg-weight", "0.1,1,0.10", "--val-fraction", "0.2"], "--reg-weight 0.1,1.0,0.1 names the value 0.1 twice"),
+    (["--reg-decay", "0.9,0.9", "--val-fraction", "0.2"], "--reg-decay 0.9,0.9 names the value 0.9 twice"),
+])
+def test_a_grid_axis_naming_a_value_twice_is_refused(args, message):
+  """Before: --seeds 0,1,1 printed "2 seed(s)" and averaged three records, seed 1 counted twice."""
+  assert message in _one_line_error(*args)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed = [0, 1, 1]", "its seed list names seed 1 twice"),
+    ('method = ["l2-sp", "l2-sp"]', "its method list names method l2-sp twice"),
+    ('source = ["scratch", "scratch"]', "its source list names source scratch twice"),
+    ('source = ["a/related", "b/related"]', "names sources a/related and b/related, whose runs would share the "
+                                            "folder 'related'"),
+    ("reg_weight = [0.1, 0.1]\nval_fraction = 0.2", "its reg_weight list names the value 0.1 twice"),
+])
+def test_a_config_list_naming_a_value_twice_is_refused(tmp_path, text, message):
+  path = tmp_path / "settings.toml"
+  path.write_text(text + "\n")
+  assert message in _one_line_error("--config", str(path))
+
+
+def test_a_flag_of_numbers_that_is_not_a_number_is_one_line_naming_the_flag():
+  """Before: --reg-weight abc printed the whole usage, then "expected comma-separated names"."""
+  assert _one_line_error("--reg-weight", "abc") == (
+      "dtnh-train: error: --reg-weight: expected comma-separated numbers, got 'abc'.")
+
+
+@pytest.mark.parametrize("momentum", ["0.9", "0.5"])
+def test_momentum_with_adamw_is_refused_even_at_its_default(momentum):
+  """Before: --optimizer adamw --momentum 0.9 (SGD's default) was accepted and did nothing."""
+  assert "--momentum is SGD's; --optimizer adamw has its own moments" in _one_line_error(
+      "--optimizer", "adamw", "--momentum", momentum)
+
+
+def test_a_printed_adamw_config_reads_back_despite_holding_sgds_default_momentum(tmp_path):
+  path = tmp_path / "settings.toml"
+  path.write_text(_printed("--optimizer", "adamw"))
+  assert "momentum = 0.9" in path.read_text() and 'optimizer = "adamw"' in _printed("--config", str(path))
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_naming_both(tmp_path):
+  """Before: --batch-size 200 on the offline target's 100 training images trained on batches of repeats."""
+  code, _, err = _main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds", "0",
+                                        "--no-progress", *TINY_FLAGS, "--batch-size", "200"])
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert "--batch-size 200 is larger than the training split of --dataset offline-digits (100 images)" in err
+  assert not (tmp_path / "runs").exists()
 
 
 def test_missing_config_file_exits_2_naming_it(tmp_path):
@@ -346,6 +416,21 @@ def test_a_single_run_shows_a_step_bar_with_loss_reg_weight_conflict_and_test_ac
   assert (f"loss {final['loss_empirical']:.4g} λ {final['reg_weight']:.3g} conflict "
           f"{100 * final['conflict_rate']:.0f}% acc {100 * final['test_accuracy']:.1f}%") in bar
   assert "runs:" not in tiny_adamw_run["err"]  # one run: no runs bar
+
+
+def test_export_prints_the_runs_result_in_labelled_lines(tmp_path):
+  """Before: --export printed the result as a Python dict."""
+  export = tmp_path / "exported"
+  code, out, err = _main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds", "0",
+                                          "--no-progress", "--steps", "2", "--lr-drop-steps", "1", "--eval-every", "2",
+                                          *TINY_FLAGS, "--export", str(export)])
+  assert code == 0, err
+  result = json.loads((tmp_path / "runs" / "scratch" / "fine-tune" / "seed0" / "results.json").read_text())
+  assert "{'" not in out
+  assert (f"\nrun:                 Fine-tuning from scratch on offline-digits, seed 0, 2 steps "
+          f"({tmp_path / 'runs' / 'scratch' / 'fine-tune' / 'seed0'})\n"
+          f"test accuracy:       {100 * result['test_accuracy']:.2f}% (loss {result['test_loss']:.4f})\n"
+          f"exported to:         {export} (--source {export} starts a run from it)\n") in out
 
 
 def test_a_single_runs_evaluations_are_log_lines(tiny_adamw_run):

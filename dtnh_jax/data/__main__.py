@@ -55,7 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs ``dtnh-data`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (0, or 2 on an error)."""
+  """Runs ``dtnh-data`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (0, or 2 on an error).
+
+  Warnings and the libraries' log lines come one line each, as ``dtnh-train``'s (or not at all: TFDS's absl
+  lines about the folders it looks at).
+  """
+  from dtnh_jax import cli  # pylint: disable=g-import-not-at-top
+
+  with cli._one_line_warnings(PROG), cli._logging(PROG, verbose=False):  # pylint: disable=protected-access
+    return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = _parser().parse_args(argv)
 
   from dtnh_jax.data import datasets  # pylint: disable=g-import-not-at-top

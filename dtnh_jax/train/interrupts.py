@@ -4,8 +4,10 @@ While a run trains, the first SIGINT or SIGTERM only raises a flag: the loop
 finishes its step, writes a checkpoint (orbax completes the save, no
 temporary folder is left) and raises :class:`Interrupted`, which the CLI
 turns into one line and exit status 130 (SIGINT) or 143 (SIGTERM), as
-shells expect. A second signal stops at once; the run then resumes from the
-previous checkpoint (orbax's temporary folders are removed at the next start).
+shells expect. A second signal stops at once; the CLI's line then names the
+newest checkpoint on disk (``dtnh_jax.train.checkpoint.newest_checkpoint``),
+from which the run resumes (orbax's temporary folders are removed at the next
+start).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ finite). :func:`read_metrics` puts the non-finite floats back.
 On resume the lines after the checkpoint resumed from are dropped (the run
 writes them again, identically); a line that cannot be read is reported and
 moved to ``metrics.damaged.txt`` with its line number — it never cuts the
-file short.
+file short. So is a last line cut short (a kill, a full disk) unless its step
+shows that it comes after the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from typing import Any
 
@@ -94,6 +96,10 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   return records
 
 
+#: The step of a line cut short: ``encode`` writes ``"step"`` first.
+_CUT_STEP = re.compile(r'\{"step": (\d+)[,}]')
+
+
 def _kept_lines(path: str, resume_step: int) -> tuple[list[str], list[tuple[int, str]], bool]:
   """``(lines up to resume_step, damaged (number, line), whether anything else is dropped)``."""
   kept, damaged, dropped = [], [], False
@@ -103,9 +109,10 @@ def _kept_lines(path: str, resume_step: int) -> tuple[list[str], list[tuple[int,
     try:
       record = decode(line)
     except ValueError:
-      if number == len(lines) and not line.endswith("\n"):
-        dropped = True  # the last line, cut short by a kill: its step is after the checkpoint
-      elif line.strip():
+      cut_step = _CUT_STEP.match(line)
+      if number == len(lines) and not line.endswith("\n") and cut_step and int(cut_step[1]) > resume_step:
+        dropped = True  # the last line, cut short by a kill after the checkpoint: the run writes it again
+      elif line.strip():  # a cut line of a step the run does not write again (a full disk) is damage too
         damaged.append((number, line))
       continue
     if record["step"] <= resume_step:

@@ -8,9 +8,11 @@ offline sources that the package pre-trains itself (``related``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,9 +24,12 @@ from dtnh_jax.train import presets
 from dtnh_jax.train.config import ConfigError, TrainConfig
 
 __all__ = [
+    "CACHE_VARIABLE",
     "cache_dir",
+    "cache_error",
     "load_source",
     "offline_source_path",
+    "pretraining_lock",
     "SCRATCH",
 ]
 
@@ -39,9 +44,53 @@ _DOWNLOAD_HELP = {
 }
 
 
+#: The environment variable that sets :func:`cache_dir`.
+CACHE_VARIABLE = "DTNH_JAX_CACHE"
+
+
 def cache_dir() -> str:
   """Where pre-trained offline sources are kept: ``$DTNH_JAX_CACHE`` or ``~/.cache/dtnh_jax``."""
-  return os.environ.get("DTNH_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dtnh_jax"))
+  return os.environ.get(CACHE_VARIABLE, os.path.join(os.path.expanduser("~"), ".cache", "dtnh_jax"))
+
+
+def cache_error(problem: str) -> ConfigError:
+  """The one-line error of a cache that cannot be used: ``problem``, then the cache folder and the variable
+  that moves it."""
+  where = (f"${CACHE_VARIABLE}" if CACHE_VARIABLE in os.environ
+           else f"the default, as ${CACHE_VARIABLE} is not set")
+  return ConfigError(f"{problem}. The cache of offline sources is {cache_dir()} ({where}): set {CACHE_VARIABLE} "
+                     "to a folder this user can write, or fix that one.")
+
+
+@contextlib.contextmanager
+def pretraining_lock(path: str, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+  """Holds the lock of the offline source cached at ``path`` (an advisory ``flock`` on a hidden file beside it):
+  one process at a time checks and pre-trains it. Another holder is waited for, after one call of ``waiting``.
+
+  The kernel releases the lock of a process that dies, so a killed pre-training never blocks the next.
+
+  Raises:
+    ConfigError: the cache folder cannot be created or written (names it and ``$DTNH_JAX_CACHE``).
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+  folder, name = os.path.split(path)
+  lock_path = os.path.join(folder, f".{name}.lock")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as error:  # a file in the way, no permission, a read-only file system
+    raise cache_error(f"cannot create or write the offline source cache {folder} ({error.strerror or error})"
+                      ) from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if waiting is not None:
+        waiting()
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock; the file stays (removing it would race with a process opening it)
 
 
 def offline_source_path(name: str, config: TrainConfig) -> str:
