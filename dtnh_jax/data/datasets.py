@@ -332,8 +332,7 @@ def split_labels(name: str, split: str, *, data_dir: str | None = None) -> np.nd
 
   Reads the split through ``tfds``' data source with ``SkipDecoding`` for
   ``image`` (each record is parsed, its encoded image left as bytes), in
-  chunks; about 60 µs per record on one core (CIFAR-10's training split: a
-  few seconds). The result is kept for the process, per data folder and
+  chunks (its speed is on the site's Results page). The result is kept for the process, per data folder and
   split, as long as the prepared files are unchanged, so a grid that loads
   the data once per split seed reads the labels once.
 

@@ -65,8 +65,8 @@ record is read (``source[i]``), converted to 8-bit RGB and, with ``image_size``,
 resized to ``image_size × image_size`` with the pipeline's own
 :func:`~dtnh_jax.data.pipeline.resize`. JPEGs are then decoded at the
 smallest DCT scale that still covers ``image_size`` on both sides (Pillow's
-``draft``): a photo many times larger than the network's input decodes up to
-8× faster per side, with a slightly different anti-aliasing than a full
+``draft``): a photo many times larger than the network's input decodes at up
+to 1/8 of its size per side, with a slightly different anti-aliasing than a full
 decode followed by the resize.
 
 **Pixel formats.** 8-bit gray, gray with alpha, 1-bit, palette (with or

@@ -361,8 +361,7 @@ def make_train_loader(source, *, batch_size: int, seed: int,
     num_threads: threads per process, each preparing whole batches in the
       background. Does not change the batches. Decoding and augmenting is
       mostly Python holding the GIL: scale with ``num_workers``, not threads
-      (measured on 2 cores: 1 thread ~250 images/s at 256/224 from JPEGs of
-      300×400, 2 threads slower).
+      (measured: the site's Results page).
 
   Returns:
     A :class:`TrainLoader`.

@@ -8,9 +8,9 @@ methods' summed step read and write the same state.
 Why not select the optimizer's outputs afterwards (``where(finite, new, old)`` on the parameters and on the
 state)? Then the parameters' select needs the *unselected* new momentum while the state's select overwrites
 the donated momentum buffer: XLA:CPU copies every momentum leaf first and recomputes the momentum inside the
-parameter update (two more passes over parameter-sized arrays; DTNH(KnowDist) 4-5% slower than the naive step,
-which has no guard, benchmarks/RESULTS.md). :func:`guarded_trace` selects the momentum where it is formed and
-passes the selected one on, so the parameter update reads it, as it does without a guard.
+parameter update (two more passes over parameter-sized arrays, which made DTNH(KnowDist) slower than the naive
+step without a guard: benchmarks/RESULTS.md, the site's Results page). :func:`guarded_trace` selects the momentum
+where it is formed and passes the selected one on, so the parameter update reads it, as it does without a guard.
 """
 
 from __future__ import annotations
