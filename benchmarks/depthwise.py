@@ -3,14 +3,14 @@
 Every formulation computes the same function with the same parameters (a
 ``(k, k, 1, C)`` kernel per depthwise layer); only the program XLA runs
 differs. The package ships the first two (``EfficientNetLite(depthwise=...)``);
-the others are candidates measured here, traced in place of
-``efficientnet.depthwise_conv`` while their programs compile.
+the others are candidates measured here, traced in place of the depthwise
+layers' ``dtnh_jax.models.conv.conv`` while their programs compile.
 
 - ``grouped``: ``lax.conv_general_dilated`` with ``feature_group_count=C``.
 - ``shifted``: k² multiply-adds, each a strided window of the padded input
   times one kernel position's weights, with a hand-written backward pass (the
   input's gradient a stride-1 shifted correlation of the dilated cotangent with
-  the flipped kernel, the kernel's k² reductions): ``efficientnet.depthwise_conv``.
+  the flipped kernel, the kernel's k² reductions): ``dtnh_jax.models.conv``'s ``"shifted"``.
 - ``shifted-autodiff``: the same forward pass, differentiated by JAX (the
   transpose of each strided slice is a padded copy of the cotangent).
 - ``phases``: as ``shifted-autodiff``, but a stride-2 layer first splits the
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtnh_jax.models import efficientnet
+from dtnh_jax.models import conv, efficientnet
 from dtnh_jax.models.resnet import init_variables
 from train_step_overhead import interleaved_times, median_interval
 
@@ -63,10 +63,8 @@ NUM_CLASSES = 10
 
 def shifted_autodiff_conv(x, kernel, stride, padding):
   """The k² multiply-adds of ``shifted``, differentiated by JAX."""
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_height = (x.shape[1] - kernel.shape[0]) // stride + 1
-  out_width = (x.shape[2] - kernel.shape[1]) // stride + 1
-  return efficientnet._windows_sum(x, kernel, stride, out_height, out_width)  # pylint: disable=protected-access
+  taps = kernel.reshape(-1, kernel.shape[-1])
+  return sum(window * taps[index] for index, window in enumerate(conv.windows(x, kernel.shape[:2], stride, padding)))
 
 
 def phases_conv(x, kernel, stride, padding):
@@ -97,13 +95,18 @@ FORMULATIONS = SHIPPED + tuple(CANDIDATES)
 
 @contextlib.contextmanager
 def traced_as(formulation: str):
-  """While tracing: a candidate in place of ``efficientnet.depthwise_conv``; nothing for a shipped one."""
+  """While tracing: a candidate in place of the depthwise layers' ``conv.conv``; nothing for a shipped one."""
   if formulation in SHIPPED:
     yield
     return
-  candidate = CANDIDATES[formulation]
-  with mock.patch.object(efficientnet, "depthwise_conv", lambda x, kernel, stride, padding, formulation: candidate(
-      x, kernel, stride, padding)):
+  candidate, shipped = CANDIDATES[formulation], conv.conv
+
+  def depthwise_as_candidate(x, kernel, strides=1, padding="VALID", feature_group_count=1, formulation=None):
+    if feature_group_count == 1:   # the dense layers
+      return shipped(x, kernel, strides, padding, feature_group_count, formulation)
+    return candidate(x, kernel, strides if isinstance(strides, int) else strides[0], tuple(padding))
+
+  with mock.patch.object(conv, "conv", depthwise_as_candidate):
     yield
 
 
@@ -133,7 +136,7 @@ def calibrated(model, variables, images):
   from it (``m`` is the model's 0.99), layer by layer as the network normalizes them.
   """
   _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
-  momentum = efficientnet._BN_MOMENTUM  # pylint: disable=protected-access
+  momentum = efficientnet.BN_MOMENTUM
   batch_stats = jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum), updates["batch_stats"],
                              variables["batch_stats"])
   return {**variables, "batch_stats": batch_stats}

@@ -130,6 +130,7 @@ import torchvision
 
 import train_step_overhead as bench
 from dtnh_jax import models
+from dtnh_jax.models import conv
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.config import TrainConfig
 
@@ -162,6 +163,7 @@ class TorchSettings:
     self.reg_weight = config.recipe.reg_weight if reg_weight is None else reg_weight
     self.alpha, self.beta = config.regularizer.l2_sp_alpha, config.regularizer.l2_sp_beta
     self.knowdist_weight = config.regularizer.knowdist_weight
+    self.model = {"width": config.model.width, "small_stem": config.model.small_stem}
     self.layers = tuple(config.regularizer.feature_layers)
     if config.regularizer.feature_normalize != "spatial_mean" or not set(self.layers) <= {
         "layer1", "layer2", "layer3", "layer4"}:
@@ -176,13 +178,37 @@ class TorchSettings:
         raise NotImplementedError(f"the PyTorch side has {name}={default!r} only")
 
 
-def torch_state_dict(variables) -> dict[str, torch.Tensor]:
+def torch_state_dict(variables, model: dict[str, Any]) -> dict[str, torch.Tensor]:
   return {key: torch.from_numpy(np.array(value)) for key, value in
-          models.to_torchvision(jax.device_get(variables), num_classes=NUM_CLASSES).items()}
+          models.to_torchvision(jax.device_get(variables), num_classes=NUM_CLASSES, **model).items()}
 
 
-def torch_model(state_dict, device, channels_last: bool) -> torch.nn.Module:
+def torchvision_resnet18(width: float = 1.0, small_stem: bool = False) -> torch.nn.Module:
+  """torchvision's ResNet-18 with ``dtnh_jax.models.resnet18(width=..., small_stem=...)``'s channels and stem."""
   model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+  if width == 1.0 and not small_stem:
+    return model
+  channels = lambda count: count if count == 3 else max(1, int(round(count * width)))  # ResNet._channels
+
+  def rebuild(module):
+    for name, child in module.named_children():
+      if isinstance(child, torch.nn.Conv2d):
+        setattr(module, name, torch.nn.Conv2d(channels(child.in_channels), channels(child.out_channels),
+                                              child.kernel_size, child.stride, child.padding, bias=False))
+      elif isinstance(child, torch.nn.BatchNorm2d):
+        setattr(module, name, torch.nn.BatchNorm2d(channels(child.num_features)))
+      else:
+        rebuild(child)
+
+  rebuild(model)
+  model.fc = torch.nn.Linear(channels(512), NUM_CLASSES)
+  if small_stem:   # a 3x3 stride-1 conv1 and no max-pool
+    model.conv1, model.maxpool = torch.nn.Conv2d(3, channels(64), 3, 1, 1, bias=False), torch.nn.Identity()
+  return model
+
+
+def torch_model(state_dict, device, channels_last: bool, model: dict[str, Any]) -> torch.nn.Module:
+  model = torchvision_resnet18(**model)
   model.load_state_dict(state_dict)
   model = model.to(device)
   return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -211,7 +237,7 @@ class TorchStep:
                device: torch.device, channels_last: bool = False):
     self.regularizer, self.variant, self.s = regularizer, variant, settings
     self.device = device
-    self.model = torch_model(start, device, channels_last).train()
+    self.model = torch_model(start, device, channels_last, settings.model).train()
     self.images, self.labels = batch
     self.params = list(self.model.parameters())
     named = dict(self.model.named_parameters())
@@ -222,7 +248,7 @@ class TorchStep:
     self.fc_weight = self.model.fc.weight
     self.backbone = [p for name, p in self.model.named_parameters() if not name.startswith("fc.")]
     if regularizer == "knowdist":
-      self.source = torch_model(reference, device, channels_last).eval()
+      self.source = torch_model(reference, device, channels_last, settings.model).eval()
       for p in self.source.parameters():
         p.requires_grad_(False)
     self.optimizer = torch.optim.SGD(self.params, lr=settings.learning_rate, momentum=settings.momentum,
@@ -330,13 +356,16 @@ def torch_batch(problem: bench.Problem, device, channels_last: bool):
 
 
 def jax_config(regularizer: str, dtnh: bool, args) -> TrainConfig:
-  return bench.method_config(regularizer, dtnh, args.size, args.batch, 1.0)
+  return bench.method_config(regularizer, dtnh, args.size, args.batch, args.width).replace(small_stem=args.small_stem)
 
 
-def jax_steps(problem: bench.Problem, regularizer: str, args, variants=JAX_VARIANTS) -> dict[str, bench.CompiledStep]:
-  """``train_step_overhead``'s compiled steps of one method (full width), against ``problem.initial``."""
-  return bench.build_steps(problem, regularizer, argparse.Namespace(size=args.size, batch=args.batch, width=1.0),
-                           variants)
+def jax_steps(problem: bench.Problem, regularizer: str, args, variants=JAX_VARIANTS,
+              formulation: str = "auto") -> dict[str, bench.CompiledStep]:
+  """``train_step_overhead``'s compiled steps of one method, against ``problem.initial``, with every convolution
+  that ``formulation`` can compute traced as it (``auto``: ``dtnh_jax.models.conv``'s choice per layer)."""
+  with conv.force(None if formulation == "auto" else formulation):
+    return bench.build_steps(problem, regularizer, argparse.Namespace(size=args.size, batch=args.batch,
+                                                                      width=args.width), variants)
 
 
 def use_reference(steps: dict[str, bench.CompiledStep], reference: step_lib.Reference):
@@ -358,7 +387,7 @@ def restore(steps: dict[str, bench.CompiledStep], saved, reference: step_lib.Ref
 # The correctness check.
 
 
-def moved_reference(problem: bench.Problem, key: str, batch, device, alpha: float, seed: int = 1):
+def moved_reference(problem: bench.Problem, key: str, batch, device, settings: TorchSettings, seed: int = 1):
   """``(start, reference, reference in Flax layout)``: torchvision state dicts, the reference's kernels moved.
 
   Per conv kernel ``w0 = w + κ u`` with ``u`` the unit vector of ``ĝ + n``:
@@ -372,8 +401,8 @@ def moved_reference(problem: bench.Problem, key: str, batch, device, alpha: floa
   which ``<g, r>`` came out negative at the sizes tried (the check prints
   whether JAX's DTNH step projected).
   """
-  start = torch_state_dict(problem.initial)
-  model = torch_model(start, device, False).train()
+  start = torch_state_dict(problem.initial, settings.model)
+  model = torch_model(start, device, False, settings.model).train()
   F.cross_entropy(model(batch[0]), batch[1]).backward()
   rng = np.random.default_rng(seed)
   reference = dict(start)
@@ -382,9 +411,9 @@ def moved_reference(problem: bench.Problem, key: str, batch, device, alpha: floa
       w, g = start[f"{name}.weight"], module.weight.grad.cpu()
       noise = torch.from_numpy(rng.normal(size=w.shape).astype(np.float32))
       direction = g / g.norm() + noise / noise.norm()
-      length = g.norm() / alpha if key == "l2sp" else 0.1 * w.norm()
+      length = g.norm() / settings.alpha if key == "l2sp" else 0.1 * w.norm()
       reference[f"{name}.weight"] = w + length * direction / direction.norm()
-  return start, reference, models.convert_torchvision(reference, num_classes=NUM_CLASSES)
+  return start, reference, models.convert_torchvision(reference, num_classes=NUM_CLASSES, **settings.model)
 
 
 def flat_state(state_dict: dict[str, Any], keys) -> dict[str, np.ndarray]:
@@ -401,9 +430,9 @@ def flat_state(state_dict: dict[str, Any], keys) -> dict[str, np.ndarray]:
   return {kind: np.concatenate(values) for kind, values in parts.items()}
 
 
-def jax_flat_state(jax_state, keys) -> dict[str, np.ndarray]:
+def jax_flat_state(jax_state, keys, model: dict[str, Any]) -> dict[str, np.ndarray]:
   variables = jax.device_get({"params": jax_state.params, "batch_stats": jax_state.batch_stats})
-  return flat_state(models.to_torchvision(variables, num_classes=NUM_CLASSES), keys)
+  return flat_state(models.to_torchvision(variables, num_classes=NUM_CLASSES, **model), keys)
 
 
 def differences(after_a, after_b, start) -> dict[str, float]:
@@ -438,7 +467,7 @@ def check(problem: bench.Problem, key: str, steps: dict[str, bench.CompiledStep]
   for variant, compiled in steps.items():
     for _ in range(args.check_steps):
       compiled.state, metrics = compiled.compiled(compiled.state, compiled.batch, compiled.reference)
-    jax_after[variant] = jax_flat_state(compiled.state, keys)
+    jax_after[variant] = jax_flat_state(compiled.state, keys, settings.model)
     if variant == "dtnh":
       conflict = float(metrics["conflict"])
   torch_after = {}
@@ -503,6 +532,37 @@ def summarize(times: dict[str, dict[str, np.ndarray]]):
   return result, rows
 
 
+def jax_step_name(variant: str, formulation: str, formulations) -> str:
+  """A JAX step's name in the timings: ``jax dtnh``, or ``jax dtnh [xla]`` for a formulation but the first."""
+  return f"jax {variant}" if formulation == formulations[0] else f"jax {variant} [{formulation}]"
+
+
+def by_formulation(times: dict[str, dict[str, np.ndarray]], torch_plain_form: dict[str, str], formulations):
+  """Per formulation of the convolutions: each JAX step over PyTorch's, and over the same step with the first
+  formulation (both medians of the per-round ratios, with 95% bootstrap intervals)."""
+  result = {"jax_vs_torch": {}, "vs_first": {}}
+  print("\nper convolution formulation: JAX/PyTorch, and JAX over the same step with the first formulation "
+        f"({formulations[0]}); medians of the per-round ratios (95% interval)")
+  for formulation in formulations:
+    result["jax_vs_torch"][formulation], result["vs_first"][formulation] = {}, {}
+    for key, t in times.items():
+      plain = f"torch {torch_plain_form[key]}"
+      pairs = {f"{key}_summed": ("summed", plain), key: ("plain", plain), f"{key}_angles": ("angles", plain),
+               f"dtnh_{key}": ("dtnh", "torch dtnh")}
+      for name, (variant, reference) in pairs.items():
+        step = jax_step_name(variant, formulation, formulations)
+        if step not in t:
+          continue
+        ratios = {"jax_vs_torch": t[step] / t[reference], "vs_first": t[step] / t[f"jax {variant}"]}
+        for kind, per_round in ratios.items():
+          result[kind][formulation][name] = [round(float(np.median(per_round)), 3),
+                                             *(round(v, 3) for v in bench.median_interval(per_round))]
+        cells = [f"{kind} {r:.3f} ({lo:.3f}-{hi:.3f})" for kind, (r, lo, hi) in
+                 ((kind, result[kind][formulation][name]) for kind in ratios)]
+        print(f"  {formulation:<7} {name:<16} " + ", ".join(cells))
+  return result
+
+
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", type=int, default=96, help="image height and width (default: %(default)s)")
@@ -520,6 +580,12 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="PyTorch's device; auto: cuda when JAX runs on a GPU and torch sees one, else cpu")
   parser.add_argument("--channels-last", action="store_true", help="PyTorch in channels_last (NHWC) memory format")
+  parser.add_argument("--width", type=float, default=1.0, help="ResNet-18's channel multiplier (default: 1)")
+  parser.add_argument("--small-stem", action="store_true", help="ResNet-18 with a 3x3 stride-1 stem, no max-pool")
+  parser.add_argument("--conv-formulations", default="auto",
+                      help=f"comma-separated: JAX's steps once per formulation of its convolutions, interleaved, "
+                      f"among auto (dtnh_jax.models.conv's choice per layer), {', '.join(conv.FORMULATIONS)}; the "
+                      "first is the one the main table shows (default: %(default)s)")
   parser.add_argument("--check", action="store_true",
                       help="first check that both frameworks compute the same steps (exit 1 if not)")
   parser.add_argument("--check-only", action="store_true", help="the check and no timing")
@@ -534,6 +600,9 @@ def main(argv=None) -> dict[str, Any]:
   jax_variants = tuple(name for name in JAX_CHOICES if name in args.jax_variants.split(","))
   if set(args.jax_variants.split(",")) - set(JAX_CHOICES) or "dtnh" not in jax_variants or len(jax_variants) < 2:
     parser.error(f"--jax-variants must name dtnh and one of summed, plain, angles, among {', '.join(JAX_CHOICES)}")
+  formulations = [name for name in args.conv_formulations.split(",") if name]
+  if not formulations or set(formulations) - {"auto", *conv.FORMULATIONS} or len(set(formulations)) < len(formulations):
+    parser.error(f"--conv-formulations must name distinct formulations among auto, {', '.join(conv.FORMULATIONS)}")
   jax_device = jax.devices()[0]
   if args.device == "auto":
     args.device = "cuda" if jax_device.platform == "gpu" and torch.cuda.is_available() else "cpu"
@@ -545,15 +614,16 @@ def main(argv=None) -> dict[str, Any]:
 
   started = time.perf_counter()
   settings = TorchSettings(jax_config("l2-sp", True, args))
-  problem = bench.make_problem(args.size, args.batch, 1.0, NUM_CLASSES)
+  problem = bench.make_problem(args.size, args.batch, args.width, NUM_CLASSES, small_stem=args.small_stem)
   print(f"jax {jax.__version__} on {jax_device.platform} ({jax_device.device_kind}); torch {torch.__version__} on "
         f"{device} with {torch.get_num_threads()} threads, torchvision {torchvision.__version__}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"ResNet-18 ({NUM_CLASSES}-class head), {args.size}x{args.size} images, batch {args.batch}, "
-        f"{args.repeats} interleaved rounds of {args.block}-step blocks per method", flush=True)
+  print(f"ResNet-18 ({NUM_CLASSES}-class head, width {args.width:g}{', small stem' if args.small_stem else ''}), "
+        f"{args.size}x{args.size} images, batch {args.batch}, {args.repeats} interleaved rounds of {args.block}-step "
+        f"blocks per method; JAX's convolutions: {', '.join(formulations)}", flush=True)
 
   batch = torch_batch(problem, device, args.channels_last)
-  start = torch_state_dict(problem.initial)
+  start = torch_state_dict(problem.initial, settings.model)
   timing_reference = step_lib.Reference(problem.initial)
   if checking:
     print(f"check: {args.check_steps} step(s) from the same weights, w0 moved off the start; relative differences "
@@ -562,19 +632,22 @@ def main(argv=None) -> dict[str, Any]:
   times = {}
   for key in chosen:
     if checking:
-      _, check_reference, check_reference_flax = moved_reference(problem, key, batch, device, settings.alpha)
+      _, check_reference, check_reference_flax = moved_reference(problem, key, batch, device, settings)
       check_reference_jax = step_lib.Reference(jax.tree.map(jnp.asarray, check_reference_flax))
-    steps = jax_steps(problem, REGULARIZERS[key], args, jax_variants)
-    if checking:
-      saved = use_reference(steps, check_reference_jax)
-      result["check"][key] = check(problem, key, steps, start, check_reference, settings, args, device)
-      restore(steps, saved, timing_reference)
+    timed = {}
+    for formulation in formulations:
+      steps = jax_steps(problem, REGULARIZERS[key], args, jax_variants, formulation)
+      if checking:
+        saved = use_reference(steps, check_reference_jax)
+        checked = key if formulation == formulations[0] else f"{key} [{formulation}]"
+        result["check"][checked] = check(problem, key, steps, start, check_reference, settings, args, device)
+        restore(steps, saved, timing_reference)
+      timed.update({jax_step_name(variant, formulation, formulations): compiled for variant, compiled in steps.items()})
     if not args.check_only:
-      timed = {**torch_steps(key, settings, start, batch, args, device),
-               **{f"jax {variant}": compiled for variant, compiled in steps.items()}}
+      timed = {**torch_steps(key, settings, start, batch, args, device), **timed}
       times[key] = bench.interleaved_times(timed, args.repeats, warmup=args.warmup, block=args.block)
     print(f"{key}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-    del steps
+    del steps, timed
 
   if checking:
     compared = [d for checked in result["check"].values() for name, d in checked.items() if name.startswith("jax ")]
@@ -599,7 +672,9 @@ def main(argv=None) -> dict[str, Any]:
     forms = ", ".join(f"{k} {v}" for k, v in result["torch_plain_form"].items())
     print(f"PyTorch's plain form, the faster one: {forms}"
           + (f" (foreach / loss {result['torch_foreach_vs_loss']:.3f})" if "torch_foreach_vs_loss" in result else ""))
-  result["config"] = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "block": args.block,
+    result["conv"] = by_formulation(times, result["torch_plain_form"], formulations)
+  result["config"] = {"size": args.size, "batch": args.batch, "width": args.width, "small_stem": args.small_stem,
+                      "conv_formulations": formulations, "repeats": args.repeats, "block": args.block,
                       "jax_variants": list(jax_variants), "torch_device": str(device),
                       "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": jax_device.platform,

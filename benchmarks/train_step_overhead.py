@@ -94,10 +94,12 @@ class Problem(NamedTuple):
   attention: dict[str, np.ndarray]
 
 
-def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10, seed: int = 0) -> Problem:
-  """ResNet-18 (torchvision layout, ImageNet stem) with random source weights and a synthetic batch."""
-  model = models.resnet18(num_classes=num_classes, width=width)
-  source = models.init_variables(models.resnet18(width=width), seed, size)   # a random "ImageNet" source
+def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10, seed: int = 0,
+                 small_stem: bool = False) -> Problem:
+  """ResNet-18 (torchvision layout, ImageNet stem unless ``small_stem``) with random source weights and a synthetic
+  batch."""
+  model = models.resnet18(num_classes=num_classes, width=width, small_stem=small_stem)
+  source = models.init_variables(models.resnet18(width=width, small_stem=small_stem), seed, size)   # a random source
   initial = models.replace_head(source, num_classes, jax.random.key(seed + 1))
   rng = np.random.default_rng(seed)
   batch = {"image": jnp.asarray(rng.normal(size=(batch_size, size, size, 3)), jnp.float32),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from dtnh_jax import models
+from dtnh_jax.models import conv
 from dtnh_jax.models import convert
 from dtnh_jax.models import efficientnet
 
@@ -327,10 +328,15 @@ def test_depthwise_formulation_changes_no_parameter_and_no_logit():
   assert _shapes(_lite0(depthwise="shifted"), 32) == _shapes(_lite0(depthwise="grouped"), 32)
 
 
-def test_default_depthwise_is_shifted_on_a_cpu_and_grouped_elsewhere(monkeypatch):
-  assert efficientnet.default_depthwise() == ("shifted" if jax.default_backend() == "cpu" else "grouped")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert efficientnet.default_depthwise() == "grouped"
+@pytest.mark.parametrize("shape,kernel_size,stride", [((48, 16, 16, 96), 3, 2), ((16, 112, 112, 32), 3, 1),
+                                                      ((8, 14, 14, 672), 5, 1), ((4, 7, 7, 1152), 5, 1)])
+def test_depthwise_layers_are_shifted_on_a_cpu_and_grouped_elsewhere(shape, kernel_size, stride):
+  """By default (``depthwise=None``) each layer's formulation is dtnh_jax.models.conv's measured choice."""
+  channels = shape[-1]
+  padding = efficientnet.same_padding(shape[1:3], kernel_size, stride)
+  choose = functools.partial(conv.choose, shape, (kernel_size, kernel_size, 1, channels), stride, padding, channels)
+  assert choose(backend="cpu") == "shifted"
+  assert choose(backend="gpu") == choose(backend="tpu") == "xla"
 
 
 def test_unknown_depthwise_formulation_is_rejected():

@@ -246,7 +246,7 @@ def test_new_widths_and_sizes_compile_no_new_random_number_code(caplog):
 def test_conv_kernel_spanning_several_blocks_is_kaiming_normal_fan_out():
   shape = (3, 3, 128, 96)  # 110_592 values: two blocks of draws
   assert np.prod(shape) > resnet._BLOCK_SIZE
-  kernel = np.asarray(resnet._conv_kernel_init(jax.random.key(1), shape))
+  kernel = np.asarray(resnet.conv_kernel_init(jax.random.key(1), shape))
   std = np.sqrt(2 / (3 * 3 * 96))
   assert abs(kernel.std() / std - 1) < 0.01
   assert abs(kernel.mean()) < 0.01 * std
@@ -255,14 +255,14 @@ def test_conv_kernel_spanning_several_blocks_is_kaiming_normal_fan_out():
   # The second block is drawn anew, not a copy of the first.
   head, tail = flat[:flat.size - block], flat[block:]
   assert abs(np.corrcoef(head, tail)[0, 1]) < 0.02
-  other = np.asarray(resnet._conv_kernel_init(jax.random.key(2), shape))
+  other = np.asarray(resnet.conv_kernel_init(jax.random.key(2), shape))
   assert abs(np.corrcoef(flat, other.reshape(-1))[0, 1]) < 0.02
 
 
 def test_linear_init_is_torch_uniform():
-  kernel = np.asarray(resnet._linear_kernel_init(jax.random.key(1),
-                                                 (400, 300)))
-  bias = np.asarray(resnet._linear_bias_init(400)(jax.random.key(2), (300,)))
+  kernel = np.asarray(resnet.linear_kernel_init(jax.random.key(1),
+                                                (400, 300)))
+  bias = np.asarray(resnet.linear_bias_init(400)(jax.random.key(2), (300,)))
   bound = 1 / np.sqrt(400)
   assert np.all(np.abs(kernel) <= bound) and np.all(np.abs(bias) <= bound)
   # U(-b, b): variance b^2 / 3.

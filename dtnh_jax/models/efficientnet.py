@@ -31,17 +31,15 @@ The package's dropout (0.2, before ``_fc``) and drop-connect (stochastic depth
 0.2) are training regularizers of the ImageNet run; they change nothing in eval
 mode and are left out (a train step here has no random numbers to draw).
 
-**Depthwise convolutions.** Two formulations compute the same function with the
-same parameters (a ``(k, k, 1, C)`` kernel): ``"grouped"``, XLA's convolution
-with ``feature_group_count=C``, and ``"shifted"``, the sum over the k² kernel
-positions of a strided window of the padded input times that position's
-weights (:func:`depthwise_conv`). On XLA:CPU the grouped convolution is
-several times slower than the k² multiply-adds (``benchmarks/depthwise.py``
-measures both, and candidates beside them), while GPUs and TPUs have kernels
-for it; so the default (:func:`default_depthwise`) is ``"shifted"`` on a CPU
-and ``"grouped"`` elsewhere; ``depthwise=`` chooses. ``"shifted"`` has a
-hand-written backward pass: ``jax.grad``/``jax.vjp`` work, forward-mode
-``jax.jvp`` needs ``"grouped"``.
+**Convolutions.** Every layer is a :class:`dtnh_jax.models.conv.Conv`, whose
+formulation is chosen per layer shape and backend from measurements
+(:mod:`dtnh_jax.models.conv`): on a CPU the depthwise layers are computed as
+the sum over the k² kernel positions of a strided window of the padded input
+times that position's weights (``"shifted"``, with a hand-written backward
+pass), several times faster on XLA:CPU than its grouped convolution, which
+GPUs and TPUs keep. ``depthwise=`` forces the depthwise layers' formulation
+(``"shifted"`` or ``"grouped"``, XLA's convolution with
+``feature_group_count=C``); the parameters are the same whichever computes.
 
 Names of submodules map to the checkpoint's keys by one rule: every Flax module
 name is the checkpoint's without its leading ``_``, a position in a
@@ -104,15 +102,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import names
-from dtnh_jax.models.resnet import _conv_kernel_init  # pylint: disable=protected-access
-from dtnh_jax.models.resnet import _linear_bias_init  # pylint: disable=protected-access
-from dtnh_jax.models.resnet import _linear_kernel_init  # pylint: disable=protected-access
+from dtnh_jax.models import conv as conv_lib
+from dtnh_jax.models.resnet import conv_kernel_init
+from dtnh_jax.models.resnet import linear_bias_init
+from dtnh_jax.models.resnet import linear_kernel_init
 from dtnh_jax.models.resnet import BatchNorm
 
 __all__ = [
     "ARCHITECTURES",
+    "BN_EPSILON",
+    "BN_MOMENTUM",
     "DEPTHWISE_FORMULATIONS",
-    "DepthwiseConv",
     "FEATURE_BLOCKS",
     "FEATURE_NAMES",
     "INPUT_NORMALIZATIONS",
@@ -120,7 +120,6 @@ __all__ = [
     "EfficientNetLite",
     "MBConvBlock",
     "create_model",
-    "default_depthwise",
     "depthwise_conv",
     "efficientnet_lite0",
     "imagenet_to_lite",
@@ -158,9 +157,10 @@ FEATURE_BLOCKS = {name: sum(stage[0] for stage in LITE0_STAGES[:index + 1]) - 1
 # Stem and head channels, fixed in the Lite variants.
 _STEM_CHANNELS = 32
 _HEAD_CHANNELS = 1280
-# BatchNorm of the checkpoint: TensorFlow's decay 0.99 (PyTorch momentum 0.01) and epsilon 1e-3.
-_BN_MOMENTUM = 0.99
-_BN_EPSILON = 1e-3
+#: BatchNorm of the checkpoint: TensorFlow's decay 0.99 (PyTorch momentum 0.01), Flax's momentum.
+BN_MOMENTUM = 0.99
+#: BatchNorm's epsilon in the checkpoint (TensorFlow's 1e-3).
+BN_EPSILON = 1e-3
 # The Lite weights' input, (pixel - 127) / 128 for pixels in 0..255, from ImageNet-normalized images x:
 # pixel = 255 * (x * std + mean), so lite = x * (255 std / 128) + (255 mean - 127) / 128, per channel.
 _LITE_SCALE = tuple(255.0 * s / 128.0 for s in names.IMAGENET_STD)
@@ -190,84 +190,19 @@ def same_padding(spatial_shape: Sequence[int], kernel_size: int, stride: int) ->
   return tuple(pads)
 
 
-def default_depthwise() -> str:
-  """``"shifted"`` on a CPU (XLA:CPU's grouped convolution is slow), ``"grouped"`` on GPUs and TPUs."""
-  return "shifted" if jax.default_backend() == "cpu" else "grouped"
-
-
-def _windows_sum(padded: jax.Array, kernel: jax.Array, stride: int, out_height: int, out_width: int) -> jax.Array:
-  """Σ over kernel positions (i, j) of the strided window of ``padded`` at (i, j) times ``kernel[i, j, 0]``."""
-  batch, _, _, channels = padded.shape
-  out = None
-  for i in range(kernel.shape[0]):
-    for j in range(kernel.shape[1]):
-      window = jax.lax.slice(padded, (0, i, j, 0),
-                             (batch, i + (out_height - 1) * stride + 1, j + (out_width - 1) * stride + 1, channels),
-                             (1, stride, stride, 1))
-      term = window * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _shifted_conv(x, kernel, stride, padding):
-  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  out_height = (padded.shape[1] - kernel.shape[0]) // stride + 1
-  out_width = (padded.shape[2] - kernel.shape[1]) // stride + 1
-  return _windows_sum(padded, kernel, stride, out_height, out_width)
-
-
-def _shifted_conv_forward(x, kernel, stride, padding):
-  return _shifted_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _shifted_conv_backward(stride, padding, residuals, cotangent):
-  # Written out rather than left to autodiff, whose transpose of each strided slice is a padded
-  # copy of the cotangent: the train step was slower that way (benchmarks/depthwise.py, "shifted-autodiff").
-  x, kernel = residuals
-  _, height, width, _ = x.shape
-  kernel_height, kernel_width = kernel.shape[:2]
-  out_height, out_width = cotangent.shape[1:3]
-  (top, _), (left, _) = padding
-  # y[o] = Σ_i x_padded[o·stride + i]·w[i], so the input's gradient is dx[h] = Σ_i' c[h + i']·w[k - 1 - i']:
-  # a stride-1 correlation with the flipped kernel of c, the cotangent dilated by the stride and padded to
-  # height + k - 1 (lax.pad crops where a padding is negative).
-  dilated = jax.lax.pad(cotangent, jnp.zeros((), cotangent.dtype), (
-      (0, 0, 0),
-      (kernel_height - 1 - top, height + top - (out_height - 1) * stride - 1, stride - 1),
-      (kernel_width - 1 - left, width + left - (out_width - 1) * stride - 1, stride - 1),
-      (0, 0, 0)))
-  input_grad = _windows_sum(dilated, kernel[::-1, ::-1], 1, height, width)
-  # The kernel's: per position, the window it multiplied times the cotangent, summed over batch and pixels.
-  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  batch, _, _, channels = padded.shape
-  taps = []
-  for i in range(kernel_height):
-    for j in range(kernel_width):
-      window = jax.lax.slice(padded, (0, i, j, 0),
-                             (batch, i + (out_height - 1) * stride + 1, j + (out_width - 1) * stride + 1, channels),
-                             (1, stride, stride, 1))
-      taps.append(jnp.sum(window * cotangent, axis=(0, 1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32)))
-  kernel_grad = jnp.stack(taps).reshape(kernel.shape)
-  return input_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
-
-
-_shifted_conv.defvjp(_shifted_conv_forward, _shifted_conv_backward)
+#: ``depthwise=`` -> the formulation of :mod:`dtnh_jax.models.conv`.
+_DEPTHWISE_TO_CONV = {"shifted": "shifted", "grouped": "xla"}
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Sequence[tuple[int, int]],
                    formulation: str = "shifted") -> jax.Array:
   """A depthwise convolution of NHWC ``x`` with an HWIO kernel ``(kh, kw, 1, C)``.
 
-  ``"grouped"`` is ``lax.conv_general_dilated`` with ``feature_group_count=C``.
-  ``"shifted"`` computes the same sum as k² multiply-adds: for every kernel
-  position ``(i, j)``, the window of the padded input that position sees (a
-  strided slice) times ``kernel[i, j, 0]``; its backward pass is written the
-  same way (a ``jax.custom_vjp``: the input's gradient is a stride-1 shifted
-  correlation of the dilated cotangent with the flipped kernel, the kernel's
-  k² reductions), so it supports reverse-mode differentiation (``jax.grad``,
-  ``jax.vjp``) but not forward mode (``jax.jvp``: use ``"grouped"``). The two
-  agree to float32 rounding, in value and gradient.
+  ``"grouped"`` is ``lax.conv_general_dilated`` with ``feature_group_count=C``,
+  ``"shifted"`` the same sum as k² multiply-adds with a hand-written backward
+  pass (reverse mode only): :func:`dtnh_jax.models.conv.conv`'s formulations
+  ``"xla"`` and ``"shifted"``. The two agree to float32 rounding, in value and
+  gradient.
 
   Args:
     x: ``(N, H, W, C)``.
@@ -279,50 +214,25 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Sequen
   Returns:
     ``(N, H', W', C)``.
   """
-  padding = tuple((int(low), int(high)) for low, high in padding)
-  if formulation == "grouped":
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-  if formulation != "shifted":
+  if formulation not in DEPTHWISE_FORMULATIONS:
     raise ValueError(f"depthwise must be one of {DEPTHWISE_FORMULATIONS}, got {formulation!r}.")
-  return _shifted_conv(x, kernel, int(stride), padding)
-
-
-class DepthwiseConv(nn.Module):
-  """A bias-free depthwise convolution with ``'SAME'`` padding; kernel ``(k, k, 1, C)`` whatever ``formulation``.
-
-  Attributes:
-    kernel_size: the kernel's height and width.
-    stride: the stride in both spatial dimensions.
-    formulation: ``"shifted"`` or ``"grouped"`` (:func:`depthwise_conv`).
-    dtype: the compute dtype; the kernel is float32.
-  """
-
-  kernel_size: int
-  stride: int
-  formulation: str
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", _conv_kernel_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]),
-                        jnp.float32)
-    padding = same_padding(x.shape[1:3], self.kernel_size, self.stride)
-    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, padding, self.formulation)
+  return conv_lib.conv(x, kernel, stride, padding, feature_group_count=x.shape[-1],
+                       formulation=_DEPTHWISE_TO_CONV[formulation])
 
 
 def _conv(features: int, kernel_size: int, stride: int, spatial_shape: Sequence[int], *, name: str,
-          dtype: Any) -> nn.Conv:
+          dtype: Any, groups: int = 1, formulation: str | None = None) -> conv_lib.Conv:
   """A bias-free conv with TensorFlow's ``'SAME'`` padding for an input of ``spatial_shape``."""
-  return nn.Conv(
+  return conv_lib.Conv(
       features,
       (kernel_size, kernel_size),
       strides=(stride, stride),
       padding=same_padding(spatial_shape, kernel_size, stride),
-      use_bias=False,
+      feature_group_count=groups,
+      formulation=formulation,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=_conv_kernel_init,
+      kernel_init=conv_kernel_init,
       name=name,
   )
 
@@ -339,7 +249,8 @@ class MBConvBlock(nn.Module):
     kernel_size: of the depthwise conv.
     stride: of the depthwise conv.
     expansion: the hidden channels' multiple of the input's.
-    depthwise: formulation of the depthwise conv.
+    depthwise: formulation of the depthwise conv, ``"shifted"`` or ``"grouped"``; ``None``: chosen by
+      :mod:`dtnh_jax.models.conv`.
     norm: builds a :class:`BatchNorm` ``(name=...)``.
     dtype: the compute dtype.
   """
@@ -348,7 +259,7 @@ class MBConvBlock(nn.Module):
   kernel_size: int
   stride: int
   expansion: int
-  depthwise: str
+  depthwise: str | None
   norm: Any
   dtype: Any = jnp.float32
 
@@ -359,7 +270,10 @@ class MBConvBlock(nn.Module):
     if self.expansion != 1:
       x = conv(inputs.shape[-1] * self.expansion, 1, 1, x.shape[1:3], name="expand_conv")(x)
       x = nn.relu6(self.norm(name="bn0")(x))
-    x = DepthwiseConv(self.kernel_size, self.stride, self.depthwise, self.dtype, name="depthwise_conv")(x)
+    channels = x.shape[-1]
+    x = conv(channels, self.kernel_size, self.stride, x.shape[1:3], groups=channels,
+             formulation=None if self.depthwise is None else _DEPTHWISE_TO_CONV[self.depthwise],
+             name="depthwise_conv")(x)
     x = nn.relu6(self.norm(name="bn1")(x))
     x = conv(self.features, 1, 1, x.shape[1:3], name="project_conv")(x)
     x = self.norm(name="bn2")(x)
@@ -391,8 +305,9 @@ class EfficientNetLite(nn.Module):
       stem (32) and the head (1280) stay, as in the Lite variants.
     small_stem: a stride-1 stem for small images (one 2x downsampling less).
       Parameters are the same; the ImageNet weights were trained with stride 2.
-    depthwise: ``"shifted"`` or ``"grouped"``; ``None``: :func:`default_depthwise`
-      for the backend the model is traced on. Parameters are the same.
+    depthwise: ``"shifted"`` or ``"grouped"`` for every depthwise layer; ``None``:
+      each layer's formulation chosen by :mod:`dtnh_jax.models.conv` for the
+      backend the model is traced on (``"shifted"`` on a CPU). Parameters are the same.
     input_normalization: ``"imagenet"``: images come as ``(pixel / 255 -
       IMAGENET_MEAN) / IMAGENET_STD`` and are mapped to the ``(pixel - 127) /
       128`` the Lite weights expect; ``"none"``: used as given.
@@ -422,14 +337,14 @@ class EfficientNetLite(nn.Module):
     unknown = sorted(set(feature_masks) - set(FEATURE_NAMES))
     if unknown:
       raise ValueError(f"feature_masks has unknown names {unknown}; valid names are {list(FEATURE_NAMES)}.")
-    depthwise = default_depthwise() if self.depthwise is None else self.depthwise
-    if depthwise not in DEPTHWISE_FORMULATIONS:
+    depthwise = self.depthwise
+    if depthwise is not None and depthwise not in DEPTHWISE_FORMULATIONS:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_FORMULATIONS} (or None), got {depthwise!r}.")
     if self.input_normalization not in INPUT_NORMALIZATIONS:
       raise ValueError(f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got "
                        f"{self.input_normalization!r}.")
 
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              dtype=self.dtype)
     features = {}
 
@@ -462,8 +377,8 @@ class EfficientNetLite(nn.Module):
         self.num_classes,
         dtype=self.dtype,
         param_dtype=jnp.float32,
-        kernel_init=_linear_kernel_init,
-        bias_init=_linear_bias_init(x.shape[-1]),
+        kernel_init=linear_kernel_init,
+        bias_init=linear_bias_init(x.shape[-1]),
         name="fc",
     )(x)
     logits = logits.astype(jnp.float32)

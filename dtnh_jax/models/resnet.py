@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import names
+from dtnh_jax.models import conv as conv_lib
 
 __all__ = [
     "ARCHITECTURES",
@@ -74,8 +75,11 @@ __all__ = [
     "BatchNorm",
     "Bottleneck",
     "ResNet",
+    "conv_kernel_init",
     "create_model",
     "init_variables",
+    "linear_bias_init",
+    "linear_kernel_init",
     "replace_head",
     "resnet18",
     "resnet34",
@@ -157,21 +161,21 @@ def _scaled_draws(key: jax.Array, shape: Sequence[int], dtype: Any,
 # nonlinearity="relu") and nn.Linear with U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 # for weight and bias; the same distributions here, so models trained from
 # scratch (small CPU-scale experiments) start as torchvision's would.
-def _conv_kernel_init(key: jax.Array, shape: Sequence[int],
+def conv_kernel_init(key: jax.Array, shape: Sequence[int],
                       dtype: Any = jnp.float32) -> jax.Array:
   """N(0, 2 / fan_out) for an HWIO kernel, fan_out = H * W * O (as torch)."""
   fan_out = math.prod(shape[:-2]) * shape[-1]
   return _scaled_draws(key, shape, dtype, "normal", math.sqrt(2.0 / fan_out))
 
 
-def _linear_kernel_init(key: jax.Array, shape: Sequence[int],
+def linear_kernel_init(key: jax.Array, shape: Sequence[int],
                         dtype: Any = jnp.float32) -> jax.Array:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for an (in, out) kernel, as torch's
   ``kaiming_uniform_(a=sqrt(5))`` of ``nn.Linear.weight``."""
   return _scaled_draws(key, shape, dtype, "uniform", 1.0 / math.sqrt(shape[0]))
 
 
-def _linear_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+def linear_bias_init(fan_in: int) -> Callable[..., jax.Array]:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch.nn.Linear's bias."""
 
   def init(key, shape, dtype=jnp.float32):
@@ -244,18 +248,22 @@ class BatchNorm(nn.Module):
 
 
 def _conv(features: int, kernel_size: int, stride: int = 1, *, name: str,
-          dtype: Any) -> nn.Conv:
-  """A bias-free conv with PyTorch's symmetric padding ``kernel_size // 2``."""
+          dtype: Any) -> conv_lib.Conv:
+  """A bias-free conv with PyTorch's symmetric padding ``kernel_size // 2``.
+
+  Its formulation (XLA's convolution, or im2col and one matmul) is chosen per
+  layer shape and backend (:mod:`dtnh_jax.models.conv`); the parameter is
+  ``flax.linen.Conv``'s ``kernel`` (HWIO) whichever it is.
+  """
   pad = kernel_size // 2
-  return nn.Conv(
+  return conv_lib.Conv(
       features,
       (kernel_size, kernel_size),
       strides=(stride, stride),
       padding=((pad, pad), (pad, pad)),
-      use_bias=False,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=_conv_kernel_init,
+      kernel_init=conv_kernel_init,
       name=name,
   )
 
@@ -427,8 +435,8 @@ class ResNet(nn.Module):
         self.num_classes,
         dtype=self.dtype,
         param_dtype=jnp.float32,
-        kernel_init=_linear_kernel_init,
-        bias_init=_linear_bias_init(x.shape[-1]),
+        kernel_init=linear_kernel_init,
+        bias_init=linear_bias_init(x.shape[-1]),
         name="fc",
     )(x)
     logits = logits.astype(jnp.float32)
@@ -534,8 +542,8 @@ def replace_head(variables: Mapping[str, Any], num_classes: int,
   fan_in = params["fc"]["kernel"].shape[0]
   kernel_key, bias_key = jax.random.split(rng)
   new_fc = {
-      "kernel": _linear_kernel_init(kernel_key, (fan_in, num_classes),
+      "kernel": linear_kernel_init(kernel_key, (fan_in, num_classes),
                                     jnp.float32),
-      "bias": _linear_bias_init(fan_in)(bias_key, (num_classes,), jnp.float32),
+      "bias": linear_bias_init(fan_in)(bias_key, (num_classes,), jnp.float32),
   }
   return {**variables, "params": {**params, "fc": new_fc}}
