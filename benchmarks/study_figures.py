@@ -81,15 +81,14 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(str(error))
   # a sweep keeps each run under its λ and decay (offline.run_dir); a grid of one combination does not
   first = records[0]
-  combination = offline._combination_label(first["reg_weight"], first["reg_decay"])  # pylint: disable=protected-access
+  combination = offline.combination_label(first["reg_weight"], first["reg_decay"])
   sweep = os.path.isdir(os.path.dirname(offline.run_dir(args.workdir, first["source"], first["method"],
                                                         int(first["seed"]), combination)))
   dataset = records[0].get("dataset") or "offline-digits"
   reason = (f"chosen by the command: {selection.plain_method(first['method']) or first['method']} and DTNH from "
             f"{args.source} at λ {args.reg_weight:g}"
             + (f", decay {args.reg_decay:g}" if args.reg_decay is not None else ""))
-  summary = offline._draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out,  # pylint: disable=protected-access
-                                  reason=reason)
+  summary = offline.draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out, reason=reason)
   if summary is None:
     parser.error(f"the runs' metrics.jsonl are missing under {args.workdir}: is it the grid's workdir?")
   print(json.dumps(summary))

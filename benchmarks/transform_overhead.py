@@ -145,7 +145,7 @@ def _gram_from(vectors, entries):
 
 def _products(vectors):
   acc = _accumulation(vectors)
-  pairs = projection._structural_pairs(vectors)  # pylint: disable=protected-access
+  pairs = projection.structural_pairs(vectors)
   return pairs, [vectors[i].astype(acc).ravel() * vectors[j].astype(acc).ravel() for i, j in pairs]
 
 
@@ -191,12 +191,7 @@ LIBRARY_LEAF_GRAM = projection.leaf_gram  # gram_strategy swaps projection.leaf_
 def gram_slices(vectors):
   """The library's one pass with the layout it uses off a CPU (runs of 16 slices of an axis before the last; on a
   CPU until 2026-12-02): XLA:CPU sums each partial sum in a scalar loop."""
-  saved = projection._minor_runs
-  projection._minor_runs = lambda: False
-  try:
-    return LIBRARY_LEAF_GRAM(vectors)
-  finally:
-    projection._minor_runs = saved
+  return LIBRARY_LEAF_GRAM(vectors, minor_runs=False)
 
 
 def grams_concat(empirical_leaves, regularizer_leaves, grouping):

@@ -47,7 +47,7 @@ def _full_regularizer(regularizer, params, index):
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path for path, _ in flat]
   leaves = [leaf for _, leaf in flat]
-  aligned = transform._flatten_regularizer(paths, leaves, regularizer, index)
+  aligned = transform.flatten_regularizer(paths, leaves, regularizer, index)
   return jax.tree_util.tree_unflatten(
       treedef, [jnp.zeros_like(p) if r is None else r for r, p in zip(aligned, leaves)]
   )
@@ -145,7 +145,7 @@ def multi_steps(
           "multi_steps: call update(empirical_grad, state, params, regularizer_grads=...) with the "
           "micro-batch's regularizer gradient(s); without them there is nothing to accumulate for dtnh."
       )
-    regularizers = transform._regularizer_list(regularizer_grads, updates, num_regularizers)
+    regularizers = transform.regularizer_list(regularizer_grads, updates, num_regularizers)
     if len(regularizers) != num_regularizers:
       raise ValueError(
           f"multi_steps: got {len(regularizers)} regularizer gradients but num_regularizers={num_regularizers}."

@@ -49,6 +49,7 @@ __all__ = [
     "project",
     "projection_coefficients",
     "PROJECTIONS",
+    "structural_pairs",
 ]
 
 PyTree = Any
@@ -94,8 +95,11 @@ _LANES = 16
 _MINOR_RUNS_FROM = 256
 
 
-def _structural_pairs(vectors: Sequence[jax.Array | None]) -> list[tuple[int, int]]:
-  """The Gram entries ``(i, j)``, ``i <= j``, that are not structural zeros."""
+def structural_pairs(vectors: Sequence[jax.Array | None]) -> list[tuple[int, int]]:
+  """The Gram entries ``(i, j)``, ``i <= j``, of one leaf's ``[g, r_1, ..., r_k]`` that are not structural zeros.
+
+  :func:`leaf_gram` computes these and fills the others with zeros; ``None`` in ``vectors`` is a structural zero.
+  """
   present = [i for i, v in enumerate(vectors) if v is not None]
   return [(i, j) for i in present for j in present if i <= j]
 
@@ -106,7 +110,7 @@ def _blocked_shape(shape: tuple[int, ...], minor_runs: bool = False) -> tuple[tu
   With ``minor_runs`` (on a CPU) and a leaf of two or more axes whose last one is a multiple of
   ``_MINOR_RUNS_FROM``, the last axis is split and the runs are ``_ROWS`` consecutive elements: XLA:CPU
   vectorizes a reduction over the minor axis, not one over the axis before it, where it sums each partial sum
-  in a scalar loop (the Gram pass of ResNet-18's 11.7M parameters: 4.7 ms against 6.1 ms, benchmarks/RESULTS.md).
+  in a scalar loop (the two layouts are timed in benchmarks/RESULTS.md, the site's Results page).
   Otherwise the axis split is the last but one that divides (then the rows are ``_ROWS`` consecutive slices and
   the axes after it, contiguous in memory, are what one step adds up), else the last one split into blocks of
   ``_ROWS x _LANES``; ``None`` if no axis divides. No other axis moves, so a sharded leaf keeps its sharding
@@ -135,7 +139,8 @@ def _add_each(accumulators: tuple, values: tuple) -> tuple:
   return tuple(a + b for a, b in zip(accumulators, values))
 
 
-def _partial_sums(vectors: Sequence[jax.Array | None], pairs: Sequence[tuple[int, int]], acc) -> list[jax.Array]:
+def _partial_sums(vectors: Sequence[jax.Array | None], pairs: Sequence[tuple[int, int]], acc,
+                  minor_runs: bool) -> list[jax.Array]:
   """For each pair ``(i, j)``, an array whose sum is ``<v_i, v_j>``.
 
   Where the leaf has an axis to split (:func:`_blocked_shape`), one variadic ``lax.reduce`` reads the leaf's
@@ -144,7 +149,7 @@ def _partial_sums(vectors: Sequence[jax.Array | None], pairs: Sequence[tuple[int
   (and fuses none of them: its library reductions take one output each). Else the products themselves, one
   fused multiply-reduce per pair (small or oddly shaped leaves).
   """
-  blocked = _blocked_shape(vectors[0].shape, minor_runs=_minor_runs())
+  blocked = _blocked_shape(vectors[0].shape, minor_runs=minor_runs)
   if blocked is None:
     return [vectors[i].astype(acc) * vectors[j].astype(acc) for i, j in pairs]
   shape, rows_axis = blocked
@@ -155,7 +160,7 @@ def _partial_sums(vectors: Sequence[jax.Array | None], pairs: Sequence[tuple[int
   return list(jax.lax.reduce(products, zeros, _add_each, (rows_axis,)))
 
 
-def leaf_gram(vectors: Sequence[jax.Array | None]) -> jax.Array:
+def leaf_gram(vectors: Sequence[jax.Array | None], *, minor_runs: bool | None = None) -> jax.Array:
   """Gram matrix of one leaf's ``[g, r_1, ..., r_k]``; ``None`` is a structural zero.
 
   All entries come from one pass over the leaf (:func:`_partial_sums`) and XLA's reduction of the partial
@@ -163,11 +168,23 @@ def leaf_gram(vectors: Sequence[jax.Array | None]) -> jax.Array:
   not in sequence, as ``numpy.sum`` does in float32 (its 8 accumulators add 16 elements each in sequence);
   ``tests/test_gram_accuracy.py`` checks the errors against the pairwise-summation bound
   ``(log2(n) + 1) · eps · Σ|x_i y_i|`` on 11.7M elements, which a sequential float32 sum exceeds 600-6800-fold.
+
+  Args:
+    vectors: the leaf of ``g`` and of each ``r_i`` (or ``None``), all of one shape.
+    minor_runs: the layout of the pass (:func:`_blocked_shape`): runs of consecutive elements of the last axis
+      (True: XLA:CPU's fastest) or of slices of an axis before it (False: the layout off a CPU, which keeps
+      the FSDP layout's sharded last axis whole). By default the one for ``jax.default_backend()``; the
+      entries are the same either way, up to float rounding.
+
+  Returns:
+    The ``[k+1, k+1]`` Gram matrix in the accumulation dtype (:func:`accumulation_dtype`).
   """
   n = len(vectors)
   acc = accumulation_dtype(jnp.result_type(*[v for v in vectors if v is not None]))
-  pairs = _structural_pairs(vectors)
-  sums = {pair: jnp.sum(partial, dtype=acc) for pair, partial in zip(pairs, _partial_sums(vectors, pairs, acc))}
+  pairs = structural_pairs(vectors)
+  minor_runs = _minor_runs() if minor_runs is None else minor_runs
+  sums = {pair: jnp.sum(partial, dtype=acc)
+          for pair, partial in zip(pairs, _partial_sums(vectors, pairs, acc, minor_runs))}
   zero = jnp.zeros((), acc)
   return jnp.stack([jnp.stack([sums.get((min(i, j), max(i, j)), zero) for j in range(n)]) for i in range(n)])
 

@@ -17,8 +17,10 @@ from dtnh_jax.projection import Diagnostics
 __all__ = [
     "dtnh",
     "DTNHState",
+    "flatten_regularizer",
     "gram_transformation",
     "projection_groups",
+    "regularizer_list",
 ]
 
 PyTree = Any
@@ -49,15 +51,36 @@ def _under(path, prefix) -> bool:
   return tuple(path[:len(prefix)]) == tuple(prefix)
 
 
-def _flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index, name="dtnh"):
-  """Leaves of one regularizer gradient aligned with the empirical ones.
+def flatten_regularizer(empirical_paths, empirical_leaves, regularizer, index: int,
+                        name: str = "dtnh") -> list:
+  """Leaves of one regularizer gradient aligned with the empirical ones: how :func:`dtnh` reads ``r``.
 
   ``None`` and ``optax.MaskedNode()`` stand for leaves (or whole subtrees, e.g.
   ``{"fc": None}`` for a new head) that the regularizer does not touch. Where
   the *empirical* leaf is an ``optax.MaskedNode`` (dtnh inside ``optax.masked``
   or one branch of ``optax.multi_transform``), that leaf belongs to another
   branch: the regularizer's leaves there are dropped and nothing is returned
-  for it. Raises ``ValueError`` naming the first path where the trees differ.
+  for it. :func:`~dtnh_jax.multi_steps` reads the regularizer gradients it
+  accumulates with it, so both accept the same trees.
+
+  Args:
+    empirical_paths: the key paths of the empirical gradient's leaves
+      (``jax.tree_util.tree_flatten_with_path``, ``optax.MaskedNode`` a leaf).
+    empirical_leaves: those leaves, in the same order.
+    regularizer: one regularizer gradient, a pytree of the parameters'
+      structure in which ``None`` or ``optax.MaskedNode()`` may replace leaves
+      or subtrees.
+    index: the regularizer's number (from 1) in the messages when there are
+      several, else 0.
+    name: the transformation named in the messages.
+
+  Returns:
+    One entry per empirical leaf that is not an ``optax.MaskedNode``: the
+    regularizer's leaf, or ``None`` where it does not touch that leaf.
+
+  Raises:
+    ValueError: naming the first path where the trees differ, or a leaf whose
+      shape differs.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(regularizer, is_leaf=_is_structural_zero)
   what = f"regularizer gradient #{index}" if index else "regularizer gradient"
@@ -130,13 +153,29 @@ def _split_updates(updates, params, name="dtnh"):
   return updates[0], list(updates[1:])
 
 
-def _regularizer_list(regularizer_grads, empirical, num_weights: int, name: str = "dtnh") -> list:
-  """The extra-args form: ``regularizer_grads`` is one pytree per ``reg_weight``.
+def regularizer_list(regularizer_grads, empirical, num_weights: int, name: str = "dtnh") -> list:
+  """The ``regularizer_grads=`` argument of :func:`dtnh`'s update as a list of pytrees, one per ``reg_weight``.
 
   With one weight it is a pytree (``(r,)`` is read as one regularizer too, unless
   the parameters are themselves a tuple); with several it is a tuple or list of
   that many pytrees. The weights, not the shape of the argument, decide, so a
   tuple-shaped parameter tree is never mistaken for several regularizers.
+  :func:`~dtnh_jax.multi_steps` reads its own ``regularizer_grads=`` with it.
+
+  Args:
+    regularizer_grads: the argument as given.
+    empirical: the empirical gradient (its being a tuple tells ``(r,)`` apart).
+    num_weights: the number of ``reg_weight`` values.
+    name: the transformation named in the messages.
+
+  Returns:
+    The regularizer gradients, a list of ``num_weights`` pytrees (a longer or
+    shorter list when a sequence of another length was given for several
+    weights: the caller compares).
+
+  Raises:
+    ValueError: a sequence of several pytrees for one weight, or a single
+      pytree for several.
   """
   is_sequence = isinstance(regularizer_grads, (tuple, list))
   if num_weights == 1:
@@ -188,7 +227,7 @@ def _gradients_from_arguments(updates, params, regularizer_grads, num_weights: i
         "and regularizer_grads is given too. Pass the empirical gradient alone as updates with "
         "regularizer_grads=..., or the tuple without regularizer_grads."
     )
-  return updates, _regularizer_list(regularizer_grads, updates, num_weights, name)
+  return updates, regularizer_list(regularizer_grads, updates, num_weights, name)
 
 
 def _normalize_weights(reg_weight, name: str = "dtnh") -> tuple[list[ScalarOrSchedule], bool]:
@@ -513,7 +552,7 @@ def gram_transformation(
     entries = [leaf for _, leaf in flat]
     empirical_leaves = [leaf for leaf in entries if not _is_masked(leaf)]
     regularizer_leaves = [
-        _flatten_regularizer(paths, entries, reg, i + 1 if len(regularizers) > 1 else 0, name)
+        flatten_regularizer(paths, entries, reg, i + 1 if len(regularizers) > 1 else 0, name)
         for i, reg in enumerate(regularizers)
     ]
     tree_for_labels = empirical if params is None else params

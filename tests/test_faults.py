@@ -7,11 +7,9 @@ bad command-line input exits with code 2 and a message that names it; a
 NaN/Inf loss stops the run before its next checkpoint, or skips the step.
 """
 
-import dataclasses
 import json
 import math
 import os
-import pathlib
 import random
 import re
 import signal
@@ -24,39 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dtnh_jax import cli, models
-from dtnh_jax.train import TrainConfig, checkpoint, loop, offline, report
-from dtnh_jax.train import presets
-from dtnh_jax.train.data import load_data
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-# The offline problem at a size that runs in seconds, from a random initialization
-# (no source network to pre-train): the same code as the default.
-FAST = presets.tiny()
-
-
-def _flags(settings):
-  """``dtnh-train`` flags for ``settings`` (the offline default's own settings left out)."""
-  offline_default = presets.offline()
-  return cli.settings_to_argv({key: value for key, value in settings.items()
-                               if key not in ("dataset", "method") and offline_default.get(key) != value})
-
-
-def _assert_trees_equal(actual, expected, what="state"):
-  actual_leaves, actual_structure = jax.tree_util.tree_flatten_with_path(actual)
-  expected_leaves, expected_structure = jax.tree_util.tree_flatten_with_path(expected)
-  assert actual_structure == expected_structure, what
-  for (path, a), (_, b) in zip(actual_leaves, expected_leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{what}{jax.tree_util.keystr(path)}")
-
-
-def _newest_checkpoint(workdir):
-  checkpoints = checkpoint.Checkpoints(workdir)
-  try:
-    return checkpoints.restore(None)
-  finally:
-    checkpoints.close()
+from dtnh_jax import models
+from dtnh_jax.train import TrainConfig, checkpoint, loop, offline
+from helpers import (FAST, REPO, TRAIN_ENTRY, assert_trees_equal, cli_error, command_env, data_with_nan_batches,
+                     newest_checkpoint, run_args, run_metrics, train_flags)
 
 
 def _checkpoint_at(workdir, step):
@@ -67,10 +36,6 @@ def _checkpoint_at(workdir, step):
                                                           data=ocp.args.JsonRestore()))
   finally:
     manager.close()
-
-
-def _metrics(workdir):
-  return report.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +52,11 @@ def straight_run(tmp_path_factory):
 # every 3 (with the metrics every 2 and evaluations every 10 in between), the last 2 kept.
 KILLED_RUN = {**FAST, "steps": 30, "lr_drop_steps": (20,), "checkpoint_every": 3, "keep_checkpoints": 2,
               "log_every": 2, "eval_every": 10}
-# dtnh-train, without TensorBoard (importing it imports torch: seconds per start; metrics.jsonl is the record)
-_ENTRY = ("import sys; sys.modules['tensorboardX'] = None; "
-          "from dtnh_jax.cli import train_main; sys.exit(train_main(sys.argv[1:]))")
 
 
 def _command(workdir):
-  return [sys.executable, "-c", _ENTRY, "--method", KILLED_RUN["method"], "--seeds", "0", "--no-progress",
-          "--workdir", str(workdir)] + _flags(KILLED_RUN)
-
-
-def _command_env(tmp_path):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  env.update(
-      JAX_PLATFORMS="cpu",  # bit-exact equality is a CPU promise; accelerators may pick other kernels per process
-      DTNH_JAX_CACHE=str(tmp_path / "cache"),
-  )  # the suite's compilation cache (tests/conftest.py): the processes after the first load the compiled programs
-  return env
+  return [sys.executable, "-c", TRAIN_ENTRY, "--method", KILLED_RUN["method"], "--seeds", "0", "--no-progress",
+          "--workdir", str(workdir)] + train_flags(KILLED_RUN)
 
 
 def _completed_checkpoints(run):
@@ -131,7 +83,7 @@ def _run_dir(workdir):
 
 
 def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(tmp_path):
-  env, log = _command_env(tmp_path), tmp_path / "commands.log"
+  env, log = command_env(tmp_path), tmp_path / "commands.log"
 
   def start(workdir):
     with open(log, "ab") as output:
@@ -171,10 +123,10 @@ def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(
   expected = _run_dir(tmp_path / "straight")
   assert (run / "metrics.jsonl").read_text() == (expected / "metrics.jsonl").read_text()
   assert json.loads((run / "results.json").read_text()) == json.loads((expected / "results.json").read_text())
-  step, state, data_state, _ = _newest_checkpoint(run)
-  expected_step, expected_state, expected_data_state, _ = _newest_checkpoint(expected)
+  step, state, data_state, _ = newest_checkpoint(run)
+  expected_step, expected_state, expected_data_state, _ = newest_checkpoint(expected)
   assert step == expected_step == KILLED_RUN["steps"] and data_state == expected_data_state
-  _assert_trees_equal(state, expected_state)  # params, batch stats, optimizer state, RNG: bit-exact
+  assert_trees_equal(state, expected_state)  # params, batch stats, optimizer state, RNG: bit-exact
   final = _completed_checkpoints(run)
   for step in completed_before_kills:  # gone only by the rotation to the newest keep_checkpoints
     assert step in final or sum(s > step for s in final) >= KILLED_RUN["keep_checkpoints"], step
@@ -223,25 +175,11 @@ def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*falling back to the previous checkpoint \(step 2\)"):
     loop.train(config, tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
-  _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
+  assert_trees_equal(newest_checkpoint(tmp_path)[1], newest_checkpoint(straight_run)[1])
   assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()  # kept for inspection, out of orbax's way
 
 
 # --- bad input: exit code 2 and a message that names the problem -------------------------------------------------
-
-
-def _cli_error(args, capsys, code=2):
-  with pytest.raises(SystemExit) as exit_info:
-    cli.train_main(args)
-  captured = capsys.readouterr()
-  assert exit_info.value.code == code, captured.err
-  assert "Traceback" not in captured.err + captured.out
-  return captured.err
-
-
-def _run_args(tmp_path, **changes):
-  return ["--workdir", str(tmp_path / "runs"), "--method", FAST["method"], "--seeds", "0", "--no-progress"] + _flags(
-      {**FAST, **changes})
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -262,13 +200,13 @@ def _run_args(tmp_path, **changes):
     ("--granularity", "layer", "--granularity must be tree, leaf or module"),
 ])
 def test_bad_value_exits_with_code_2_naming_the_flag(flag, value, message, tmp_path, capsys):
-  args = _run_args(tmp_path) + [flag, value]  # the last occurrence wins in argparse
-  assert message in _cli_error(args, capsys)
+  args = run_args(tmp_path) + [flag, value]  # the last occurrence wins in argparse
+  assert message in cli_error(args, capsys)
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path, capsys):
   (tmp_path / "runs").write_text("not a directory")
-  assert f"--workdir {tmp_path / 'runs'} is a file" in _cli_error(_run_args(tmp_path), capsys)
+  assert f"--workdir {tmp_path / 'runs'} is a file" in cli_error(run_args(tmp_path), capsys)
 
 
 def _garbage(path, content=b"\x80\x04 this is not a checkpoint"):
@@ -316,8 +254,8 @@ def _resnet50_safetensors(path):
 def test_unusable_source_checkpoint_exits_with_code_2_and_says_why(make_source, message, tmp_path, capsys):
   (tmp_path / "sources").mkdir()
   source = make_source(tmp_path / "sources")
-  args = _run_args(tmp_path) + ["--source", str(source)]
-  assert re.search(message, _cli_error(args, capsys), re.DOTALL)
+  args = run_args(tmp_path) + ["--source", str(source)]
+  assert re.search(message, cli_error(args, capsys), re.DOTALL)
 
 
 def test_no_untrusted_file_is_unpickled():
@@ -333,35 +271,8 @@ def test_no_untrusted_file_is_unpickled():
 # --- NaN/Inf -------------------------------------------------------------------------------------------------------
 
 
-class _NaNBatches:
-  """The run's training batches, with NaN images in the batches of ``steps`` (counting from 1)."""
-
-  def __init__(self, loader, steps):
-    self._loader, self._steps = loader, steps
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self._loader)
-    if self._loader.step in self._steps:
-      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
-    return batch
-
-  def get_state(self):
-    return self._loader.get_state()
-
-  def set_state(self, state):
-    self._loader.set_state(state)
-
-
-def _data_with_nan_batches(config, steps, *shard):
-  data = load_data(config, *shard)
-  return dataclasses.replace(data, train_loader=lambda seed: _NaNBatches(data.train_loader(seed), steps))
-
-
 def _data_with_nan_batch(config, step, *shard):
-  return _data_with_nan_batches(config, {step}, *shard)
+  return data_with_nan_batches(config, {step}, *shard)
 
 
 def _all_finite(tree):
@@ -373,21 +284,21 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_ch
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"step 3: the loss or the update is not finite.*newest checkpoint \(step 2\)"):
     loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
-  step, state, _, _ = _newest_checkpoint(tmp_path)
+  step, state, _, _ = newest_checkpoint(tmp_path)
   assert step == 2 and sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2]
   assert _all_finite(state)
-  last = _metrics(tmp_path)[-1]
+  last = run_metrics(tmp_path)[-1]
   assert last["step"] == 3 and last["skipped"] == 1.0 and math.isnan(last["loss_empirical"])
 
   # the message's advice: the same run goes on from there, skipping the step
   with pytest.warns(RuntimeWarning, match=r"step 3: .*skipped"):
     loop.train(config.replace(on_nonfinite="skip"), tmp_path, data=_data_with_nan_batch(config, 3))
-  assert [r["skipped"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
+  assert [r["skipped"] for r in run_metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
 
 
 def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(offline, "load_data", lambda config, *shard: _data_with_nan_batch(config, 2, *shard))
-  error = _cli_error(_run_args(tmp_path), capsys, code=1)
+  error = cli_error(run_args(tmp_path), capsys, code=1)
   assert "step 2: the loss or the update is not finite" in error and "--on-nonfinite skip" in error
 
 
@@ -397,11 +308,11 @@ def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchange
     loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
   before, skipped, after = (_checkpoint_at(tmp_path, step) for step in (2, 3, 4))
   for part in ("params", "opt_state", "batch_stats"):
-    _assert_trees_equal(skipped["state"][part], before["state"][part], part)
+    assert_trees_equal(skipped["state"][part], before["state"][part], part)
   # the step counter, the RNG and the data position advance as for any step
   assert skipped["state"]["step"] == before["state"]["step"] + 1
   assert skipped["data"]["step"] == before["data"]["step"] + 1
   assert not np.array_equal(skipped["state"]["rng"], before["state"]["rng"])
   assert not np.array_equal(after["state"]["params"]["fc"]["kernel"], skipped["state"]["params"]["fc"]["kernel"])
   assert _all_finite(after["state"])
-  assert [r["skipped"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
+  assert [r["skipped"] for r in run_metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]

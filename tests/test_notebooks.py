@@ -24,9 +24,9 @@ import sys
 import nbclient
 import nbformat
 import pytest
-from test_packaging import copy_build_inputs
 
 import dtnh_jax
+from helpers import copy_build_inputs
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))

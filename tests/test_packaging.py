@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,22 +22,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import dtnh_jax
+from helpers import copy_build_inputs  # a source tree of its own: parallel builds share no build/
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# What building the project reads; copied, so that builds running in parallel never share build/ or egg-info.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "dtnh_jax")
 CORE = {"jax", "numpy", "optax"}
 HEAVY = ("flax", "orbax", "tensorflow_datasets", "tensorflow", "grain", "torch", "sklearn", "matplotlib")
-
-
-def copy_build_inputs(destination: pathlib.Path) -> None:
-  """Copies what building the project reads into ``destination``, a source tree of its own."""
-  destination.mkdir(parents=True, exist_ok=True)
-  for name in BUILD_INPUTS:
-    if (ROOT / name).is_dir():
-      shutil.copytree(ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-      shutil.copy2(ROOT / name, destination / name)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +71,12 @@ def test_wheel_holds_py_typed_and_the_apache_license(wheel, metadata):
   assert metadata["License-Expression"] == "Apache-2.0"
 
 
+def test_wheel_holds_the_measured_convolution_table(wheel):
+  """dtnh_jax.models.conv chooses each layer's formulation from it: without it every convolution is XLA's."""
+  with zipfile.ZipFile(wheel) as archive:
+    assert "dtnh_jax/models/conv_table.json" in archive.namelist()
+
+
 def test_wheel_version_is_dtnh_jax_version(metadata):
   assert metadata["Version"] == dtnh_jax.__version__
 
@@ -94,7 +88,7 @@ def test_wheel_requires_only_the_core(metadata):
 def test_wheel_lists_the_extras_with_what_each_part_imports(metadata):
   by_extra = _requirements_by_extra(metadata)
   assert set(metadata.get_all("Provides-Extra")) == {"models", "train", "torch", "imagenet-lite", "test-core", "test",
-                                                     "all"}
+                                                     "docs", "all"}
   assert {"flax", "orbax-checkpoint", "safetensors"} <= by_extra["models"]
   assert {"dtnh-jax", "tensorflow-datasets", "grain", "scikit-learn", "pillow", "matplotlib"} <= by_extra["train"]
   assert by_extra["torch"] == {"torch", "torchvision"}
@@ -190,11 +184,20 @@ def test_every_command_prints_its_version_with_the_core_alone(command, core_pyth
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("args", [("--help",), ("--print-config",)])
+def test_dtnh_train_help_and_print_config_work_with_the_core_alone(args, core_python, tmp_path):
+  """Before: both exited 2 asking for the [train] extra (the parser's imports loaded flax, orbax and jax)."""
+  out = _run_in_core_venv(core_python, str(core_python.parent / "dtnh-train"), *args, cwd=tmp_path)
+  assert (out.returncode, out.stderr) == (0, "")
+  assert "reg-weight" in out.stdout.replace("_", "-")
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command,args,extra", [
     ("dtnh-train", (), "train"),
-    ("dtnh-train", ("--help",), "train"),
     ("dtnh-convert", ("weights.pth", "converted"), "models"),
-    ("dtnh-data", ("list",), "train"),
+    ("dtnh-data", ("prepare", "cifar10", "--data-dir", "data"), "train"),  # `list` reads the registry: no extra
 ])
 def test_a_command_without_its_extra_exits_2_naming_the_extra_in_one_line(command, args, extra, core_python,
                                                                             tmp_path):

@@ -114,7 +114,7 @@ def test_a_sweep_draws_the_runs_at_each_methods_pick_and_says_so(tmp_path):
   for r in records:  # only the picks' runs have angles to draw
     _write_metrics(tmp_path, r, True, (DTNH_RUN if r["method"].startswith("dtnh-") else PLAIN_RUN)
                    if r["selected"] else [_train(1)])
-  drawn = offline._draw_figures(str(tmp_path), records, "offline-digits", sweep=True)  # pylint: disable=protected-access
+  drawn = offline.draw_figures(str(tmp_path), records, "offline-digits", sweep=True)
   for name in ("figure3_losses.png", "figure4_5_angles.png", "figures.json"):
     assert (tmp_path / name).exists(), name
   assert json.load(open(tmp_path / "figures.json")) == drawn

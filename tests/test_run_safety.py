@@ -18,8 +18,8 @@ import pytest
 from dtnh_jax import checksums
 from dtnh_jax.train import TrainConfig, loop
 from dtnh_jax.train import workdir as workdir_lib
-from test_faults import (FAST, _assert_trees_equal, _cli_error, _command_env, _data_with_nan_batches, _flags,
-                         _metrics, _newest_checkpoint, _run_args)
+from helpers import (FAST, assert_trees_equal, cli_error, command_env, data_with_nan_batches, newest_checkpoint,
+                     run_args, run_metrics, train_flags)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,10 +48,10 @@ def _files(directory):
 
 def test_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_path, capsys):
   """Before: config.json was written before the source was loaded; the corrected command was then refused."""
-  error = _cli_error(_run_args(tmp_path) + ["--source", str(tmp_path / "no-such-weights.pth")], capsys)
+  error = cli_error(run_args(tmp_path) + ["--source", str(tmp_path / "no-such-weights.pth")], capsys)
   assert "no-such-weights.pth" in error
   assert not (tmp_path / "runs").exists()  # nothing written, not even the folder
-  assert cli_train(_run_args(tmp_path)) == 0  # the corrected command (another --source) runs
+  assert cli_train(run_args(tmp_path)) == 0  # the corrected command (another --source) runs
 
 
 def cli_train(args):
@@ -85,7 +85,7 @@ def test_run_stopped_before_its_first_checkpoint_takes_the_corrected_settings(tm
   """Before: a NaN stop at step 1 (no checkpoint) refused the lower learning rate the message advised."""
   config = TrainConfig.create(**{**FAST, "learning_rate": 0.5})
   with pytest.raises(loop.NonFiniteLossError, match="no checkpoint was written before that step"):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1}))
+    loop.train(config, tmp_path, data=data_with_nan_batches(config, {1}))
   loop.train(TrainConfig.create(**FAST), tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
   assert (tmp_path / workdir_lib.SET_ASIDE / "1" / "metrics.jsonl").exists()  # the stopped run, kept
@@ -101,17 +101,17 @@ def test_second_process_on_a_workdir_exits_2_naming_the_first_and_a_dead_holder_
   """Before: two dtnh-train on one workdir ran at once and one died with a traceback."""
   workdir = tmp_path / "runs"
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir / "scratch" / FAST["method"] / "seed0")],
-                            stdout=subprocess.PIPE, env=_command_env(tmp_path), text=True)
+                            stdout=subprocess.PIPE, env=command_env(tmp_path), text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    error = _cli_error(_run_args(tmp_path), capsys)
+    error = cli_error(run_args(tmp_path), capsys)
     assert f"is in use by another dtnh-train (pid {holder.pid} on " in error
   finally:
     holder.kill()
     holder.wait()
   # the kernel released the dead holder's lock; its lock file is stale and taken over
   assert (workdir / "scratch" / FAST["method"] / "seed0" / ".lock").exists()
-  assert cli_train(_run_args(tmp_path)) == 0
+  assert cli_train(run_args(tmp_path)) == 0
 
 
 # --- metrics that survive damage ---------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_metrics_are_strict_json_with_nonfinite_values_named(tmp_path):
   """Before: metrics.jsonl held bare NaN tokens, which strict JSON readers reject."""
   config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
   with pytest.warns(RuntimeWarning):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {3}))
+    loop.train(config, tmp_path, data=data_with_nan_batches(config, {3}))
 
   def refuse(token):
     raise ValueError(f"non-standard JSON token {token}")
@@ -156,7 +156,7 @@ def test_metrics_are_strict_json_with_nonfinite_values_named(tmp_path):
   step3 = next(r for r in lines if r["step"] == 3 and r["kind"] == "train")
   assert step3["loss_empirical"] is None and step3["nonfinite"]["loss_empirical"] == "nan"
   assert "nonfinite" not in next(r for r in lines if r["step"] == 2)
-  restored = next(r for r in _metrics(tmp_path) if r["step"] == 3 and r["kind"] == "train")
+  restored = next(r for r in run_metrics(tmp_path) if r["step"] == 3 and r["kind"] == "train")
   assert np.isnan(restored["loss_empirical"]) and "nonfinite" not in restored
 
 
@@ -191,7 +191,7 @@ def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_veri
                                           r"previous checkpoint \(step 2\)"):
     loop.train(config, tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()
-  _assert_trees_equal(_newest_checkpoint(tmp_path)[1], _newest_checkpoint(straight_run)[1])
+  assert_trees_equal(newest_checkpoint(tmp_path)[1], newest_checkpoint(straight_run)[1])
   assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()
 
 
@@ -206,7 +206,7 @@ def test_checkpoint_whose_arrays_differ_from_their_checksums_is_not_restored(tmp
   extra["checksums"][name] = extra["checksums"][name][:-1] + ("0" if extra["checksums"][name][-1] != "0" else "1")
   extra_file.write_text(json.dumps(extra))
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*do not match their checksums \(params/fc/kernel\)"):
-    step, _, _, _ = _newest_checkpoint(tmp_path)
+    step, _, _, _ = newest_checkpoint(tmp_path)
   assert step == 2
 
 
@@ -230,7 +230,7 @@ def test_checksums_change_with_any_single_element():
 def test_skipped_steps_warn_once_and_are_summarized(tmp_path, recwarn):
   """Before: one warning per skipped step and no summary."""
   config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.5})
-  results = loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 5}))
+  results = loop.train(config, tmp_path, data=data_with_nan_batches(config, {2, 3, 5}))
   messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
   assert sum("was skipped" in m for m in messages) == 1 and "step 2:" in messages[0]
   assert any("3 of 6 steps were skipped" in m for m in messages)
@@ -242,15 +242,15 @@ def test_skipping_more_steps_than_the_limit_stops_the_run(tmp_path):
   config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})  # at most ceil(1.2) = 2 of 6
   with pytest.warns(RuntimeWarning, match="skipped"):
     with pytest.raises(loop.NonFiniteLossError, match=r"step 4: .*3 of 6 steps skipped, more than --skip-limit 0.2"):
-      loop.train(config, tmp_path, data=_data_with_nan_batches(config, {2, 3, 4}))
+      loop.train(config, tmp_path, data=data_with_nan_batches(config, {2, 3, 4}))
 
 
 def test_skipped_steps_are_counted_across_a_resume(tmp_path):
   config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "skip_limit": 0.2})
   with pytest.warns(RuntimeWarning, match="skipped"):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {1, 2}), stop_after=2)
+    loop.train(config, tmp_path, data=data_with_nan_batches(config, {1, 2}), stop_after=2)
   with pytest.raises(loop.NonFiniteLossError, match=r"step 5: .*3 of 6 steps skipped"):
-    loop.train(config, tmp_path, data=_data_with_nan_batches(config, {5}))
+    loop.train(config, tmp_path, data=data_with_nan_batches(config, {5}))
 
 
 # --- clean interrupts ----------------------------------------------------------------------------------------------
@@ -286,11 +286,11 @@ sys.exit(train_main(sys.argv[3:]))
 
 
 def _dtnh_train(tmp_path, workdir, *prefix):
-  args = ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(workdir)] + _flags(
+  args = ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(workdir)] + train_flags(
       {**FAST, "steps": 12, "lr_drop_steps": (8,), "checkpoint_every": 4})
   command = [sys.executable, "-c", _SIGNALLING_ENTRY, *prefix, *args] if prefix else (
       [sys.executable, "-c", _SIGNALLING_ENTRY, "0", "never", *args])
-  return subprocess.run(command, env=_command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+  return subprocess.run(command, env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                         timeout=300)
 
 

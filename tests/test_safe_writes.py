@@ -271,12 +271,12 @@ def test_a_checkpoint_a_killed_save_had_moved_aside_is_put_back_before_the_next_
 @pytest.mark.parametrize("where", ["the source", "inside it", "its parent"])
 def test_export_onto_the_runs_own_source_is_refused_even_with_force(tmp_path, capsys, where):
   """Before: --source X --export X --force replaced the source checkpoint with the fine-tuned weights."""
-  from test_faults import _cli_error, _run_args  # pylint: disable=g-import-not-at-top
+  from helpers import cli_error, run_args  # pylint: disable=g-import-not-at-top
   source = tmp_path / "models" / "source"
   _save(source)
   export = {"the source": source, "inside it": source / "export", "its parent": source.parent}[where]
   before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
-  error = _cli_error(_run_args(tmp_path) + ["--source", str(source), "--export", str(export), "--force"], capsys)
+  error = cli_error(run_args(tmp_path) + ["--source", str(source), "--export", str(export), "--force"], capsys)
   assert len(error.strip().splitlines()) == 1 and "the export would replace the weights the run starts from" in error
   assert sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
 

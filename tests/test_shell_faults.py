@@ -22,7 +22,7 @@ from dtnh_jax import models
 from dtnh_jax.train import TrainConfig, checkpoint, offline, sources
 from dtnh_jax.train.data import load_data
 from dtnh_jax.train import metrics as metrics_lib
-from test_faults import _ENTRY, FAST, _cli_error, _command_env, _flags, _run_args
+from helpers import FAST, TRAIN_ENTRY, cli_error, command_env, run_args, train_flags
 
 # --- metrics: no line lost without a word ----------------------------------------------------------------------
 
@@ -83,8 +83,8 @@ def _error_lines(stderr):
 def test_checkpoint_write_failing_in_orbax_threads_exits_1_with_one_line_and_leaves_no_temporary_folder(tmp_path):
   """Before: 458-2,489 lines of tracebacks (orbax's threads, asyncio, absl) and an orbax temporary folder."""
   args = ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(tmp_path / "runs")]
-  failed = subprocess.run([sys.executable, "-c", _LIMITED_ENTRY, "20000", "4", *args, *_flags(FAST)],
-                          env=_command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  failed = subprocess.run([sys.executable, "-c", _LIMITED_ENTRY, "20000", "4", *args, *train_flags(FAST)],
+                          env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
   run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
   assert failed.returncode == 1, failed.stderr[-3000:]
   assert _error_lines(failed.stderr) == [
@@ -174,7 +174,7 @@ def test_offline_source_cache_that_is_a_file_exits_2_naming_it_and_dtnh_jax_cach
   """Before: 'dtnh-train: error: --workdir: cannot create the directory ...' (the user passed no such --workdir)."""
   (tmp_path / "cache").write_text("not a folder")
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))
-  error = _cli_error(_run_args(tmp_path) + ["--source", "related"], capsys)
+  error = cli_error(run_args(tmp_path) + ["--source", "related"], capsys)
   assert "--workdir" not in error
   assert f"{tmp_path / 'cache'}" in error and "DTNH_JAX_CACHE" in error, error
 
@@ -212,7 +212,7 @@ def test_second_signal_names_the_newest_checkpoint_written(tmp_path, capsys, mon
     return dataclasses.replace(data, train_loader=lambda seed: _SignallingBatches(data.train_loader(seed), 5))
 
   monkeypatch.setattr(offline, "load_data", signalling_data)
-  error = _cli_error(_run_args(tmp_path), capsys, code=128 + signal.SIGTERM)
+  error = cli_error(run_args(tmp_path), capsys, code=128 + signal.SIGTERM)
   run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
   assert error.strip().splitlines()[-1] == (
       f"dtnh-train: interrupted at once (a second signal); the newest checkpoint is step 4 in {run}: run the same "
@@ -225,9 +225,9 @@ def test_second_signal_names_the_newest_checkpoint_written(tmp_path, capsys, mon
 def test_library_log_lines_do_not_reach_the_cli_output(tmp_path):
   """Before: 'WARNING:absl:Variant folder .../cifar10/3.0.2 has no dataset_info.json' above the error."""
   (tmp_path / "tfds" / "cifar10" / "3.0.2").mkdir(parents=True)  # a preparation that stopped early
-  failed = subprocess.run([sys.executable, "-c", _ENTRY, "--dataset", "cifar10", "--data-dir",
+  failed = subprocess.run([sys.executable, "-c", TRAIN_ENTRY, "--dataset", "cifar10", "--data-dir",
                            str(tmp_path / "tfds"), "--workdir", str(tmp_path / "runs"), "--no-progress"],
-                          env=_command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert failed.returncode == 2, failed.stderr[-3000:]
   assert failed.stderr.startswith("dtnh-train: error: Dataset 'cifar10' is not prepared"), failed.stderr
   assert "absl" not in failed.stderr
@@ -252,7 +252,7 @@ def test_library_warnings_are_one_line_each_in_dtnh_convert(tmp_path):
   torch = pytest.importorskip("torch")
   torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pth")
   failed = subprocess.run([sys.executable, "-c", _WARNING_ENTRY, str(tmp_path / "weights.pth"), str(tmp_path / "out")],
-                          env=_command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert failed.returncode == 2, failed.stderr[-3000:]
   lines = [line for line in failed.stderr.splitlines() if line.strip()]
   assert lines[0] == "dtnh-convert: warning: TypedStorage is deprecated.", failed.stderr

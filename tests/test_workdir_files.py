@@ -17,12 +17,11 @@ from dtnh_jax import cli
 from dtnh_jax.train import TrainConfig, offline, report
 from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError
-from test_cli import _main
-from test_faults import FAST, _flags
+from helpers import FAST, run_main, train_flags
 
 
 def _grid(workdir, method, **changes):
-  return ["--workdir", str(workdir), "--method", method, "--seeds", "0", "--no-progress"] + _flags(
+  return ["--workdir", str(workdir), "--method", method, "--seeds", "0", "--no-progress"] + train_flags(
       {**FAST, **changes})
 
 
@@ -30,7 +29,7 @@ def _grid(workdir, method, **changes):
 def finished_grid(tmp_path_factory):
   """A finished grid of one fine-tuning run: its workdir and what it printed."""
   workdir = tmp_path_factory.mktemp("grid") / "runs"
-  code, out, err = _main(cli.train_main, _grid(workdir, "fine-tune"))
+  code, out, err = run_main(cli.train_main, _grid(workdir, "fine-tune"))
   assert code == 0, err
   return workdir, out
 
@@ -58,7 +57,7 @@ def test_a_grid_refuses_a_workdir_holding_a_summary_file_it_did_not_write(tmp_pa
   workdir = tmp_path / "runs"
   workdir.mkdir()
   (workdir / name).write_text("my own notes")
-  code, _, err = _main(cli.train_main, _grid(workdir, "fine-tune"))
+  code, _, err = run_main(cli.train_main, _grid(workdir, "fine-tune"))
   assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
   assert f"holds {name}, which dtnh_jax did not write" in err
   assert (workdir / name).read_text() == "my own notes"
@@ -117,7 +116,7 @@ def test_a_second_grid_in_the_workdir_adds_its_runs_to_the_summary(finished_grid
   """Before: the second grid's results.json and results.md replaced the first's (two grids: only the last)."""
   workdir = _copy(finished_grid, tmp_path)
   first = json.loads((workdir / "results.json").read_text())
-  code, out, err = _main(cli.train_main, _grid(workdir, "l2-sp"))
+  code, out, err = run_main(cli.train_main, _grid(workdir, "l2-sp"))
   assert code == 0, err
   records = json.loads((workdir / "results.json").read_text())
   assert [(r["method"], r["run"]) for r in records] == [("fine-tune", "scratch/fine-tune/seed0"),
@@ -130,7 +129,7 @@ def test_a_second_grid_in_the_workdir_adds_its_runs_to_the_summary(finished_grid
 def test_a_grid_of_other_settings_is_refused_before_it_trains(finished_grid, tmp_path):
   workdir = _copy(finished_grid, tmp_path)
   before = _files(workdir)
-  code, _, err = _main(cli.train_main, _grid(workdir, "l2-sp", steps=4, lr_drop_steps=(2,)))
+  code, _, err = run_main(cli.train_main, _grid(workdir, "l2-sp", steps=4, lr_drop_steps=(2,)))
   assert code == 2 and len(err.strip().splitlines()) == 1, err
   assert "summarizes runs with other settings than this grid's (--lr-drop-steps 2 --steps 4; its run " \
       "scratch/fine-tune/seed0 has --lr-drop-steps 4 --steps 6)" in err
@@ -175,7 +174,7 @@ def test_a_finished_grid_run_again_keeps_its_training_time(finished_grid, tmp_pa
   workdir = _copy(finished_grid, tmp_path)
   (record,) = json.loads((workdir / "results.json").read_text())
   assert record["train_seconds"] > 0
-  code, out, err = _main(cli.train_main, _grid(workdir, "fine-tune"))
+  code, out, err = run_main(cli.train_main, _grid(workdir, "fine-tune"))
   assert code == 0, err
   assert json.loads((workdir / "results.json").read_text())[0]["train_seconds"] == record["train_seconds"]
   assert _header(out) == _header(finished_grid[1])

@@ -34,28 +34,37 @@ Example::
   loader = data.make_train_loader(splits["train"], batch_size=48, seed=0)
 """
 
-from dtnh_jax.data import folder
-from dtnh_jax.data import offline
-from dtnh_jax.data.datasets import ArraySource
-from dtnh_jax.data.datasets import data_source
-from dtnh_jax.data.datasets import DATASETS
-from dtnh_jax.data.datasets import dataset_info
-from dtnh_jax.data.datasets import DatasetInfo
-from dtnh_jax.data.datasets import DatasetSpec
-from dtnh_jax.data.datasets import prepare
-from dtnh_jax.data.errors import DatasetNotPreparedError
-from dtnh_jax.data.errors import ManualDownloadRequiredError
-from dtnh_jax.data.folder import folder_source
-from dtnh_jax.data.folder import folder_splits
-from dtnh_jax.data.folder import FolderLayoutError
-from dtnh_jax.data.folder import FolderSource
-from dtnh_jax.data.folder import UnreadableImageError
-from dtnh_jax.data.pipeline import EvalBatches
-from dtnh_jax.data.pipeline import IMAGENET_MEAN
-from dtnh_jax.data.pipeline import IMAGENET_STD
-from dtnh_jax.data.pipeline import make_eval_batches
-from dtnh_jax.data.pipeline import make_train_loader
-from dtnh_jax.data.pipeline import TrainLoader
+import importlib
+import typing
+
+#: Each public name, and the module of this package that defines it, imported when the name is first used (PEP
+#: 562, as in ``dtnh_jax``): ``import dtnh_jax.data.datasets`` and the configs' check of a dataset's splits load
+#: neither grain nor jax, which the input pipeline needs.
+_EXPORTS = {
+    "ArraySource": "datasets",
+    "DATASETS": "datasets",
+    "DatasetInfo": "datasets",
+    "DatasetSpec": "datasets",
+    "data_source": "datasets",
+    "dataset_info": "datasets",
+    "prepare": "datasets",
+    "DatasetNotPreparedError": "errors",
+    "ManualDownloadRequiredError": "errors",
+    "FolderLayoutError": "folder",
+    "FolderSource": "folder",
+    "UnreadableImageError": "folder",
+    "folder_source": "folder",
+    "folder_splits": "folder",
+    "EvalBatches": "pipeline",
+    "IMAGENET_MEAN": "pipeline",
+    "IMAGENET_STD": "pipeline",
+    "TrainLoader": "pipeline",
+    "make_eval_batches": "pipeline",
+    "make_train_loader": "pipeline",
+}
+
+#: The submodules, reachable as attributes (``dtnh_jax.data.offline``) once the package is imported.
+_SUBMODULES = ("builders", "datasets", "errors", "folder", "offline", "pipeline", "splits")
 
 __all__ = [
     "ArraySource",
@@ -81,3 +90,42 @@ __all__ = [
     "offline",
     "prepare",
 ]
+
+if typing.TYPE_CHECKING:  # what type checkers and IDEs read; at run time, __getattr__ below
+  # pylint: disable=g-bad-import-order,unused-import
+  from dtnh_jax.data import folder
+  from dtnh_jax.data import offline
+  from dtnh_jax.data.datasets import ArraySource
+  from dtnh_jax.data.datasets import data_source
+  from dtnh_jax.data.datasets import DATASETS
+  from dtnh_jax.data.datasets import dataset_info
+  from dtnh_jax.data.datasets import DatasetInfo
+  from dtnh_jax.data.datasets import DatasetSpec
+  from dtnh_jax.data.datasets import prepare
+  from dtnh_jax.data.errors import DatasetNotPreparedError
+  from dtnh_jax.data.errors import ManualDownloadRequiredError
+  from dtnh_jax.data.folder import folder_source
+  from dtnh_jax.data.folder import folder_splits
+  from dtnh_jax.data.folder import FolderLayoutError
+  from dtnh_jax.data.folder import FolderSource
+  from dtnh_jax.data.folder import UnreadableImageError
+  from dtnh_jax.data.pipeline import EvalBatches
+  from dtnh_jax.data.pipeline import IMAGENET_MEAN
+  from dtnh_jax.data.pipeline import IMAGENET_STD
+  from dtnh_jax.data.pipeline import make_eval_batches
+  from dtnh_jax.data.pipeline import make_train_loader
+  from dtnh_jax.data.pipeline import TrainLoader
+
+
+def __getattr__(name: str) -> typing.Any:
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   from dtnh_jax import cli  # pylint: disable=g-import-not-at-top
 
-  with cli._one_line_warnings(PROG), cli._logging(PROG, verbose=False):  # pylint: disable=protected-access
+  with cli.one_line_output(PROG, verbose=False):
     return _main(argv)
 
 

@@ -3,11 +3,53 @@
 ``dtnh_jax.train.train(config, workdir)`` runs one method; the ``dtnh-train``
 command (``dtnh_jax.cli``) wraps it and, with no arguments, runs the offline
 default (``dtnh_jax.train.offline``).
+
+The names below and the submodules are imported on first use (as in the
+package's ``__init__``): the configs and presets (``config``, ``presets``)
+load no jax, so ``dtnh-train --help`` and ``--print-config`` start fast.
 """
 
-from dtnh_jax.train.config import ALL_METHODS, METHODS, ConfigError, Method, TrainConfig
-from dtnh_jax.train.loop import train
-from dtnh_jax.train.step import Reference, TrainState, make_eval_step, make_optimizer, make_train_step
+import importlib
+import typing
+
+#: Each public name, and the module of this package that defines it (imported when the name is first used).
+_EXPORTS = {
+    "ALL_METHODS": "config",
+    "METHODS": "config",
+    "ConfigError": "config",
+    "Method": "config",
+    "TrainConfig": "config",
+    "train": "loop",
+    "Reference": "step",
+    "TrainState": "step",
+    "make_eval_step": "step",
+    "make_optimizer": "step",
+    "make_train_step": "step",
+}
+
+#: The submodules, reachable as attributes (``dtnh_jax.train.loop``) once the package is imported.
+_SUBMODULES = ("checkpoint", "config", "data", "guard", "interrupts", "loop", "metrics", "offline", "presets",
+               "provenance", "report", "selection", "sharding", "sources", "stats", "step", "workdir")
 
 __all__ = ["ALL_METHODS", "METHODS", "ConfigError", "Method", "Reference", "TrainConfig", "TrainState",
            "make_eval_step", "make_optimizer", "make_train_step", "train"]
+
+if typing.TYPE_CHECKING:  # what type checkers and IDEs read; at run time, __getattr__ below
+  # pylint: disable=g-bad-import-order,g-multiple-import,unused-import
+  from dtnh_jax.train.config import ALL_METHODS, METHODS, ConfigError, Method, TrainConfig
+  from dtnh_jax.train.loop import train
+  from dtnh_jax.train.step import Reference, TrainState, make_eval_step, make_optimizer, make_train_step
+
+
+def __getattr__(name: str) -> typing.Any:
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
