@@ -15,6 +15,7 @@ from typing import NamedTuple
 __all__ = [
     "convert_main",
     "data_main",
+    "one_line_output",
     "settings_to_argv",
     "train_main",
 ]
@@ -245,8 +246,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = _train_parser()
     args = parser.parse_args(argv)
 
-    from dtnh_jax.data.folder import UnreadableImageError  # pylint: disable=g-import-not-at-top
-    from dtnh_jax.train import checkpoint, config as config_lib, interrupts, loop as loop_lib  # pylint: disable=g-import-not-at-top
+    # jax-free: --help and --print-config load no jax; the errors of the modules that do are caught below
+    from dtnh_jax.train import config as config_lib, interrupts  # pylint: disable=g-import-not-at-top
 
     plan = None
     try:
@@ -259,11 +260,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return _train(args, plan)
     except config_lib.ConfigError as error:
       parser.exit(2, f"dtnh-train: error: {error}\n")
-    except loop_lib.NonFiniteLossError as error:  # not bad input: the run itself diverged
+    except _raised_by("dtnh_jax.train.loop", "NonFiniteLossError") as error:  # the run itself diverged
       parser.exit(1, f"dtnh-train: error: {error}\n")
-    except checkpoint.CheckpointWriteError as error:  # a full disk, a file-size limit: the earlier ones are kept
+    # a full disk, a file-size limit: the earlier checkpoints are kept
+    except _raised_by("dtnh_jax.train.checkpoint", "CheckpointWriteError") as error:
       parser.exit(1, f"dtnh-train: error: {error}\n")
-    except UnreadableImageError as error:  # an image of a folder dataset broke after the run checked it
+    # an image of a folder dataset broke after the run checked it
+    except _raised_by("dtnh_jax.data.folder", "UnreadableImageError") as error:
       parser.exit(1, f"dtnh-train: error: {error} Replace or remove the file and run the same command to resume "
                   "from the newest checkpoint.\n")
     except KeyboardInterrupt as interrupt:  # also interrupts.Interrupted (SIGTERM, or either during training)
@@ -274,7 +277,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                     "command to resume.\n")
       # a second signal (or one outside training): what is on disk is the truth
       workdir = plan.workdir if plan is not None else args.workdir
-      newest = checkpoint.newest_checkpoint(workdir) if workdir and os.path.isdir(workdir) else None
+      newest = None
+      if workdir and os.path.isdir(workdir):
+        from dtnh_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+        newest = checkpoint.newest_checkpoint(workdir)
       if newest is None:
         parser.exit(128 + signum, "dtnh-train: interrupted before a checkpoint of this command was written; run "
                     "the same command to resume.\n")
@@ -282,6 +288,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
       how = "at once (a second signal)" if isinstance(interrupt, interrupts.Interrupted) else "at once"
       parser.exit(128 + signum, f"dtnh-train: interrupted {how}; the newest checkpoint is step {step} in {run}: run "
                   "the same command to resume from it.\n")
+
+
+def _raised_by(module: str, name: str) -> type[BaseException] | tuple[()]:
+  """The exception class ``module.name`` for an ``except`` clause, or ``()`` (catches nothing) if ``module`` was
+  never imported: none of its errors can be in flight then, and importing it (jax) on the way out would cost
+  seconds."""
+  loaded = sys.modules.get(module)
+  return () if loaded is None else getattr(loaded, name)
 
 
 def data_main(argv: Sequence[str] | None = None) -> int:
@@ -329,6 +343,19 @@ def _one_line_warnings(program: str):
     yield
   finally:
     warnings.formatwarning = previous
+
+
+@contextlib.contextmanager
+def one_line_output(program: str, verbose: bool = False):
+  """While a command runs: its warnings and log lines on stderr, one ``program: ...`` line each.
+
+  Warnings as ``program: warning: message``, without the source line; the ``dtnh_jax`` loggers' lines as
+  :func:`_logging` shows them (INFO with ``verbose``), the libraries' (absl's: orbax, TFDS) only with
+  ``verbose``. The commands' own output; ``dtnh-data`` (``dtnh_jax.data.__main__``) runs in it too. Undone on
+  exit: the command may run in a larger program.
+  """
+  with _one_line_warnings(program), _logging(program, verbose):
+    yield
 
 
 class _LogLines(logging.Handler):
@@ -422,9 +449,9 @@ class _Plan(NamedTuple):
 
   @property
   def runs(self) -> int:
-    from dtnh_jax.train import offline  # pylint: disable=g-import-not-at-top
+    from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
     combinations = [(w, d) for w in self.reg_weights for d in self.reg_decays]
-    return len(offline.grid_runs(self.sources, self.methods, self.seeds, combinations))
+    return len(config_lib.grid_runs(self.sources, self.methods, self.seeds, combinations))
 
 
 #: λ and its decay: a flag or --config list of several values sweeps them (selection on validation).

@@ -11,6 +11,8 @@ __all__ = [
     "AGGREGATORS",
     "ARCHITECTURES",
     "COMPUTE_DTYPES",
+    "CORRECTION_LABELS",
+    "CORRECTIONS",
     "DEFAULT_FEATURE_LAYERS",
     "EFFICIENTNET_ARCHITECTURES",
     "FEATURE_NAMES",
@@ -67,6 +69,12 @@ PROJECTIONS = ("conflict", "always", "none")
 AGGREGATORS = ("pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad")
 #: Their names in tables, in ``AGGREGATORS``' order.
 AGGREGATOR_LABELS = ("PCGrad", "GradVac", "MGDA", "UPGrad", "DualProj", "CAGrad")
+#: The never-hurt candidates beside DTNH's correction (dtnh_jax.corrections), as ``--projection`` names them:
+#: the regularizer's share of the step bounded by κ|∇J| (share_bound), projected against a moving average of ∇J
+#: (ema_projection), or against the span of the last K gradients (subspace_projection).
+CORRECTIONS = ("share-bound", "ema", "subspace")
+#: Their names in tables, in ``CORRECTIONS``' order.
+CORRECTION_LABELS = ("Share-bound", "EMA-projection", "Subspace")
 #: Per-channel (RGB) mean of ImageNet for pixels in [0, 1], as torchvision's weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 #: Per-channel (RGB) standard deviation of ImageNet for pixels in [0, 1].

@@ -25,20 +25,10 @@ from dtnh_jax import cli
 from dtnh_jax.data import __main__ as data_command
 from dtnh_jax.train import TrainConfig, checkpoint, offline, report, step as step_lib
 from dtnh_jax.train import config as config_lib
+from helpers import run_main
 
 # As tests/test_faults.py's FAST: the offline problem from a random initialization, runs in seconds.
 TINY_FLAGS = ["--source", "scratch", "--resize", "10", "--crop", "8", "--batch-size", "16", "--eval-batch-size", "200"]
-
-
-def _main(main, args):
-  """``(exit code, stdout, stderr)`` of ``main(args)``, run in this process."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      code = main(args)
-    except SystemExit as exit_info:
-      code = exit_info.code
-  return code or 0, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -71,7 +61,9 @@ EXPECTED_CHOICES = {
     "feature_layers": ("layer1", "layer2", "layer3", "layer4", "pool"),
     "feature_normalize": ("official", "sum", "spatial_mean", "mean"),
     "granularity": ("tree", "leaf", "module"),
-    "projection": ("conflict", "always", "pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad"),
+    "projection": ("conflict", "always", "pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad", "share-bound",
+                   "ema", "subspace"),
+    "share_bound_projection": ("conflict", "always", "none"),
     "compute_dtype": ("float32", "bfloat16"),
     "on_nonfinite": ("stop", "skip"),
 }
@@ -99,7 +91,7 @@ def _entry(help_text, flag):
 
 
 def test_help_shows_every_setting_with_its_help_and_default(wide_help):
-  code, out, _ = _main(cli.train_main, ["--help"])
+  code, out, _ = run_main(cli.train_main, ["--help"])
   assert code == 0
   defaults = TrainConfig().settings()
   for field in _fields():
@@ -114,7 +106,7 @@ def test_help_shows_every_setting_with_its_help_and_default(wide_help):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CHOICES))
 def test_help_lists_the_choices_of_each_flag(name, wide_help):
-  _, out, _ = _main(cli.train_main, ["--help"])
+  _, out, _ = run_main(cli.train_main, ["--help"])
   entry = _entry(out, f"--{name.replace('_', '-')}")
   for choice in EXPECTED_CHOICES[name]:
     assert re.search(rf"(?<![\w-]){re.escape(choice)}(?![\w-])", entry), (name, choice)
@@ -124,7 +116,7 @@ def test_help_lists_the_choices_of_each_flag(name, wide_help):
                                           (data_command.main, "dtnh-data")])
 def test_version_prints_the_package_version(main, program):
   import dtnh_jax  # pylint: disable=g-import-not-at-top
-  code, out, _ = _main(main, ["--version"])
+  code, out, _ = run_main(main, ["--version"])
   assert (code, out) == (0, f"{program} {dtnh_jax.__version__}\n")
 
 
@@ -132,7 +124,7 @@ def test_version_prints_the_package_version(main, program):
 
 
 def _printed(*args, fmt="toml"):
-  code, out, err = _main(cli.train_main, ["--print-config", fmt, *args])
+  code, out, err = run_main(cli.train_main, ["--print-config", fmt, *args])
   assert code == 0, err
   return out
 
@@ -183,7 +175,7 @@ def test_dataset_offline_digits_is_the_offline_default():
 def _config_error(tmp_path, name, text):
   path = tmp_path / name
   path.write_text(text)
-  code, _, err = _main(cli.train_main, ["--config", str(path), "--print-config"])
+  code, _, err = run_main(cli.train_main, ["--config", str(path), "--print-config"])
   assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
   return err
 
@@ -219,7 +211,7 @@ def test_a_printed_config_runs_in_the_workdir_its_header_names(tmp_path, fmt):
 
 
 def _one_line_error(*args):
-  code, out, err = _main(cli.train_main, [*args, "--print-config"])
+  code, out, err = run_main(cli.train_main, [*args, "--print-config"])
   assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
   return err.strip()
 
@@ -270,15 +262,15 @@ def test_a_printed_adamw_config_reads_back_despite_holding_sgds_default_momentum
 
 def test_a_batch_larger_than_the_training_split_is_refused_naming_both(tmp_path):
   """Before: --batch-size 200 on the offline target's 100 training images trained on batches of repeats."""
-  code, _, err = _main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds", "0",
-                                        "--no-progress", *TINY_FLAGS, "--batch-size", "200"])
+  code, _, err = run_main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds",
+                                           "0", "--no-progress", *TINY_FLAGS, "--batch-size", "200"])
   assert code == 2 and len(err.strip().splitlines()) == 1, err
   assert "--batch-size 200 is larger than the training split of --dataset offline-digits (100 images)" in err
   assert not (tmp_path / "runs").exists()
 
 
 def test_missing_config_file_exits_2_naming_it(tmp_path):
-  code, _, err = _main(cli.train_main, ["--config", str(tmp_path / "none.toml"), "--print-config"])
+  code, _, err = run_main(cli.train_main, ["--config", str(tmp_path / "none.toml"), "--print-config"])
   assert code == 2 and f"--config {tmp_path / 'none.toml'}: cannot read it" in err
 
 
@@ -293,7 +285,7 @@ def test_dtnh_data_flags_use_dashes_and_the_underscore_spelling_is_a_hidden_depr
   old = "--" + dest
   assert getattr(parser.parse_args(["prepare", "cifar10", old, "d"]), dest) == "d"
   assert capsys.readouterr().err == f"dtnh-data prepare: warning: {old} is deprecated; use {flag}.\n"
-  prepare_help = _main(parser.parse_args, ["prepare", "--help"])[1]
+  prepare_help = run_main(parser.parse_args, ["prepare", "--help"])[1]
   assert flag in prepare_help and old not in prepare_help
 
 
@@ -301,7 +293,7 @@ def test_dtnh_data_flags_use_dashes_and_the_underscore_spelling_is_a_hidden_depr
                                        (data_command.main, ["prepare"])], ids=["dtnh-train", "dtnh-convert",
                                                                               "dtnh-data", "dtnh-data prepare"])
 def test_every_flag_shown_is_spelled_with_dashes(main, args):
-  code, out, _ = _main(main, args + ["--help"])
+  code, out, _ = run_main(main, args + ["--help"])
   flags = re.findall(r"(?<![\w-])--[\w-]+", out)
   assert code == 0 and len(flags) >= 3 and not [flag for flag in flags if "_" in flag]
 
@@ -364,7 +356,7 @@ def tiny_adamw_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("DTNH_JAX_CACHE", str(workdir / "cache"))
     patch.setattr(offline.Progress, "for_run", recording_for_run)
-    code, out, err = _main(cli.train_main, TINY_RUN + ["--workdir", str(workdir / "runs")])
+    code, out, err = run_main(cli.train_main, TINY_RUN + ["--workdir", str(workdir / "runs")])
   assert code == 0, err
   run = workdir / "runs" / "scratch" / "dtnh-l2-sp" / "seed0"
   return {"run": run, "out": out, "err": err, "calls": calls,
@@ -421,9 +413,9 @@ def test_a_single_run_shows_a_step_bar_with_loss_reg_weight_conflict_and_test_ac
 def test_export_prints_the_runs_result_in_labelled_lines(tmp_path):
   """Before: --export printed the result as a Python dict."""
   export = tmp_path / "exported"
-  code, out, err = _main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds", "0",
-                                          "--no-progress", "--steps", "2", "--lr-drop-steps", "1", "--eval-every", "2",
-                                          *TINY_FLAGS, "--export", str(export)])
+  code, out, err = run_main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds",
+                                             "0", "--no-progress", "--steps", "2", "--lr-drop-steps", "1",
+                                             "--eval-every", "2", *TINY_FLAGS, "--export", str(export)])
   assert code == 0, err
   result = json.loads((tmp_path / "runs" / "scratch" / "fine-tune" / "seed0" / "results.json").read_text())
   assert "{'" not in out
@@ -475,10 +467,10 @@ def test_importing_the_package_warns_nothing():
 
 
 def test_study_preset_prints_its_grid_and_flags_override_it(capsys):
-  code, out, _ = _main(cli.train_main, ["--preset", "study", "--print-config"])
+  code, out, _ = run_main(cli.train_main, ["--preset", "study", "--print-config"])
   # per seed: fine-tuning from each source, scratch once, 8 regularized methods x 5 λ x 2 sources; 5 seeds
   assert code == 0 and f"{5 * (2 + 1 + 8 * 5 * 2)} run(s) in runs/offline-study" in out
   assert "reg_weight = [0.001, 0.01, 0.1, 1.0, 10.0]" in out and "val_fraction = 0.25" in out
-  code, out, _ = _main(cli.train_main, ["--preset", "study", "--seeds", "0", "--reg-weight", "0.1,1", "--method",
-                                        "l2-sp,dtnh-l2-sp", "--print-config"])
+  code, out, _ = run_main(cli.train_main, ["--preset", "study", "--seeds", "0", "--reg-weight", "0.1,1", "--method",
+                                           "l2-sp,dtnh-l2-sp", "--print-config"])
   assert code == 0 and "8 run(s)" in out and "reg_weight = [0.1, 1.0]" in out

@@ -19,7 +19,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from dtnh_jax import names
@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DTNHConfig",
     "format_settings",
+    "grid_runs",
     "GROUPS",
     "Method",
     "METHODS",
@@ -54,7 +55,8 @@ METHODS = names.REGULARIZERS
 _LABELS = dict(zip(names.REGULARIZERS, names.METHOD_LABELS, strict=True))
 ON_NONFINITE = ("stop", "skip")
 # dtnh's "none" is the plain method here (--method without the dtnh- prefix).
-PROJECTIONS = tuple(projection for projection in names.PROJECTIONS if projection != "none") + names.AGGREGATORS
+PROJECTIONS = (tuple(projection for projection in names.PROJECTIONS if projection != "none") + names.AGGREGATORS
+               + names.CORRECTIONS)
 #: What follows DTNH in the chain: the paper's SGD with momentum, or optax.adamw.
 OPTIMIZERS = ("sgd", "adamw")
 REG_SCHEDULES = ("epoch", "released-code")
@@ -103,7 +105,8 @@ class Method:
     label = _LABELS[self.regularizer]
     if not self.dtnh:
       return label
-    corrections = dict(zip(names.AGGREGATORS, names.AGGREGATOR_LABELS, strict=True))
+    corrections = {**dict(zip(names.AGGREGATORS, names.AGGREGATOR_LABELS, strict=True)),
+                   **dict(zip(names.CORRECTIONS, names.CORRECTION_LABELS, strict=True))}
     return f"{corrections.get(projection, 'DTNH')} ({label})"
 
   @property
@@ -125,6 +128,18 @@ class Method:
 ALL_METHODS = tuple(
     [Method("fine-tune")] + [Method(r, dtnh) for r in METHODS if Method(r).has_regularizer for dtnh in (False, True)]
 )
+
+
+def grid_runs(sources: Sequence[str], methods: Sequence[Method], seeds: Sequence[int],
+              combinations: Sequence[tuple[float | None, float | None]]) -> list[tuple]:
+  """The runs of a grid, ``(source, method, seed, (reg_weight, reg_decay))``, in the order they run.
+
+  A method without regularizer runs once per seed whatever the combinations of λ and decay; ``scratch`` (which
+  ignores the source) under the first source only: the tuned table and the λ curve use it for every source.
+  """
+  return [(source, method, seed, combination) for source in sources for method in methods for seed in seeds
+          for combination in (combinations if method.has_regularizer else combinations[:1])
+          if not (method.from_scratch and source != sources[0])]
 
 
 def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:  # pylint: disable=redefined-builtin
@@ -278,14 +293,27 @@ class DTNHConfig:
   granularity: str = _setting("tree", "what DTNH projects as one vector: all parameters (tree, the paper), "
                               "each tensor (leaf) or each module", names.GRANULARITIES)
   projection: str = _setting("conflict", "the correction of a dtnh- method: DTNH projecting where <∇J, ∇Ω> < 0 "
-                             "(conflict, the paper) or always, or one of the gradient-surgery family "
-                             "(dtnh_jax.aggregators) on the same gradients", PROJECTIONS)
+                             "(conflict, the paper) or always, one of the gradient-surgery family "
+                             "(dtnh_jax.aggregators) on the same gradients, or a never-hurt candidate "
+                             "(dtnh_jax.corrections): share-bound (|d - ∇J| <= κ|∇J|), ema (projection against a "
+                             "moving average of ∇J) or subspace (against the last K gradients)", PROJECTIONS)
   max_angle: float | None = _setting(None, "with conflict or always: the paper's Eq. 5 solved exactly, the "
                                      "direction closest to ∇J within this angle (degrees) of the regularizer's")
   cagrad_c: float = _setting(0.5, "CAGrad's c, the radius of its ball around the mean gradient (--projection "
                              "cagrad; its paper uses 0.2-0.9)")
   project_head: bool = _setting(True, "project the new head's gradient too; false: the head takes g + λ r "
                                 "unprojected and only the backbone is projected (the released code)")
+  share_bound_kappa: float = _setting(1.0, "--projection share-bound: κ, the regularizer's part of the step is "
+                                      "at most κ|∇J| (the share bound of dtnh_jax.corrections.share_bound)")
+  share_bound_projection: str = _setting("conflict", "--projection share-bound: what is bounded: DTNH's direction "
+                                         "(conflict, the paper's projection; always) or the plain ∇J + λ∇Ω (none)",
+                                         names.PROJECTIONS)
+  ema_decay: float = _setting(0.9, "--projection ema: β of the moving average of ∇J the regularizer is projected "
+                              "against, in [0, 1) (0: the current ∇J, DTNH)")
+  ema_guard_current: bool = _setting(False, "--projection ema: also never conflict with the current ∇J (the cone "
+                                     "of both constraints)")
+  subspace_memory: int = _setting(4, "--projection subspace: K, the regularizer loses its conflicting components "
+                                  "in the span of the current ∇J and the last K-1 (1: DTNH)")
 
   def __post_init__(self):
     _check_choice(self, "granularity")
@@ -297,6 +325,15 @@ class DTNHConfig:
       raise ConfigError(f"--max-angle is DTNH's Eq. 5; --projection {self.projection} has no such option.")
     if self.cagrad_c < 0:
       raise ConfigError(f"--cagrad-c must be >= 0, got {self.cagrad_c}.")
+    _check_choice(self, "share_bound_projection")
+    if self.max_angle is not None and self.projection in names.CORRECTIONS:
+      raise ConfigError(f"--max-angle is DTNH's Eq. 5; --projection {self.projection} has no such option.")
+    if not 0 <= self.ema_decay < 1:
+      raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}.")
+    if self.share_bound_kappa < 0:
+      raise ConfigError(f"--share-bound-kappa must be >= 0, got {self.share_bound_kappa}.")
+    if self.subspace_memory < 1:
+      raise ConfigError(f"--subspace-memory must be >= 1, got {self.subspace_memory}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,10 +34,12 @@ from dtnh_jax.train import loop, presets, provenance, report, selection, shardin
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import sources as sources_lib
 from dtnh_jax.train import workdir as workdir_lib
-from dtnh_jax.train.config import ConfigError, Method, TrainConfig
+from dtnh_jax.train.config import ConfigError, Method, TrainConfig, grid_runs  # grid_runs: jax-free, for the CLI
 from dtnh_jax.train.data import OFFLINE_PREFIX, load_data, validation_kind
 
 __all__ = [
+    "combination_label",
+    "draw_figures",
     "pretrain_sources",
     "Progress",
     "run_dir",
@@ -46,7 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What a grid draws for its Figures 3-5 and the summary of what it drew (:func:`_draw_figures`).
+#: What a grid draws for its Figures 3-5 and the summary of what it drew (:func:`draw_figures`).
 FIGURE3, FIGURE4_5, FIGURES_SUMMARY = "figure3_losses.png", "figure4_5_angles.png", "figures.json"
 #: Every file a grid writes into its workdir: the only ones there it replaces, once it listed them as its own
 #: (``workdir.WRITTEN``); the runs are in folders of their own.
@@ -350,7 +352,7 @@ def _record_folder(workdir: str, record: dict[str, Any]) -> str | None:
   else:
     plain = run_dir(workdir, record["source"], record["method"], int(record["seed"]))
     candidates = [run_dir(workdir, record["source"], record["method"], int(record["seed"]),
-                          _combination_label(float(record["reg_weight"]), float(record["reg_decay"]))), plain]
+                          combination_label(float(record["reg_weight"]), float(record["reg_decay"]))), plain]
   return next((folder for folder in candidates if os.path.exists(os.path.join(folder, workdir_lib.CONFIG))), None)
 
 
@@ -425,25 +427,14 @@ def _check_summary(workdir: str, base: TrainConfig, planned: list[dict[str, Any]
   _merge(workdir, base, planned, validated)
 
 
-def _combination_label(weight: float, decay: float) -> str:
-  """``lambdaW_decayD``: the folder of one (λ, decay) combination of a sweep."""
+def combination_label(weight: float, decay: float) -> str:
+  """``lambdaW_decayD``: the folder of one (λ, decay) combination of a sweep, the ``combination`` of
+  :func:`run_dir` (``lambda0.1_decay1`` for λ 0.1 without decay)."""
   return f"lambda{weight:g}_decay{decay:g}"
 
 
-def grid_runs(sources: Sequence[str], methods: Sequence[Method], seeds: Sequence[int],
-              combinations: Sequence[tuple[float | None, float | None]]) -> list[tuple]:
-  """The runs of a grid, ``(source, method, seed, (reg_weight, reg_decay))``, in the order they run.
-
-  A method without regularizer runs once per seed whatever the combinations of λ and decay; ``scratch`` (which
-  ignores the source) under the first source only: the tuned table and the λ curve use it for every source.
-  """
-  return [(source, method, seed, combination) for source in sources for method in methods for seed in seeds
-          for combination in (combinations if method.has_regularizer else combinations[:1])
-          if not (method.from_scratch and source != sources[0])]
-
-
 def _combination_name(config: TrainConfig) -> str:
-  return _combination_label(config.recipe.reg_weight, config.recipe.reg_decay)
+  return combination_label(config.recipe.reg_weight, config.recipe.reg_decay)
 
 
 def _safe_name(source: str) -> str:
@@ -487,7 +478,8 @@ def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[st
   methods = list(dict.fromkeys([r["method"] for r in results] + list(methods)))  # earlier grids' first
   validated = all(r.get("val_accuracy") is not None for r in results)
   sweep = sweep or (validated and len({_run_key(r)[3:] for r in results if len(_run_key(r)) > 3}) > 1)
-  header = (f"Target {dataset}: test accuracy (%), mean ± std over {len({r['seed'] for r in results})} seed(s); "
+  seeds = len({r["seed"] for r in results})
+  header = (f"Target {dataset}: test accuracy (%), mean ± sample sd (ddof=1) over {seeds} seed(s); "
             f"{_training_time(results)}.\n\n")
   if validated:  # the λ and decay of each method chosen on validation, then its test accuracy
     results = selection.select(results)
@@ -509,7 +501,7 @@ def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[st
   if sweep:
     workdir_lib.claim(workdir, ["lambda_curve.png"])
     write("lambda_curve.png", lambda path: report.plot_lambda_curve(results, path, f"{dataset}: accuracy against λ"))
-  drawn = _draw_figures(workdir, results, dataset, sweep)
+  drawn = draw_figures(workdir, results, dataset, sweep)
   if drawn is not None:
     print(_figures_line(drawn))
   return results
@@ -560,21 +552,34 @@ def _metrics_of(workdir: str, record: dict[str, Any], sweep: bool) -> str:
   """The metrics.jsonl of the grid's run that ``record`` came from (its ``run``, else see :func:`run_dir`)."""
   if isinstance(record.get("run"), str):
     return os.path.join(workdir, *record["run"].split("/"), metrics_lib.FILE)
-  combination = _combination_label(record["reg_weight"], record["reg_decay"]) if sweep else None
+  combination = combination_label(record["reg_weight"], record["reg_decay"]) if sweep else None
   return os.path.join(run_dir(workdir, record["source"], record["method"], int(record["seed"]), combination),
                       metrics_lib.FILE)
 
 
-def _draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool,
-                  out_dir: str | None = None, reason: str | None = None) -> dict[str, Any] | None:
-  """Figures 3-5 for the pair of :func:`_figure_pair`, and ``figures.json`` saying what was drawn and why
-  (``reason``, by default the pair's rule), in ``out_dir`` (default: ``workdir``, where the runs are; the
-  summary's metrics paths are relative to ``workdir``).
+def draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, sweep: bool,
+                 out_dir: str | None = None, reason: str | None = None) -> dict[str, Any] | None:
+  """Figures 3-5 of a grid for one pair of runs, X and DTNH(X), and ``figures.json`` saying what was drawn and why.
 
-  Figure 3 (``figure3_losses.png``): empirical and test loss of X and DTNH(X). Figures 4-5
-  (``figure4_5_angles.png``, :func:`report.plot_angles`): the angles of the DTNH(X) run, with Angle 3 and 4
-  along the X run. Both runs of one seed (:func:`_figure_runs`). Returns the summary written, or ``None``
-  (nothing drawn) without such a pair or when a run's metrics are missing.
+  The pair is the one of :func:`_figure_pair` among ``results``: where DTNH(X) and X differ most at their picks.
+  A grid draws its own after its table; ``benchmarks/study_figures.py`` passes the records of a pair it chose
+  (marked ``selected``), and an ``out_dir`` and ``reason`` of its own. Figure 3 (``figure3_losses.png``):
+  empirical and test loss of X and DTNH(X). Figures 4-5 (``figure4_5_angles.png``, :func:`report.plot_angles`):
+  the angles of the DTNH(X) run, with Angle 3 and 4 along the X run. Both runs of one seed
+  (:func:`_figure_runs`).
+
+  Args:
+    workdir: the grid's workdir, where its runs are (the summary's metrics paths are relative to it).
+    results: records of the grid's ``results.json``.
+    dataset: the target, for the titles.
+    sweep: whether the grid swept λ or its decay (its runs are then in a folder per combination,
+      :func:`combination_label`).
+    out_dir: where the figures go; by default ``workdir``, where a file is replaced only if dtnh_jax wrote it.
+    reason: why this pair, for ``figures.json``; by default the pair's rule.
+
+  Returns:
+    The summary written to ``figures.json``, or ``None`` (nothing drawn) without such a pair or when a run's
+    metrics are missing.
   """
   pair = _figure_pair(results)
   if pair is None:

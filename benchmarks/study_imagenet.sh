@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The real-source study of benchmarks/RESULTS.md ("EfficientNet-Lite0 from ImageNet on digits"): the preset
+# study-imagenet (dtnh_jax.train.presets) on offline-digits and offline-mnist, two processes side by side, each
+# followed by the candidate grid (DTNH(L2-SP)'s correction replaced by --projection ema with the current-gradient
+# guard; one --projection per workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
+#
+#   bash benchmarks/study_imagenet.sh [WORKDIR]          # default runs/study-imagenet; logs in WORKDIR/*.log
+#   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
+set -euo pipefail
+workdir="${1:-runs/study-imagenet}"
+mkdir -p "$workdir"
+# the compiled train steps are shared by the two targets (same shapes) through jax's persistent cache
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
+
+target() {  # the L2-SP family, then the candidate, then KnowDist and from scratch (the preset's other methods)
+  local dataset="$1" failed=0  # a grid that fails (e.g. a diverged run) does not stop the next
+  dtnh-train --preset study-imagenet --dataset "$dataset" --method fine-tune,l2-sp,dtnh-l2-sp \
+    --workdir "$workdir/$dataset" --no-progress || failed=1
+  dtnh-train --preset study-imagenet --dataset "$dataset" --method dtnh-l2-sp --projection ema --ema-guard-current \
+    --workdir "$workdir/$dataset-ema" --no-progress || failed=1
+  dtnh-train --preset study-imagenet --dataset "$dataset" --method knowdist,dtnh-knowdist,scratch \
+    --workdir "$workdir/$dataset" --no-progress || failed=1
+  return "$failed"
+}
+
+start=$(date +%s)
+target offline-digits > "$workdir/offline-digits.log" 2>&1 &
+digits=$!
+target offline-mnist > "$workdir/offline-mnist.log" 2>&1 &
+mnist=$!
+status=0
+wait "$digits" || status=$?
+wait "$mnist" || status=$?
+echo "study-imagenet: $(( ($(date +%s) - start) / 60 )) min wall, exit $status" | tee -a "$workdir/wall.txt"
+exit "$status"
