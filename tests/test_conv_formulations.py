@@ -213,6 +213,20 @@ def test_force_refuses_an_unknown_formulation():
       pass
 
 
+def test_environment_variable_forces_where_no_force_block_does(monkeypatch):
+  monkeypatch.setenv(conv.ENVIRONMENT_VARIABLE, "im2col")
+  choose = functools.partial(conv.choose, strides=1, padding="SAME", backend="cpu", table=_TABLE)
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == "im2col"
+  with conv.force("xla"):
+    assert choose((16, 3, 3, 512), (3, 3, 512, 512)) == "xla"
+
+
+def test_environment_variable_naming_no_formulation_is_refused_in_one_line(monkeypatch):
+  monkeypatch.setenv(conv.ENVIRONMENT_VARIABLE, "fast")
+  with pytest.raises(ValueError, match=r"DTNH_JAX_CONV='fast' is not a formulation; set one of"):
+    conv.choose((16, 3, 3, 512), (3, 3, 512, 512), backend="cpu", table=_TABLE)
+
+
 def test_a_layers_own_formulation_wins_over_force():
   layer = conv.Conv(4, 3, 1, ((1, 1), (1, 1)), formulation="xla")
   images = jnp.ones((1, 3, 3, 4))
