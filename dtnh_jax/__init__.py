@@ -16,8 +16,9 @@ as numpy and scipy do): ``import dtnh_jax.names`` and ``dtnh-train --help``
 load no jax, and ``dtnh_jax.dtnh`` loads jax and optax only when it is used.
 """
 
-import importlib
 import typing
+
+from dtnh_jax import _lazy
 
 __version__ = "0.1.0"
 
@@ -85,15 +86,4 @@ if typing.TYPE_CHECKING:  # what type checkers and IDEs read; at run time, __get
   from dtnh_jax.transform import DTNHState, dtnh, projection_groups
 
 
-def __getattr__(name: str) -> typing.Any:
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-  if name in _SUBMODULES:
-    return importlib.import_module(f"dtnh_jax.{name}")
-  raise AttributeError(f"module 'dtnh_jax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.attach(__name__, globals(), _EXPORTS, _SUBMODULES)

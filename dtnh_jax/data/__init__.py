@@ -34,8 +34,9 @@ Example::
   loader = data.make_train_loader(splits["train"], batch_size=48, seed=0)
 """
 
-import importlib
 import typing
+
+from dtnh_jax import _lazy
 
 #: Each public name, and the module of this package that defines it, imported when the name is first used (PEP
 #: 562, as in ``dtnh_jax``): ``import dtnh_jax.data.datasets`` and the configs' check of a dataset's splits load
@@ -117,15 +118,4 @@ if typing.TYPE_CHECKING:  # what type checkers and IDEs read; at run time, __get
   from dtnh_jax.data.pipeline import TrainLoader
 
 
-def __getattr__(name: str) -> typing.Any:
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-  if name in _SUBMODULES:
-    return importlib.import_module(f"{__name__}.{name}")
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.attach(__name__, globals(), _EXPORTS, _SUBMODULES)

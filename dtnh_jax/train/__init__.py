@@ -9,8 +9,9 @@ package's ``__init__``): the configs and presets (``config``, ``presets``)
 load no jax, so ``dtnh-train --help`` and ``--print-config`` start fast.
 """
 
-import importlib
 import typing
+
+from dtnh_jax import _lazy
 
 #: Each public name, and the module of this package that defines it (imported when the name is first used).
 _EXPORTS = {
@@ -41,15 +42,4 @@ if typing.TYPE_CHECKING:  # what type checkers and IDEs read; at run time, __get
   from dtnh_jax.train.step import Reference, TrainState, make_eval_step, make_optimizer, make_train_step
 
 
-def __getattr__(name: str) -> typing.Any:
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-  if name in _SUBMODULES:
-    return importlib.import_module(f"{__name__}.{name}")
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = _lazy.attach(__name__, globals(), _EXPORTS, _SUBMODULES)
