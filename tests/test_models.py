@@ -352,3 +352,26 @@ def test_replace_head_keeps_backbone_and_resizes_fc(tiny_variables):
 
   logits = _tiny_model(num_classes=37).apply(new, jnp.asarray(_images(16)))
   assert logits.shape == (BATCH, 37)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet-lite0"])
+def test_bn_momentum_sets_the_decay_of_every_running_statistic(arch):
+  """running <- m * running + (1 - m) * batch statistic, at every BatchNorm, from init's mean 0 and var 1."""
+  from dtnh_jax import models  # pylint: disable=g-import-not-at-top
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+  def running_stats(momentum):
+    model = models.create_model(arch, num_classes=3, width=0.25, bn_momentum=momentum)
+    variables = models.init_variables(model, 0, 32)
+    _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return jax.tree.leaves_with_path(updates["batch_stats"])
+
+  for (path, batch_value), (_, value) in zip(running_stats(0.0), running_stats(0.75)):
+    start = 0.0 if path[-1].key == "mean" else 1.0
+    np.testing.assert_allclose(value, 0.75 * start + 0.25 * batch_value, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_bn_momentum_outside_zero_to_one_is_refused_naming_the_flag_and_the_convention():
+  from dtnh_jax.train.config import ConfigError, ModelConfig  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r"--bn-momentum must be in \[0, 1\).*PyTorch's momentum 0.1 is 0.9"):
+    ModelConfig(bn_momentum=1.0)

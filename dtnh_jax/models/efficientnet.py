@@ -313,6 +313,8 @@ class EfficientNetLite(nn.Module):
       128`` the Lite weights expect; ``"none"``: used as given.
     dtype: compute dtype; parameters and BatchNorm statistics stay float32,
       the logits are float32.
+    bn_momentum: decay of the BatchNorm running statistics (Flax's
+      convention); ``None``: the checkpoint's ``BN_MOMENTUM`` (0.99).
   """
 
   stages: Sequence[tuple[int, int, int, int, int]] = LITE0_STAGES
@@ -322,6 +324,7 @@ class EfficientNetLite(nn.Module):
   depthwise: str | None = None
   input_normalization: str = "imagenet"
   dtype: Any = jnp.float32
+  bn_momentum: float | None = None
 
   @nn.compact
   def __call__(
@@ -344,7 +347,8 @@ class EfficientNetLite(nn.Module):
       raise ValueError(f"input_normalization must be one of {INPUT_NORMALIZATIONS}, got "
                        f"{self.input_normalization!r}.")
 
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+    momentum = BN_MOMENTUM if self.bn_momentum is None else self.bn_momentum
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
                              dtype=self.dtype)
     features = {}
 

@@ -352,6 +352,9 @@ class ResNet(nn.Module):
       for 32x32 or smaller images. Such a model has no torchvision checkpoint.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm
       statistics stay float32, and the logits are returned as float32.
+    bn_momentum: decay of the BatchNorm running statistics (Flax's
+      convention: PyTorch's ``momentum=m`` is ``1 - m``); ``None``: 0.9, as
+      torchvision's.
   """
 
   block_cls: type[nn.Module]
@@ -360,6 +363,7 @@ class ResNet(nn.Module):
   width: float = 1.0
   small_stem: bool = False
   dtype: Any = jnp.float32
+  bn_momentum: float | None = None
 
   def _channels(self, base: int) -> int:
     return max(1, int(round(base * self.width)))
@@ -403,6 +407,8 @@ class ResNet(nn.Module):
     conv = functools.partial(_conv, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
+    if self.bn_momentum is not None:
+      norm = functools.partial(norm, momentum=self.bn_momentum)
     features = {}
 
     def named_output(name: str, value: jax.Array) -> jax.Array:

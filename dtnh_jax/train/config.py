@@ -188,6 +188,9 @@ class ModelConfig:
   width: float = _setting(1.0, "channel-width multiplier of the ResNet (1.0: torchvision's)")
   small_stem: bool = _setting(False, "CIFAR-style stem for small images: a 3x3 stride-1 conv1 and no max-pool "
                               "(EfficientNet-Lite0: a stride-1 stem)")
+  bn_momentum: float | None = _setting(None, "decay of the BatchNorm running statistics that evaluation uses (Flax's "
+                                       "convention: PyTorch's momentum m is 1 - m); unset: the architecture's own "
+                                       "(ResNet 0.9, as torchvision; EfficientNet-Lite0 0.99, as its checkpoint)")
   # "bfloat16" runs the network in bf16; parameters, BatchNorm statistics, gradients,
   # the regularizers' sums and DTNH's inner products stay float32
   compute_dtype: str = _setting("float32", "the network's compute dtype; parameters, gradients and DTNH's inner "
@@ -217,7 +220,8 @@ class RecipeConfig:
                                             "multiplied by --lr-drop-factor")
   lr_drop_factor: float = _setting(0.1, "learning-rate factor at each of --lr-drop-steps")
   reg_weight: float = _setting(1.0, "λ, the regularizer's weight at the first epoch")
-  reg_decay: float = _setting(1.0, "λ's per-epoch decay factor in [0, 1]: λ = reg_weight · reg_decay^epoch")
+  reg_decay: float = _setting(1.0, "λ's per-epoch decay factor in [0, 1]: λ = reg_weight · reg_decay^epoch; 0, "
+                              "as 1, is no decay (optax.exponential_decay's convention)")
   reg_schedule: str = _setting("epoch", "when λ decays: once per epoch (epoch), or as the released DTNH code "
                                "(released-code: λ = 0 on the first step, then reg_weight · reg_decay^(c // 5000) "
                                "with a counter c that advances once per regularized tensor per step)",

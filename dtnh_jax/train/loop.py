@@ -74,7 +74,8 @@ def create_model(config: TrainConfig, num_classes: int):
   """The run's network; with ``compute_dtype="bfloat16"`` it computes in bf16 and keeps float32
   parameters, so that gradients (and DTNH's inner products) are float32."""
   return models.create_model(config.model.arch, num_classes=num_classes, width=config.model.width,
-                             small_stem=config.model.small_stem, dtype=jnp.dtype(config.model.compute_dtype))
+                             small_stem=config.model.small_stem, dtype=jnp.dtype(config.model.compute_dtype),
+                             bn_momentum=config.model.bn_momentum)
 
 
 def initial_variables(config: TrainConfig, data: RunData) -> dict[str, Any]:

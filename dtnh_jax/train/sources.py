@@ -169,7 +169,9 @@ def _imagenet_source(config: TrainConfig) -> dict[str, Any]:
 
 
 def _model_options(config: TrainConfig) -> dict[str, Any]:
-  return {"arch": config.model.arch, "width": config.model.width, "small_stem": config.model.small_stem}
+  # bn_momentum only when set: the cache keys of sources pre-trained before the setting existed stay the same
+  momentum = {} if config.model.bn_momentum is None else {"bn_momentum": config.model.bn_momentum}
+  return {"arch": config.model.arch, "width": config.model.width, "small_stem": config.model.small_stem, **momentum}
 
 
 def _check_backbone(source: str, variables: Any, config: TrainConfig) -> None:
