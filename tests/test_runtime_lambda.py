@@ -122,3 +122,13 @@ def test_a_shared_step_given_no_lambda_says_where_it_goes():
   state = step_lib.create_train_state(initial, steps.tx, jax.random.key(0))
   with pytest.raises(ValueError, match="RegWeight"):
     jax.eval_shape(steps.train_step, state, batches[0], step_lib.Reference(initial))
+
+
+@pytest.mark.parametrize("reg_decay", [0.0, 0.5, 1.0])
+def test_epoch_schedule_is_optax_exponential_decay_staircase_also_at_decay_zero(reg_decay):
+  """--reg-decay 0 is no decay, as optax's schedule (its help says so); a traced decay gives the same λ."""
+  import optax  # pylint: disable=g-import-not-at-top
+  expected = optax.exponential_decay(2.0, transition_steps=3, decay_rate=reg_decay, staircase=True)
+  ours = step_lib.epoch_schedule(jnp.float32(2.0), jnp.float32(reg_decay), steps_per_epoch=3)
+  np.testing.assert_allclose([ours(count) for count in range(10)], [expected(count) for count in range(10)],
+                             rtol=1e-6)

@@ -199,6 +199,9 @@ class ModelConfig:
   def __post_init__(self):
     _check_finite(self)
     _check_positive(self, ("width",))
+    if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
+      raise ConfigError(f"--bn-momentum must be in [0, 1) (the weight kept of the running statistics at each "
+                        f"step; PyTorch's momentum 0.1 is 0.9 here), got {self.bn_momentum}.")
     _check_choice(self, "arch", listed=True)
     _check_choice(self, "compute_dtype", listed=True)
 
