@@ -179,3 +179,12 @@ def test_a_finished_grid_run_again_keeps_its_training_time(finished_grid, tmp_pa
   assert json.loads((workdir / "results.json").read_text())[0]["train_seconds"] == record["train_seconds"]
   assert _header(out) == _header(finished_grid[1])
   assert f"1 runs, {record['train_seconds'] / 60:.1f} min of training" in _header(out)
+
+
+def test_a_lambda_sweep_of_methods_without_a_regularizer_ends_with_its_table_and_no_lambda_curve(tmp_path):
+  """Before: fine-tuning alone with a λ grid (a preset's sweep) trained, printed its table, then ended in a
+  traceback (``plot_lambda_curve``: no regularized method to draw)."""
+  workdir = tmp_path / "runs"
+  code, out, err = run_main(cli.train_main, _grid(workdir, "fine-tune", val_fraction=0.25) + ["--reg-weight", "0.1,1"])
+  assert code == 0, err
+  assert "Target offline-digits" in out and not (workdir / "lambda_curve.png").exists()

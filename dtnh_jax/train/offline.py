@@ -498,7 +498,7 @@ def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[st
   shown = [r for r in results if r.get("selected", True)]  # a sweep's bars: each method at its pick
   write("results.png", lambda path: report.plot_results(shown, path, methods,
                                                         f"{dataset}: test accuracy, mean ± std over seeds"))
-  if sweep:
+  if sweep and any(Method.parse(r["method"]).has_regularizer for r in results):  # else no curve to draw
     workdir_lib.claim(workdir, ["lambda_curve.png"])
     write("lambda_curve.png", lambda path: report.plot_lambda_curve(results, path, f"{dataset}: accuracy against λ"))
   drawn = draw_figures(workdir, results, dataset, sweep)
