@@ -1,5 +1,8 @@
-"""The real-source study's tables re-derived from its committed records alone (``benchmarks/study_records.py``)."""
+"""The real-source studies' tables re-derived from their committed records alone (``benchmarks/study_records.py``).
 
+Every ``benchmarks/records/NAME.jsonl`` has its tables in ``NAME.md`` beside it."""
+
+import glob
 import importlib.util
 import os
 
@@ -7,8 +10,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORDS = os.path.join(ROOT, "benchmarks", "records", "study_imagenet.jsonl")
-TABLES = os.path.join(ROOT, "benchmarks", "records", "study_imagenet.md")
+RECORDS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "*.jsonl")))
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +21,20 @@ def study_records():
   return module
 
 
-def test_the_committed_tables_are_re_derived_byte_for_byte_from_the_committed_records(study_records):
-  with open(TABLES, encoding="utf-8") as f:
+def test_there_are_committed_records():
+  assert RECORDS
+
+
+@pytest.mark.parametrize("records_file", RECORDS, ids=os.path.basename)
+def test_the_committed_tables_are_re_derived_byte_for_byte_from_the_committed_records(study_records, records_file):
+  with open(records_file[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
     committed = f.read()
-  assert study_records.tables(study_records.read_records(RECORDS)) == committed
+  assert study_records.tables(study_records.read_records(records_file)) == committed
 
 
-def test_every_committed_record_holds_a_whole_run(study_records):
-  records = study_records.read_records(RECORDS)
+@pytest.mark.parametrize("records_file", RECORDS, ids=os.path.basename)
+def test_every_committed_record_holds_a_whole_run(study_records, records_file):
+  records = study_records.read_records(records_file)
   fields = {"method", "label", "projection", "source", "dataset", "seed", "steps", "test_accuracy", "val_accuracy",
             "reg_weight", "reg_decay", "split", "provenance", "run", "grid", "settings"}
   assert records and all(fields <= set(record) for record in records)
