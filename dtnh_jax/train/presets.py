@@ -136,7 +136,8 @@ def study_imagenet() -> dict[str, Any]:
   ``--dataset offline-mnist`` runs it on MNIST-5k.
   """
   return {**study(), "arch": "efficientnet-lite0", "width": 1.0, "small_stem": False, "resize": 36, "crop": 32,
-          "source": "imagenet", "bn_momentum": 0.9, "learning_rate": 0.05, "steps": 120, "lr_drop_steps": (100,), "eval_every": 120,
+          "source": "imagenet", "bn_momentum": 0.9, "learning_rate": 0.05, "steps": 120, "lr_drop_steps": (100,),
+          "eval_every": 120,
           "log_every": 20, "checkpoint_every": 120, "l2_sp_alpha": 0.1, "l2_sp_beta": 0.01, "knowdist_weight": 0.24,
           "head_beta": 0.01, "feature_normalize": "official"}
 
