@@ -10,7 +10,9 @@ is loaded by the next. Neither changes what a test checks: runs that are
 compared with each other compile with the same flags.
 """
 
+import gc
 import os
+import sys
 import tempfile
 
 #: The environment of the suite, set before jax is imported.
@@ -113,3 +115,37 @@ def _sources_out_of_the_users_cache(tmp_path_factory):
     os.environ.pop("DTNH_JAX_CACHE", None)
   else:
     os.environ["DTNH_JAX_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def _straight_fast_run(tmp_path_factory):
+  """``(workdir, results)`` of one uninterrupted run of ``helpers.FAST``, trained once per pytest process."""
+  from dtnh_jax.train import TrainConfig, loop, presets  # pylint: disable=g-import-not-at-top  # core's tests: no flax
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, loop.train(TrainConfig.create(**presets.tiny()), workdir)
+
+
+@pytest.fixture
+def straight_run(_straight_fast_run):
+  """The workdir of an uninterrupted ``helpers.FAST`` run (shared: read it, never write there): what every resumed
+  run must equal."""
+  return _straight_fast_run[0]
+
+
+@pytest.fixture
+def straight_run_results(_straight_fast_run):
+  """What ``loop.train`` returned for the ``straight_run``."""
+  return _straight_fast_run[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_programs_freed_after_each_module():
+  """jax keeps every program a test module compiled (and its jitted functions' caches) for the life of the
+  process: over the suite a pytest worker grew to 7 GB, two of them with their subprocesses past what a 24 GB
+  machine holds (a worker crashed in CI). After each module they are dropped; the persistent compilation cache
+  above still serves the next module's compilations from disk."""
+  yield
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    jax.clear_caches()
+  gc.collect()

@@ -1,4 +1,4 @@
-"""The gradient-surgery corrections against independent NumPy references, and dtnh's optax contract.
+"""The gradient-surgery corrections against independent NumPy references (their optax contract: test_optax_contract.py).
 
 Each reference is written from its paper on explicit float64 vectors, sharing
 no code with ``dtnh_jax``: PCGrad's and GradVac's loops over rows, optimality
@@ -10,16 +10,13 @@ search over the ball for CAGrad.
 
 import itertools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-import dtnh_jax
 from dtnh_jax import aggregators
 from reference import angle_degrees, flat
 
@@ -363,19 +360,11 @@ def test_mgda_improves_every_row_by_at_least_its_own_squared_norm(rows):
   assert min(d @ row for row in rows) >= d @ d - 1e-4 * _scale(rows)
 
 
-# --- the optax contract, for every correction ----------------------------------------
+# --- on whole trees, and the options (the optax contract: tests/test_optax_contract.py) ------------
 
 PARAMS = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.1, -0.2, 0.3])}
 EMPIRICAL = {"w": jnp.array([[0.3, -1.0], [0.2, 0.5]]), "b": jnp.array([1.0, 0.5, -0.4])}
 REGULARIZER = {"w": jnp.array([[-0.5, 0.8], [0.1, -0.2]]), "b": jnp.array([-1.0, 0.2, 0.1])}
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_tuple_form_and_extra_args_form_give_the_same_numbers(name):
-  tx = make(name, 0.5)
-  by_tuple, _ = tx.update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  by_keyword, _ = tx.update(EMPIRICAL, tx.init(PARAMS), PARAMS, regularizer_grads=REGULARIZER)
-  chex.assert_trees_all_equal(by_tuple, by_keyword)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -439,93 +428,6 @@ def test_several_regularizers_match_the_reference_on_the_weighted_rows(name):
     np.testing.assert_allclose(want, pcgrad_reference(rows), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_update_ignores_unknown_extra_args(name):
-  tx = make(name, 0.1)
-  plain, _ = tx.update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  extra, _ = tx.update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS, value=1.0, unexpected_extra_arg=3)
-  chex.assert_trees_all_equal(plain, extra)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_jitted_step_does_not_recompile_on_second_call(name):
-  tx = optax.chain(make(name, optax.exponential_decay(0.5, 5, 0.5)), optax.sgd(0.01, momentum=0.9))
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update((EMPIRICAL, REGULARIZER), state, params)
-    return optax.apply_updates(params, updates), state
-
-  params, state = step(PARAMS, tx.init(PARAMS))
-  step(params, state)
-  assert step._cache_size() == 1
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_inject_hyperparams_gives_identical_numbers(name):
-  tx = make(name, 0.3, granularity="leaf")
-  injected = optax.inject_hyperparams(getattr(aggregators, name))(reg_weight=0.3, granularity="leaf", **OPTIONS[name])
-  direction, state = jax.jit(tx.update)((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  direction_i, state_i = jax.jit(injected.update)((EMPIRICAL, REGULARIZER), injected.init(PARAMS), PARAMS)
-  chex.assert_trees_all_close(direction, direction_i, rtol=1e-6)
-  chex.assert_trees_all_close(state, state_i.inner_state, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("name", NAMES)
-def test_updates_keep_the_parameters_dtype(name, dtype):
-  params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
-  g, r = (jax.tree.map(lambda x: x.astype(dtype), t) for t in (EMPIRICAL, REGULARIZER))
-  tx = optax.chain(make(name, 0.1), optax.sgd(0.01, momentum=0.9))
-  updates, _ = jax.jit(tx.update)((g, r), tx.init(params), params)
-  chex.assert_trees_all_equal_dtypes(updates, params)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_state_is_stable_under_lax_cond(name):
-  tx = make(name, 0.1)
-  state = tx.init(PARAMS)
-
-  @jax.jit
-  def maybe_update(flag, state):
-    return jax.lax.cond(flag, lambda s: tx.update((EMPIRICAL, REGULARIZER), s, PARAMS)[1], lambda s: s, state)
-
-  updated = maybe_update(True, state)
-  chex.assert_trees_all_equal_structs(updated, state)
-  chex.assert_trees_all_equal_shapes_and_dtypes(updated, state)
-  assert int(updated.count) == 1 and int(maybe_update(False, state).count) == 0
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_schedule_weight_is_evaluated_at_the_step_count(name):
-  tx = make(name, optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5))
-  state = tx.init(PARAMS)
-  for step in range(3):
-    _, state = tx.update((EMPIRICAL, REGULARIZER), state, PARAMS)
-    np.testing.assert_allclose(state.diagnostics.reg_weight, 0.5 ** step)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_inside_optax_masked_corrects_the_masked_leaves_only(name):
-  tx = optax.masked(make(name, 0.5), {"w": True, "b": False})
-  direction, _ = tx.update(EMPIRICAL, tx.init(PARAMS), PARAMS, regularizer_grads=REGULARIZER)
-  want = direction_of(name, [np.asarray(EMPIRICAL["w"], np.float64).ravel(),
-                             0.5 * np.asarray(REGULARIZER["w"], np.float64).ravel()])
-  np.testing.assert_allclose(np.asarray(direction["w"]).ravel(), want, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_equal(direction["b"], EMPIRICAL["b"])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_errors_name_the_correction(name):
-  with pytest.raises(ValueError, match=rf"^{name}: reg_weight must be >= 0"):
-    make(name, -1.0)
-  tx = make(name, 0.1)
-  with pytest.raises(ValueError, match=rf"^{name}: got 2 regularizer gradient.*1 reg_weight"):
-    tx.update((EMPIRICAL, REGULARIZER, REGULARIZER), tx.init(PARAMS), PARAMS)
-  with pytest.raises(TypeError, match=rf"^{name} got no regularizer gradient"):
-    tx.update(EMPIRICAL, tx.init(PARAMS), PARAMS)
-
-
 @pytest.mark.parametrize("factory,kwargs,message", [
     (aggregators.cagrad, {"c": -0.5}, "c must be >= 0"),
     (aggregators.upgrad, {"reg_eps": -1e-4}, "reg_eps must be >= 0"),
@@ -544,8 +446,3 @@ def test_gradvac_state_holds_one_target_matrix_per_projected_group():
   _, state = tx.update((EMPIRICAL, REGULARIZER, REGULARIZER), state, PARAMS)
   assert float(jnp.abs(state.target_cosine).sum()) > 0
 
-
-def test_the_corrections_are_exported_at_the_top_level():
-  for name in NAMES:
-    assert getattr(dtnh_jax, name) is getattr(aggregators, name)
-    assert name in dtnh_jax.__all__

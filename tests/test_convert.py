@@ -12,6 +12,7 @@ import safetensors.numpy
 from dtnh_jax import cli
 from dtnh_jax.models import convert
 from dtnh_jax.models import resnet
+from helpers import assert_trees_equal
 
 
 def _random_variables(arch, seed=0, **model_kwargs):
@@ -26,11 +27,6 @@ def _random_variables(arch, seed=0, **model_kwargs):
   variables["batch_stats"] = jax.tree.map(lambda v: np.abs(v) + 0.5,
                                           variables["batch_stats"])
   return variables
-
-
-def _assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +63,7 @@ def test_to_torchvision_loads_strictly_into_torchvision(arch):
   torch_model = getattr(torchvision.models, arch)(num_classes=7)
   torch_model.load_state_dict(state_dict, strict=True)
   again = convert.convert_torchvision(torch_model.state_dict(), arch)
-  _assert_trees_equal(again, variables)
+  assert_trees_equal(again, variables)
 
 
 def test_round_trip_of_small_models_needs_no_torch():
@@ -78,7 +74,7 @@ def test_round_trip_of_small_models_needs_no_torch():
   assert state_dict["layer4.1.conv2.weight"].shape == (128, 128, 3, 3)
   assert state_dict["fc.weight"].shape == (10, 128)
   assert state_dict["bn1.num_batches_tracked"].dtype == np.int64
-  _assert_trees_equal(
+  assert_trees_equal(
       convert.convert_torchvision(state_dict, "resnet18", **options), variables)
 
 
@@ -171,7 +167,7 @@ def test_safetensors_file_loads_without_torch(tmp_path, resnet18_state_dict,
   safetensors.numpy.save_file(resnet18_state_dict, str(path))
   monkeypatch.setitem(__import__("sys").modules, "torch", None)
   variables = convert.load_torchvision_checkpoint(path, arch="resnet18")
-  _assert_trees_equal(
+  assert_trees_equal(
       variables, convert.convert_torchvision(resnet18_state_dict, "resnet18"))
 
 
@@ -181,7 +177,7 @@ def test_pth_state_dict_loads(tmp_path, random_torchvision_resnet):
   path = tmp_path / "resnet18.pth"
   torch.save(state_dict, path)
   variables = convert.load_torchvision_checkpoint(path, arch="resnet18")
-  _assert_trees_equal(variables,
+  assert_trees_equal(variables,
                       convert.convert_torchvision(state_dict, "resnet18"))
 
 
@@ -196,7 +192,7 @@ def test_places365_checkpoint_loads(tmp_path, random_torchvision_resnet):
              path)
   variables = convert.load_torchvision_checkpoint(path, arch="resnet18")
   assert variables["params"]["fc"]["kernel"].shape == (512, 365)
-  _assert_trees_equal(variables,
+  assert_trees_equal(variables,
                       convert.convert_torchvision(state_dict, "resnet18"))
 
 
@@ -260,7 +256,7 @@ def test_orbax_checkpoint_rebuilds_the_model(tmp_path):
   restored, metadata = convert.load_variables(path)
   assert metadata == {"arch": "resnet18", "num_classes": 10, "width": 0.25,
                       "small_stem": True, "source": "test"}
-  _assert_trees_equal(jax.tree.map(np.asarray, restored),
+  assert_trees_equal(jax.tree.map(np.asarray, restored),
                       jax.tree.map(np.asarray, variables))
   rebuilt = convert.model_from_metadata(metadata)
   np.testing.assert_array_equal(rebuilt.apply(restored, images),
@@ -305,7 +301,7 @@ def test_convert_cli_writes_an_orbax_checkpoint(tmp_path, capsys,
 
   variables, metadata = convert.load_variables(dst)
   assert metadata["arch"] == "resnet18" and metadata["num_classes"] == 1000
-  _assert_trees_equal(
+  assert_trees_equal(
       jax.tree.map(np.asarray, variables),
       convert.convert_torchvision(resnet18_state_dict, "resnet18"))
 

@@ -1,4 +1,5 @@
-"""The never-hurt candidates (``dtnh_jax.corrections``) against NumPy references, and dtnh's optax contract.
+"""The never-hurt candidates (``dtnh_jax.corrections``) against NumPy references; their optax contract is
+tests/test_optax_contract.py.
 
 Each reference is written from the candidate's definition on explicit float64 vectors and keeps its own state
 (the Gram–Schmidt basis, the moving average) across steps; it shares no code with ``dtnh_jax`` but the one
@@ -396,116 +397,9 @@ def test_share_bound_keeps_the_regularizers_step_within_kappa_g(sequence, lam, k
       assert d @ g >= g @ g - slack(g, r, lam)
 
 
-# --- the optax contract ------------------------------------------------------------------------------------------
+# --- the options and the state (the optax contract: tests/test_optax_contract.py) ---------------------------
 
 EMPIRICAL, REGULARIZER = conflicting_steps(1, seed=20)[0][0], conflicting_steps(1, seed=20)[0][1][0]
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_tuple_form_and_extra_args_form_give_the_same_numbers(name):
-  tx = make(name, 0.5)
-  update = jax.jit(tx.update)
-  by_tuple = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  by_keyword = update(EMPIRICAL, tx.init(PARAMS), PARAMS, regularizer_grads=REGULARIZER)
-  chex.assert_trees_all_equal(by_tuple, by_keyword)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_chain_with_sgd_applies_sgd_to_the_corrected_direction(name):
-  tx = optax.chain(make(name, 0.5), optax.sgd(0.1, momentum=0.9))
-  alone, sgd = make(name, 0.5), optax.sgd(0.1, momentum=0.9)
-  state, alone_state, sgd_state = tx.init(PARAMS), alone.init(PARAMS), sgd.init(PARAMS)
-  for g, (r,) in conflicting_steps(3, seed=21):
-    updates, state = jax.jit(tx.update)(g, state, PARAMS, regularizer_grads=r)
-    direction, alone_state = jax.jit(alone.update)((g, r), alone_state, PARAMS)
-    want, sgd_state = sgd.update(direction, sgd_state, PARAMS)
-    chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(state[0], alone_state, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_inside_optax_masked_corrects_the_masked_leaves_only(name):
-  mask = {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}, "fc": {"kernel": True, "bias": True}}
-  tx = optax.masked(make(name, 0.5), mask)
-  only = make(name, 0.5)
-  chosen = lambda tree: {"conv": tree["conv"], "fc": tree["fc"]}
-  state, only_state = tx.init(PARAMS), only.init(chosen(PARAMS))
-  for g, (r,) in conflicting_steps(3, seed=22):
-    direction, state = jax.jit(tx.update)(g, state, PARAMS, regularizer_grads=r)
-    want, only_state = jax.jit(only.update)((chosen(g), chosen(r)), only_state, chosen(PARAMS))
-    chex.assert_trees_all_close(chosen(direction), want, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_equal(direction["bn"], g["bn"])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_jitted_step_does_not_recompile_on_second_call(name):
-  tx = optax.chain(make(name, optax.exponential_decay(0.5, 5, 0.5)), optax.sgd(0.01, momentum=0.9))
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update((EMPIRICAL, REGULARIZER), state, params)
-    return optax.apply_updates(params, updates), state
-
-  params, state = step(PARAMS, tx.init(PARAMS))
-  step(params, state)
-  assert step._cache_size() == 1
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_inject_hyperparams_gives_identical_numbers(name):
-  factory, options = VARIANTS[name]
-  tx = make(name, 0.3, granularity="module")
-  injected = optax.inject_hyperparams(factory, static_args=("memory",) if name == "subspace" else ())(
-      reg_weight=0.3, granularity="module", **options)
-  direction, state = jax.jit(tx.update)((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  direction_i, state_i = jax.jit(injected.update)((EMPIRICAL, REGULARIZER), injected.init(PARAMS), PARAMS)
-  chex.assert_trees_all_close(direction, direction_i, rtol=1e-6)
-  chex.assert_trees_all_close(state, state_i.inner_state, rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_updates_keep_the_parameters_dtype(name):
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
-  g, r = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), t) for t in (EMPIRICAL, REGULARIZER))
-  tx = optax.chain(make(name, 0.1), optax.sgd(0.01, momentum=0.9))
-  updates, _ = jax.jit(tx.update)((g, r), tx.init(params), params)
-  chex.assert_trees_all_equal_dtypes(updates, params)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_state_is_stable_under_lax_cond(name):
-  tx = make(name, 0.1)
-  state = tx.init(PARAMS)
-
-  @jax.jit
-  def maybe_update(flag, state):
-    return jax.lax.cond(flag, lambda s: tx.update((EMPIRICAL, REGULARIZER), s, PARAMS)[1], lambda s: s, state)
-
-  updated = maybe_update(True, state)
-  chex.assert_trees_all_equal_structs(updated, state)
-  chex.assert_trees_all_equal_shapes_and_dtypes(updated, state)
-  assert int(updated.count) == 1 and int(maybe_update(False, state).count) == 0
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_update_ignores_unknown_extra_args(name):
-  tx = make(name, 0.1)
-  update = jax.jit(tx.update)
-  plain = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
-  extra = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS, value=1.0, unexpected_extra_arg=3)
-  chex.assert_trees_all_equal(plain, extra)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_errors_name_the_correction(name):
-  factory_name = VARIANTS[name][0].__name__
-  with pytest.raises(ValueError, match=rf"^{factory_name}: reg_weight must be >= 0"):
-    make(name, -1.0)
-  tx = make(name, 0.1)
-  with pytest.raises(ValueError, match=rf"^{factory_name}: got 2 regularizer gradient.*1 reg_weight"):
-    tx.update((EMPIRICAL, REGULARIZER, REGULARIZER), tx.init(PARAMS), PARAMS)
-  with pytest.raises(TypeError, match=rf"^{factory_name} got no regularizer gradient"):
-    tx.update(EMPIRICAL, tx.init(PARAMS), PARAMS)
 
 
 @pytest.mark.parametrize("factory,kwargs,message", [
@@ -528,12 +422,6 @@ def test_a_state_for_other_parameters_is_refused_with_a_message(name):
   state = tx.init({"w": jnp.zeros(3)})
   with pytest.raises(ValueError, match="call init with parameters of the structure given to update"):
     tx.update((EMPIRICAL, REGULARIZER), state, PARAMS)
-
-
-def test_the_corrections_are_exported_at_the_top_level():
-  for name in corrections.CORRECTIONS:
-    assert getattr(dtnh_jax, name) is getattr(corrections, name)
-    assert name in dtnh_jax.__all__
 
 
 # --- the same updates on 8 devices ---------------------------------------------------------------------------------

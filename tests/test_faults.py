@@ -38,14 +38,6 @@ def _checkpoint_at(workdir, step):
     manager.close()
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """An uninterrupted FAST run: what every resumed run must equal."""
-  workdir = tmp_path_factory.mktemp("straight")
-  loop.train(TrainConfig.create(**FAST), workdir)
-  return workdir
-
-
 # --- a run killed at random points resumes exactly -------------------------------------------------------------
 
 # The run as a command (a subprocess that SIGKILL stops anywhere): 30 steps, a checkpoint

@@ -19,6 +19,7 @@ import pytest
 from dtnh_jax.train import guard, loop, presets
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.data import load_data
+from helpers import assert_trees_equal
 
 
 def _tree(seed, scale=1.0):
@@ -37,25 +38,19 @@ OPTIMIZERS = {
 }
 
 
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_guarded_optimizer_is_the_optax_optimizer_when_the_step_is_finite(name):
   plain, guarded = (make() for make in OPTIMIZERS[name])
   params = _tree(0)
   plain_state, guarded_state = plain.init(params), guarded.init(params)
-  _assert_trees_equal(plain_state, guarded_state)
+  assert_trees_equal(plain_state, guarded_state)
   for step in range(4):
     grads = _tree(step + 1)
     plain_updates, plain_state = jax.jit(plain.update)(grads, plain_state, params)
     guarded_updates, guarded_state = jax.jit(lambda g, s, p: guarded.update(g, s, p, finite=jnp.asarray(True)))(
         grads, guarded_state, params)
-    _assert_trees_equal(plain_updates, guarded_updates)
-    _assert_trees_equal(plain_state, guarded_state)
+    assert_trees_equal(plain_updates, guarded_updates)
+    assert_trees_equal(plain_state, guarded_state)
     params = optax.apply_updates(params, plain_updates)
 
 
@@ -69,7 +64,7 @@ def test_a_guarded_optimizer_keeps_its_state_and_emits_zeros_when_the_step_is_no
   state = guarded.update(_tree(1), state, params, finite=jnp.asarray(True))[1]  # a momentum that is not zero
   bad = jax.tree.map(lambda x: x.at[0].set(poison), _tree(2))
   updates, new_state = jax.jit(lambda g, s, p: guarded.update(g, s, p, finite=jnp.asarray(False)))(bad, state, params)
-  _assert_trees_equal(new_state, state)
+  assert_trees_equal(new_state, state)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.asarray(leaf) == 0)
 

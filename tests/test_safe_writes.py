@@ -26,6 +26,7 @@ from dtnh_jax.models import store
 from dtnh_jax.train import TrainConfig, offline, sources
 from dtnh_jax.train import config as config_lib
 from dtnh_jax.train import presets
+from helpers import assert_trees_equal
 
 # A ResNet-18 at the offline problem's size: saves and loads in a fraction of a second.
 TINY_MODEL = {"arch": "resnet18", "width": 0.125, "small_stem": True}
@@ -50,11 +51,6 @@ def _with_nan(variables, count=3):
   kernel = variables["params"]["layer1_0"]["conv1"]["kernel"]
   kernel.reshape(-1)[:count] = np.nan
   return variables
-
-
-def _assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
 
 
 def _flip_bytes_in_largest_array_file(checkpoint):
@@ -172,7 +168,7 @@ def test_force_replaces_a_dtnh_jax_checkpoint_and_the_new_one_loads(tmp_path, ca
   variables, metadata = models.load_variables(dst)
   assert metadata["num_classes"] == 1000 and metadata["width"] == 1.0
   expected = models.load_torchvision_checkpoint(resnet18_file, arch="resnet18")
-  _assert_trees_equal(jax.tree.map(np.asarray, variables), expected)
+  assert_trees_equal(jax.tree.map(np.asarray, variables), expected)
   assert os.listdir(tmp_path) == ["out"]  # no temporary folder left
   models.check_save_target(dst, force=True)  # still a checkpoint of ours
 
@@ -181,7 +177,7 @@ def test_save_into_an_empty_folder_or_a_new_path_is_fine(tmp_path):
   (tmp_path / "empty").mkdir()
   expected = _save(tmp_path / "empty")
   _save(tmp_path / "new" / "deeper")
-  _assert_trees_equal(models.load_variables(tmp_path / "empty")[0], expected)
+  assert_trees_equal(models.load_variables(tmp_path / "empty")[0], expected)
   assert sorted(os.listdir(tmp_path)) == ["empty", "new"]
 
 
@@ -215,7 +211,7 @@ def test_a_failure_during_the_write_leaves_the_old_checkpoint_loadable(tmp_path,
   with pytest.raises(OSError, match="simulated"):
     _save(path, seed=1, force=True)
   monkeypatch.undo()
-  _assert_trees_equal(models.load_variables(path)[0], old)
+  assert_trees_equal(models.load_variables(path)[0], old)
   assert os.listdir(tmp_path) == ["ckpt"]  # the temporary folder is gone
 
 
@@ -249,7 +245,7 @@ def test_a_save_removes_the_temporary_folders_that_killed_saves_to_its_target_le
   other_target = _left_behind(tmp_path, "other", "tmp", _dead_pid())
   (tmp_path / ".ckpt.mine").mkdir()  # not of that pattern: the user's
   expected = _save(tmp_path / "ckpt")
-  _assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], expected)
+  assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], expected)
   assert not dead.exists() and not reused.exists()
   assert running.exists() and other_target.exists() and (tmp_path / ".ckpt.mine").is_dir()
 
@@ -261,7 +257,7 @@ def test_a_checkpoint_a_killed_save_had_moved_aside_is_put_back_before_the_next_
   os.rename(tmp_path / "aside", tmp_path / f".ckpt.dtnh-old-{dead}-abcd_123")
   with pytest.raises(models.UnsafeTargetError, match="pass --force"):  # the old checkpoint is back: not replaced
     _save(tmp_path / "ckpt")
-  _assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], _tiny_variables(seed=3))
+  assert_trees_equal(models.load_variables(tmp_path / "ckpt")[0], _tiny_variables(seed=3))
   assert os.listdir(tmp_path) == ["ckpt"]
 
 
@@ -334,7 +330,7 @@ def test_checkpoints_written_without_checksums_still_load(tmp_path):
   checkpointer.wait_until_finished()
   checkpointer.close()
   restored, metadata = models.load_variables(tmp_path / "old")
-  _assert_trees_equal(restored, variables)
+  assert_trees_equal(restored, variables)
   assert metadata == {"arch": "resnet18"}
 
 
@@ -415,4 +411,4 @@ def test_corrupted_offline_cache_is_set_aside_and_rebuilt(tmp_path, monkeypatch,
   assert len(messages[0].splitlines()) == 1
   assert fast_offline_sources == [0, 1]  # pre-trained again
   assert os.path.isdir(path + ".corrupt-1")  # kept, not deleted
-  _assert_trees_equal(variables, _tiny_variables(seed=2))
+  assert_trees_equal(variables, _tiny_variables(seed=2))

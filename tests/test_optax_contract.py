@@ -1,0 +1,189 @@
+"""The optax contract that dtnh and every correction beside it meets: the bar of optax/contrib/_common_test.py.
+
+One parametrized test per property, over every transformation of the package that takes an empirical and a
+regularizer gradient: :func:`dtnh_jax.dtnh`, the gradient-surgery aggregators (``dtnh_jax.aggregators``) and the
+never-hurt candidates (``dtnh_jax.corrections``, the stateful ones included). What each one computes is checked
+against its own reference in tests/test_projection.py, tests/test_aggregators.py and tests/test_corrections.py;
+here only that it behaves like an optax transformation: both forms of the regularizer gradient, unknown extra
+args, one compile, ``inject_hyperparams``, dtypes, ``lax.cond``, schedules, ``chain`` and ``masked``, errors that
+name it.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dtnh_jax
+from dtnh_jax import aggregators, corrections
+
+#: Each transformation as tested: its factory of ``reg_weight`` and the options it is given beyond it.
+TRANSFORMATIONS = {
+    "dtnh": (dtnh_jax.dtnh, {}),
+    **{name: (getattr(aggregators, name), {"c": 0.5} if name == "cagrad" else {})   # CAGrad has no default radius
+       for name in aggregators.AGGREGATORS},
+    "subspace": (corrections.subspace_projection, {"memory": 3}),
+    "ema": (corrections.ema_projection, {"decay": 0.8}),
+    "ema_guarded": (corrections.ema_projection, {"decay": 0.8, "guard_current": True}),
+    "bound": (corrections.share_bound, {"kappa": 0.5}),
+    "bound_after_dtnh": (corrections.share_bound, {"kappa": 0.5, "projection": "conflict"}),
+}
+NAMES = list(TRANSFORMATIONS)
+#: Options that set the shape of a state: static under ``inject_hyperparams``.
+STATIC_OPTIONS = ("memory",)
+
+
+def make(name, reg_weight, **kwargs):
+  factory, options = TRANSFORMATIONS[name]
+  return factory(reg_weight, **{**options, **kwargs})
+
+
+def random_tree(seed, scale=1.0):
+  shapes = {"conv": {"kernel": (3, 3, 2, 4)}, "bn": {"scale": (4,), "bias": (4,)}, "fc": {"kernel": (4, 5),
+                                                                                           "bias": (5,)}}
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s), jnp.float32), shapes,
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+PARAMS = random_tree(0)
+EMPIRICAL = random_tree(1)
+# pulls against the empirical gradient, so that every correction changes something
+REGULARIZER = jax.tree.map(lambda g, noise: noise - 0.8 * g, EMPIRICAL, random_tree(2, 0.5))
+
+
+def steps(count):
+  """``(g, r)`` pairs that conflict, one per step."""
+  return [(random_tree(10 + i), jax.tree.map(lambda g, noise: noise - 0.8 * g, random_tree(10 + i),
+                                             random_tree(20 + i, 0.5))) for i in range(count)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tuple_form_and_extra_args_form_give_the_same_numbers(name):
+  tx = make(name, 0.5)
+  update = jax.jit(tx.update)
+  by_tuple = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
+  by_keyword = update(EMPIRICAL, tx.init(PARAMS), PARAMS, regularizer_grads=REGULARIZER)
+  chex.assert_trees_all_equal(by_tuple, by_keyword)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_update_ignores_unknown_extra_args(name):
+  tx = make(name, 0.1)
+  update = jax.jit(tx.update)
+  plain = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
+  extra = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS, value=1.0, unexpected_extra_arg=3)
+  chex.assert_trees_all_equal(plain, extra)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jitted_step_does_not_recompile_on_second_call(name):
+  tx = optax.chain(make(name, optax.exponential_decay(0.5, 5, 0.5)), optax.sgd(0.01, momentum=0.9))
+
+  @jax.jit
+  def step(params, state):
+    # gradients that change with the parameters, as a training step's do
+    g = jax.tree.map(lambda e, p: e + 0.1 * p, EMPIRICAL, params)
+    updates, state = tx.update((g, REGULARIZER), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = step(PARAMS, tx.init(PARAMS))
+  step(params, state)
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_gives_identical_numbers(name):
+  factory, options = TRANSFORMATIONS[name]
+  tx = make(name, 0.3, granularity="module")
+  injected = optax.inject_hyperparams(factory, static_args=tuple(k for k in options if k in STATIC_OPTIONS))(
+      reg_weight=0.3, granularity="module", **options)
+  direction, state = jax.jit(tx.update)((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
+  direction_i, state_i = jax.jit(injected.update)((EMPIRICAL, REGULARIZER), injected.init(PARAMS), PARAMS)
+  chex.assert_trees_all_close(direction, direction_i, rtol=1e-6)
+  chex.assert_trees_all_close(state, state_i.inner_state, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name", NAMES)
+def test_updates_keep_the_parameters_dtype(name, dtype):
+  params, g, r = (jax.tree.map(lambda x: x.astype(dtype), t) for t in (PARAMS, EMPIRICAL, REGULARIZER))
+  tx = optax.chain(make(name, 0.1), optax.sgd(0.01, momentum=0.9))
+  updates, _ = jax.jit(tx.update)((g, r), tx.init(params), params)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_stable_under_lax_cond(name):
+  tx = make(name, 0.1)
+  state = tx.init(PARAMS)
+
+  @jax.jit
+  def maybe_update(flag, state):
+    return jax.lax.cond(flag, lambda s: tx.update((EMPIRICAL, REGULARIZER), s, PARAMS)[1], lambda s: s, state)
+
+  updated = maybe_update(True, state)
+  chex.assert_trees_all_equal_structs(updated, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updated, state)
+  assert int(updated.count) == 1 and int(maybe_update(False, state).count) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schedule_weight_is_evaluated_at_the_step_count(name):
+  tx = make(name, optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5))
+  update = jax.jit(tx.update)
+  state = tx.init(PARAMS)
+  for step in range(3):
+    _, state = update((EMPIRICAL, REGULARIZER), state, PARAMS)
+    np.testing.assert_allclose(state.diagnostics.reg_weight, 0.5 ** step)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chain_with_sgd_applies_sgd_to_the_corrected_direction(name):
+  tx = optax.chain(make(name, 0.5), optax.sgd(0.1, momentum=0.9))
+  alone, sgd = make(name, 0.5), optax.sgd(0.1, momentum=0.9)
+  state, alone_state, sgd_state = tx.init(PARAMS), alone.init(PARAMS), sgd.init(PARAMS)
+  chain_update, alone_update = jax.jit(tx.update), jax.jit(alone.update)
+  for g, r in steps(3):
+    updates, state = chain_update(g, state, PARAMS, regularizer_grads=r)
+    direction, alone_state = alone_update((g, r), alone_state, PARAMS)
+    want, sgd_state = sgd.update(direction, sgd_state, PARAMS)
+    chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state[0], alone_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_optax_masked_corrects_the_masked_leaves_only(name):
+  mask = {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}, "fc": {"kernel": True, "bias": True}}
+  tx = optax.masked(make(name, 0.5), mask)
+  only = make(name, 0.5)
+  chosen = lambda tree: {"conv": tree["conv"], "fc": tree["fc"]}
+  state, only_state = tx.init(PARAMS), only.init(chosen(PARAMS))
+  masked_update, only_update = jax.jit(tx.update), jax.jit(only.update)
+  for g, r in steps(3):
+    direction, state = masked_update(g, state, PARAMS, regularizer_grads=r)
+    want, only_state = only_update((chosen(g), chosen(r)), only_state, chosen(PARAMS))
+    chex.assert_trees_all_close(chosen(direction), want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(direction["bn"], g["bn"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_errors_name_the_transformation(name):
+  factory_name = TRANSFORMATIONS[name][0].__name__
+  with pytest.raises(ValueError, match=rf"^{factory_name}: reg_weight must be >= 0"):
+    make(name, -1.0)
+  tx = make(name, 0.1)
+  with pytest.raises(ValueError, match=rf"^{factory_name}: got 2 regularizer gradient.*1 reg_weight"):
+    tx.update((EMPIRICAL, REGULARIZER, REGULARIZER), tx.init(PARAMS), PARAMS)
+  with pytest.raises(TypeError, match=rf"^{factory_name} got no regularizer gradient"):
+    tx.update(EMPIRICAL, tx.init(PARAMS), PARAMS)
+
+
+def test_every_transformation_is_exported_at_the_top_level():
+  for module, exported in ((aggregators, aggregators.AGGREGATORS), (corrections, corrections.CORRECTIONS)):
+    for name in exported:
+      assert getattr(dtnh_jax, name) is getattr(module, name)
+      assert name in dtnh_jax.__all__
+  assert "dtnh" in dtnh_jax.__all__
