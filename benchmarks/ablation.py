@@ -14,7 +14,7 @@ test accuracy is then read for the pick only, and the variant is compared
 with tuned X and with tuned DTNH(X) (``conflict``, ``tree``) by the paired
 difference over seeds (``dtnh_jax.train.stats``, 95% t interval).
 
-Runs go through ``dtnh_jax.train.offline.run_grid``, the code ``dtnh-train``
+Runs go through ``dtnh_jax.train.grid.run_grid``, the code ``dtnh-train``
 runs, one sub-workdir per variant (``WORKDIR/VARIANT``; ``WORKDIR/plain``
 for X): an interrupted ablation resumes where it stopped. Writes
 ``WORKDIR/ablation.md`` (the table) and ``ablation.json`` (every run's
@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from dtnh_jax import names
-from dtnh_jax.train import offline, presets, provenance, selection, stats
+from dtnh_jax.train import grid, presets, provenance, selection, stats
 from dtnh_jax.train.config import Method
 from dtnh_jax.train.data import validation_kind
 
@@ -61,8 +61,8 @@ def run_variants(base, workdir: str, regularizer: str, source: str, seeds, reg_w
   records = []
   jobs = [("plain", Method(regularizer, False), {})] + [(v, Method(regularizer, True), VARIANTS[v]) for v in variants]
   for variant, method, settings in jobs:
-    results = offline.run_grid(base.replace(**settings), os.path.join(workdir, variant), sources=[source],
-                               methods=[method], seeds=seeds, reg_weights=reg_weights, show_progress=show_progress)
+    results = grid.run_grid(base.replace(**settings), os.path.join(workdir, variant), sources=[source],
+                            methods=[method], seeds=seeds, reg_weights=reg_weights, show_progress=show_progress)
     records += [{**record, "variant": variant} for record in results]
   return records
 

@@ -1,7 +1,7 @@
 """Figures 3-5 of a grid for a pair of runs you name: X and DTNH(X) from one source at one λ.
 
 ``dtnh-train`` draws its Figures 3-5 for the pair where DTNH changes the
-tuned outcome most (``dtnh_jax.train.offline``). When DTNH changes little at
+tuned outcome most (``dtnh_jax.train.grid``). When DTNH changes little at
 the tuned λ, that pair shows little; this script draws the same figures,
 with the same code, for the pair you choose, e.g. KnowDist from ``unrelated``
 at an over-strong λ, where the study found DTNH relieving the damage:
@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Any
 
-from dtnh_jax.train import offline, selection
+from dtnh_jax.train import grid, selection
 
 
 def pair_records(results: list[dict[str, Any]], method: str, source: str, reg_weight: float,
@@ -71,7 +71,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(f"{results_path} is missing: run the grid first (dtnh-train ... --workdir {args.workdir}).")
   with open(results_path) as f:
     results = json.load(f)
-  existing = [name for name in (offline.FIGURE3, offline.FIGURE4_5, offline.FIGURES_SUMMARY)
+  existing = [name for name in (grid.FIGURE3, grid.FIGURE4_5, grid.FIGURES_SUMMARY)
               if os.path.exists(os.path.join(args.out, name))]
   if existing and not args.force:
     parser.error(f"{args.out} already holds {', '.join(existing)}; pass --force to overwrite them, or another --out.")
@@ -79,16 +79,16 @@ def main(argv=None) -> dict[str, Any]:
     records = pair_records(results, args.method, args.source, args.reg_weight, args.reg_decay)
   except ValueError as error:
     parser.error(str(error))
-  # a sweep keeps each run under its λ and decay (offline.run_dir); a grid of one combination does not
+  # a sweep keeps each run under its λ and decay (grid.run_dir); a grid of one combination does not
   first = records[0]
-  combination = offline.combination_label(first["reg_weight"], first["reg_decay"])
-  sweep = os.path.isdir(os.path.dirname(offline.run_dir(args.workdir, first["source"], first["method"],
-                                                        int(first["seed"]), combination)))
+  combination = grid.combination_label(first["reg_weight"], first["reg_decay"])
+  sweep = os.path.isdir(os.path.dirname(grid.run_dir(args.workdir, first["source"], first["method"],
+                                                     int(first["seed"]), combination)))
   dataset = records[0].get("dataset") or "offline-digits"
   reason = (f"chosen by the command: {selection.plain_method(first['method']) or first['method']} and DTNH from "
             f"{args.source} at λ {args.reg_weight:g}"
             + (f", decay {args.reg_decay:g}" if args.reg_decay is not None else ""))
-  summary = offline.draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out, reason=reason)
+  summary = grid.draw_figures(args.workdir, records, dataset, sweep, out_dir=args.out, reason=reason)
   if summary is None:
     parser.error(f"the runs' metrics.jsonl are missing under {args.workdir}: is it the grid's workdir?")
   print(json.dumps(summary))

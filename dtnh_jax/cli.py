@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
 
 __all__ = [
     "convert_main",
@@ -110,7 +109,7 @@ def _version() -> str:
 def _comma_separated(kind, text: str) -> tuple | ValueError:
   """``"1,2"`` -> ``(1, 2)`` for a tuple-valued setting.
 
-  A value that does not parse comes back as the ValueError that says so, which :func:`_plan` reports in one
+  A value that does not parse comes back as the ValueError that says so, which ``plan.resolve`` reports in one
   line naming the flag: raised here, argparse would print its whole usage above it.
   """
   try:
@@ -118,10 +117,6 @@ def _comma_separated(kind, text: str) -> tuple | ValueError:
   except ValueError:
     return ValueError(f"expected comma-separated {({int: 'integers', float: 'numbers'}).get(kind, 'names')}, "
                       f"got {text!r}")
-
-
-def _shown(value) -> str:
-  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def settings_to_argv(settings) -> list[str]:
@@ -146,7 +141,7 @@ def settings_to_argv(settings) -> list[str]:
 
 def _train_parser():
   from dtnh_jax import names  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, plan as plan_lib, presets  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="dtnh-train",
@@ -212,9 +207,9 @@ def _train_parser():
     kind, is_tuple, _ = config_lib.setting_types()[field.name]
     choices = field.metadata["choices"]
     default = defaults[field.name]
-    shown = "not set" if default is None else _shown(default)
+    shown = "not set" if default is None else plan_lib.value_text(default)
     offline = offline_settings.get(field.name, default)
-    shown += f"; offline: {_shown(offline)}" if offline != default else ""
+    shown += f"; offline: {plan_lib.value_text(offline)}" if offline != default else ""
     help_text = field.metadata["help"].replace("%", "%%")
     if is_tuple and choices:
       help_text += f", among {', '.join(choices)}"
@@ -223,7 +218,7 @@ def _train_parser():
     if kind is bool:
       settings.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
                             help=help_text)
-    elif field.name in _SWEPT:
+    elif field.name in plan_lib.SWEPT:
       help_text += "; comma-separated values sweep it: one run per value, the best on validation picked"
       settings.add_argument(flag, dest=field.name, default=None, type=functools.partial(_comma_separated, kind),
                             metavar="X[,X...]", help=help_text)
@@ -247,15 +242,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # jax-free: --help and --print-config load no jax; the errors of the modules that do are caught below
-    from dtnh_jax.train import config as config_lib, interrupts  # pylint: disable=g-import-not-at-top
+    from dtnh_jax.train import config as config_lib, interrupts, plan as plan_lib  # pylint: disable=g-import-not-at-top
 
     plan = None
     try:
       # SIGTERM, like Ctrl-C, runs the clean-up; the loop defers both to a checkpoint
       with interrupts.raising(), _one_line_warnings("dtnh-train"), _logging("dtnh-train", args.verbose):
-        plan = _plan(args)
+        flags = {name: value for name, value in vars(args).items()
+                 if name in plan_lib.COMMAND_FLAGS or name in config_lib.setting_types()}
+        plan = plan_lib.resolve(args.preset, args.config, flags)
         if args.print_config:
-          print(_settings_text(plan, args.print_config), end="")
+          print(plan_lib.settings_text(plan, args.print_config), end="")
           return 0
         return _train(args, plan)
     except config_lib.ConfigError as error:
@@ -382,7 +379,7 @@ class _LogLines(logging.Handler):
 
 
 #: The loggers whose INFO lines the CLI shows without -v: pre-training an offline source takes minutes.
-_SHOWN_BY_DEFAULT = ("dtnh_jax.train.offline",)
+_SHOWN_BY_DEFAULT = ("dtnh_jax.train.sources",)
 #: ... and those of a single run: its few evaluations over hours.
 _SHOWN_FOR_A_SINGLE_RUN = ("dtnh_jax.train.loop",)
 
@@ -434,171 +431,14 @@ def _unraisable(previous_hook, unraisable) -> None:
   previous_hook(unraisable)
 
 
-class _Plan(NamedTuple):
-  """What a ``dtnh-train`` command runs: ``base`` for every method x seed x source, in ``workdir``."""
-
-  base: object  # TrainConfig
-  methods: list
-  seeds: list[int]
-  sources: list[str]
-  workdir: str
-  offline_default: bool
-
-  reg_weights: list = [None]
-  reg_decays: list = [None]
-
-  @property
-  def runs(self) -> int:
-    from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-    combinations = [(w, d) for w in self.reg_weights for d in self.reg_decays]
-    return len(config_lib.grid_runs(self.sources, self.methods, self.seeds, combinations))
-
-
-#: λ and its decay: a flag or --config list of several values sweeps them (selection on validation).
-_SWEPT = ("reg_weight", "reg_decay")
-#: Settings that may hold a list in a --config file: one run per value (as --method, --seeds).
-_GRID = ("method", "seed", "source") + _SWEPT
-
-
-def _plan(args) -> _Plan:
-  """The runs of the command: the presets, then ``--config``, then the flags.
-
-  Raises:
-    ConfigError: a bad --config file or setting.
-  """
+def _train(args, plan) -> int:
+  """The runs of ``plan`` (``plan.Plan``): one with --export, else a grid (methods x seeds x sources)."""
   from dtnh_jax import names  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib, presets  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train.data import validation_kind  # pylint: disable=g-import-not-at-top
-  for name, value in vars(args).items():  # a flag's value that did not parse (see _comma_separated)
-    if isinstance(value, ValueError):
-      raise config_lib.ConfigError(f"--{name.replace('_', '-')}: {value}.")
-  settings = config_lib.read_settings(args.config, lists=_GRID, extra=("workdir",)) if args.config else {}
-  config_workdir = settings.pop("workdir", None)
-  settings.update({name: value for name, value in vars(args).items()
-                   if name in config_lib.setting_types() and name != "method" and value is not None})
-
-  def given_once(values, flag: str, what: str, key=lambda value: value) -> None:
-    """Refuses a grid axis naming a value twice: its runs would count twice in the means over them."""
-    seen = {}
-    for value in values:
-      if key(value) in seen and seen[key(value)] == value:
-        raise config_lib.ConfigError(f"{flag} names {what} {value} twice; give each once (given twice, its runs "
-                                     "would count twice in the means).")
-      if key(value) in seen:
-        raise config_lib.ConfigError(f"{flag} names {what}s {seen[key(value)]} and {value}, whose runs would share "
-                                     f"the folder {key(value)!r}; rename one.")
-      seen[key(value)] = value
-
-  # where a grid axis came from, for the messages: its flag, else the --config file (a preset repeats nothing)
-  origin = lambda name, flag: flag or f"--config {args.config}: its {name} list"
-  as_list = lambda value: list(value) if isinstance(value, list) else [value]
-  method_text = args.method if args.method is not None else settings.pop("method", None)
-  if isinstance(method_text, list):
-    method_text = ",".join(method_text)
-  if args.offline and args.preset not in (None, "offline"):
-    raise config_lib.ConfigError(f"--offline is --preset offline; it cannot go with --preset {args.preset}.")
-  preset_name = args.preset or ("offline" if args.offline else None)
-  if preset_name is None:
-    preset_name = "offline" if settings.get("dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET else "paper"
-  dataset = settings.get("dataset", config_lib.TrainConfig.dataset)
-  preset = presets.settings(preset_name, dataset)
-  offline_default = preset.get("dataset") == names.OFFLINE_TARGET and settings.get(
-      "dataset", names.OFFLINE_TARGET) == names.OFFLINE_TARGET
-  grid = presets.GRIDS.get(preset_name, {})  # the preset's default runs, each overridden by a flag or --config
-  methods = _parse_methods(method_text or grid.get("method") or preset.get("method")
-                           or ("all" if offline_default else "l2-sp"))
-  given_once([m.name for m in methods], origin("method", args.method and f"--method {args.method}"), "method")
-  seed = settings.pop("seed", None)
-  if args.seeds is not None:
-    seeds = _parse_seeds(args.seeds)
-  elif seed is not None:
-    seeds = as_list(seed)
-    given_once(seeds, origin("seed", None), "seed")
-  elif "seed" in grid:
-    seeds = list(grid["seed"])
-  else:
-    seeds = [0, 1, 2] if preset_name == "offline" else [preset.get("seed", config_lib.TrainConfig.seed)]
-  source = settings.pop("source", None)
-  if source is not None:
-    sources = as_list(source)
-    # the run folder of a source is its last path component (offline.run_dir)
-    given_once(sources, origin("source", None), "source",
-               key=lambda path: os.path.basename(os.path.normpath(path)) or "source")
-  elif "source" in grid:
-    sources = list(grid["source"])
-  elif "source" in preset:
-    sources = [preset["source"]]
-  else:
-    sources = list(names.OFFLINE_SOURCES) if offline_default else [config_lib.TrainConfig.source]
-  swept = {}
-  for name in _SWEPT:
-    value = settings.pop(name, None)
-    if value is None:
-      value = grid.get(name, preset.get(name, config_lib.TrainConfig().settings()[name]))
-    swept[name] = as_list(list(value) if isinstance(value, tuple) else value)
-    if not swept[name]:
-      raise config_lib.ConfigError(f"--{name.replace('_', '-')} names no value.")
-    flag_value = getattr(args, name, None)
-    given_once(swept[name], origin(name, flag_value and f"--{name.replace('_', '-')} {_shown(flag_value)}"),
-               "the value")
-  # a --seed that --seeds overrides is still checked, as every other setting given
-  given_seed = {"seed": seed} if seed is not None and not isinstance(seed, list) else {}
-  base = config_lib.TrainConfig.create(**{**preset, **settings, **given_seed, "method": methods[0].name,
-                                          "source": sources[0]})
-  base = base.replace(seed=seeds[0], reg_weight=swept["reg_weight"][0], reg_decay=swept["reg_decay"][0])
-  optimizer = base.recipe.optimizer
-  if args.momentum is not None and optimizer != "sgd":  # its default value too: the flag would do nothing
-    raise config_lib.ConfigError(f"--momentum is SGD's; --optimizer {optimizer} has its own moments (b1 0.9, "
-                                 "b2 0.999). Leave --momentum out, or pass --optimizer sgd.")
-  for seed in seeds[1:]:  # a bad seed or λ of a grid fails now, not hours in
-    base.replace(seed=seed)
-  for weight in swept["reg_weight"]:
-    for decay in swept["reg_decay"]:
-      base.replace(reg_weight=weight, reg_decay=decay)
-  if len(swept["reg_weight"]) * len(swept["reg_decay"]) > 1 and validation_kind(base) is None:
-    raise config_lib.ConfigError(f"a sweep of --reg-weight/--reg-decay picks on validation accuracy, and --dataset "
-                                 f"{base.dataset} has no validation split of its own: pass --val-fraction (e.g. "
-                                 "0.2) to carve one; nothing is chosen on the test split.")
-  # folder:PATH datasets run under runs/folder-NAME (no colon or absolute path in a folder name)
-  dataset_dir = (f"folder-{os.path.basename(os.path.normpath(base.dataset.split(':', 1)[1])) or 'data'}"
-                 if base.dataset.startswith("folder:") else base.dataset)
-  if args.workdir:
-    workdir = args.workdir
-  elif config_workdir:  # a printed config (--print-config) runs where its header said
-    workdir = config_workdir
-  elif offline_default:
-    workdir = os.path.join("runs", "offline-default" if preset_name == "offline" else f"offline-{preset_name}")
-  elif len(sources) == 1:
-    workdir = os.path.join("runs", dataset_dir, os.path.basename(os.path.normpath(base.source)))
-  else:
-    workdir = os.path.join("runs", dataset_dir)
-  return _Plan(base, methods, seeds, sources, workdir, offline_default, swept["reg_weight"], swept["reg_decay"])
-
-
-def _settings_text(plan: _Plan, fmt: str) -> str:
-  """The settings of ``plan`` as a --config file in ``fmt``: every setting, lists for a grid's axes."""
-  from dtnh_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  single = lambda values: values[0] if len(values) == 1 else list(values)
-  # the workdir too: --config FILE then runs where the header says, whatever preset printed it
-  settings = {"workdir": plan.workdir, **plan.base.settings(), "method": single([m.name for m in plan.methods]),
-              "seed": single(plan.seeds), "source": single(plan.sources),
-              "reg_weight": single(plan.reg_weights), "reg_decay": single(plan.reg_decays)}
-  text = config_lib.format_settings(settings, fmt)
-  if fmt == "toml":
-    text = (f"# dtnh-train --config FILE.toml: {plan.runs} run(s) in {plan.workdir}; a list of methods, seeds, "
-            "sources, reg_weight or reg_decay values runs each.\n" + text)
-  return text
-
-
-def _train(args, plan: _Plan) -> int:
-  """The runs ``dtnh-train`` was asked for: one with --export, else a grid (methods x seeds x sources)."""
-  from dtnh_jax import names  # pylint: disable=g-import-not-at-top
-  from dtnh_jax.train import config as config_lib, loop, offline, sharding  # pylint: disable=g-import-not-at-top
+  from dtnh_jax.train import config as config_lib, grid, loop, plan as plan_lib, sharding  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import sources as sources_lib  # pylint: disable=g-import-not-at-top
   _start_distributed(args)  # before any JAX computation
   workdir = plan.workdir
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir {workdir} is a file; it must be a directory (or not exist yet).")
+  plan_lib.check_workdir(workdir)
   if args.force and not args.export:
     raise config_lib.ConfigError("--force only lets --export replace a checkpoint dtnh_jax wrote; pass --export "
                                  "DIR, or --restart to start a run anew.")
@@ -621,9 +461,9 @@ def _train(args, plan: _Plan) -> int:
     for name in _SHOWN_FOR_A_SINGLE_RUN:
       logging.getLogger(name).setLevel(logging.INFO)
   if args.export:
-    offline.pretrain_sources(config, [config.source])  # if it is an offline source, and not cached yet
-    progress = offline.Progress(1, enabled=not args.no_progress and sharding.is_chief())
-    folder = offline.run_dir(workdir, config.source, config.method, config.seed)
+    sources_lib.pretrain_sources(config, [config.source])  # if it is an offline source, and not cached yet
+    progress = grid.Progress(1, enabled=not args.no_progress and sharding.is_chief())
+    folder = grid.run_dir(workdir, config.source, config.method, config.seed)
     try:
       result = loop.train(config, folder, export_to=args.export, force_export=args.force, restart=args.restart,
                           progress=progress.for_run(config.method))
@@ -637,35 +477,10 @@ def _train(args, plan: _Plan) -> int:
     lines.append(("exported to", f"{args.export} (--source {args.export} starts a run from it)"))
     print("\n" + "\n".join(f"{label + ':':21}{text}" for label, text in lines))
   else:
-    offline.run_grid(plan.base, workdir, sources=plan.sources, methods=plan.methods, seeds=plan.seeds,
+    grid.run_grid(plan.base, workdir, sources=plan.sources, methods=plan.methods, seeds=plan.seeds,
                      reg_weights=plan.reg_weights, reg_decays=plan.reg_decays, show_progress=not args.no_progress,
                      restart=args.restart)
   return 0
-
-
-def _parse_methods(text: str):
-  from dtnh_jax.train.config import ALL_METHODS, ConfigError, Method  # pylint: disable=g-import-not-at-top
-  if text.strip().lower() == "all":
-    return list(ALL_METHODS)
-  methods = [Method.parse(name) for name in text.split(",") if name.strip()]
-  if not methods:
-    raise ConfigError(f"--method {text!r} names no method; e.g. --method l2-sp,dtnh-l2-sp, or all.")
-  return methods
-
-
-def _parse_seeds(text: str) -> list[int]:
-  from dtnh_jax.train.config import ConfigError  # pylint: disable=g-import-not-at-top
-  try:
-    seeds = [int(s) for s in text.split(",") if s.strip()]
-  except ValueError:
-    raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}.") from None
-  if not seeds:
-    raise ConfigError(f"--seeds {text!r} names no seed; e.g. --seeds 0,1,2.")
-  repeated = next((seed for position, seed in enumerate(seeds) if seed in seeds[:position]), None)
-  if repeated is not None:
-    raise ConfigError(f"--seeds {text} names seed {repeated} twice; give each once (given twice, its runs would "
-                      "count twice in the means).")
-  return seeds
 
 
 def _start_distributed(args) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from dtnh_jax import cli
 from dtnh_jax.data import __main__ as data_command
-from dtnh_jax.train import TrainConfig, checkpoint, offline, report, step as step_lib
+from dtnh_jax.train import TrainConfig, checkpoint, grid, report, step as step_lib
 from dtnh_jax.train import config as config_lib
 from helpers import run_main
 
@@ -345,7 +345,7 @@ def tiny_adamw_run(tmp_path_factory):
   """``dtnh-train --optimizer adamw`` with its progress bar on: its outputs and each progress call it made."""
   workdir = tmp_path_factory.mktemp("adamw")
   calls = []
-  for_run = offline.Progress.for_run
+  for_run = grid.Progress.for_run
 
   def recording_for_run(self, label):
     hook = for_run(self, label)
@@ -356,7 +356,7 @@ def tiny_adamw_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("DTNH_JAX_CACHE", str(workdir / "cache"))
-    patch.setattr(offline.Progress, "for_run", recording_for_run)
+    patch.setattr(grid.Progress, "for_run", recording_for_run)
     code, out, err = run_main(cli.train_main, TINY_RUN + ["--workdir", str(workdir / "runs")])
   assert code == 0, err
   run = workdir / "runs" / "scratch" / "dtnh-l2-sp" / "seed0"
@@ -446,7 +446,7 @@ def test_cli_shows_warnings_and_slow_steps_and_with_verbose_every_info_line(verb
   err = io.StringIO()
   with contextlib.redirect_stderr(err), cli._logging("dtnh-train", verbose):  # pylint: disable=protected-access
     logging.getLogger("dtnh_jax.train.loop").warning("a warning")
-    logging.getLogger("dtnh_jax.train.offline").info("pre-training notice")
+    logging.getLogger("dtnh_jax.train.sources").info("pre-training notice")
     logging.getLogger("dtnh_jax.train.loop").info("an evaluation")
     logging.getLogger("dtnh_jax.train.loop").debug("a detail")
   assert err.getvalue().splitlines() == shown
@@ -454,11 +454,11 @@ def test_cli_shows_warnings_and_slow_steps_and_with_verbose_every_info_line(verb
 
 def test_cli_logging_is_undone_after_the_command():
   package = logging.getLogger("dtnh_jax")
-  before = (list(package.handlers), package.level, package.propagate, logging.getLogger("dtnh_jax.train.offline").level)
+  before = (list(package.handlers), package.level, package.propagate, logging.getLogger("dtnh_jax.train.sources").level)
   with cli._logging("dtnh-train", True):  # pylint: disable=protected-access
     pass
   assert (list(package.handlers), package.level, package.propagate,
-          logging.getLogger("dtnh_jax.train.offline").level) == before
+          logging.getLogger("dtnh_jax.train.sources").level) == before
 
 
 def test_importing_the_package_warns_nothing():

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dtnh_jax import models
-from dtnh_jax.train import TrainConfig, checkpoint, loop, offline
+from dtnh_jax.train import TrainConfig, checkpoint, grid, loop
 from helpers import (FAST, REPO, TRAIN_ENTRY, assert_trees_equal, cli_error, command_env, data_with_nan_batches,
                      newest_checkpoint, run_args, run_metrics, train_flags)
 
@@ -289,7 +289,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_ch
 
 
 def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(offline, "load_data", lambda config, *shard: _data_with_nan_batch(config, 2, *shard))
+  monkeypatch.setattr(grid, "load_data", lambda config, *shard: _data_with_nan_batch(config, 2, *shard))
   error = cli_error(run_args(tmp_path), capsys, code=1)
   assert "step 2: the loss or the update is not finite" in error and "--on-nonfinite skip" in error
 

@@ -1,7 +1,7 @@
 """Modules meet at public names only: no private name of another module is imported or patched (issue #25, 3).
 
 A name with a leading underscore is its module's own: the package's other modules and the benchmarks use what
-a module makes public and documents (a benchmark that needs a grid's figures calls ``offline.draw_figures``).
+a module makes public and documents (a benchmark that needs a grid's figures calls ``grid.draw_figures``).
 Two exceptions: a private module of a package (``aggregators/_gram.py``,
 ``regularizers/_common.py``) is shared by its package's modules, and a test may look inside the package it
 tests (white-box). Tests share helpers through ``tests/helpers.py`` and ``tests/reference.py``, never by

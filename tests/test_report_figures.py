@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from dtnh_jax.train import Method, metrics, offline, presets, report  # pylint: disable=wrong-import-position
+from dtnh_jax.train import Method, grid, metrics, presets, report  # pylint: disable=wrong-import-position
 
 
 def _record(method, source, seed, val, test, weight=0.1, decay=1.0, **extra):
@@ -31,7 +31,7 @@ def test_the_pair_drawn_is_the_one_dtnh_changes_most_on_validation_not_on_test()
       ("dtnh-knowdist", "unrelated", [0.70, 0.70], [0.81, 0.81]),  # validation +9 points
       ("knowdist", "related", [0.70, 0.70], [0.70, 0.70]),  # no DTNH run from this source: no pair
   ])
-  pair = offline._figure_pair(records)  # pylint: disable=protected-access
+  pair = grid._figure_pair(records)  # pylint: disable=protected-access
   assert (pair["regularizer"], pair["source"], pair["field"]) == ("knowdist", "unrelated", "val_accuracy")
   assert pair["difference"] == pytest.approx(0.09)
   assert {(c["regularizer"], c["source"]) for c in pair["candidates"]} == {("l2-sp", "related"),
@@ -41,13 +41,13 @@ def test_the_pair_drawn_is_the_one_dtnh_changes_most_on_validation_not_on_test()
 def test_without_validation_the_pair_is_chosen_on_test_and_only_picks_count():
   records = _pairs([("l2-sp", "related", [None], [0.70]), ("dtnh-l2-sp", "related", [None], [0.75]),
                     ("knowdist", "related", [None], [0.70]), ("dtnh-knowdist", "related", [None], [0.72])])
-  pair = offline._figure_pair(records)  # pylint: disable=protected-access
+  pair = grid._figure_pair(records)  # pylint: disable=protected-access
   assert (pair["regularizer"], pair["field"]) == ("l2-sp", "test_accuracy")
   # in a sweep only the records at each method's pick are compared
   swept = [{**r, "selected": r["method"] != "dtnh-l2-sp"} for r in records]
   swept += [{**_record("dtnh-l2-sp", "related", 0, None, 0.69, weight=1.0), "selected": True}]
-  assert offline._figure_pair(swept)["regularizer"] == "knowdist"  # pylint: disable=protected-access
-  assert offline._figure_pair(_pairs([("l2-sp", "related", [0.5], [0.5])])) is None  # pylint: disable=protected-access
+  assert grid._figure_pair(swept)["regularizer"] == "knowdist"  # pylint: disable=protected-access
+  assert grid._figure_pair(_pairs([("l2-sp", "related", [0.5], [0.5])])) is None  # pylint: disable=protected-access
 
 
 def _train(step, **values):
@@ -100,7 +100,7 @@ def test_plot_angles_of_one_run_still_works(tmp_path, captions):
 
 def _write_metrics(workdir, record, sweep, lines):
   """``lines`` as the metrics.jsonl of ``record``'s run, where the grid keeps it."""
-  path = offline._metrics_of(str(workdir), record, sweep)  # pylint: disable=protected-access
+  path = grid._metrics_of(str(workdir), record, sweep)  # pylint: disable=protected-access
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
@@ -114,7 +114,7 @@ def test_a_sweep_draws_the_runs_at_each_methods_pick_and_says_so(tmp_path):
   for r in records:  # only the picks' runs have angles to draw
     _write_metrics(tmp_path, r, True, (DTNH_RUN if r["method"].startswith("dtnh-") else PLAIN_RUN)
                    if r["selected"] else [_train(1)])
-  drawn = offline.draw_figures(str(tmp_path), records, "offline-digits", sweep=True)
+  drawn = grid.draw_figures(str(tmp_path), records, "offline-digits", sweep=True)
   for name in ("figure3_losses.png", "figure4_5_angles.png", "figures.json"):
     assert (tmp_path / name).exists(), name
   assert json.load(open(tmp_path / "figures.json")) == drawn
@@ -123,14 +123,14 @@ def test_a_sweep_draws_the_runs_at_each_methods_pick_and_says_so(tmp_path):
   assert [run["metrics"] for run in drawn["runs"]] == [f"related/knowdist/lambda1_decay1/seed0/{metrics.FILE}",
                                                        f"related/dtnh-knowdist/lambda0.1_decay1/seed0/{metrics.FILE}"]
   assert drawn["angles"]["angle2_obtuse_share"] == 0.75 and drawn["angles"]["plain_angle3_mean"] == 40.0
-  line = offline._figures_line(drawn)  # pylint: disable=protected-access
+  line = grid._figures_line(drawn)  # pylint: disable=protected-access
   assert "KnowDist vs DTNH (KnowDist) from related, seed 0" in line and "+10.00 points" in line and "75%" in line
 
 
 @pytest.mark.slow
 def test_a_real_tiny_sweep_draws_its_figures(tmp_path, capsys):
   base = presets.get("tiny", val_fraction=0.2, steps=3, eval_every=3)
-  offline.run_grid(base, str(tmp_path), sources=("scratch",), methods=[Method.parse("l2-sp"),
+  grid.run_grid(base, str(tmp_path), sources=("scratch",), methods=[Method.parse("l2-sp"),
                                                                       Method.parse("dtnh-l2-sp")],
                    seeds=(0,), reg_weights=(0.1, 1.0), show_progress=False)
   drawn = json.load(open(tmp_path / "figures.json"))

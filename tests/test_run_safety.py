@@ -253,9 +253,9 @@ def test_skipped_steps_are_counted_across_a_resume(tmp_path):
 _SIGNALLING_ENTRY = """
 import os, signal, sys
 sys.modules['tensorboardX'] = None
-from dtnh_jax.train import offline
+from dtnh_jax.train import grid
 signum, at = int(sys.argv[1]), sys.argv[2]
-load_data = offline.load_data
+load_data = grid.load_data
 
 class Signalling:
   def __init__(self, loader): self.loader = loader
@@ -273,7 +273,7 @@ def signalling_data(config, *shard):
   data = load_data(config, *shard)
   return data.__class__(**{**data.__dict__, 'train_loader': lambda seed: Signalling(data.train_loader(seed))})
 
-offline.load_data = signalling_data
+grid.load_data = signalling_data
 from dtnh_jax.cli import train_main
 sys.exit(train_main(sys.argv[3:]))
 """

@@ -23,7 +23,7 @@ import safetensors.numpy
 
 from dtnh_jax import cli, models
 from dtnh_jax.models import store
-from dtnh_jax.train import TrainConfig, offline, sources
+from dtnh_jax.train import TrainConfig, loop, sources
 from dtnh_jax.train import config as config_lib
 from dtnh_jax.train import presets
 from helpers import assert_trees_equal
@@ -381,7 +381,7 @@ def fast_offline_sources(tmp_path, monkeypatch):
     pretrainings.append(len(pretrainings))
     _save(export_to, seed=len(pretrainings))
 
-  monkeypatch.setattr(offline.loop, "train", pretrain)
+  monkeypatch.setattr(loop, "train", pretrain)
   return pretrainings
 
 
@@ -398,13 +398,13 @@ def _nan_weights(path):
                          ids=["flipped bytes", "garbage metadata", "NaN weights"])
 def test_corrupted_offline_cache_is_set_aside_and_rebuilt(tmp_path, monkeypatch, fast_offline_sources, damage):
   config = TrainConfig.create(**{**FAST, "source": "related"})
-  offline.pretrain_sources(config, ["related"])
+  sources.pretrain_sources(config, ["related"])
   (path,) = glob.glob(str(tmp_path / "cache" / "offline-sources" / "related-*"))
   damage(type(tmp_path)(path))
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert offline.pretrain_sources(config, ["related"]) == {"related": path}
+    assert sources.pretrain_sources(config, ["related"]) == {"related": path}
     variables = sources.load_source(config)
   messages = [str(w.message) for w in caught if "cached offline source" in str(w.message)]
   assert len(messages) == 1 and f"moved it to {path}.corrupt-1" in messages[0]

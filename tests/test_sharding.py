@@ -130,7 +130,7 @@ def _worker(spec_path: str) -> None:
   import jax
   from dtnh_jax import cli, models
   from dtnh_jax.train import sharding
-  from dtnh_jax.train import TrainConfig, loop, offline
+  from dtnh_jax.train import TrainConfig, grid, loop
 
   placements = []  # what the loop placed, to count the FSDP-sharded leaves
   create = sharding.Placement.create.__func__
@@ -143,7 +143,7 @@ def _worker(spec_path: str) -> None:
     export = os.path.join(run["workdir"], "exported")
     started = time.perf_counter()
     if "distributed" in run:  # one process of a job
-      workdir = offline.run_dir(run["workdir"], config.source, config.method, config.seed)  # dtnh-train's
+      workdir = grid.run_dir(run["workdir"], config.source, config.method, config.seed)  # dtnh-train's
       if run.get("interrupt_after"):  # the job is interrupted after these steps, then resumed by dtnh-train
         sharding.initialize_distributed(**run["distributed"])
         stopped = loop.train(config, workdir, stop_after=run["interrupt_after"])
@@ -211,8 +211,8 @@ def _runs(directory, config: dict, methods, **changes) -> list[dict]:
 
 def _pretrain_source() -> None:
   """The offline source every run starts from, pre-trained once here (on one device) before the runs."""
-  from dtnh_jax.train import TrainConfig, offline
-  offline.pretrain_sources(TrainConfig.from_dict({**CONFIG, "method": "fine-tune"}), ["related"])
+  from dtnh_jax.train import TrainConfig, sources
+  sources.pretrain_sources(TrainConfig.from_dict({**CONFIG, "method": "fine-tune"}), ["related"])
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dtnh_jax import models
-from dtnh_jax.train import TrainConfig, checkpoint, offline, sources
+from dtnh_jax.train import TrainConfig, checkpoint, grid, loop, sources
 from dtnh_jax.train.data import load_data
 from dtnh_jax.train import metrics as metrics_lib
 from helpers import FAST, TRAIN_ENTRY, cli_error, command_env, run_args, train_flags
@@ -140,7 +140,7 @@ def _tiny_source(path):
 def test_second_pretraining_of_a_source_waits_for_the_first_and_reuses_its_result(tmp_path, monkeypatch, caplog):
   """Before: the second exited 2 naming an internal '--workdir .../NAME.run is in use' the user never passed."""
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))
-  monkeypatch.setattr(offline.loop, "train", lambda *args, **kwargs: pytest.fail("pre-trained a second time"))
+  monkeypatch.setattr(loop, "train", lambda *args, **kwargs: pytest.fail("pre-trained a second time"))
   config = TrainConfig.create(**{**FAST, "source": "related"})
   path = sources.offline_source_path("related", config)
   held, waiting = threading.Event(), threading.Event()
@@ -159,12 +159,12 @@ def test_second_pretraining_of_a_source_waits_for_the_first_and_reuses_its_resul
   first = threading.Thread(target=first_process)
   first.start()
   held.wait(timeout=60)
-  logging.getLogger("dtnh_jax.train.offline").addHandler(handler := Waiting())
+  logging.getLogger("dtnh_jax.train.sources").addHandler(handler := Waiting())
   try:
-    with caplog.at_level(logging.INFO, logger="dtnh_jax.train.offline"):
-      assert offline.pretrain_sources(config, ["related"]) == {"related": path}
+    with caplog.at_level(logging.INFO, logger="dtnh_jax.train.sources"):
+      assert sources.pretrain_sources(config, ["related"]) == {"related": path}
   finally:
-    logging.getLogger("dtnh_jax.train.offline").removeHandler(handler)
+    logging.getLogger("dtnh_jax.train.sources").removeHandler(handler)
     waiting.set()
     first.join()
   assert f"waiting for another process pre-training related into {path}" in caplog.messages
@@ -211,7 +211,7 @@ def test_second_signal_names_the_newest_checkpoint_written(tmp_path, capsys, mon
     data = load_data(config, *shard)
     return dataclasses.replace(data, train_loader=lambda seed: _SignallingBatches(data.train_loader(seed), 5))
 
-  monkeypatch.setattr(offline, "load_data", signalling_data)
+  monkeypatch.setattr(grid, "load_data", signalling_data)
   error = cli_error(run_args(tmp_path), capsys, code=128 + signal.SIGTERM)
   run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
   assert error.strip().splitlines()[-1] == (

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dtnh_jax import cli
-from dtnh_jax.train import ALL_METHODS, ConfigError, Method, TrainConfig, loop, offline, sharding
+from dtnh_jax.train import ALL_METHODS, ConfigError, Method, TrainConfig, loop, sharding, sources
+from dtnh_jax.train import config as config_lib
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train import presets
 from dtnh_jax.train.data import load_data
@@ -24,7 +25,7 @@ TINY = {**presets.tiny(), "source": "related", "log_every": 2}
 def small_offline_sources(tmp_path_factory, monkeypatch):
   """The offline sources pre-trained for a few steps (the tiny preset's), cached once per test session."""
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-  offline.pretrain_sources(TrainConfig.create(**TINY))
+  sources.pretrain_sources(TrainConfig.create(**TINY))
 
 
 def tiny(**changes):
@@ -306,7 +307,7 @@ def test_delta_attention_fits_its_head_on_a_whole_epoch_and_ranks_channels_on_fo
 
 def test_a_grid_trains_from_scratch_once_whatever_the_sources_and_sweeps_only_regularized_methods():
   methods = [Method.parse(m) for m in ("scratch", "fine-tune", "dtnh-l2-sp")]
-  runs = offline.grid_runs(["related", "unrelated"], methods, [0, 1], [(0.1, 1.0), (1.0, 1.0)])
+  runs = config_lib.grid_runs(["related", "unrelated"], methods, [0, 1], [(0.1, 1.0), (1.0, 1.0)])
   scratch = [(source, seed) for source, method, seed, _ in runs if method.from_scratch]
   assert scratch == [("related", 0), ("related", 1)]
   assert sum(method.name == "fine-tune" for _, method, _, _ in runs) == 2 * 2  # per source and seed
@@ -316,8 +317,7 @@ def test_a_grid_trains_from_scratch_once_whatever_the_sources_and_sweeps_only_re
 def test_an_offline_source_is_pre_trained_on_its_whole_pool_whatever_the_run_s_validation_carve(tmp_path, monkeypatch):
   monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))
   carved, whole = tiny(source="unrelated", val_fraction=0.25), tiny(source="unrelated")
-  from dtnh_jax.train import sources
   assert sources.offline_source_path("unrelated", carved) == sources.offline_source_path("unrelated", whole)
-  path = offline.pretrain_sources(carved, ["unrelated"])["unrelated"]
+  path = sources.pretrain_sources(carved, ["unrelated"])["unrelated"]
   pretraining = json.load(open(os.path.join(path + ".run", "results.json")))
   assert pretraining.get("split") is None and pretraining.get("val_accuracy") is None

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from dtnh_jax import cli
-from dtnh_jax.train import TrainConfig, offline, report
+from dtnh_jax.train import TrainConfig, grid, report
 from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError
 from helpers import FAST, run_main, train_flags
@@ -68,7 +68,7 @@ def test_a_grid_lists_what_it_wrote_and_replaces_only_that(finished_grid):
   workdir = finished_grid[0]
   listed = json.loads((workdir / workdir_lib.WRITTEN).read_text())["files"]
   assert {"results.md", "results.json", "provenance.json", "results.png"} <= set(listed)
-  workdir_lib.check_ours(str(workdir), offline.SUMMARY_FILES)  # its own files: no complaint
+  workdir_lib.check_ours(str(workdir), grid.SUMMARY_FILES)  # its own files: no complaint
 
 
 def test_a_summary_written_before_the_list_existed_is_still_ours(tmp_path):
@@ -77,8 +77,8 @@ def test_a_summary_written_before_the_list_existed_is_still_ours(tmp_path):
             "test_accuracy": 0.5}
   (tmp_path / "results.json").write_text(json.dumps([record]))
   (tmp_path / "results.md").write_text("Target ...")
-  ours = offline._summary_from_before_the_list(str(tmp_path))  # pylint: disable=protected-access
-  workdir_lib.claim(str(tmp_path), offline.SUMMARY_FILES[:4], ours)
+  ours = grid._summary_from_before_the_list(str(tmp_path))  # pylint: disable=protected-access
+  workdir_lib.claim(str(tmp_path), grid.SUMMARY_FILES[:4], ours)
   assert {"results.json", "results.md"} <= set(json.loads((tmp_path / workdir_lib.WRITTEN).read_text())["files"])
 
 
@@ -139,7 +139,7 @@ def test_a_grid_of_other_settings_is_refused_before_it_trains(finished_grid, tmp
 def _fake_run(workdir, method, test_accuracy):
   """A finished run's folder (its config.json) and record, without training."""
   config = TrainConfig.create(**{**FAST, "method": method})
-  folder = offline.run_dir(str(workdir), config.source, method, 0)
+  folder = grid.run_dir(str(workdir), config.source, method, 0)
   os.makedirs(folder)
   with open(os.path.join(folder, workdir_lib.CONFIG), "w") as f:
     f.write(config.to_json())
@@ -153,7 +153,7 @@ def test_a_grid_finishing_while_another_writes_the_summary_waits_and_adds_its_ru
   """Two grids at the same time in one workdir: the summary lists both (before: only the last to finish)."""
   config, first = _fake_run(tmp_path, "fine-tune", 0.5)
   _, second = _fake_run(tmp_path, "l2-sp", 0.6)
-  write = offline._write_outputs  # pylint: disable=protected-access
+  write = grid._write_outputs  # pylint: disable=protected-access
   write(str(tmp_path), [first], ["fine-tune"], config, False)
   other_grid = workdir_lib.Lock(str(tmp_path)).acquire()  # writing its summary now
   writer = threading.Thread(target=write, args=(str(tmp_path), [second], ["l2-sp"], config, False))

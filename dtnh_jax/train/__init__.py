@@ -1,12 +1,14 @@
 """Fine-tuning with and without DTNH: configs, the train step, the loop, checkpoints, reports.
 
 ``dtnh_jax.train.train(config, workdir)`` runs one method; the ``dtnh-train``
-command (``dtnh_jax.cli``) wraps it and, with no arguments, runs the offline
-default (``dtnh_jax.train.offline``).
+command (``dtnh_jax.cli``) resolves what to run (``dtnh_jax.train.plan``) and
+runs it: one run, or a grid of them (``dtnh_jax.train.grid``), with no
+arguments the offline default.
 
 The names below and the submodules are imported on first use (as in the
-package's ``__init__``): the configs and presets (``config``, ``presets``)
-load no jax, so ``dtnh-train --help`` and ``--print-config`` start fast.
+package's ``__init__``): the configs, presets and the plan (``config``,
+``presets``, ``plan``) load no jax, so ``dtnh-train --help`` and
+``--print-config`` start fast.
 """
 
 import typing
@@ -29,7 +31,7 @@ _EXPORTS = {
 }
 
 #: The submodules, reachable as attributes (``dtnh_jax.train.loop``) once the package is imported.
-_SUBMODULES = ("checkpoint", "config", "data", "guard", "interrupts", "loop", "metrics", "offline", "presets",
+_SUBMODULES = ("checkpoint", "config", "data", "grid", "guard", "interrupts", "loop", "metrics", "plan", "presets",
                "provenance", "report", "selection", "sharding", "sources", "stats", "step", "workdir")
 
 __all__ = ["ALL_METHODS", "METHODS", "ConfigError", "Method", "Reference", "TrainConfig", "TrainState",

@@ -56,6 +56,7 @@ from dtnh_jax import names
 from dtnh_jax.data import datasets as datasets_lib
 from dtnh_jax.data import splits
 from dtnh_jax.train.config import ConfigError, TrainConfig
+from dtnh_jax.train.plan import split_seed
 
 __all__ = [
     "FOLDER_PREFIX",
@@ -96,10 +97,6 @@ def _subset(source: data_lib.ArraySource, indices, name: str) -> data_lib.ArrayS
                               name=name)
 
 
-def _split_seed(config: TrainConfig) -> int:
-  return config.seed if config.split_seed is None else config.split_seed
-
-
 def _carve(labels: np.ndarray, config: TrainConfig, where: str,
            class_name: Callable[[int], str] = str) -> tuple[np.ndarray, np.ndarray, dict]:
   """(train indices, val indices, split record) of ``config``'s carve of a pool with ``labels``."""
@@ -110,7 +107,7 @@ def _carve(labels: np.ndarray, config: TrainConfig, where: str,
     more = f" and {single.size - _SHOWN} more" if single.size > _SHOWN else ""
     raise ConfigError(f"{where}: class {shown}{more} has a single training example, which cannot be both trained "
                       "and validated on; --val-fraction needs at least 2 per class (leave it at 0, or add examples).")
-  seed = _split_seed(config)
+  seed = split_seed(config)
   train_indices, val_indices = splits.carve_validation(labels, config.val_fraction, seed)
   return train_indices, val_indices, splits.split_record(labels, config.val_fraction, seed)
 
@@ -121,7 +118,7 @@ def _offline_sources(config: TrainConfig) -> tuple[data_lib.ArraySource, data_li
   name = dataset[len(OFFLINE_PREFIX):]
   if dataset in names.OFFLINE_TARGETS:
     try:
-      return data_lib.offline.target(seed=_split_seed(config), name=name, image_size=image_size,
+      return data_lib.offline.target(seed=split_seed(config), name=name, image_size=image_size,
                                      train_per_class=config.target_per_class)
     except data_lib.DatasetNotPreparedError as error:
       raise ConfigError(str(error)) from None
@@ -151,14 +148,14 @@ def _folder_sources(config: TrainConfig, shard_count: int):
       raise ConfigError(f"--dataset {dataset} has its own validation split {own_val}/, which every run evaluates; "
                         f"--val-fraction carves one only where there is none: leave it at 0 (or remove {own_val}/).")
     sources = data_lib.folder_splits(path, image_size=config.recipe.resize, val_fraction=config.val_fraction,
-                                     val_seed=_split_seed(config))
+                                     val_seed=split_seed(config))
   except data_lib.FolderLayoutError as error:
     raise ConfigError(f"--dataset {dataset}: {error}") from None
   train, test, val = sources["train"], sources["test"], sources["val"]
   if len(train) < shard_count:  # every process needs a non-empty shard
     raise ConfigError(f"--dataset {dataset}: {len(train)} training image(s) cannot be shared by {shard_count} "
                       "processes; add images or run fewer processes.")
-  record = data_lib.folder.split_record(sources, val_fraction=config.val_fraction, val_seed=_split_seed(config))
+  record = data_lib.folder.split_record(sources, val_fraction=config.val_fraction, val_seed=split_seed(config))
   return train, test, (val if len(val) else None), record
 
 

