@@ -36,10 +36,18 @@ def test_every_candidate_is_a_projection_choice():
     assert _tiny(projection=name).dtnh.projection == name
 
 
-@pytest.mark.parametrize("projection", list(CANDIDATES))
-def test_projection_builds_the_candidate_with_its_options(projection):
-  options, factory = CANDIDATES[projection]
-  config = _tiny(projection=projection, **options)
+#: A candidate's further settings, each with the factory that must come out (named by its --projection first).
+SETTINGS = {**CANDIDATES,
+            "share-bound/average": ({"share_bound_kappa": 0.5, "share_bound_reference": "average", "ema_decay": 0.7},
+                                    lambda reg_weight: corrections.share_bound(reg_weight, kappa=0.5,
+                                                                               projection="conflict",
+                                                                               reference="average", decay=0.7))}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_projection_builds_the_candidate_with_its_options(name):
+  options, factory = SETTINGS[name]
+  config = _tiny(projection=name.split("/")[0], **options)
   correction = step_lib.make_correction(config, steps_per_epoch=2)
   expected = factory(optax.exponential_decay(config.recipe.reg_weight, 2, config.recipe.reg_decay, staircase=True))
   params = {"w": jnp.array([1.0, -2.0, 0.5]), "fc": {"b": jnp.array([0.3])}}
@@ -75,6 +83,7 @@ def test_a_candidate_trains_through_the_cli_labelled_and_logging_its_removed_sha
     ({"projection": "share-bound", "share_bound_kappa": -1.0}, "--share-bound-kappa must be >= 0"),
     ({"projection": "subspace", "subspace_memory": 0}, "--subspace-memory must be >= 1"),
     ({"projection": "share-bound", "share_bound_projection": "sometimes"}, "--share-bound-projection must be"),
+    ({"projection": "share-bound", "share_bound_reference": "mean"}, "--share-bound-reference must be"),
     ({"projection": "ema", "max_angle": 30.0}, "--max-angle is DTNH's Eq. 5"),
 ])
 def test_bad_candidate_options_are_refused_naming_the_flag(changes, message):

@@ -37,9 +37,11 @@ VARIANTS = {
     "ema_guarded": (corrections.ema_projection, {"decay": 0.8, "guard_current": True}),
     "bound": (corrections.share_bound, {"kappa": 0.5}),
     "bound_after_dtnh": (corrections.share_bound, {"kappa": 0.5, "projection": "conflict"}),
+    "bound_average": (corrections.share_bound, {"kappa": 0.5, "projection": "conflict", "reference": "average",
+                                                "decay": 0.8}),
 }
 NAMES = list(VARIANTS)
-STATEFUL = ["subspace", "ema", "ema_guarded"]
+STATEFUL = ["subspace", "ema", "ema_guarded", "bound_average"]
 
 
 def make(name, reg_weight, **kwargs):
@@ -160,12 +162,25 @@ class EMAReference:
     return g + sum(lam * cone_projection(r, constraints) for r, lam in zip(rs, lams))
 
 
-def share_bound_reference(g, rs, lams, kappa, projection):
+def share_bound_reference(g, rs, lams, kappa, projection, reference=None):
+  """``g + s R'`` with ``|s R'| <= κ |reference|`` (``reference``: ``g`` unless given)."""
   regularizer = (dtnh_vectors(g, rs, lams) - g if projection == "conflict"
                  else sum(lam * r for r, lam in zip(rs, lams)))
-  norm = np.linalg.norm(regularizer)
-  scale = 1.0 if norm <= kappa * np.linalg.norm(g) else kappa * np.linalg.norm(g) / norm
-  return g + scale * regularizer
+  norm, bound = np.linalg.norm(regularizer), kappa * np.linalg.norm(g if reference is None else reference)
+  return g + (1.0 if norm <= bound else bound / norm) * regularizer
+
+
+class AverageBoundReference:
+  """share_bound(reference="average") on flat vectors: the bound is κ times Adam's bias-corrected first moment."""
+
+  def __init__(self, kappa, projection, decay):
+    self.kappa, self.projection, self.decay, self.average, self.t = kappa, projection, decay, 0.0, 0
+
+  def step(self, g, rs, lams):
+    self.t += 1
+    self.average = self.decay * self.average + (1 - self.decay) * g
+    return share_bound_reference(g, rs, lams, self.kappa, self.projection,
+                                 reference=self.average / (1 - self.decay ** self.t))
 
 
 def reference_for(name, **options):
@@ -175,6 +190,8 @@ def reference_for(name, **options):
     return SubspaceReference(options["memory"])
   if name.startswith("ema"):
     return EMAReference(options["decay"], options.get("guard_current", False))
+  if options.get("reference") == "average":
+    return AverageBoundReference(options["kappa"], options.get("projection", "none"), options["decay"])
 
   class Bound:
     step = staticmethod(lambda g, rs, lams: share_bound_reference(g, rs, lams, options["kappa"],
@@ -265,6 +282,18 @@ def test_share_bound_scales_the_regularizer_to_kappa_times_g():
   np.testing.assert_allclose(np.linalg.norm(dv - gv), 0.25 * np.linalg.norm(gv), rtol=1e-5)
   np.testing.assert_allclose(float(state.removed_fraction), 1 - 0.25 * np.linalg.norm(gv) / np.linalg.norm(
       50.0 * flat(leaves64(random_tree(8)))), rtol=1e-5)
+
+
+def test_share_bound_on_the_average_binds_where_noise_cancels_and_the_bound_on_g_does_not():
+  # g alternates in sign (pure noise): the average is short, |m̂| << |g|, and only the average bound shrinks the pull
+  g, r = random_tree(13), random_tree(14)
+  steps = [(jax.tree.map(lambda x, sign=sign: sign * x, g), [r]) for sign in (1.0, -1.0, 1.0, -1.0)]
+  current, _ = run(corrections.share_bound(0.2, kappa=1.0), steps)
+  average, _ = run(corrections.share_bound(0.2, kappa=1.0, reference="average", decay=0.9), steps)
+  gv, rv = flat_steps(steps)[-1][0], flat_steps(steps)[-1][1][0]
+  assert 0.2 * np.linalg.norm(rv) < np.linalg.norm(gv)                     # below |g|: the current bound is idle
+  np.testing.assert_allclose(current[-1], gv + 0.2 * rv, rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(average[-1] - gv) < 0.5 * np.linalg.norm(0.2 * rv)
 
 
 def test_subspace_basis_stays_orthonormal_and_fills_in_turn():
@@ -410,6 +439,8 @@ EMPIRICAL, REGULARIZER = conflicting_steps(1, seed=20)[0][0], conflicting_steps(
     (corrections.share_bound, {"kappa": -1.0}, r"kappa must be in \[0.0, inf\)"),
     (corrections.share_bound, {"kappa": float("nan")}, r"kappa must be in"),
     (corrections.share_bound, {"projection": "sometimes"}, "projection must be one of"),
+    (corrections.share_bound, {"reference": "mean"}, "reference must be one of"),
+    (corrections.share_bound, {"reference": "average", "decay": 1.0}, r"decay must be in \[0.0, 1.0\)"),
 ])
 def test_bad_options_are_refused_at_construction(factory, kwargs, message):
   with pytest.raises(ValueError, match=message):

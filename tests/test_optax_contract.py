@@ -29,6 +29,8 @@ TRANSFORMATIONS = {
     "ema_guarded": (corrections.ema_projection, {"decay": 0.8, "guard_current": True}),
     "bound": (corrections.share_bound, {"kappa": 0.5}),
     "bound_after_dtnh": (corrections.share_bound, {"kappa": 0.5, "projection": "conflict"}),
+    "bound_average": (corrections.share_bound, {"kappa": 0.5, "projection": "conflict", "reference": "average",
+                                                "decay": 0.8}),
 }
 NAMES = list(TRANSFORMATIONS)
 #: Options that set the shape of a state: static under ``inject_hyperparams``.

@@ -14,9 +14,12 @@ from dtnh_jax.corrections import _common
 from dtnh_jax.projection import Diagnostics
 
 __all__ = [
+    "averages_state",
     "cone_multipliers",
     "ema_projection",
     "EMAState",
+    "updated_averages",
+    "zero_averages",
 ]
 
 #: A candidate of :func:`cone_multipliers` counts as inside a constraint it was not built on when it violates it
@@ -36,6 +39,40 @@ class EMAState(NamedTuple):
   diagnostics: Diagnostics
   removed_fraction: jax.Array
   ema: Any
+
+
+def zero_averages(name: str, params, granularity, unprojected):
+  """The zero moving average of ``g``: ``params``' structure, float32 (or wider), an empty array per unprojected
+  leaf."""
+  leaf_group, num_groups = _common.leaf_groups(name, params, granularity, unprojected)
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      jnp.zeros(jnp.shape(leaf) if group < num_groups else (0,),
+                projection_lib.accumulation_dtype(jnp.result_type(leaf)))
+      for leaf, group in zip(leaves, leaf_group)])
+
+
+def updated_averages(name: str, empirical_leaves, ema, grouping, decay) -> list:
+  """``m_t = β m_{t-1} + (1 - β) g_t`` per projected leaf (``None`` for an unprojected one); an element where
+  ``g`` is not finite keeps its old value."""
+  ema_leaves = jax.tree.leaves(ema)
+  if len(ema_leaves) != len(empirical_leaves):
+    raise ValueError(f"{name}: the state holds {len(ema_leaves)} averages but the gradient has "
+                     f"{len(empirical_leaves)} leaves; call init with parameters of the structure given to update.")
+  beta = jnp.asarray(decay, jnp.float32)
+  num_groups = grouping.num_groups
+  # Written first, and read back by every later pass: the old average then has no reader after the new one is
+  # written, so XLA updates it in place (rather than copying it first, as it must if a pass recomputes it).
+  return jax.lax.optimization_barrier([
+      None if group == num_groups else jnp.where(
+          jnp.isfinite(g), beta.astype(m.dtype) * m + (1 - beta).astype(m.dtype) * g.astype(m.dtype), m)
+      for g, m, group in zip(empirical_leaves, ema_leaves, grouping.leaf_group)])
+
+
+def averages_state(ema, averages: list):
+  """The state's new ``ema`` tree: ``averages`` where a leaf is projected, the old (empty) leaf elsewhere."""
+  return jax.tree.unflatten(jax.tree.structure(ema), [m if average is None else average
+                                                      for m, average in zip(jax.tree.leaves(ema), averages)])
 
 
 def cone_multipliers(aa, ab, bb, ha, hb, rr, *, guard_current: bool) -> tuple[jax.Array, jax.Array]:
@@ -145,26 +182,12 @@ def ema_projection(reg_weight, *, decay=0.9, guard_current: bool = False, granul
   guard_current = bool(guard_current)
 
   def init_state(params, num_regularizers, single):
-    leaf_group, num_groups = _common.leaf_groups("ema_projection", params, granularity, unprojected)
-    leaves, treedef = jax.tree.flatten(params)
-    ema = [jnp.zeros(jnp.shape(leaf) if group < num_groups else (0,),
-                     projection_lib.accumulation_dtype(jnp.result_type(leaf)))
-           for leaf, group in zip(leaves, leaf_group)]
-    return EMAState(**_common.zero_state_fields(num_regularizers, single), ema=jax.tree.unflatten(treedef, ema))
+    return EMAState(**_common.zero_state_fields(num_regularizers, single),
+                    ema=zero_averages("ema_projection", params, granularity, unprojected))
 
   def direction(empirical_leaves, regularizer_leaves, reg_weights, grouping, single, state):
-    ema_leaves = jax.tree.leaves(state.ema)
-    if len(ema_leaves) != len(empirical_leaves):
-      raise ValueError(f"ema_projection: the state holds {len(ema_leaves)} averages but the gradient has "
-                       f"{len(empirical_leaves)} leaves; call init with parameters of the structure given to update.")
-    beta = jnp.asarray(decay, jnp.float32)
+    averages = updated_averages("ema_projection", empirical_leaves, state.ema, grouping, decay)
     num_groups = grouping.num_groups
-    # Written first, and read back by both passes: the old average then has no reader after the new one is
-    # written, so XLA updates it in place (rather than copying it first, as it must if a pass recomputes it).
-    averages = jax.lax.optimization_barrier([
-        None if group == num_groups else jnp.where(
-            jnp.isfinite(g), beta.astype(m.dtype) * m + (1 - beta).astype(m.dtype) * g.astype(m.dtype), m)
-        for g, m, group in zip(empirical_leaves, ema_leaves, grouping.leaf_group)])
     per_leaf, grams = projection_lib.leaf_grams_by_group(empirical_leaves, regularizer_leaves + [averages], grouping)
     k = reg_weights.shape[0]
     mu_g, mu_m = cone_multipliers(grams[:, 0, 0], grams[:, 0, k + 1], grams[:, k + 1, k + 1], grams[:, 1:k + 1, 0],
@@ -177,10 +200,9 @@ def ema_projection(reg_weight, *, decay=0.9, guard_current: bool = False, granul
     reg_scales = jnp.concatenate([jnp.broadcast_to(lam, (num_groups + 1, k)), scale_average[:, None]], axis=1)
     leaves = projection_lib.combine_groups(per_leaf, grouping, scale_empirical, reg_scales)
     weights = jnp.concatenate([scale_empirical[:, None], reg_scales], axis=1)
-    ema = [m if average is None else average for m, average in zip(ema_leaves, averages)]
     return leaves, state._replace(diagnostics=_common.diagnostics_of(grams, weights, reg_weights, single),
                                   removed_fraction=_common.removed_fraction(grams, weights, reg_weights),
-                                  ema=jax.tree.unflatten(jax.tree.structure(state.ema), ema))
+                                  ema=averages_state(state.ema, averages))
 
   return transform.gram_transformation("ema_projection", reg_weight, granularity=granularity, unprojected=unprojected,
                                        init_state=init_state, direction=direction)

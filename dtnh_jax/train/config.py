@@ -315,8 +315,13 @@ class DTNHConfig:
   share_bound_projection: str = _setting("conflict", "--projection share-bound: what is bounded: DTNH's direction "
                                          "(conflict, the paper's projection; always) or the plain ∇J + λ∇Ω (none)",
                                          names.PROJECTIONS)
+  share_bound_reference: str = _setting("current", "--projection share-bound: the bound is κ times the norm of the "
+                                        "current ∇J (current) or of its moving average with decay --ema-decay "
+                                        "(average: the data's persistent drift; κ < 1 leaves the empirical loss's "
+                                        "stationary point the only balance)", ("current", "average"))
   ema_decay: float = _setting(0.9, "--projection ema: β of the moving average of ∇J the regularizer is projected "
-                              "against, in [0, 1) (0: the current ∇J, DTNH)")
+                              "against, in [0, 1) (0: the current ∇J, DTNH); --projection share-bound "
+                              "--share-bound-reference average: β of the average bounding it")
   ema_guard_current: bool = _setting(False, "--projection ema: also never conflict with the current ∇J (the cone "
                                      "of both constraints)")
   subspace_memory: int = _setting(4, "--projection subspace: K, the regularizer loses its conflicting components "
@@ -333,6 +338,7 @@ class DTNHConfig:
     if self.cagrad_c < 0:
       raise ConfigError(f"--cagrad-c must be >= 0, got {self.cagrad_c}.")
     _check_choice(self, "share_bound_projection")
+    _check_choice(self, "share_bound_reference")
     if self.max_angle is not None and self.projection in names.CORRECTIONS:
       raise ConfigError(f"--max-angle is DTNH's Eq. 5; --projection {self.projection} has no such option.")
     if not 0 <= self.ema_decay < 1:

@@ -210,7 +210,8 @@ def make_correction(config: TrainConfig, steps_per_epoch: int, *, num_tensors: i
     common = {"granularity": options.granularity, "unprojected": unprojected}
     if options.projection == "share-bound":
       return corrections.share_bound(reg_weight, kappa=options.share_bound_kappa,
-                                     projection=options.share_bound_projection, **common)
+                                     projection=options.share_bound_projection,
+                                     reference=options.share_bound_reference, decay=options.ema_decay, **common)
     if options.projection == "ema":
       return corrections.ema_projection(reg_weight, decay=options.ema_decay,
                                         guard_current=options.ema_guard_current, **common)
