@@ -86,8 +86,18 @@ def arm(record: dict[str, Any]) -> str:
   """The method as the tables name it: ``dtnh-X`` for DTNH's correction, ``PROJECTION(X)`` for another one."""
   plain = selection.plain_method(record["method"])
   if plain is not None and record.get("projection") not in _DTNH_PROJECTIONS:
-    return f"{record['projection']}({plain})"
+    return f"{_correction(record)}({plain})"
   return record["method"]
+
+
+def _correction(record: dict[str, Any]) -> str:
+  """A candidate correction's name, with the settings that tell its variants apart (share-bound's reference and
+  κ: ``share-bound[average κ0.5]``)."""
+  if record["projection"] != "share-bound":
+    return record["projection"]
+  settings = record.get("settings", {})
+  reference = settings.get("share_bound_reference", "current")
+  return f"share-bound[{reference} κ{settings.get('share_bound_kappa', 1.0):g}]"
 
 
 def _arm_label(name: str) -> str:
