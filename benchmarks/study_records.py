@@ -92,12 +92,12 @@ def arm(record: dict[str, Any]) -> str:
 
 def _correction(record: dict[str, Any]) -> str:
   """A candidate correction's name, with the settings that tell its variants apart (share-bound's reference and
-  κ: ``share-bound[average κ0.5]``)."""
+  κ: ``share-bound average κ0.5``; no brackets, which Markdown would read as a link before the ``(X)``)."""
   if record["projection"] != "share-bound":
     return record["projection"]
   settings = record.get("settings", {})
   reference = settings.get("share_bound_reference", "current")
-  return f"share-bound[{reference} κ{settings.get('share_bound_kappa', 1.0):g}]"
+  return f"share-bound {reference} κ{settings.get('share_bound_kappa', 1.0):g}"
 
 
 def _arm_label(name: str) -> str:
