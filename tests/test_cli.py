@@ -64,6 +64,7 @@ EXPECTED_CHOICES = {
     "projection": ("conflict", "always", "pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad", "share-bound",
                    "ema", "subspace"),
     "share_bound_projection": ("conflict", "always", "none"),
+    "share_bound_reference": ("current", "average"),
     "compute_dtype": ("float32", "bfloat16"),
     "on_nonfinite": ("stop", "skip"),
 }
