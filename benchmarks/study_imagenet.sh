@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The real-source study of benchmarks/RESULTS.md ("EfficientNet-Lite0 from ImageNet on digits"): the preset
 # study-imagenet (dtnh_jax.train.presets) on offline-digits and offline-mnist, two processes side by side, each
-# followed by the candidate grid (DTNH(L2-SP)'s correction replaced by --projection ema with the current-gradient
-# guard; one --projection per workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
+# followed by the candidate grids (DTNH(L2-SP)'s correction replaced by each never-hurt candidate: ema with the
+# current-gradient guard, subspace, the share bound on |g| and on the moving average of g; one setting per workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
 #
 #   bash benchmarks/study_imagenet.sh [WORKDIR]          # default runs/study-imagenet; logs in WORKDIR/*.log
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
@@ -18,6 +18,15 @@ target() {  # the L2-SP family, then the candidate, then KnowDist and from scrat
     --workdir "$workdir/$dataset" --no-progress || failed=1
   dtnh-train --preset study-imagenet --dataset "$dataset" --method dtnh-l2-sp --projection ema --ema-guard-current \
     --workdir "$workdir/$dataset-ema" --no-progress || failed=1
+  dtnh-train --preset study-imagenet --dataset "$dataset" --method dtnh-l2-sp --projection subspace \
+    --workdir "$workdir/$dataset-subspace" --no-progress || failed=1
+  dtnh-train --preset study-imagenet --dataset "$dataset" --method dtnh-l2-sp --projection share-bound \
+    --workdir "$workdir/$dataset-share-bound" --no-progress || failed=1
+  for kappa in 0.25 0.5; do  # the bound on the moving average of g (RESULTS.md: the never-hurt candidates)
+    dtnh-train --preset study-imagenet --dataset "$dataset" --method dtnh-l2-sp --projection share-bound \
+      --share-bound-reference average --share-bound-kappa "$kappa" \
+      --workdir "$workdir/$dataset-share-bound-average-$kappa" --no-progress || failed=1
+  done
   dtnh-train --preset study-imagenet --dataset "$dataset" --method knowdist,dtnh-knowdist,scratch \
     --workdir "$workdir/$dataset" --no-progress || failed=1
   return "$failed"
