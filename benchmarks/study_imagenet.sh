@@ -2,7 +2,8 @@
 # The real-source study of benchmarks/RESULTS.md ("EfficientNet-Lite0 from ImageNet on digits"): the preset
 # study-imagenet (dtnh_jax.train.presets) on offline-digits and offline-mnist, two processes side by side, each
 # followed by the candidate grids (DTNH(L2-SP)'s correction replaced by each never-hurt candidate: ema with the
-# current-gradient guard, subspace, the share bound on |g| and on the moving average of g; one setting per workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
+# current-gradient guard, subspace, the share bound on |g| and on the moving average of g; one setting per
+# workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
 #
 #   bash benchmarks/study_imagenet.sh [WORKDIR]          # default runs/study-imagenet; logs in WORKDIR/*.log
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
