@@ -303,10 +303,7 @@ def parse_seeds(text: str) -> list[int]:
     raise ConfigError(f"--seeds takes comma-separated integers, got {text!r}.") from None
   if not seeds:
     raise ConfigError(f"--seeds {text!r} names no seed; e.g. --seeds 0,1,2.")
-  repeated = next((seed for position, seed in enumerate(seeds) if seed in seeds[:position]), None)
-  if repeated is not None:
-    raise ConfigError(f"--seeds {text} names seed {repeated} twice; give each once (given twice, its runs would "
-                      "count twice in the means).")
+  _given_once(seeds, f"--seeds {text}", "seed")
   return seeds
 
 
