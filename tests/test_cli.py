@@ -66,7 +66,7 @@ EXPECTED_CHOICES = {
     "share_bound_projection": ("conflict", "always", "none"),
     "share_bound_reference": ("current", "average"),
     "compute_dtype": ("float32", "bfloat16"),
-    "on_nonfinite": ("stop", "skip"),
+    "on_nonfinite": ("stop", "skip", "record"),
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dtnh_jax import models
+from dtnh_jax import cli, models
 from dtnh_jax.train import TrainConfig, checkpoint, grid, loop
 from helpers import (FAST, REPO, TRAIN_ENTRY, assert_trees_equal, cli_error, command_env, data_with_nan_batches,
                      newest_checkpoint, run_args, run_metrics, train_flags)
@@ -187,7 +187,7 @@ def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_
     ("--feature-layers", "layer9", "--feature-layers takes comma-separated names"),
     ("--lr-drop-factor", "-0.1", "--lr-drop-factor must be >= 0"),
     ("--compute-dtype", "float16", "--compute-dtype must be one of float32, bfloat16"),
-    ("--on-nonfinite", "ignore", "--on-nonfinite must be one of stop, skip"),
+    ("--on-nonfinite", "ignore", "--on-nonfinite must be one of stop, skip, record"),
     ("--method", ",", "names no method"),
     ("--granularity", "layer", "--granularity must be tree, leaf or module"),
 ])
@@ -292,6 +292,38 @@ def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, c
   monkeypatch.setattr(grid, "load_data", lambda config, *shard: _data_with_nan_batch(config, 2, *shard))
   error = cli_error(run_args(tmp_path), capsys, code=1)
   assert "step 2: the loss or the update is not finite" in error and "--on-nonfinite skip" in error
+
+
+def test_nonfinite_step_with_record_ends_the_run_recorded_as_diverged_at_chance_accuracy(tmp_path):
+  config = TrainConfig.create(**{**FAST, "on_nonfinite": "record", "val_fraction": 0.25})
+  data = _data_with_nan_batch(config, 3)
+  with pytest.warns(RuntimeWarning, match=r"step 3: .*recorded as diverged at chance accuracy"):
+    results = loop.train(config, tmp_path, data=data)
+  assert results["diverged_at_step"] == 3
+  assert results["test_accuracy"] == results["val_accuracy"] == 1 / data.num_classes
+  assert results["test_loss"] is None and results["val_loss"] is None
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  # no step after the diverged one was trained, evaluated or checkpointed
+  assert max(r["step"] for r in run_metrics(tmp_path)) == 3
+  assert all(int(p) < 3 for p in os.listdir(tmp_path / "checkpoints"))
+  # a finished run: the same command returns its record without training
+  assert loop.train(config, tmp_path, data=data) == results
+
+
+def test_a_grid_records_a_diverged_run_and_goes_on_to_the_next(tmp_path, capsys, monkeypatch):
+  load_data = grid.load_data
+
+  def seed_0_diverges(config, *shard):  # each seed draws its own split (--val-fraction): data per seed
+    return _data_with_nan_batch(config, 2, *shard) if config.seed == 0 else load_data(config, *shard)
+
+  monkeypatch.setattr(grid, "load_data", seed_0_diverges)
+  args = run_args(tmp_path, on_nonfinite="record", val_fraction=0.25)
+  args[args.index("--seeds") + 1] = "0,1"
+  assert cli.train_main(args) == 0
+  summary = json.loads((tmp_path / "runs" / "results.json").read_text())
+  assert [r.get("diverged_at_step") for r in sorted(summary, key=lambda r: r["seed"])] == [2, None]
+  assert "1 run(s) diverged" in (tmp_path / "runs" / "results.md").read_text()
+  assert "at step 2" in capsys.readouterr().out
 
 
 def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchanged(tmp_path):

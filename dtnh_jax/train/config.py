@@ -53,7 +53,7 @@ __all__ = [
 #: Regularizers of the paper (L2-SP, KnowDist), its baselines and DELTA.
 METHODS = names.REGULARIZERS
 _LABELS = dict(zip(names.REGULARIZERS, names.METHOD_LABELS, strict=True))
-ON_NONFINITE = ("stop", "skip")
+ON_NONFINITE = ("stop", "skip", "record")
 # dtnh's "none" is the plain method here (--method without the dtnh- prefix).
 PROJECTIONS = (tuple(projection for projection in names.PROJECTIONS if projection != "none") + names.AGGREGATORS
                + names.CORRECTIONS)
@@ -363,8 +363,10 @@ class RunConfig:
   eval_batch_size: int = _setting(100, "images per evaluation batch")
   # a step whose loss or update is NaN/Inf is never applied; then "stop" the run
   # (the last checkpoint stays the last good one) or "skip" the step and go on
+  # "record": the run ends there, recorded as diverged at chance accuracy, and a grid goes on to its next run
   on_nonfinite: str = _setting("stop", "after a step with a NaN/Inf loss or update (never applied): stop the run, "
-                               "or skip the step and go on", ON_NONFINITE)
+                               "skip the step and go on, or record the run as diverged (chance accuracy; a grid "
+                               "goes on)", ON_NONFINITE)
   # with "skip": the run stops (exit 1) once more than this fraction of --steps was skipped, so
   # a diverged run cannot end "successfully" having skipped most of its steps
   skip_limit: float = _setting(0.05, "with --on-nonfinite skip: the run stops once more than this fraction of "

@@ -379,6 +379,16 @@ def _training_time(results: list[dict[str, Any]]) -> str:
           + (f" ({untimed} of them not timed: finished before this summary recorded times)" if untimed else ""))
 
 
+def _diverged_line(results: list[dict[str, Any]]) -> str:
+  """Names the runs recorded as diverged (``--on-nonfinite record``), which count at chance accuracy."""
+  diverged = [r for r in results if r.get("diverged_at_step") is not None]
+  if not diverged:
+    return ""
+  named = "; ".join(f"{r['run']} at step {r['diverged_at_step']}" for r in diverged)
+  return (f"{len(diverged)} run(s) diverged (a NaN/Inf step; --on-nonfinite record) and count at chance accuracy: "
+          f"{named}.\n\n")
+
+
 def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[str], dataset: str,
                    sweep: bool) -> list[dict[str, Any]]:
   # earlier grids' runs: their methods too, and a sweep when the summary holds several λ of a method
@@ -387,7 +397,7 @@ def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[st
   sweep = sweep or (validated and len({_run_key(r)[3:] for r in results if len(_run_key(r)) > 3}) > 1)
   seeds = len({r["seed"] for r in results})
   header = (f"Target {dataset}: test accuracy (%), mean ± sample sd (ddof=1) over {seeds} seed(s); "
-            f"{_training_time(results)}.\n\n")
+            f"{_training_time(results)}.\n\n{_diverged_line(results)}")
   if validated:  # the λ and decay of each method chosen on validation, then its test accuracy
     results = selection.select(results)
     tuned = report.tuned_table(selection.summary(results), stats.dtnh_pairs(results))

@@ -27,7 +27,11 @@ A step whose loss or update is NaN/Inf is never applied (see ``step.py``);
 with ``on_nonfinite="stop"`` the run then stops with
 :class:`NonFiniteLossError` before its next checkpoint, with ``"skip"`` it
 goes on (the metric ``skipped`` marks such steps) until more than
-``skip_limit`` of the steps were skipped.
+``skip_limit`` of the steps were skipped, and with ``"record"`` the run ends
+there and its results record it as diverged (``diverged_at_step``) at chance
+accuracy, what a network whose weights went to NaN/Inf is worth: a grid goes
+on to its next run, and a λ grid's selection never picks it over a run that
+learned.
 """
 
 from __future__ import annotations
@@ -363,6 +367,7 @@ def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop
   latest: dict[str, Any] = {}  # what progress() shows: host values fetched anyway, never a transfer of its own
   started = time.perf_counter()
   step = start
+  diverged = None  # with --on-nonfinite record: the first step whose loss or update was not finite
   try:
     with interrupts.deferred() as interrupt:
       while step < config.recipe.steps:
@@ -386,9 +391,14 @@ def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop
             if record["skipped"]:
               if config.run.on_nonfinite == "skip":
                 skipped.add(record)
+              elif config.run.on_nonfinite == "record":
+                diverged = record["step"]
+                break
               else:
                 _stop_on_non_finite(record, log, checkpoints)
           pending.clear()
+          if diverged is not None:  # no evaluation, no checkpoint of the steps after it
+            break
         if evaluating:
           evaluation = _evaluate(eval_step, state, data, placement)
           log.write({"step": step, "kind": "eval", **evaluation})
@@ -413,7 +423,14 @@ def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop
   sharding.sync("metrics written")  # process 0's metrics.jsonl is complete before any process reads it
   records = report.read_metrics(os.path.join(workdir, metrics_lib.FILE))
   final = [r for r in records if r["kind"] == "eval" and r["step"] == config.recipe.steps]
-  if final:
+  if diverged is not None:  # what a diverged network is worth: chance (its parameters would be NaN/Inf)
+    chance = 1 / data.num_classes
+    final = {"test_accuracy": chance, "test_loss": None, "val_loss": None,
+             "val_accuracy": chance if data.val_batches is not None else None}
+    warnings.warn(f"{workdir}: step {diverged}: the loss or the update is not finite; the run stops and is recorded "
+                  f"as diverged at chance accuracy (1/{data.num_classes}; --on-nonfinite record).", RuntimeWarning,
+                  stacklevel=3)
+  elif final:
     final = final[-1]
   else:  # its line was damaged (and set aside): evaluate the final state again
     final = {"step": config.recipe.steps, "kind": "eval", **_evaluate(eval_step, state, data, placement)}
@@ -425,6 +442,8 @@ def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop
              "val_loss": final.get("val_loss"), "reg_weight": config.recipe.reg_weight,
              "reg_decay": config.recipe.reg_decay, "split": data.split, "skipped_steps": skipped.count,
              "provenance": provenance.provenance()}
+  if diverged is not None:
+    results["diverged_at_step"] = diverged
   if skipped.count:
     warnings.warn(f"{workdir}: {skipped.count} of {config.recipe.steps} steps were skipped (non-finite loss or update; "
                   "'skipped' in metrics.jsonl marks them).", RuntimeWarning, stacklevel=3)
