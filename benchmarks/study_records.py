@@ -342,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_records(records, args.out)
     print(f"{len(records)} runs -> {args.out}")
     return 0
+  if not os.path.isfile(args.records):
+    parser.exit(2, f"study_records.py: error: no records file {args.records}; write one with "
+                "`study_records.py collect WORKDIR --out FILE`.\n")
   records = read_records(args.records)
   text = tables(records)
   if args.out:

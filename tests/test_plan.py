@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from dtnh_jax import cli, names
-from dtnh_jax.train import ALL_METHODS, ConfigError, Method, grid, loop, plan, presets
+from dtnh_jax.train import ConfigError, Method, grid, loop, plan, presets
 from helpers import cli_error, run_main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -33,9 +33,19 @@ def test_resolve_loads_no_jax():
 
 
 def test_the_offline_default_grid_is_presets_grids_offline():
-  assert presets.GRIDS["offline"] == {"method": "all", "seed": [0, 1, 2], "source": list(OFFLINE)}
+  grid = presets.GRIDS["offline"]
   default = plan.resolve(None, None, {})
-  assert (default.methods, default.seeds, default.sources) == (ALL_METHODS, (0, 1, 2), OFFLINE)
+  assert ([m.name for m in default.methods], list(default.seeds), list(default.sources),
+          list(default.reg_weights)) == (grid["method"].split(","), grid["seed"], grid["source"], grid["reg_weight"])
+
+
+def test_the_offline_default_picks_lambda_on_validation_beside_fine_tuning_and_scratch():
+  default = plan.resolve(None, None, {})
+  assert {"fine-tune", "scratch"} <= {m.name for m in default.methods}
+  assert len(default.reg_weights) > 1 and default.base.val_fraction > 0  # a sweep, chosen on validation
+  assert default.sources == OFFLINE and len(default.seeds) >= 3  # paired intervals need seeds
+  # L2-SP's coefficients are the official ones, not values chosen on a test set
+  assert (default.base.regularizer.l2_sp_alpha, default.base.regularizer.l2_sp_beta) == (0.1, 0.01)
 
 
 def test_the_offline_default_follows_presets_grids_offline(monkeypatch):
@@ -50,12 +60,12 @@ def _summary(p: plan.Plan) -> tuple:
           p.reg_decays, p.runs)
 
 
-ALL = [m.name for m in ALL_METHODS]
+QUICK = ["scratch", "fine-tune", "l2-sp", "dtnh-l2-sp"]
 STUDY = "scratch,fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta".split(",")
 
 
 @pytest.mark.parametrize("preset, flags, expected", [
-    (None, {}, (ALL, (0, 1, 2), OFFLINE, "runs/offline-default", True, (1.0,), (0.9,), 54)),
+    (None, {}, (QUICK, (0, 1, 2), OFFLINE, "runs/offline-default", True, (0.1, 1.0, 10.0), (0.9,), 45)),
     ("study", {}, (STUDY, (0, 1, 2, 3, 4), OFFLINE, "runs/offline-study", True, (0.001, 0.01, 0.1, 1.0, 10.0),
                    (0.98,), 415)),
     ("study-imagenet", {}, (["fine-tune", "l2-sp", "dtnh-l2-sp", "knowdist", "dtnh-knowdist", "scratch"],
@@ -68,11 +78,12 @@ STUDY = "scratch,fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,de
                                     1)),
     (None, {"dataset": "folder:/data/flowers/", "source": "/w/ckpt"},
      (["l2-sp"], (0,), ("/w/ckpt",), "runs/folder-flowers/ckpt", False, (1.0,), (1.0,), 1)),
-    (None, {"offline": True, "seeds": "5"}, (ALL, (5,), OFFLINE, "runs/offline-default", True, (1.0,), (0.9,), 18)),
+    (None, {"offline": True, "seeds": "5"}, (QUICK, (5,), OFFLINE, "runs/offline-default", True, (0.1, 1.0, 10.0),
+                                            (0.9,), 15)),
     # the offline preset elsewhere keeps its grid's seeds only; another preset on the offline target its sources
     (None, {"offline": True, "dataset": "offline-mnist"},
      (["l2-sp"], (0, 1, 2), ("imagenet",), "runs/offline-mnist/imagenet", False, (1.0,), (0.9,), 3)),
-    ("paper", {"dataset": "offline-digits"}, (ALL, (0,), OFFLINE, "runs/offline-paper", True, (1.0,), (1.0,), 18)),
+    ("paper", {"dataset": "offline-digits"}, (QUICK, (0,), OFFLINE, "runs/offline-paper", True, (1.0,), (1.0,), 7)),
     ("study", {"dataset": "offline-mnist"}, (STUDY, (0, 1, 2, 3, 4), OFFLINE, "runs/offline-mnist", False,
                                              (0.001, 0.01, 0.1, 1.0, 10.0), (0.98,), 415)),
 ], ids=["default", "study", "study-imagenet", "sweep", "tiny", "cifar10", "folder", "offline-seeds",

@@ -131,3 +131,39 @@ def test_dtnh_pairs_at_the_plain_pick_compare_both_at_xs_lambda():
   records = [_run(m, s, w, vals[(m, w)], tests[(m, w)][s]) for (m, w) in tests for s in range(2)]
   pair, = stats.dtnh_pairs(records, at="plain")
   assert (pair["reg_weight"], pair["dtnh_reg_weight"]) == (0.1, 0.1) and pair["mean"] == pytest.approx(0.065)
+
+
+def _reference_study():
+  """Fine-tuning, scratch (under the first source) and L2-SP at two λ, 3 seeds, from two sources."""
+  records = []
+  for seed in range(3):
+    for source, base in (("related", 0.80), ("unrelated", 0.70)):
+      records.append({"method": "fine-tune", "source": source, "seed": seed, "reg_weight": 0.0, "reg_decay": 1.0,
+                      "val_accuracy": base, "test_accuracy": base + 0.01 * seed})
+      for weight, val, gain in ((0.1, base + 0.05, (0.02, 0.03, 0.01)), (1.0, base - 0.05, (0.5, 0.5, 0.5))):
+        records.append({"method": "l2-sp", "source": source, "seed": seed, "reg_weight": weight, "reg_decay": 1.0,
+                        "val_accuracy": val, "test_accuracy": base + 0.01 * seed + gain[seed]})
+    records.append({"method": "scratch", "source": "related", "seed": seed, "reg_weight": 0.0, "reg_decay": 1.0,
+                    "val_accuracy": 0.5, "test_accuracy": 0.5 + 0.02 * seed})
+  return records
+
+
+def test_reference_pairs_compare_each_method_at_its_pick_with_fine_tuning_from_its_source():
+  rows = {(r["source"], r["method"]): r for r in stats.reference_pairs(_reference_study())}
+  assert set(rows) == {("related", "l2-sp"), ("related", "scratch"), ("unrelated", "l2-sp"),
+                       ("unrelated", "scratch")}
+  for source, base in (("related", 0.80), ("unrelated", 0.70)):
+    # L2-SP at its validation pick (λ 0.1: its gains), not at λ 1 (the test-best)
+    test = scipy_stats.ttest_rel([base + 0.01 * s + g for s, g in enumerate((0.02, 0.03, 0.01))],
+                                 [base + 0.01 * s for s in range(3)])
+    row = rows[(source, "l2-sp")]
+    assert row["reg_weight"] == 0.1 and row["reference"] == "fine-tune"
+    np.testing.assert_allclose([row["mean"], row["p_value"]], [0.02, test.pvalue], rtol=1e-10)
+    # scratch ran under the first source only: it is what each source's pre-training is worth
+    scratch = [0.5 + 0.02 * s - (base + 0.01 * s) for s in range(3)]
+    np.testing.assert_allclose(rows[(source, "scratch")]["mean"], np.mean(scratch), rtol=1e-12)
+
+
+def test_reference_pairs_need_fine_tuning_from_the_source():
+  records = [r for r in _reference_study() if not (r["method"] == "fine-tune" and r["source"] == "unrelated")]
+  assert {r["source"] for r in stats.reference_pairs(records)} == {"related"}

@@ -155,3 +155,20 @@ def test_one_seed_gives_a_delta_without_an_interval():
   records = [r for r in _study() if r["seed"] == 0]
   table = report.tuned_table(selection.summary(records), stats.dtnh_pairs(records))
   assert _row(table, "related", "L2-SP")[5] == "+5.00 (n=1: no interval)"
+
+
+def test_the_reference_table_gives_each_tuned_method_minus_fine_tuning_with_its_interval_and_holm_p():
+  pairs = stats.reference_pairs(_study())
+  table = report.reference_table(pairs)
+  adjusted = {(p["source"], p["method"]): p for p in stats.with_holm(pairs)}
+  pair = adjusted[("related", "dtnh-l2-sp")]
+  cells = [c.strip() for c in next(line for line in table.splitlines()
+                                   if line.startswith("| related | dtnh-l2-sp |")).strip("|").split("|")]
+  mark = " *" if pair["excludes_zero"] else ""
+  assert cells[2] == f"{100 * pair['mean']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]{mark}"
+  assert cells[3].startswith(f"{pair['p_holm']:.3f}")
+  assert "minus fine-tuning from the same source" in table and "chosen on validation" in table
+
+
+def test_no_fine_tuning_runs_give_no_reference_table():
+  assert report.reference_table(stats.reference_pairs([r for r in _study() if r["method"] != "fine-tune"])) == ""

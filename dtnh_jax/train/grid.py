@@ -401,6 +401,8 @@ def _write_summary(workdir: str, results: list[dict[str, Any]], methods: list[st
   if validated:  # the λ and decay of each method chosen on validation, then its test accuracy
     results = selection.select(results)
     tuned = report.tuned_table(selection.summary(results), stats.dtnh_pairs(results))
+    against = report.reference_table(stats.reference_pairs(results))  # empty without fine-tuning runs
+    tuned += "\n" + against if against else ""
     table = tuned if sweep else report.results_table(results, methods) + "\n" + tuned
   else:
     table = report.results_table(results, methods)

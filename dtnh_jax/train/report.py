@@ -23,6 +23,7 @@ __all__ = [
     "plot_losses",
     "plot_results",
     "read_metrics",
+    "reference_table",
     "results_table",
     "tuned_table",
     "write_run_report",
@@ -291,6 +292,24 @@ def _delta(pair: dict[str, Any] | None) -> str:
     return f"{100 * pair['mean']:+.2f} (n={pair['n']}: no interval)"
   mark = " *" if pair["excludes_zero"] else ""
   return f"{100 * pair['mean']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]{mark}"
+
+
+def reference_table(pairs: Sequence[dict[str, Any]]) -> str:
+  """Markdown: each tuned method − fine-tuning from the same source (:func:`dtnh_jax.train.stats.reference_pairs`),
+  in points with its t interval over the seed pairs (``*``: it excludes 0) and its Holm-adjusted p-value over the
+  table's rows (``†``: below 1 − the confidence); a footnote says so. Empty without pairs."""
+  if not pairs:
+    return ""
+  confidences = {pair["confidence"] for pair in pairs}
+  level = f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
+  lines = [f"| source | method (at its pick) | − fine-tuning [{level}] | Holm p |", "|---|---|---|---|"]
+  for pair in stats.with_holm(pairs):
+    lines.append(f"| {pair['source']} | {pair['method']} | {_delta(pair)} | {_holm(pair)} |")
+  lines += ["", "Each method at the λ and decay chosen on validation minus fine-tuning from the same source, test "
+            "accuracy in points, paired over seeds (mean [t interval], * where it excludes 0); Holm p adjusts the "
+            "rows' paired t-tests for this table († where below 1 − confidence). From scratch against fine-tuning "
+            "is what the source's pre-training is worth; X against fine-tuning, whether regularizing helps."]
+  return "\n".join(lines) + "\n"
 
 
 def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> str:

@@ -18,7 +18,9 @@ there is no spread to judge by: ``std``, the interval and ``p_value`` are
 
 :func:`dtnh_pairs` forms the pairs of the tuned comparison (each method at
 its own pick, :mod:`~dtnh_jax.train.selection`, or DTNH(X) at X's pick),
-:func:`lambda_pairs` those of the λ curve (both at the same λ and decay).
+:func:`lambda_pairs` those of the λ curve (both at the same λ and decay),
+:func:`reference_pairs` each tuned method against fine-tuning from the same
+source (does regularizing, or DTNH, beat not regularizing at all?).
 
 A table holds many such intervals, and some exclude 0 by chance alone (about
 1 in 20 at 95%): :func:`holm` adjusts their p-values for the family
@@ -40,7 +42,7 @@ from scipy import stats as scipy_stats
 
 from dtnh_jax.train import selection
 
-__all__ = ["dtnh_pairs", "holm", "lambda_pairs", "pair_key", "paired_difference", "with_holm"]
+__all__ = ["dtnh_pairs", "holm", "lambda_pairs", "pair_key", "paired_difference", "reference_pairs", "with_holm"]
 
 
 def paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
@@ -177,6 +179,40 @@ def dtnh_pairs(records: Iterable[Mapping[str, Any]], field: str = "test_accuracy
                  "field": field, "at": at, "reg_weight": combination(plain[0])[0],
                  "reg_decay": combination(plain[0])[1], "dtnh_reg_weight": combination(dtnh[0])[0],
                  "dtnh_reg_decay": combination(dtnh[0])[1], **difference})
+  return rows
+
+
+def reference_pairs(records: Iterable[Mapping[str, Any]], field: str = "test_accuracy",
+                    confidence: float = 0.95) -> list[dict[str, Any]]:
+  """Each method at its pick − fine-tuning from the same source, paired over seeds.
+
+  Training from scratch (which runs under one source) is compared with fine-tuning from every source: the
+  row says what that source's pre-training is worth. Seeds that only one side ran are left out of the pair.
+
+  Returns:
+    Per (source, method) other than fine-tuning, where fine-tuning from that source ran: ``{"source",
+    "dataset", "method", "reference": "fine-tune", "field", "reg_weight", "reg_decay" (the method's pick)}``
+    and the keys of :func:`paired_difference`; sources in the order first seen, methods too.
+  """
+  marked = [r for r in _marked(records) if r["selected"]]
+  sources = list(dict.fromkeys(r["source"] for r in marked if not selection.is_scratch(r["method"], r["source"])))
+  rows = []
+  for source in sources:
+    tuned = {pair_key(r): r[field] for r in marked if r["source"] == source and r["method"] == selection.FINE_TUNE}
+    if not tuned:
+      continue
+    others = [r for r in marked if r["method"] != selection.FINE_TUNE
+              and (r["source"] == source or selection.is_scratch(r["method"], r["source"]))]
+    for method in dict.fromkeys(r["method"] for r in others):
+      runs = [r for r in others if r["method"] == method]
+      keys = {pair_key(r) for r in runs} & set(tuned)
+      if not keys:
+        continue
+      difference = paired_difference({pair_key(r): r[field] for r in runs if pair_key(r) in keys},
+                                     {key: tuned[key] for key in keys}, confidence)
+      rows.append({"source": source, "dataset": runs[0].get("dataset"), "method": method,
+                   "reference": selection.FINE_TUNE, "field": field, "reg_weight": float(runs[0]["reg_weight"]),
+                   "reg_decay": float(runs[0]["reg_decay"]), **difference})
   return rows
 
 
