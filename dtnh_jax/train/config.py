@@ -436,6 +436,9 @@ class TrainConfig:
                                     "them (a TFDS or folder test split never moves)")
   pretrain_steps: int = _setting(300, "steps of the pre-training of the offline sources related and unrelated "
                                  "(run once per model and cached)")
+  # one pre-training is one sample of a toy source: a study repeats it with other seeds (one grid per seed)
+  pretrain_seed: int = _setting(0, "seed of the pre-training of the offline sources: each seed pre-trains and "
+                                "caches a source of its own (a study's source seeds)")
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
   regularizer: RegularizerConfig = dataclasses.field(default_factory=RegularizerConfig)
@@ -455,6 +458,8 @@ class TrainConfig:
                         f"the rest is the test split), got {self.target_per_class}.")
     if self.pretrain_steps <= 0:
       raise ConfigError(f"--pretrain-steps must be positive, got {self.pretrain_steps}.")
+    if not 0 <= self.pretrain_seed < 2**31:
+      raise ConfigError(f"--pretrain-seed must be in [0, 2**31), got {self.pretrain_seed}.")
     for name, group in GROUPS.items():
       if not isinstance(getattr(self, name), group):
         raise TypeError(f"TrainConfig.{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}.")

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dtnh_jax import models, regularizers
+from dtnh_jax import models, names, regularizers
 from dtnh_jax.train import checkpoint, interrupts, plan, provenance, report, sharding, step as step_lib
 from dtnh_jax.train import metrics as metrics_lib
 from dtnh_jax.train import workdir as workdir_lib
@@ -442,6 +442,8 @@ def _run(config, workdir, data, steps: step_lib.Steps, state, reference, *, stop
              "val_loss": final.get("val_loss"), "reg_weight": config.recipe.reg_weight,
              "reg_decay": config.recipe.reg_decay, "split": data.split, "skipped_steps": skipped.count,
              "provenance": provenance.provenance()}
+  if config.source in names.OFFLINE_SOURCES:  # which pre-training of the toy source the run started from
+    results["pretrain_seed"] = config.pretrain_seed
   if diverged is not None:
     results["diverged_at_step"] = diverged
   if skipped.count:

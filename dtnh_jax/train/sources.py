@@ -122,8 +122,10 @@ def offline_source_path(name: str, config: TrainConfig) -> str:
   # the whole source pool ("split": none) joined the key when pre-training stopped inheriting the run's
   # --val-fraction carve (2026-12-02); the run's --batch-size left it when pre-training got its own (2026-12-05):
   # the recipe (offline_pretraining, its batch size included) and the image size decide the source, nothing else
+  # the pre-training seed only when not 0: the sources cached before it existed keep their keys
+  seed = {"seed": config.pretrain_seed} if config.pretrain_seed else {}
   key = {"source": name, **_model_options(config), "resize": config.recipe.resize, "crop": config.recipe.crop,
-         "split": "none", **presets.offline_pretraining(config.pretrain_steps)}
+         "split": "none", **presets.offline_pretraining(config.pretrain_steps), **seed}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   return os.path.join(cache_dir(), "offline-sources", f"{name}-{digest}")
 
@@ -300,7 +302,7 @@ def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE
   grid from ``--source related`` or ``unrelated``. Other sources are left alone.
 
   Each is a plain fine-tune run from scratch on the source's data
-  (``presets.offline_pretraining(config.pretrain_steps)``), exported to
+  (``presets.offline_pretraining(config.pretrain_steps)``) with ``config.pretrain_seed``, exported to
   :func:`offline_source_path` (under ``$DTNH_JAX_CACHE``). A cached
   source that cannot be read (damaged files, checksums that do not match) or
   holds NaN/Inf weights is moved aside to ``PATH.corrupt-N`` with a warning
@@ -328,8 +330,8 @@ def pretrain_sources(config: TrainConfig, sources: Sequence[str] = names.OFFLINE
         # float32 whatever the run's compute dtype: the cache key does not hold it
         # the whole source pool whatever the run's validation carve (the cache key does not hold the run's split)
         pretrain = config.replace(method="fine-tune", source=SCRATCH, dataset=OFFLINE_PREFIX + name,
-                                  seed=0, reg_decay=1.0, compute_dtype="float32", plots=False, val_fraction=0.0,
-                                  split_seed=None,
+                                  seed=config.pretrain_seed, reg_decay=1.0, compute_dtype="float32", plots=False,
+                                  val_fraction=0.0, split_seed=None,
                                   **presets.offline_pretraining(config.pretrain_steps))
         logger.info("pre-training the offline source %r once (cached in %s)", name, path)
         from dtnh_jax.train import loop  # pylint: disable=g-import-not-at-top  (loop imports this module)
