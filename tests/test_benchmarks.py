@@ -15,6 +15,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -142,3 +144,18 @@ def test_correction_overhead_runs_tiny_and_ends_with_each_variants_time_and_memo
   # memory: the moving average is one copy of the parameters; a memory of K directions, a ring of K slots
   assert result["ema"]["state_vs_params"] == pytest.approx(1.0, abs=0.05)
   assert result["subspace(3)"]["state_vs_params"] == pytest.approx(3.0, abs=0.05)
+
+
+def test_lambda_vmap_compares_steps_that_compute_the_same_update():
+  """The vmapped step over K λ gives, slice by slice, the K single steps' parameters: the timing compares like
+  with like."""
+  singles, stacked = import_benchmark("lambda_vmap").build("tiny", "dtnh-l2-sp", [0.1, 10.0])
+  (state_a, _), (state_b, _) = singles()
+  stacked_state, _ = stacked()
+  for k, single in enumerate((state_a, state_b)):
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda leaf: leaf[k], stacked_state.params)),
+                         jax.tree.leaves(single.params)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+  # the two λ moved the weights differently: the stacked λ are not one λ broadcast
+  assert any(not np.allclose(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)))
