@@ -91,13 +91,16 @@ def arm(record: dict[str, Any]) -> str:
 
 
 def _correction(record: dict[str, Any]) -> str:
-  """A candidate correction's name, with the settings that tell its variants apart (share-bound's reference and
-  κ: ``share-bound average κ0.5``; no brackets, which Markdown would read as a link before the ``(X)``)."""
+  """A candidate correction's name, with the settings that tell its variants apart (share-bound's reference, κ
+  and, for the average, β if not 0.9: ``share-bound average κ0.5``, ``share-bound average κ0.25 β0.99``; no
+  brackets, which Markdown would read as a link before the ``(X)``)."""
   if record["projection"] != "share-bound":
     return record["projection"]
   settings = record.get("settings", {})
   reference = settings.get("share_bound_reference", "current")
-  return f"share-bound {reference} κ{settings.get('share_bound_kappa', 1.0):g}"
+  # the moving average's decay only where it is not the default 0.9 (the arms named before β varied keep their name)
+  decay = settings.get("ema_decay", 0.9) if reference == "average" else 0.9
+  return f"share-bound {reference} κ{settings.get('share_bound_kappa', 1.0):g}" + (f" β{decay:g}" if decay != 0.9 else "")
 
 
 def _arm_label(name: str) -> str:
