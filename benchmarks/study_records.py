@@ -100,7 +100,8 @@ def _correction(record: dict[str, Any]) -> str:
   reference = settings.get("share_bound_reference", "current")
   # the moving average's decay only where it is not the default 0.9 (the arms named before β varied keep their name)
   decay = settings.get("ema_decay", 0.9) if reference == "average" else 0.9
-  return f"share-bound {reference} κ{settings.get('share_bound_kappa', 1.0):g}" + (f" β{decay:g}" if decay != 0.9 else "")
+  beta = f" β{decay:g}" if decay != 0.9 else ""
+  return f"share-bound {reference} κ{settings.get('share_bound_kappa', 1.0):g}{beta}"
 
 
 def _arm_label(name: str) -> str:
