@@ -27,6 +27,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 #: pre-train): the same code as the default.
 FAST = presets.tiny()
 
+#: ``dtnh-train`` flags of one small run from scratch (one λ: the offline default's grid sweeps three) on the offline
+#: target's 100 images without a validation carve; the steps and the rest are the offline default's.
+TINY_FLAGS = ["--source", "scratch", "--resize", "10", "--crop", "8", "--batch-size", "16", "--eval-batch-size", "200",
+              "--reg-weight", "1", "--target-per-class", "10", "--val-fraction", "0"]
+
 #: dtnh-train as ``python -c TRAIN_ENTRY ARGS...``, without TensorBoard (importing it imports torch: seconds per
 #: start; metrics.jsonl is the record).
 TRAIN_ENTRY = ("import sys; sys.modules['tensorboardX'] = None; "

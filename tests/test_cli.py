@@ -25,12 +25,9 @@ from dtnh_jax import cli
 from dtnh_jax.data import __main__ as data_command
 from dtnh_jax.train import TrainConfig, checkpoint, grid, report, step as step_lib
 from dtnh_jax.train import config as config_lib
-from helpers import run_main
+from helpers import TINY_FLAGS, run_main
 
 # As tests/test_faults.py's FAST: the offline problem from a random initialization, runs in seconds.
-# one run (one λ: the offline default's grid sweeps three) on the offline target's 100 images without a carve
-TINY_FLAGS = ["--source", "scratch", "--resize", "10", "--crop", "8", "--batch-size", "16", "--eval-batch-size", "200",
-              "--reg-weight", "1", "--target-per-class", "10", "--val-fraction", "0"]
 
 
 @pytest.fixture

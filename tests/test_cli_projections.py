@@ -11,10 +11,9 @@ import pytest
 from dtnh_jax import cli, corrections, names
 from dtnh_jax.train import ConfigError, TrainConfig, presets
 from dtnh_jax.train import step as step_lib
-from helpers import run_main
+from helpers import TINY_FLAGS, run_main
 
 # the tiny offline problem from random weights (as tests/test_cli.py's): no source to pre-train
-TINY_FLAGS = ["--source", "scratch", "--resize", "10", "--crop", "8", "--batch-size", "16", "--eval-batch-size", "200"]
 
 # each candidate with the options given to it, and the factory that must come out with them
 CANDIDATES = {
