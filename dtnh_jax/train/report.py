@@ -294,14 +294,19 @@ def _delta(pair: dict[str, Any] | None) -> str:
   return f"{100 * pair['mean']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]{mark}"
 
 
+def _interval_label(pairs: Sequence[dict[str, Any]]) -> str:
+  """``95% CI`` when every pair has the same confidence, else ``CI``."""
+  confidences = {pair["confidence"] for pair in pairs}
+  return f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
+
+
 def reference_table(pairs: Sequence[dict[str, Any]]) -> str:
   """Markdown: each tuned method − fine-tuning from the same source (:func:`dtnh_jax.train.stats.reference_pairs`),
   in points with its t interval over the seed pairs (``*``: it excludes 0) and its Holm-adjusted p-value over the
   table's rows (``†``: below 1 − the confidence); a footnote says so. Empty without pairs."""
   if not pairs:
     return ""
-  confidences = {pair["confidence"] for pair in pairs}
-  level = f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
+  level = _interval_label(pairs)
   lines = [f"| source | method (at its pick) | − fine-tuning [{level}] | Holm p |", "|---|---|---|---|"]
   for pair in stats.with_holm(pairs):
     lines.append(f"| {pair['source']} | {pair['method']} | {_delta(pair)} | {_holm(pair)} |")
@@ -333,8 +338,7 @@ def tuned_table(summary: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any
   scratch = [row for row in summary if selection.is_scratch(row["method"], row["source"])]
   sources = list(dict.fromkeys(row["source"] for row in summary if not selection.is_scratch(row["method"],
                                                                                              row["source"])))
-  confidences = {pair["confidence"] for pair in pairs}
-  level = f"{100 * confidences.pop():g}% CI" if len(confidences) == 1 else "CI"
+  level = _interval_label(pairs)
   lines = [f"| source | target | method | X tuned | DTNH (X) tuned | Δ [{level}] | Holm p |",
            "|---|---|---|---|---|---|---|"]
   for source in sources:
