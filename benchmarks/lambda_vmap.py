@@ -59,6 +59,25 @@ def build(preset: str, method: str, reg_weights: list[float]):
   return singles, stacked
 
 
+def agreement(preset: str, method: str, reg_weights: list[float]) -> dict:
+  """How far the vmapped step's parameters are from the single steps': the largest difference over every leaf
+  and λ, relative to that leaf's largest value (``max_relative_difference``), and whether the λ moved the weights
+  differently (``lambdas_differ``: the stacked λ are not one λ broadcast)."""
+  singles, stacked = build(preset, method, reg_weights)
+  single_states = [state for state, _ in singles()]
+  stacked_state, _ = stacked()
+  worst = 0.0
+  for k, single in enumerate(single_states):
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda leaf: leaf[k], stacked_state.params)),
+                         jax.tree.leaves(single.params)):
+      got, want = np.asarray(got), np.asarray(want)
+      worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
+  first, *others = [jax.tree.leaves(state.params) for state in single_states]
+  differ = any(not np.allclose(np.asarray(a), np.asarray(b)) for other in others for a, b in zip(first, other))
+  return {"preset": preset, "method": method, "reg_weights": reg_weights, "max_relative_difference": worst,
+          "lambdas_differ": bool(differ)}
+
+
 def measure(preset: str, method: str, reg_weights: list[float], repeats: int) -> dict:
   singles, stacked = build(preset, method, reg_weights)
   for run in (singles, stacked):  # compile, and one warm call
@@ -82,6 +101,8 @@ def main(argv=None) -> int:
   parser.add_argument("--method", default="dtnh-l2-sp")
   parser.add_argument("--reg-weights", default="0.1,1,10", help="the λ values stacked (comma-separated)")
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--check", action="store_true",
+                      help="instead of timing, print how far the vmapped step's parameters are from the single steps'")
   args = parser.parse_args(argv)
   try:
     weights = [float(w) for w in args.reg_weights.split(",") if w.strip()]
@@ -89,6 +110,9 @@ def main(argv=None) -> int:
     parser.exit(2, f"lambda_vmap.py: error: --reg-weights takes comma-separated numbers, got {args.reg_weights!r}\n")
   if len(weights) < 2 or args.repeats < 1:
     parser.exit(2, "lambda_vmap.py: error: stack at least two λ (--reg-weights) over at least one round (--repeats)\n")
+  if args.check:
+    print(json.dumps(agreement(args.preset, args.method, weights)))
+    return 0
   result = measure(args.preset, args.method, weights, args.repeats)
   print(f"{result['preset']} {result['method']}, {len(weights)} λ: {len(weights)} single steps "
         f"{result['singles_ms']:.1f} ms, one vmapped step {result['vmapped_ms']:.1f} ms, vmapped / singles "

@@ -15,8 +15,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -148,14 +146,15 @@ def test_correction_overhead_runs_tiny_and_ends_with_each_variants_time_and_memo
 
 def test_lambda_vmap_compares_steps_that_compute_the_same_update():
   """The vmapped step over K λ gives, slice by slice, the K single steps' parameters: the timing compares like
-  with like."""
-  singles, stacked = import_benchmark("lambda_vmap").build("tiny", "dtnh-l2-sp", [0.1, 10.0])
-  (state_a, _), (state_b, _) = singles()
-  stacked_state, _ = stacked()
-  for k, single in enumerate((state_a, state_b)):
-    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda leaf: leaf[k], stacked_state.params)),
-                         jax.tree.leaves(single.params)):
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
-  # the two λ moved the weights differently: the stacked λ are not one λ broadcast
-  assert any(not np.allclose(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)))
+  with like. Compiled at XLA's default optimization level, as the benchmark runs: at the suite's level 0
+  (tests/conftest.py), XLA:CPU 0.10.2 computed the vmapped step's early-layer updates 3% away from the single
+  steps' on an Intel Xeon (AVX-512) host, and within 1.2e-7 at levels 1-3."""
+  flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                   if not flag.startswith(("--xla_backend_optimization_level", "--xla_llvm_disable_expensive")))
+  process = subprocess.run([sys.executable, str(BENCHMARKS / "lambda_vmap.py"), "--preset", "tiny", "--reg-weights",
+                            "0.1,10", "--check"], env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+                           capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert process.returncode == 0, process.stderr[-4000:]
+  result = json.loads(process.stdout.strip().splitlines()[-1])
+  assert result["max_relative_difference"] < 1e-5
+  assert result["lambdas_differ"]
