@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,18 @@ def test_bad_settings_are_refused_with_the_flag_named(changes, message):
     tiny(**changes)
 
 
+def _optimizer_state_copies(compiled_text: str) -> int:
+  """Copies of the train state's optimizer-state arguments in an optimized XLA program."""
+  return len(re.findall(r"copy\(%state_opt_state\w*trace", compiled_text))
+
+
 @pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
 def test_every_method_builds_its_steps_and_takes_one_of_each(method):
   """Each method's steps as ``loop.train`` builds and jits them (the loop itself: the tests of runs, on a few
-  methods), one step of each on one batch, then an evaluation."""
+  methods), one step of each on one batch, then an evaluation. Each compiled step is also checked for what
+  tests/test_guard.py and tests/test_plain_step.py promise of it (one compilation serves all three): the guarded
+  step copies no optimizer state (the momentum is updated in place), and a plain method's summed step
+  (``J + λ Ω``, one backward pass) makes the split-gradient step's update, metrics and state."""
   config = tiny(method=method)
   data = load_data(config)
   model = loop.create_model(config, data.num_classes)
@@ -65,13 +74,31 @@ def test_every_method_builds_its_steps_and_takes_one_of_each(method):
   reference = step_lib.Reference(initial, attention, step_lib.RegWeight.of(config))
   placement = sharding.Placement.create(state, reference, batch_size=config.recipe.batch_size)
   reference, batch = placement.put_reference(reference), placement.put_batch(next(data.train_loader(0)))
-  for step_fn in filter(None, (steps.summed_train_step, steps.train_step)):
-    after, metrics = placement.jit_train_step(step_fn)(placement.put_state(jax.tree.map(jnp.copy, state)), batch,
-                                                       reference)
+  taken = {}
+  for name in ("summed_train_step", "train_step"):
+    step_fn = getattr(steps, name)
+    if step_fn is None:
+      continue
+    compiled = placement.jit_train_step(step_fn).lower(placement.put_state(state), batch, reference).compile()
+    text = compiled.as_text()
+    assert "trace" in text and _optimizer_state_copies(text) == 0  # the momentum: an argument, never copied
+    after, metrics = compiled(placement.put_state(jax.tree.map(jnp.copy, state)), batch, reference)
     assert int(after.step) == 1 and float(metrics["skipped"]) == 0.0
     assert np.isfinite(float(metrics["loss_empirical"]))
+    taken[name] = after, metrics
   if Method.parse(method).has_regularizer:  # the step that logs the angles (a plain method's others need not)
     assert {"loss_empirical", "loss_regularizer", "angle1", "angle4", "conflict"} <= set(metrics)
+  if "summed_train_step" in taken:
+    (summed, summed_metrics), (split, split_metrics) = taken["summed_train_step"], taken["train_step"]
+    for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(summed.params)):
+      # float32 rounding of two summation orders, relative to the leaf's scale (KnowDist's gradient is large)
+      np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-8)
+    traced = config.method_spec.regularizer in ("knowdist", "delta")  # a closed-form Ω's value: the logged steps'
+    for key in ("loss_empirical", "reg_weight") + (("loss_regularizer", "loss_total") if traced else ()):
+      np.testing.assert_allclose(summed_metrics[key], split_metrics[key], rtol=1e-5)
+    if not traced:
+      assert not {"loss_regularizer", "loss_total"} & set(summed_metrics)
+    assert jax.tree.structure(summed) == jax.tree.structure(split)  # the same state: the two can alternate
   evaluation = step_lib.evaluate(placement.jit_eval_step(steps.eval_step), after,
                                  map(placement.put_batch, data.eval_batches()))
   assert 0.0 <= evaluation["test_accuracy"] <= 1.0
