@@ -1,4 +1,8 @@
-"""A grid's Figures 3-5: drawn where DTNH changes the outcome, with the numbers that test something."""
+"""A grid's Figures 3-5: drawn where DTNH changes the outcome, with the numbers that test something.
+
+Here from made-up runs; drawn by a real sweep of the command line: tests/test_train.py
+(``test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_curve_and_figures``).
+"""
 
 import json
 import os
@@ -7,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from dtnh_jax.train import Method, grid, metrics, presets, report  # pylint: disable=wrong-import-position
+from dtnh_jax.train import Method, grid, metrics, report  # pylint: disable=wrong-import-position
 
 
 def _record(method, source, seed, val, test, weight=0.1, decay=1.0, **extra):
@@ -125,19 +129,6 @@ def test_a_sweep_draws_the_runs_at_each_methods_pick_and_says_so(tmp_path):
   assert drawn["angles"]["angle2_obtuse_share"] == 0.75 and drawn["angles"]["plain_angle3_mean"] == 40.0
   line = grid._figures_line(drawn)  # pylint: disable=protected-access
   assert "KnowDist vs DTNH (KnowDist) from related, seed 0" in line and "+10.00 points" in line and "75%" in line
-
-
-@pytest.mark.slow
-def test_a_real_tiny_sweep_draws_its_figures(tmp_path, capsys):
-  base = presets.get("tiny", val_fraction=0.2, steps=3, eval_every=3)
-  grid.run_grid(base, str(tmp_path), sources=("scratch",), methods=[Method.parse("l2-sp"),
-                                                                      Method.parse("dtnh-l2-sp")],
-                   seeds=(0,), reg_weights=(0.1, 1.0), show_progress=False)
-  drawn = json.load(open(tmp_path / "figures.json"))
-  assert drawn["regularizer"] == "l2-sp" and drawn["field"] == "val_accuracy"
-  assert (tmp_path / "figure3_losses.png").exists() and (tmp_path / "figure4_5_angles.png").exists()
-  assert drawn["angles"]["angle_steps"] == 3 and drawn["angles"]["plain_angle_steps"] >= 1
-  assert "Figures 3-5" in capsys.readouterr().out
 
 
 @pytest.fixture

@@ -250,11 +250,17 @@ def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
   assert not os.listdir(tmp_path) if os.path.exists(tmp_path) else True
 
 
-def test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_curve(tmp_path):
+def test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_curve_and_figures(tmp_path, capsys):
   args = ["--workdir", str(tmp_path), "--preset", "tiny", "--method", "fine-tune,l2-sp,dtnh-l2-sp", "--source",
           "related", "--seeds", "0,1", "--reg-weight", "0.1,1", "--val-fraction", "0.2", "--steps", "3",
           "--eval-every", "3", "--no-progress"]
   assert cli.train_main(args) == 0
+  # Figures 3-5 of the paper from the swept runs (their drawing from made-up runs: tests/test_report_figures.py)
+  drawn = json.load(open(tmp_path / "figures.json"))
+  assert drawn["regularizer"] == "l2-sp" and drawn["field"] == "val_accuracy"
+  assert (tmp_path / "figure3_losses.png").exists() and (tmp_path / "figure4_5_angles.png").exists()
+  assert drawn["angles"]["angle_steps"] == 3 and drawn["angles"]["plain_angle_steps"] >= 1
+  assert "Figures 3-5" in capsys.readouterr().out
   records = json.load(open(tmp_path / "results.json"))
   assert len(records) == 2 + 2 * 2 * 2  # fine-tuning once per seed, each regularized method per λ and seed
   for method in ("l2-sp", "dtnh-l2-sp"):
