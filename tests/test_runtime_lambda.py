@@ -19,8 +19,8 @@ from dtnh_jax.train import loop, presets
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.data import load_data
 
-#: (reg_weight, reg_decay) of the sweep: three λ, and a decay changed too.
-SWEEP = ((0.3, 0.9), (0.6, 0.9), (1.2, 0.5))
+#: (reg_weight, reg_decay, seed) of the sweep: three λ, a decay changed too, and a second seed.
+SWEEP = ((0.3, 0.9, 0), (0.6, 0.9, 0), (1.2, 0.5, 0), (0.3, 0.9, 1))
 #: A learning rate no other test uses: the sweep's step is one this process has not traced yet.
 LEARNING_RATE = 0.0173
 
@@ -51,14 +51,15 @@ def sweep(tmp_path_factory):
   data = load_data(base)  # shared, as a grid's runs share it
   try:
     with jax.log_compiles(True):
-      for weight, decay in SWEEP:
-        loop.train(base.replace(reg_weight=weight, reg_decay=decay), workdir / f"{weight}-{decay}", data=data)
+      for weight, decay, seed in SWEEP:
+        loop.train(base.replace(reg_weight=weight, reg_decay=decay, seed=seed), workdir / f"{weight}-{decay}-{seed}",
+                   data=data)
   finally:
     jax_logger.removeHandler(records)
     jax_logger.setLevel(level)
   traced = [m for m in records.messages if "Finished tracing" in m and "train_step" in m]
-  runs = {(weight, decay): [json.loads(line) for line in open(workdir / f"{weight}-{decay}" / "metrics.jsonl")
-                            if '"train"' in line] for weight, decay in SWEEP}
+  runs = {run: [json.loads(line) for line in open(workdir / "-".join(map(str, run)) / "metrics.jsonl")
+                if '"train"' in line] for run in SWEEP}
   return traced, runs
 
 
@@ -68,16 +69,19 @@ def test_runs_that_differ_only_in_lambda_and_its_decay_share_one_step_function()
   assert step_lib.steps_for(model, tiny(method="dtnh-l2-sp", reg_weight=0.01, reg_decay=0.5), 2) is first
 
 
-def test_a_lambda_sweep_traces_each_train_step_once(sweep):
-  traced, _ = sweep
-  # the plain method's two steps (angles logged or not), each traced (and compiled) once for the three λ
+def test_a_sweep_of_lambda_and_seeds_traces_each_train_step_once(sweep):
+  traced, runs = sweep
+  # the plain method's two steps (angles logged or not), each traced (and compiled, or loaded from the compilation
+  # cache) once for the three λ and the two seeds
   assert len([m for m in traced if "summed_train_step" in m]) == 1, traced
   assert len(traced) == 2, traced
+  # and the second seed is another run: its batches, its losses
+  assert [r["loss_empirical"] for r in runs[0.3, 0.9, 0]] != [r["loss_empirical"] for r in runs[0.3, 0.9, 1]]
 
 
 def test_each_run_of_a_sweep_weighs_its_regularizer_with_its_own_lambda(sweep):
   _, runs = sweep
-  for (weight, _), records in runs.items():
+  for (weight, _, _), records in runs.items():
     assert [r["reg_weight"] for r in records] == [float(np.float32(weight))] * 2  # both steps in the first epoch
 
 

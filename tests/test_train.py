@@ -206,22 +206,6 @@ def test_the_library_steps_are_unjitted_and_placement_jits_them():
   assert hasattr(jax.jit(train_step), "lower")
 
 
-def test_a_grid_of_seeds_compiles_its_train_step_once(tmp_path, caplog):
-  import logging
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-    for seed in (0, 1):
-      # a learning rate no other test uses: a step this process has not compiled yet
-      loop.train(tiny(method="l2-sp", learning_rate=0.037, seed=seed, steps=2, eval_every=2, checkpoint_every=2),
-                 tmp_path / f"s{seed}")
-  traced = [r.getMessage() for r in caplog.records if "Finished tracing" in r.getMessage()
-            and "train_step" in r.getMessage()]
-  # each of the plain method's two steps (angles logged or not) traced (and compiled, or loaded from the
-  # compilation cache) once
-  assert len([m for m in traced if "summed_train_step" in m]) == 1, traced
-  assert len(traced) == 2, traced
-
-
-
 def test_validation_split_is_carved_from_the_training_pool_and_evaluated(tmp_path):
   pool = load_data(tiny())
   data = load_data(tiny(val_fraction=0.2, seed=1))
