@@ -59,8 +59,8 @@ def test_a_preset_without_validation_is_refused(ablation, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_ablation_runs_end_to_end_on_the_tiny_recipe(ablation, tmp_path, monkeypatch):
-  monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path / "cache"))  # its tiny sources stay out of the user's cache
+def test_the_ablation_runs_end_to_end_on_the_tiny_recipe(ablation, tmp_path):
+  # its tiny sources: in the suite's source cache (tests/conftest.py), never the user's
   rows = ablation.main(["--workdir", str(tmp_path), "--preset", "tiny", "--val-fraction", "0.25", "--seeds", "0,1",
                         "--reg-weight", "0.1,1", "--variants", "conflict", "--no-progress"])
   assert [row["variant"] for row in rows] == ["plain", "conflict"]

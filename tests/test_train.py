@@ -23,9 +23,9 @@ TINY = {**presets.tiny(), "source": "related", "log_every": 2}
 
 
 @pytest.fixture(autouse=True)
-def small_offline_sources(tmp_path_factory, monkeypatch):
-  """The offline sources pre-trained for a few steps (the tiny preset's), cached once per test session."""
-  monkeypatch.setenv("DTNH_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def small_offline_sources():
+  """The offline sources pre-trained for a few steps (the tiny preset's), once per pytest process: into the
+  suite's own source cache (tests/conftest.py), where the other modules' tiny runs find them too."""
   sources.pretrain_sources(TrainConfig.create(**TINY))
 
 
@@ -57,13 +57,9 @@ def _optimizer_state_copies(compiled_text: str) -> int:
   return len(re.findall(r"copy\(%state_opt_state\w*trace", compiled_text))
 
 
-@pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
-def test_every_method_builds_its_steps_and_takes_one_of_each(method):
-  """Each method's steps as ``loop.train`` builds and jits them (the loop itself: the tests of runs, on a few
-  methods), one step of each on one batch, then an evaluation. Each compiled step is also checked for what
-  tests/test_guard.py and tests/test_plain_step.py promise of it (one compilation serves all three): the guarded
-  step copies no optimizer state (the momentum is updated in place), and a plain method's summed step
-  (``J + λ Ω``, one backward pass) makes the split-gradient step's update, metrics and state."""
+def _compiled_steps(method):
+  """A method's steps as ``loop.train`` builds, places and jits them, compiled: ``(config, data, model, steps,
+  placement, state, reference, batch, {step name: compiled})`` for the steps it has (a plain method: two)."""
   config = tiny(method=method)
   data = load_data(config)
   model = loop.create_model(config, data.num_classes)
@@ -74,31 +70,52 @@ def test_every_method_builds_its_steps_and_takes_one_of_each(method):
   reference = step_lib.Reference(initial, attention, step_lib.RegWeight.of(config))
   placement = sharding.Placement.create(state, reference, batch_size=config.recipe.batch_size)
   reference, batch = placement.put_reference(reference), placement.put_batch(next(data.train_loader(0)))
+  compiled = {name: placement.jit_train_step(getattr(steps, name)).lower(placement.put_state(state), batch,
+                                                                         reference).compile()
+              for name in ("summed_train_step", "train_step") if getattr(steps, name) is not None}
+  return config, data, model, steps, placement, state, reference, batch, compiled
+
+
+def _convolutions(compiled) -> int:
+  return compiled.as_text().count(" convolution(")
+
+
+@pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
+def test_every_method_builds_its_steps_and_takes_one_of_each(method):
+  """Each method's steps as ``loop.train`` builds and jits them (the loop itself: the tests of runs, on a few
+  methods), one step of each on one batch, then an evaluation. Each compiled step is also checked for what
+  tests/test_guard.py and tests/test_plain_step.py promise of it (one compilation serves them all): the guarded
+  step copies no optimizer state (the momentum is updated in place); a plain method's summed step (``J + λ Ω``)
+  makes the split-gradient step's update, metrics and state, and compiles one backward pass (KnowDist's and
+  DELTA's: fine-tuning's convolutions plus the source's forward pass; the split step that logs the angles, more)."""
+  config, data, model, steps, placement, state, reference, batch, compiled = _compiled_steps(method)
   taken = {}
-  for name in ("summed_train_step", "train_step"):
-    step_fn = getattr(steps, name)
-    if step_fn is None:
-      continue
-    compiled = placement.jit_train_step(step_fn).lower(placement.put_state(state), batch, reference).compile()
-    text = compiled.as_text()
+  for name, step in compiled.items():
+    text = step.as_text()
     assert "trace" in text and _optimizer_state_copies(text) == 0  # the momentum: an argument, never copied
-    after, metrics = compiled(placement.put_state(jax.tree.map(jnp.copy, state)), batch, reference)
+    after, metrics = step(placement.put_state(jax.tree.map(jnp.copy, state)), batch, reference)
     assert int(after.step) == 1 and float(metrics["skipped"]) == 0.0
     assert np.isfinite(float(metrics["loss_empirical"]))
     taken[name] = after, metrics
   if Method.parse(method).has_regularizer:  # the step that logs the angles (a plain method's others need not)
     assert {"loss_empirical", "loss_regularizer", "angle1", "angle4", "conflict"} <= set(metrics)
+  traced = config.method_spec.regularizer in ("knowdist", "delta")  # Ω of the source's features
   if "summed_train_step" in taken:
     (summed, summed_metrics), (split, split_metrics) = taken["summed_train_step"], taken["train_step"]
     for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(summed.params)):
       # float32 rounding of two summation orders, relative to the leaf's scale (KnowDist's gradient is large)
       np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-8)
-    traced = config.method_spec.regularizer in ("knowdist", "delta")  # a closed-form Ω's value: the logged steps'
     for key in ("loss_empirical", "reg_weight") + (("loss_regularizer", "loss_total") if traced else ()):
       np.testing.assert_allclose(summed_metrics[key], split_metrics[key], rtol=1e-5)
-    if not traced:
+    if not traced:  # a closed-form Ω's value is left to the steps that log angles
       assert not {"loss_regularizer", "loss_total"} & set(summed_metrics)
     assert jax.tree.structure(summed) == jax.tree.structure(split)  # the same state: the two can alternate
+    if traced:
+      one_backward = _convolutions(_compiled_steps("fine-tune")[-1]["train_step"])  # forward + one backward
+      source_forward = _convolutions(jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+          reference.variables, batch["image"]).compile())
+      assert _convolutions(compiled["summed_train_step"]) == one_backward + source_forward
+      assert _convolutions(compiled["train_step"]) > one_backward + source_forward  # a second backward pass
   evaluation = step_lib.evaluate(placement.jit_eval_step(steps.eval_step), after,
                                  map(placement.put_batch, data.eval_batches()))
   assert 0.0 <= evaluation["test_accuracy"] <= 1.0
