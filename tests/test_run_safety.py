@@ -296,17 +296,20 @@ def straight_command(tmp_path_factory):
   return tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_checkpoints_the_step_prints_one_line_and_the_rerun_resumes(signum, code, tmp_path,
-                                                                               straight_command):
-  """Before: Ctrl-C printed a 25-line traceback and left an orbax temporary folder; SIGTERM saved nothing."""
-  interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signum)), "6")
-  assert interrupted.returncode == code, interrupted.stderr[-3000:]
-  lines = [line for line in interrupted.stderr.splitlines() if line.strip()]
-  assert lines[-1] == "dtnh-train: interrupted at step 7 (checkpoint written); run the same command to resume."
-  assert "Traceback" not in interrupted.stderr
+def test_interrupts_checkpoint_the_step_print_one_line_and_the_reruns_resume(tmp_path, straight_command):
+  """Before: Ctrl-C printed a 25-line traceback and left an orbax temporary folder; SIGTERM saved nothing. Here
+  one run is interrupted twice, by SIGINT and then, resumed, by SIGTERM, and resumed again to its end."""
   run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
-  assert sorted(os.listdir(run / "checkpoints")) == ["4", "7"]  # no temporary folder
+  for signum, code, at, step in ((signal.SIGINT, 130, "6", 7), (signal.SIGTERM, 143, "9", 10)):
+    interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signum)), at)
+    assert interrupted.returncode == code, interrupted.stderr[-3000:]
+    lines = [line for line in interrupted.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"dtnh-train: interrupted at step {step} (checkpoint written); run the same command to resume."
+    assert "Traceback" not in interrupted.stderr
+    checkpoints = os.listdir(run / "checkpoints")
+    assert str(step) in checkpoints and all(name.isdigit() for name in checkpoints)  # no temporary folder
+  # the interrupts' checkpoints (7, 10) and the regular one between them, the newest keep_checkpoints (3)
+  assert sorted(os.listdir(run / "checkpoints"), key=int) == ["7", "8", "10"]
   resumed = _dtnh_train(tmp_path, tmp_path / "runs")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert (run / "metrics.jsonl").read_text() == (straight_command / "metrics.jsonl").read_text()
