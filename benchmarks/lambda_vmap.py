@@ -7,6 +7,7 @@ over the K stacked states, and prints the medians and the median ratio (vmapped 
 would shorten the sweep).
 
     python benchmarks/lambda_vmap.py --preset study --method dtnh-l2-sp --reg-weights 0.1,1,10 --repeats 15
+    python benchmarks/lambda_vmap.py --preset tiny --reg-weights 0.1,10 --check   # do the two agree? (JSON)
 
 Only the preset's model, data and recipe are used; the source is ``scratch`` (the step's cost does not depend on
 the weights).
