@@ -70,6 +70,7 @@ __all__ = [
     "choose",
     "conv",
     "force",
+    "forced",
     "layer_kind",
     "load_table",
     "patches",
@@ -172,14 +173,9 @@ def choose(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: int
   pixels and the channels.
   """
   candidates = applicable(input_shape[-1], kernel_shape, feature_group_count)
-  forced = _FORCED.get()
-  if forced is None:
-    forced = os.environ.get(ENVIRONMENT_VARIABLE) or None
-    if forced is not None and forced not in FORMULATIONS:
-      raise ValueError(f"{ENVIRONMENT_VARIABLE}={forced!r} is not a formulation; set one of {FORMULATIONS} or unset "
-                       "it.")
-  if forced in candidates:
-    return forced
+  by_hand = forced()
+  if by_hand in candidates:
+    return by_hand
   kernel_hw, strides = tuple(kernel_shape[:2]), _pair(strides)
   padding = _explicit_padding(padding, input_shape[1:3], kernel_hw, strides)
   out_hw = tuple((size + low + high - k) // s + 1
@@ -191,6 +187,21 @@ def choose(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: int
   if entry is None or entry["choice"] not in candidates:
     return "xla"
   return entry["choice"]
+
+
+def forced() -> str | None:
+  """The formulation forced here: :func:`force`'s while tracing inside it, else ``DTNH_JAX_CONV``'s, else ``None``.
+
+  Other layers whose formulations are chosen by measurement (the ResNets' max-pool,
+  :mod:`~dtnh_jax.models.pool`) follow it too, where it names one of theirs.
+  """
+  value = _FORCED.get()
+  if value is None:
+    value = os.environ.get(ENVIRONMENT_VARIABLE) or None
+    if value is not None and value not in FORMULATIONS:
+      raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r} is not a formulation; set one of {FORMULATIONS} or unset "
+                       "it.")
+  return value
 
 
 @contextlib.contextmanager
@@ -213,23 +224,24 @@ def force(formulation: str | None) -> Iterator[None]:
 # The formulations.
 
 
-def _pad(x: jax.Array, padding, interior=(0, 0)) -> jax.Array:
-  """Zero padding of the spatial axes of NHWC ``x`` (negative amounts crop, ``interior`` dilates)."""
+def _pad(x: jax.Array, padding, interior=(0, 0), value: float = 0.0) -> jax.Array:
+  """Padding of the spatial axes of NHWC ``x`` with ``value`` (negative amounts crop, ``interior`` dilates)."""
   (top, bottom), (left, right) = padding
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, interior[0]), (left, right, interior[1]),
-                                             (0, 0, 0)))
+  return lax.pad(x, jnp.asarray(value, x.dtype), ((0, 0, 0), (top, bottom, interior[0]),
+                                                  (left, right, interior[1]), (0, 0, 0)))
 
 
 def windows(x: jax.Array, kernel_hw: int | Sequence[int], strides: int | Sequence[int] = 1,
-            padding: str | Sequence[tuple[int, int]] = "VALID") -> list[jax.Array]:
-  """For every kernel position ``(i, j)``, row-major, the strided window of zero-padded NHWC ``x`` it multiplies.
+            padding: str | Sequence[tuple[int, int]] = "VALID", pad_value: float = 0.0) -> list[jax.Array]:
+  """For every kernel position ``(i, j)``, row-major, the strided window of padded NHWC ``x`` it multiplies.
 
   Each window is ``(N, H', W', C)``, the convolution's output size; ``Σ_ij windows[i * kw + j] @ kernel[i, j]``
-  is the convolution with an HWIO ``kernel``.
+  is the convolution with an HWIO ``kernel``. The padding is zeros, or ``pad_value`` (a max-pool's ``-inf``).
   """
   kernel_hw, strides = _pair(kernel_hw), _pair(strides)
   padding = _explicit_padding(padding, x.shape[1:3], kernel_hw, strides)
-  return _windows(_pad(x, padding), kernel_hw, strides, _out_hw(x.shape[1:3], kernel_hw, strides, padding))
+  return _windows(_pad(x, padding, value=pad_value), kernel_hw, strides,
+                  _out_hw(x.shape[1:3], kernel_hw, strides, padding))
 
 
 def patches(x: jax.Array, kernel_hw: int | Sequence[int], strides: int | Sequence[int] = 1,

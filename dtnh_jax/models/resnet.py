@@ -65,6 +65,7 @@ import numpy as np
 
 from dtnh_jax import names
 from dtnh_jax.models import conv as conv_lib
+from dtnh_jax.models import pool
 
 __all__ = [
     "ARCHITECTURES",
@@ -424,9 +425,9 @@ class ResNet(nn.Module):
     else:
       x = conv(self._channels(64), 7, 2, name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
-      # -inf padding (Flax's max_pool pads with the reduction's init value),
-      # on both sides as PyTorch's MaxPool2d(3, 2, padding=1).
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      # -inf padding on both sides, as PyTorch's MaxPool2d(3, 2, padding=1);
+      # the formulation (XLA's reduce_window or shifted windows) by backend.
+      x = pool.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     for stage, num_blocks in enumerate(self.stage_sizes):
       planes = self._channels(64 * 2**stage)
