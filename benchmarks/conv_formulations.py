@@ -25,6 +25,11 @@ below 1 (faster beyond the noise of the shared machine), then the fastest.
 ``choices``: per layer of each model of ``MODELS``, the formulation the
 shipped table gives it on this backend, with the measured ratio.
 
+``maxpool``: the ResNet stem's 3x3 stride-2 max-pool (``dtnh_jax.models.pool``) on
+the stem's ReLU output at ``--size``/``--batch``, forward and backward, as XLA's
+``reduce_window`` (``xla``) and as shifted windows (``shifted``), interleaved:
+medians and the per-round ratio with its 95% bootstrap interval.
+
 ``lite0``: EfficientNet-Lite0's fine-tuning step (cross-entropy, SGD momentum
 0.9, train-mode BatchNorm, a new 10-class head, synthetic data) in JAX under
 ``before`` (the model as it was: depthwise layers ``shifted``, every other
@@ -39,6 +44,7 @@ steps, the order rotating). The last line printed is one JSON object.
     python benchmarks/conv_formulations.py layers [--repeats 7] [--models resnet18-96,...] [--candidates] [--write]
     python benchmarks/conv_formulations.py choices
     python benchmarks/conv_formulations.py lite0 [--size 32 --batch 48 --repeats 10 --block 2] [--with-xla]
+    python benchmarks/conv_formulations.py maxpool [--size 96 --batch 16 --repeats 15]
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ import optax
 from jax import lax
 
 from dtnh_jax import models
-from dtnh_jax.models import conv, efficientnet
+from dtnh_jax.models import conv, efficientnet, pool
 from dtnh_jax.train import presets
 from train_step_overhead import interleaved_times, median_interval
 
@@ -502,6 +508,30 @@ def run_lite0(args) -> dict[str, Any]:
   return result
 
 
+def run_maxpool(args) -> dict[str, Any]:
+  """The ResNet stem's max-pool (3x3, stride 2, padding 1), forward and backward, in both formulations."""
+  rng = np.random.default_rng(0)
+  # the stem's ReLU output: the max-pool's input in the ResNets, with its ties at zero
+  x = jnp.asarray(np.maximum(rng.normal(size=(args.batch, args.size // 2, args.size // 2, args.channels)), 0),
+                  jnp.float32)
+  out_shape = jax.eval_shape(lambda x: pool.max_pool(x, 3, 2, ((1, 1), (1, 1)), "xla"), x).shape
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  functions = {name: jax.jit(jax.grad(lambda x, c, name=name: jnp.vdot(
+      pool.max_pool(x, 3, 2, ((1, 1), (1, 1)), name), c))) for name in pool.FORMULATIONS}
+  calls = {name: (lambda count=1, f=f: [jax.block_until_ready(f(x, cotangent)) for _ in range(count)])
+           for name, f in functions.items()}
+  print(f"jax {jax.__version__} on {jax.default_backend()}; {host()}; max-pool of {tuple(x.shape)}; "
+        f"{args.repeats} interleaved rounds", flush=True)
+  times = interleaved_times(calls, args.repeats, warmup=1)
+  per_round = times["shifted"] / times["xla"]
+  result = {"input": list(x.shape), "ms": {name: round(1e3 * float(np.median(t)), 3) for name, t in times.items()},
+            "shifted_over_xla": [round(float(np.median(per_round)), 3),
+                                 *(round(v, 3) for v in median_interval(per_round))],
+            "chosen_here": pool.choose()}
+  print(json.dumps(result))
+  return result
+
+
 def main(argv=None) -> dict[str, Any]:
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -523,12 +553,19 @@ def main(argv=None) -> dict[str, Any]:
                      else os.cpu_count(), help="torch.set_num_threads (default: the usable cores, %(default)s)")
   lite0.add_argument("--with-xla", action="store_true",
                      help="also every layer XLA's (the grouped convolution for depthwise layers: slow on a CPU)")
+  maxpool = commands.add_parser("maxpool", help="the ResNet stem's max-pool, forward and backward, both formulations")
+  maxpool.add_argument("--size", type=int, default=96, help="the images' height and width (default: %(default)s)")
+  maxpool.add_argument("--batch", type=int, default=16, help="images per call (default: %(default)s)")
+  maxpool.add_argument("--channels", type=int, default=64, help="the stem's output channels (default: %(default)s)")
+  maxpool.add_argument("--repeats", type=int, default=15, help="interleaved rounds (default: %(default)s)")
   args = parser.parse_args(argv)
   args.argv = argv
   if args.command == "layers":
     return run_layers(args)
   if args.command == "choices":
     return run_choices(args)
+  if args.command == "maxpool":
+    return run_maxpool(args)
   return run_lite0(args)
 
 

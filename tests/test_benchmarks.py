@@ -159,3 +159,11 @@ def test_lambda_vmap_compares_steps_that_compute_the_same_update():
   result = json.loads(lines[-1])
   assert result["max_relative_difference"] < 1e-5
   assert result["lambdas_differ"]
+
+
+def test_conv_formulations_maxpool_times_both_formulations_and_ends_with_json(capsys):
+  result = import_benchmark("conv_formulations").main(["maxpool", "--size", "16", "--batch", "2", "--channels", "4",
+                                                       "--repeats", "2"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  assert set(result["ms"]) == {"xla", "shifted"} and result["input"] == [2, 8, 8, 4]
+  assert result["shifted_over_xla"][0] > 0 and result["chosen_here"] == "shifted"
