@@ -17,6 +17,10 @@ seeds, same source) stand there, marked ``lambda0_from`` ``fine-tune`` in the ta
 file), so that the picks are made over a grid whose smallest λ is 0 and a pick at the smallest positive λ lies
 inside it. The worst gap over λ is taken over the positive λ (at 0 the gap is 0 by construction).
 
+A source pre-trained several times (toy sources, ``--pretrain-seed``) is a source per pre-training,
+``SOURCE (pre-training K)``, picked and paired on its own; a table then gives each tuned difference per
+pre-training and across them, with an interval over the pre-trainings.
+
 A run of a ``dtnh-`` method whose correction is not DTNH's (``projection`` other than conflict/always, e.g. the
 never-hurt candidate ``ema``) is its own arm, named ``PROJECTION(X)`` (``ema(l2-sp)``), compared with fine-tuning,
 with tuned X and with tuned DTNH(X).
@@ -134,12 +138,36 @@ def _with_lambda0(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return records + added
 
 
+def _pretraining(record: dict[str, Any]) -> int:
+  return int(record.get("pretrain_seed") or 0)
+
+
+def _pretraining_label(source: str, seed: int) -> str:
+  return f"{source} (pre-training {seed})"
+
+
+def _sources(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
+  """``(dataset, source, pre-training seed) -> the source as the tables name it``: the source itself, or, where
+  a dataset has runs from several pre-trainings of it (``--pretrain-seed``), ``SOURCE (pre-training K)``; each
+  pre-training is a source of its own, picked and paired on its own."""
+  seeds: dict[tuple[str, str], set[int]] = {}
+  for r in records:
+    seeds.setdefault((r["dataset"], r["source"]), set()).add(_pretraining(r))
+  return {(dataset, source, seed): _pretraining_label(source, seed) if len(found) > 1 else source
+          for (dataset, source), found in seeds.items() for seed in found}
+
+
 def _marked(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Each dataset's records with ``method`` its :func:`arm`, fine-tuning as λ 0 (:func:`_with_lambda0`), and
-  ``selected`` (the pick on validation)."""
+  """Each dataset's records with ``method`` its :func:`arm`, ``source`` the pre-training's (:func:`_sources`;
+  the source itself in ``base_source``), fine-tuning as λ 0 (:func:`_with_lambda0`), and ``selected`` (the pick
+  on validation)."""
+  records = list(records)
+  names = _sources(records)
   by_dataset: dict[str, list[dict[str, Any]]] = {}
   for record in records:
-    by_dataset.setdefault(record["dataset"], []).append({**record, "method": arm(record)})
+    source = names[record["dataset"], record["source"], _pretraining(record)]
+    by_dataset.setdefault(record["dataset"], []).append(
+        {**record, "method": arm(record), "source": source, "base_source": record["source"]})
   by_dataset = {dataset: _with_lambda0(runs) for dataset, runs in by_dataset.items()}
   marked = []
   for dataset in sorted(by_dataset):
@@ -223,6 +251,49 @@ def _regularized(name: str) -> bool:
   return name not in (selection.SCRATCH, selection.FINE_TUNE)
 
 
+def _across_pretrainings(marked, datasets) -> list[str]:
+  """The tuned differences of each source pre-trained several times: per pre-training the mean over seeds (its
+  own picks), and their mean over the pre-trainings with a t interval over them (the pre-training a random
+  factor: n = the pre-trainings); Holm over the table. No lines where every source was pre-trained once."""
+  rows = []
+  for dataset in datasets:
+    arms = _arms(marked, dataset)
+    trained = {}
+    for r in marked:
+      if r["dataset"] == dataset and r["method"] != selection.SCRATCH:
+        trained.setdefault(r["base_source"], set()).add((_pretraining(r), r["source"]))
+    for base, pretrainings in sorted(trained.items()):
+      if len(pretrainings) < 2:
+        continue
+      means: dict[str, dict[int, float]] = {}
+      for seed, source in sorted(pretrainings):
+        for name, a_runs, b_runs in _comparisons(marked, dataset, source, arms):
+          difference = _difference(a_runs, b_runs)
+          if difference is not None:
+            means.setdefault(name, {})[seed] = difference["mean"]
+      for name, by_seed in means.items():
+        if len(by_seed) < 2:
+          continue
+        across = stats.paired_difference(by_seed, dict.fromkeys(by_seed, 0.0))
+        rows.append({"dataset": dataset, "source": base, "comparison": name, "per": by_seed, **across})
+  if not rows:
+    return []
+  rows = stats.with_holm(rows)
+  out = ["", "### Across pre-trainings of the source (test accuracy, points)", "",
+         "| target | source | comparison | per pre-training: mean over seeds | across pre-trainings [95% CI] | raw "
+         "| Holm p |", "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    raw, holm = _verdicts(row)
+    per = ", ".join(f"{seed}: {100 * mean:+.2f}" for seed, mean in sorted(row["per"].items()))
+    out.append(f"| {row['dataset']} | {row['source']} | {row['comparison']} | {per} | {_delta(row)} | {raw} "
+               f"| {holm} |")
+  out += ["", "Each pre-training of a source (`--pretrain-seed`) is picked on validation and paired over seeds on its "
+          "own (the tables above); here each tuned difference is its mean over seeds per pre-training, and the mean "
+          "of those over the pre-trainings with a Student-t interval over them (n = the pre-trainings): how much "
+          "of a verdict belongs to one pre-trained network."]
+  return out
+
+
 def tables(records: Sequence[dict[str, Any]]) -> str:
   """The study's tables, Markdown, from its records alone (deterministic: the same records, the same text)."""
   marked = _marked(records)
@@ -261,6 +332,9 @@ def tables(records: Sequence[dict[str, Any]]) -> str:
   for row in rows:
     raw, holm = _verdicts(row)
     out.append(f"| {row['dataset']} | {row['source']} | {row['comparison']} | {_delta(row)} | {raw} | {holm} |")
+
+  # 2b. where a source was pre-trained several times: each tuned difference across the pre-trainings
+  out += _across_pretrainings(marked, datasets)
 
   # 3. the λ curve: each regularized arm against fine-tuning at every λ; 4. its worst gap
   curve, worst = [], []

@@ -89,3 +89,26 @@ def test_fine_tuning_stands_at_lambda_zero_where_a_method_has_no_run_there(study
   picks = text.split("### Tuned")[0]
   assert "| d | imagenet | L2-SP | λ 0 | 50.00 ± 0.00 | 81.00 ± 1.00 | 3 |" in picks
   assert "| λ 0 | λ 1 |" in text
+
+
+def test_each_pre_training_of_a_source_is_picked_on_its_own_and_summarized_across_them(study_records):
+  records = []
+  for pretraining, shift in enumerate((0.0, 0.02, -0.01)):   # L2-SP's gain differs between pre-trainings
+    for r in _synthetic():
+      if r["projection"] in (None, "conflict"):
+        gain = shift if r["method"] == "l2-sp" and r["reg_weight"] else 0.0
+        records.append({**r, "source": "unrelated", "pretrain_seed": pretraining,
+                        "test_accuracy": r["test_accuracy"] + gain})
+  text = study_records.tables(records)
+  assert "| d | unrelated (pre-training 2) | L2-SP | λ 1 |" in text           # each pre-training its own pick
+  across = text.split("### Across pre-trainings")[1]
+  row = _cells(across, "tuned L2-SP − fine-tuning")
+  means = 100 * (0.04 + np.array([0.0, 0.02, -0.01]))                      # mean over seeds, per pre-training
+  half = 4.302652729911275 * means.std(ddof=1) / np.sqrt(3)
+  assert row[3] == "0: +4.00, 1: +6.00, 2: +3.00"
+  assert row[4] == f"{means.mean():+.2f} [{means.mean() - half:+.2f}, {means.mean() + half:+.2f}]"
+
+
+def test_a_source_pre_trained_once_keeps_its_name_and_has_no_across_table(study_records):
+  text = study_records.tables([{**r, "pretrain_seed": 0} for r in _synthetic()])
+  assert "Across pre-trainings" not in text and "(pre-training" not in text
