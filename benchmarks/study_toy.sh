@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The toy-source study of benchmarks/RESULTS.md ("The offline study re-run with its records"): the preset study
+# (dtnh_jax.train.presets.GRIDS["study"], 415 runs) from the two toy sources as pre-trained with seed 0, two
+# processes side by side (one per source; from scratch under the first only); then, with --pretrain, the
+# L2-SP and KnowDist families from two more pre-trainings of each source (--pretrain-seed 1, 2): the source's
+# pre-training as a factor of the design. A diverged run is recorded at chance and its grid goes on. Interrupted,
+# it resumes where it stopped.
+#
+#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain]    # default runs/study-toy; logs in WORKDIR/*.log
+#   python benchmarks/study_records.py collect WORKDIR --out benchmarks/records/study_toy.jsonl
+#   python benchmarks/study_records.py tables benchmarks/records/study_toy.jsonl --out benchmarks/records/study_toy.md
+set -euo pipefail
+workdir="${1:-runs/study-toy}"
+mkdir -p "$workdir"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
+others="fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta"
+
+if [[ "${2:-}" != "--pretrain" ]]; then
+  dtnh-train --preset study --source related --on-nonfinite record --workdir "$workdir/study" --no-progress \
+    > "$workdir/related.log" 2>&1 &
+  dtnh-train --preset study --source unrelated --method "$others" --on-nonfinite record \
+    --workdir "$workdir/study" --no-progress > "$workdir/unrelated.log" 2>&1 &
+  wait
+else
+  for seed in 1 2; do  # one grid per pre-training (a grid's runs are keyed by method, λ and seed, not the source's seed)
+    for source in related unrelated; do
+      dtnh-train --preset study --source "$source" --pretrain-seed "$seed" \
+        --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist --on-nonfinite record \
+        --workdir "$workdir/pretrain$seed" --no-progress > "$workdir/$source-pretrain$seed.log" 2>&1 &
+    done
+    wait
+  done
+fi
