@@ -387,12 +387,15 @@ def tables(records: Sequence[dict[str, Any]]) -> str:
 # --- figures ---------------------------------------------------------------------------------------------------------
 
 def figures(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
-  """The λ curves (``report.plot_lambda_curve``) per target, of X and DTNH(X), from the records alone."""
+  """The λ curves (``report.plot_lambda_curve``) per target, of X and DTNH(X), from the records alone (a panel
+  per pre-training of a source pre-trained several times)."""
   from dtnh_jax.train import report  # pylint: disable=g-import-not-at-top  (matplotlib)
   os.makedirs(out_dir, exist_ok=True)
   written = []
+  names = _sources(records)
   for dataset in sorted({r["dataset"] for r in records}):
-    runs = [{**r, "method": arm(r)} for r in records if r["dataset"] == dataset]
+    runs = [{**r, "method": arm(r), "source": names[dataset, r["source"], _pretraining(r)]}
+            for r in records if r["dataset"] == dataset]
     runs = [r for r in runs if "(" not in r["method"]]  # the curve's panels are X and DTNH(X)
     path = os.path.join(out_dir, f"lambda_curve_{dataset}.png")
     with warnings.catch_warnings():
