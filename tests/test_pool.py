@@ -77,6 +77,16 @@ def test_shifted_equals_xla_in_value_and_gradient(window, strides, padding):
   np.testing.assert_allclose(np.asarray(actual[1]), np.asarray(expected[1]), rtol=1e-6, atol=1e-6)
 
 
+def test_a_window_of_more_than_127_positions_routes_every_gradient_to_its_maximum():
+  rng = np.random.RandomState(5)
+  x = rng.permutation(2 * 13 * 13).reshape(2, 13, 13, 1).astype(np.float32)   # no ties: one maximum per window
+  cotangent = rng.randn(2, 2, 2, 1).astype(np.float32)
+  _, expected = _numpy_max_pool(x, (12, 12), (1, 1), ((0, 0), (0, 0)), cotangent)
+  _, grad = _value_and_gradient(jnp.asarray(x), jnp.asarray(cotangent), (12, 12), (1, 1), ((0, 0), (0, 0)),
+                                "shifted")
+  np.testing.assert_array_equal(np.asarray(grad), expected)
+
+
 def test_bfloat16_inputs_give_the_same_bfloat16_values_and_gradients():
   rng = np.random.RandomState(2)
   x = jnp.asarray(rng.randn(2, 8, 8, 3), jnp.bfloat16)

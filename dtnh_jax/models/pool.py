@@ -50,14 +50,16 @@ def choose(backend: str | None = None) -> str:
 
 
 def _window_max(x, window, strides, padding):
+  # the window position of each maximum: one byte where the window has at most 127 positions (3x3: 9)
+  index_type = jnp.int8 if window[0] * window[1] <= jnp.iinfo(jnp.int8).max else jnp.int32
   maximum, position = None, None
   for index, candidate in enumerate(conv_lib.windows(x, window, strides, padding, pad_value=-jnp.inf)):
     if maximum is None:
-      maximum, position = candidate, jnp.zeros(candidate.shape, jnp.int8)
+      maximum, position = candidate, jnp.zeros(candidate.shape, index_type)
       continue
     # strictly greater keeps the first maximum of a tie; a NaN takes the place once (lax.max propagates it)
     later = (candidate > maximum) | (jnp.isnan(candidate) & ~jnp.isnan(maximum))
-    maximum, position = lax.max(maximum, candidate), jnp.where(later, jnp.int8(index), position)
+    maximum, position = lax.max(maximum, candidate), jnp.where(later, jnp.asarray(index, index_type), position)
   return maximum, position
 
 
