@@ -17,9 +17,10 @@ seeds, same source) stand there, marked ``lambda0_from`` ``fine-tune`` in the ta
 file), so that the picks are made over a grid whose smallest λ is 0 and a pick at the smallest positive λ lies
 inside it. The worst gap over λ is taken over the positive λ (at 0 the gap is 0 by construction).
 
-A source pre-trained several times (toy sources, ``--pretrain-seed``) is a source per pre-training,
-``SOURCE (pre-training K)``, picked and paired on its own; a table then gives each tuned difference per
-pre-training and across them, with an interval over the pre-trainings.
+A source pre-trained several times (toy sources, ``--pretrain-seed``), or run at several learning rates, is a
+source per condition, ``SOURCE (pre-training K, lr L)`` (naming what varies), picked and paired on its own; a
+table then gives each tuned difference per pre-training and across them (at each learning rate), with an
+interval over the pre-trainings.
 
 A run of a ``dtnh-`` method whose correction is not DTNH's (``projection`` other than conflict/always, e.g. the
 never-hurt candidate ``ema``) is its own arm, named ``PROJECTION(X)`` (``ema(l2-sp)``), compared with fine-tuning,
@@ -142,30 +143,41 @@ def _pretraining(record: dict[str, Any]) -> int:
   return int(record.get("pretrain_seed") or 0)
 
 
-def _pretraining_label(source: str, seed: int) -> str:
-  return f"{source} (pre-training {seed})"
+def _learning_rate(record: dict[str, Any]) -> float | None:
+  return record.get("settings", {}).get("learning_rate")
 
 
-def _sources(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
-  """``(dataset, source, pre-training seed) -> the source as the tables name it``: the source itself, or, where
-  a dataset has runs from several pre-trainings of it (``--pretrain-seed``), ``SOURCE (pre-training K)``; each
-  pre-training is a source of its own, picked and paired on its own."""
-  seeds: dict[tuple[str, str], set[int]] = {}
+def _condition(record: dict[str, Any]) -> tuple[int, float | None]:
+  return _pretraining(record), _learning_rate(record)
+
+
+def _sources(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, tuple[int, float | None]], str]:
+  """``(dataset, source, (pre-training seed, learning rate)) -> the source as the tables name it``: the source
+  itself, or, where a dataset has runs from several pre-trainings of it (``--pretrain-seed``) or at several
+  learning rates, ``SOURCE (pre-training K, lr L)`` naming what varies; each such condition is a source of its
+  own, picked and paired on its own."""
+  found: dict[tuple[str, str], set[tuple[int, float | None]]] = {}
   for r in records:
-    seeds.setdefault((r["dataset"], r["source"]), set()).add(_pretraining(r))
-  return {(dataset, source, seed): _pretraining_label(source, seed) if len(found) > 1 else source
-          for (dataset, source), found in seeds.items() for seed in found}
+    found.setdefault((r["dataset"], r["source"]), set()).add(_condition(r))
+  names = {}
+  for (dataset, source), conditions in found.items():
+    several_seeds = len({seed for seed, _ in conditions}) > 1
+    several_rates = len({rate for _, rate in conditions}) > 1
+    for seed, rate in conditions:
+      parts = ([f"pre-training {seed}"] if several_seeds else []) + ([f"lr {rate:g}"] if several_rates else [])
+      names[dataset, source, (seed, rate)] = f"{source} ({', '.join(parts)})" if parts else source
+  return names
 
 
 def _marked(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Each dataset's records with ``method`` its :func:`arm`, ``source`` the pre-training's (:func:`_sources`;
+  """Each dataset's records with ``method`` its :func:`arm`, ``source`` the condition's (:func:`_sources`;
   the source itself in ``base_source``), fine-tuning as λ 0 (:func:`_with_lambda0`), and ``selected`` (the pick
   on validation)."""
   records = list(records)
   names = _sources(records)
   by_dataset: dict[str, list[dict[str, Any]]] = {}
   for record in records:
-    source = names[record["dataset"], record["source"], _pretraining(record)]
+    source = names[record["dataset"], record["source"], _condition(record)]
     by_dataset.setdefault(record["dataset"], []).append(
         {**record, "method": arm(record), "source": source, "base_source": record["source"]})
   by_dataset = {dataset: _with_lambda0(runs) for dataset, runs in by_dataset.items()}
@@ -258,13 +270,15 @@ def _across_pretrainings(marked, datasets) -> list[str]:
   rows = []
   for dataset in datasets:
     arms = _arms(marked, dataset)
-    trained = {}
+    trained, rates = {}, {}
     for r in marked:
       if r["dataset"] == dataset and r["method"] != selection.SCRATCH:
-        trained.setdefault(r["base_source"], set()).add((_pretraining(r), r["source"]))
-    for base, pretrainings in sorted(trained.items()):
+        trained.setdefault((r["base_source"], _learning_rate(r)), set()).add((_pretraining(r), r["source"]))
+        rates.setdefault(r["base_source"], set()).add(_learning_rate(r))
+    for (base, rate), pretrainings in sorted(trained.items(), key=lambda item: (item[0][0], item[0][1] or 0.0)):
       if len(pretrainings) < 2:
         continue
+      shown = f"{base} (lr {rate:g})" if len(rates[base]) > 1 else base
       means: dict[str, dict[int, float]] = {}
       for seed, source in sorted(pretrainings):
         for name, a_runs, b_runs in _comparisons(marked, dataset, source, arms):
@@ -275,7 +289,7 @@ def _across_pretrainings(marked, datasets) -> list[str]:
         if len(by_seed) < 2:
           continue
         across = stats.paired_difference(by_seed, dict.fromkeys(by_seed, 0.0))
-        rows.append({"dataset": dataset, "source": base, "comparison": name, "per": by_seed, **across})
+        rows.append({"dataset": dataset, "source": shown, "comparison": name, "per": by_seed, **across})
   if not rows:
     return []
   rows = stats.with_holm(rows)
@@ -394,7 +408,7 @@ def figures(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   written = []
   names = _sources(records)
   for dataset in sorted({r["dataset"] for r in records}):
-    runs = [{**r, "method": arm(r), "source": names[dataset, r["source"], _pretraining(r)]}
+    runs = [{**r, "method": arm(r), "source": names[dataset, r["source"], _condition(r)]}
             for r in records if r["dataset"] == dataset]
     runs = [r for r in runs if "(" not in r["method"]]  # the curve's panels are X and DTNH(X)
     path = os.path.join(out_dir, f"lambda_curve_{dataset}.png")

@@ -112,3 +112,15 @@ def test_each_pre_training_of_a_source_is_picked_on_its_own_and_summarized_acros
 def test_a_source_pre_trained_once_keeps_its_name_and_has_no_across_table(study_records):
   text = study_records.tables([{**r, "pretrain_seed": 0} for r in _synthetic()])
   assert "Across pre-trainings" not in text and "(pre-training" not in text
+
+
+def test_runs_at_several_learning_rates_are_a_source_each_picked_on_its_own(study_records):
+  records = []
+  for rate, gain in ((0.01, 0.0), (0.02, 0.05)):   # fine-tuning gains 5 points at the larger learning rate
+    for r in _synthetic():
+      if r["projection"] in (None, "conflict"):
+        records.append({**r, "settings": {"learning_rate": rate}, "test_accuracy": r["test_accuracy"] + gain})
+  text = study_records.tables(records)
+  assert "| d | imagenet (lr 0.01) | Fine-tuning | – | 50.00 ± 0.00 | 81.00 ± 1.00 | 3 |" in text
+  assert "| d | imagenet (lr 0.02) | Fine-tuning | – | 50.00 ± 0.00 | 86.00 ± 1.00 | 3 |" in text
+  assert "| d | imagenet (lr 0.02) | L2-SP | λ 1 |" in text and "Across pre-trainings" not in text
