@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The toy-source study of benchmarks/RESULTS.md ("The offline study re-run with its records"): the preset study
+# The toy-source study of benchmarks/RESULTS.md ("The whole preset re-run with its records"): the preset study
 # (dtnh_jax.train.presets.GRIDS["study"], 415 runs) from the two toy sources as pre-trained with seed 0, two
-# processes side by side (one per source; from scratch under the first only); then, with --pretrain, the
-# L2-SP and KnowDist families from two more pre-trainings of each source (--pretrain-seed 1, 2): the source's
-# pre-training as a factor of the design. A diverged run is recorded at chance and its grid goes on. Interrupted,
-# it resumes where it stopped.
+# processes side by side (one per source; from scratch under the first only). With --pretrain, the L2-SP and
+# KnowDist families from two more pre-trainings of each source (--pretrain-seed 1, 2): the source's pre-training
+# as a factor of the design. With --learning-rates, the same families from `unrelated` at learning rates 0.005
+# and 0.02 (the preset's: 0.01): the learning-rate control. A diverged run is recorded at chance and its grid
+# goes on. Interrupted, it resumes where it stopped.
 #
-#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain]    # default runs/study-toy; logs in WORKDIR/*.log
+#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates]   # default runs/study-toy; logs: WORKDIR/*.log
 #   python benchmarks/study_records.py collect WORKDIR --out benchmarks/records/study_toy.jsonl
 #   python benchmarks/study_records.py tables benchmarks/records/study_toy.jsonl --out benchmarks/records/study_toy.md
 set -euo pipefail
@@ -15,7 +16,16 @@ mkdir -p "$workdir"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
 others="fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta"
 
-if [[ "${2:-}" != "--pretrain" ]]; then
+if [[ "${2:-}" == "--learning-rates" ]]; then
+  # the learning-rate control: fine-tuning, L2-SP and KnowDist ± DTNH from `unrelated` (pre-training 0) at half
+  # and twice the preset's 0.01, so that a DTNH(X) − X can be read beside what a larger step gives X alone
+  for rate in 0.005 0.02; do
+    dtnh-train --preset study --source unrelated --learning-rate "$rate" \
+      --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist --on-nonfinite record \
+      --workdir "$workdir/lr$rate" --no-progress > "$workdir/unrelated-lr$rate.log" 2>&1 &
+  done
+  wait
+elif [[ "${2:-}" != "--pretrain" ]]; then
   dtnh-train --preset study --source related --on-nonfinite record --workdir "$workdir/study" --no-progress \
     > "$workdir/related.log" 2>&1 &
   dtnh-train --preset study --source unrelated --method "$others" --on-nonfinite record \
