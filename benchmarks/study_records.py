@@ -20,7 +20,8 @@ inside it. The worst gap over λ is taken over the positive λ (at 0 the gap is 
 A source pre-trained several times (toy sources, ``--pretrain-seed``), or run at several learning rates, is a
 source per condition, ``SOURCE (pre-training K, lr L)`` (naming what varies), picked and paired on its own; a
 table then gives each tuned difference per pre-training and across them (at each learning rate), with an
-interval over the pre-trainings.
+interval over the pre-trainings, and another each method at the learning rate validation picks (fine-tuning, X
+and DTNH(X) tuned alike over λ and the learning rate).
 
 A run of a ``dtnh-`` method whose correction is not DTNH's (``projection`` other than conflict/always, e.g. the
 never-hurt candidate ``ema``) is its own arm, named ``PROJECTION(X)`` (``ema(l2-sp)``), compared with fine-tuning,
@@ -226,9 +227,10 @@ def _mean_sd(values: Sequence[float]) -> str:
   return f"{100 * mean:.2f} ± {100 * sd:.2f}"
 
 
-def _comparisons(marked, dataset, source, arms):
-  """``(name, a_runs, b_runs)`` of the tuned table for one (dataset, source), in table order."""
-  pick = lambda name: _pick(marked, dataset, source, name)
+def _comparisons(marked, dataset, source, arms, pick=None):
+  """``(name, a_runs, b_runs)`` of the tuned table for one (dataset, source), in table order; ``pick(name)`` gives
+  an arm's selected runs (default: :func:`_pick`'s)."""
+  pick = pick or (lambda name: _pick(marked, dataset, source, name))
   rows = [("fine-tuning − from scratch", pick(selection.FINE_TUNE), pick(selection.SCRATCH))]
   for x in REGULARIZERS:
     if x not in arms:
@@ -308,6 +310,60 @@ def _across_pretrainings(marked, datasets) -> list[str]:
   return out
 
 
+def _over_learning_rates(marked, datasets) -> list[str]:
+  """Where a source (at one pre-training) ran at several learning rates: each arm at the learning rate whose pick
+  has the best mean validation accuracy (ties to the smaller learning rate), so that fine-tuning, X and DTNH(X)
+  have their learning rate tuned alike; the picks and the tuned differences (Holm over the table). No lines
+  where every source ran at one learning rate."""
+  picks, rows = [], []
+  for dataset in datasets:
+    arms = _arms(marked, dataset)
+    groups: dict[tuple[str, int], dict[float, str]] = {}
+    for r in marked:
+      if r["dataset"] == dataset and r["method"] != selection.SCRATCH:
+        groups.setdefault((r["base_source"], _pretraining(r)), {})[_learning_rate(r)] = r["source"]
+    for (base, seed), by_rate in sorted(groups.items()):
+      if len(by_rate) < 2:
+        continue
+      shown = f"{base} (pre-training {seed})" if len({s for b, s in groups if b == base}) > 1 else base
+      chosen: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+      for name in arms:
+        for rate, source in sorted(by_rate.items()):
+          runs = _pick(marked, dataset, source, name)
+          if runs and (name not in chosen or _mean_of(runs, "val_accuracy") > _mean_of(chosen[name][1],
+                                                                                    "val_accuracy")):
+            chosen[name] = (rate, runs)
+      for name in arms:
+        if name in chosen:
+          rate, runs = chosen[name]
+          weight = f"λ {float(runs[0]['reg_weight']):g}, " if _regularized(name) else ""
+          picks.append(f"| {dataset} | {shown} | {_arm_label(name)} | {weight}lr {rate:g} | "
+                       f"{_mean_sd([float(r['val_accuracy']) for r in runs])} | "
+                       f"{_mean_sd([float(r['test_accuracy']) for r in runs])} | {len(runs)} |")
+      pick = lambda name, chosen=chosen: chosen[name][1] if name in chosen else []
+      for name, a_runs, b_runs in _comparisons(marked, dataset, None, arms, pick):
+        difference = _difference(a_runs, b_runs)
+        if difference is not None:
+          rows.append({"dataset": dataset, "source": shown, "comparison": name, **difference})
+  if not picks:
+    return []
+  out = ["", "### Learning rate picked on validation too", "",
+         "| target | source | method | picked | validation % | test % (mean ± sd, ddof=1) | seeds |",
+         "|---|---|---|---|---|---|---|", *picks, "",
+         "| target | source | comparison | Δ [95% CI] | raw | Holm p |", "|---|---|---|---|---|---|"]
+  for row in stats.with_holm(rows):
+    raw, holm = _verdicts(row)
+    out.append(f"| {row['dataset']} | {row['source']} | {row['comparison']} | {_delta(row)} | {raw} | {holm} |")
+  out += ["", "Each method at the learning rate whose λ pick has the best mean validation accuracy (ties to the "
+          "smaller learning rate): fine-tuning, X and DTNH(X) tuned alike over λ and the learning rate; Δ paired "
+          "over seeds as above, Holm over this table."]
+  return out
+
+
+def _mean_of(runs, field: str) -> float:
+  return math.fsum(float(r[field]) for r in runs) / len(runs)
+
+
 def tables(records: Sequence[dict[str, Any]]) -> str:
   """The study's tables, Markdown, from its records alone (deterministic: the same records, the same text)."""
   marked = _marked(records)
@@ -347,8 +403,10 @@ def tables(records: Sequence[dict[str, Any]]) -> str:
     raw, holm = _verdicts(row)
     out.append(f"| {row['dataset']} | {row['source']} | {row['comparison']} | {_delta(row)} | {raw} | {holm} |")
 
-  # 2b. where a source was pre-trained several times: each tuned difference across the pre-trainings
+  # 2b. where a source was pre-trained several times: each tuned difference across the pre-trainings; 2c. where
+  # it ran at several learning rates: the learning rate picked too
   out += _across_pretrainings(marked, datasets)
+  out += _over_learning_rates(marked, datasets)
 
   # 3. the λ curve: each regularized arm against fine-tuning at every λ; 4. its worst gap
   curve, worst = [], []

@@ -124,3 +124,19 @@ def test_runs_at_several_learning_rates_are_a_source_each_picked_on_its_own(stud
   assert "| d | imagenet (lr 0.01) | Fine-tuning | – | 50.00 ± 0.00 | 81.00 ± 1.00 | 3 |" in text
   assert "| d | imagenet (lr 0.02) | Fine-tuning | – | 50.00 ± 0.00 | 86.00 ± 1.00 | 3 |" in text
   assert "| d | imagenet (lr 0.02) | L2-SP | λ 1 |" in text and "Across pre-trainings" not in text
+
+
+def test_the_learning_rate_is_picked_on_validation_for_every_method_alike(study_records):
+  records = []
+  for rate, gain, validation in ((0.01, 0.0, 0.5), (0.02, 0.05, 0.55)):   # fine-tuning: better at 0.02 on both
+    for r in _synthetic():
+      if r["projection"] in (None, "conflict"):
+        shifted = {"test_accuracy": r["test_accuracy"] + gain}
+        if r["method"] == "fine-tune":
+          shifted["val_accuracy"] = validation
+        records.append({**r, "settings": {"learning_rate": rate}, **shifted})
+  section = study_records.tables(records).split("### Learning rate picked on validation too")[1]
+  assert "| d | imagenet | Fine-tuning | lr 0.02 | 55.00 ± 0.00 | 86.00 ± 1.00 | 3 |" in section
+  assert "| d | imagenet | L2-SP | λ 1, lr 0.01 |" in section   # a tie on validation: the smaller learning rate
+  # L2-SP at 0.01 (fine-tuning's test + 3, 4, 5 points) against fine-tuning at 0.02 (+5 points)
+  assert _cells(section, "tuned L2-SP − fine-tuning")[3].startswith("-1.00 [")
