@@ -468,6 +468,8 @@ def figures(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
   for dataset in sorted({r["dataset"] for r in records}):
     runs = [{**r, "method": arm(r), "source": names[dataset, r["source"], _condition(r)]}
             for r in records if r["dataset"] == dataset]
+    # the panels' columns in the order of the sources' names (a source's conditions side by side)
+    runs.sort(key=lambda r: r["source"])
     runs = [r for r in runs if "(" not in r["method"]]  # the curve's panels are X and DTNH(X)
     path = os.path.join(out_dir, f"lambda_curve_{dataset}.png")
     with warnings.catch_warnings():
