@@ -56,7 +56,6 @@ def test_max_pool_and_its_gradient_equal_numpys_first_maximum_on_inputs_full_of_
   rng = np.random.RandomState(0)
   # a ReLU's output with values on a coarse grid: every window holds ties, of zeros and of positive values
   x = np.maximum(np.round(rng.randn(2, 7, 8, 3) * 2) / 2, 0).astype(np.float32)
-  expected_y, expected_grad = None, None
   y_shape = jax.eval_shape(lambda: pool.max_pool(jnp.asarray(x), window, strides, padding, "xla")).shape
   cotangent = rng.randn(*y_shape).astype(np.float32)
   expected_y, expected_grad = _numpy_max_pool(x, window, strides, padding, cotangent)
