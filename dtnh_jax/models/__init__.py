@@ -31,6 +31,7 @@ from dtnh_jax.models.resnet import IMAGENET_STD
 from dtnh_jax.models.resnet import init_variables
 from dtnh_jax.models.resnet import replace_head
 from dtnh_jax.models.resnet import ResNet
+from dtnh_jax.models.resnet import resnet10
 from dtnh_jax.models.resnet import resnet18
 from dtnh_jax.models.resnet import resnet34
 from dtnh_jax.models.resnet import resnet50
@@ -61,6 +62,7 @@ __all__ = [
     "model_from_metadata",
     "replace_head",
     "ResNet",
+    "resnet10",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -71,7 +73,7 @@ __all__ = [
 
 
 def create_model(arch: str, num_classes: int = 1000, **kwargs):
-  """The network named ``arch``: a ResNet (``resnet18``, ``resnet34``,
+  """The network named ``arch``: a ResNet (``resnet10``, ``resnet18``, ``resnet34``,
   ``resnet50``) or EfficientNet-Lite0 (``efficientnet-lite0``).
 
   Args:

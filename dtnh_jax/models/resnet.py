@@ -82,6 +82,7 @@ __all__ = [
     "linear_bias_init",
     "linear_kernel_init",
     "replace_head",
+    "resnet10",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -454,6 +455,7 @@ class ResNet(nn.Module):
 
 #: Architecture name (``dtnh_jax.names.ARCHITECTURES``) -> (block type, blocks per stage), as in torchvision.
 ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = dict(zip(names.ARCHITECTURES, (
+    (BasicBlock, (1, 1, 1, 1)),  # ResNet-10: torchvision's ResNet(BasicBlock, [1, 1, 1, 1])
     (BasicBlock, (2, 2, 2, 2)),  # ResNet-18
     (BasicBlock, (3, 4, 6, 3)),  # ResNet-34
     (Bottleneck, (3, 4, 6, 3)),  # ResNet-50
@@ -464,7 +466,7 @@ def create_model(arch: str, num_classes: int = 1000, **kwargs) -> ResNet:
   """The ResNet named ``arch`` (a key of ``ARCHITECTURES``).
 
   Args:
-    arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+    arch: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
     num_classes: outputs of the head.
     **kwargs: further :class:`ResNet` attributes (``width``, ``small_stem``,
       ``dtype``).
@@ -478,6 +480,12 @@ def create_model(arch: str, num_classes: int = 1000, **kwargs) -> ResNet:
   block_cls, stage_sizes = ARCHITECTURES[arch]
   return ResNet(block_cls=block_cls, stage_sizes=stage_sizes,
                 num_classes=num_classes, **kwargs)
+
+
+def resnet10(num_classes: int = 1000, **kwargs) -> ResNet:
+  """ResNet-10: torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])`` (one block per stage; no pre-trained weights
+  ship for it); ``kwargs`` as :class:`ResNet`."""
+  return create_model("resnet10", num_classes, **kwargs)
 
 
 def resnet18(num_classes: int = 1000, **kwargs) -> ResNet:
