@@ -53,6 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step_overhead as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from dtnh_jax import names  # pylint: disable=wrong-import-position
 from dtnh_jax.train.config import ALL_METHODS, Method  # pylint: disable=wrong-import-position
 
 #: JSON key of each regularizer's ratio.
@@ -69,7 +70,7 @@ def suite_arguments(part: str, args) -> tuple[str, list[str]]:
   sizes = ["--size", str(args.size), "--batch", str(args.batch)]
   repeats = ["--repeats", str(max(args.rounds, 3))]
   if part == "train_step":
-    return "train_step_overhead", sizes + ["--width", str(args.width)] + repeats
+    return "train_step_overhead", sizes + ["--arch", args.arch, "--width", str(args.width)] + repeats
   if part == "transform":
     return "transform_overhead", ["--repeats", str(max(3 * args.rounds, 5)), "--gram", "all"]
   if part == "aggregators":
@@ -110,7 +111,9 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", type=int, help=f"image height and width (default: {FULL['size']})")
   parser.add_argument("--batch", type=int, help=f"batch size (default: {FULL['batch']})")
-  parser.add_argument("--width", type=float, help="ResNet-18 width multiplier (default: 1, full width)")
+  parser.add_argument("--arch", default="resnet18", choices=names.ARCHITECTURES,
+                      help="the ResNet (default: %(default)s)")
+  parser.add_argument("--width", type=float, help="ResNet width multiplier (default: 1, full width)")
   parser.add_argument("--steps", type=int, help=f"steps per timed block (default: {FULL['steps']})")
   parser.add_argument("--rounds", type=int, help=f"timed blocks per method (default: {FULL['rounds']})")
   parser.add_argument("--methods", default="all",
@@ -142,9 +145,9 @@ def main(argv=None) -> dict:
   started = time.perf_counter()
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s)")
-  print(f"ResNet-18 width {args.width:g}, {args.size}x{args.size} images, batch {args.batch}, "
+  print(f"{args.arch} width {args.width:g}, {args.size}x{args.size} images, batch {args.batch}, "
         f"{args.rounds} interleaved blocks of {args.steps} steps per method")
-  problem = bench.make_problem(args.size, args.batch, args.width)
+  problem = bench.make_problem(args.size, args.batch, args.width, arch=args.arch)
 
   rows, images_per_s, ratios = [], {}, {}
   for regularizer in chosen:
@@ -176,7 +179,7 @@ def main(argv=None) -> dict:
     print(f"device peak memory in use: {peak:.0f} MiB")
   result = {**ratios, "images_per_s": {k: round(v, 1) for k, v in images_per_s.items()},
             "device": device.device_kind, "platform": device.platform, "device_peak_mib": peak,
-            "config": {k: getattr(args, k) for k in ("size", "batch", "width", "steps", "rounds")}}
+            "config": {k: getattr(args, k) for k in ("arch", "size", "batch", "width", "steps", "rounds")}}
   if parts:
     result["suite"] = run_suite(parts, args)
   result["total_s"] = round(time.perf_counter() - started, 1)

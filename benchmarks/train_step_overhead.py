@@ -88,6 +88,7 @@ STEPS_PER_EPOCH = 100  # only sets when λ would decay; reg_decay is 1 here
 
 
 class Problem(NamedTuple):
+  arch: str                     # a ResNet of dtnh_jax.names.ARCHITECTURES
   model: Any
   batch: dict[str, jax.Array]
   initial: dict[str, Any]       # the variables fine-tuning starts from
@@ -95,11 +96,11 @@ class Problem(NamedTuple):
 
 
 def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10, seed: int = 0,
-                 small_stem: bool = False) -> Problem:
-  """ResNet-18 (torchvision layout, ImageNet stem unless ``small_stem``) with random source weights and a synthetic
-  batch."""
-  model = models.resnet18(num_classes=num_classes, width=width, small_stem=small_stem)
-  source = models.init_variables(models.resnet18(width=width, small_stem=small_stem), seed, size)   # a random source
+                 small_stem: bool = False, arch: str = "resnet18") -> Problem:
+  """A ResNet (ResNet-18 unless ``arch``; torchvision layout, ImageNet stem unless ``small_stem``) with random
+  source weights and a synthetic batch."""
+  model = models.create_model(arch, num_classes=num_classes, width=width, small_stem=small_stem)
+  source = models.init_variables(models.create_model(arch, width=width, small_stem=small_stem), seed, size)
   initial = models.replace_head(source, num_classes, jax.random.key(seed + 1))
   rng = np.random.default_rng(seed)
   batch = {"image": jnp.asarray(rng.normal(size=(batch_size, size, size, 3)), jnp.float32),
@@ -110,12 +111,13 @@ def make_problem(size: int, batch_size: int, width: float, num_classes: int = 10
   for layer in names.DEFAULT_FEATURE_LAYERS:
     logits = rng.normal(size=features[layer].shape[-1])
     attention[layer] = (np.exp(logits) / np.exp(logits).sum()).astype(np.float32)
-  return Problem(model, batch, initial, attention)
+  return Problem(arch, model, batch, initial, attention)
 
 
-def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, width: float) -> TrainConfig:
+def method_config(regularizer: str, dtnh: bool, size: int, batch_size: int, width: float,
+                  arch: str = "resnet18") -> TrainConfig:
   # KnowDist/DELTA averaged over positions at weight 1, as every figure in RESULTS.md (and peer_torch's PyTorch side)
-  return TrainConfig.create(method=Method(regularizer, dtnh).name, dataset="synthetic", width=width,
+  return TrainConfig.create(method=Method(regularizer, dtnh).name, dataset="synthetic", arch=arch, width=width,
                             batch_size=batch_size, resize=size, crop=size, feature_normalize="spatial_mean",
                             knowdist_weight=1.0, delta_weight=1.0)
 
@@ -386,10 +388,10 @@ def library_step(model, config: TrainConfig, **options):
 def build_steps(problem: Problem, regularizer: str, args, variants=VARIANTS) -> dict[str, CompiledStep]:
   """The compiled steps of one regularizer, by variant name (see the module's docstring)."""
   reference = step_lib.Reference(problem.initial, problem.attention if regularizer == "delta" else None)
-  plain_config = method_config(regularizer, False, args.size, args.batch, args.width)
+  plain_config = method_config(regularizer, False, args.size, args.batch, args.width, problem.arch)
   plain_tx = step_lib.make_optimizer(plain_config, STEPS_PER_EPOCH)
   if regularizer != "fine-tune":
-    dtnh_config = method_config(regularizer, True, args.size, args.batch, args.width)
+    dtnh_config = method_config(regularizer, True, args.size, args.batch, args.width, problem.arch)
     dtnh_tx = step_lib.make_optimizer(dtnh_config, STEPS_PER_EPOCH)
     sgd = step_lib.make_optimizer(plain_config.replace(method="fine-tune"), STEPS_PER_EPOCH)
   model = problem.model
@@ -409,7 +411,9 @@ def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", type=int, default=96, help="image height and width (default: %(default)s)")
   parser.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
-  parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (default: 1, full width)")
+  parser.add_argument("--arch", default="resnet18", choices=names.ARCHITECTURES,
+                      help="the ResNet (default: %(default)s)")
+  parser.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (default: 1, full width)")
   parser.add_argument("--repeats", type=int, default=10, help="timed rounds per regularizer (default: %(default)s)")
   parser.add_argument("--block", type=int, default=3,
                       help="consecutive steps of one variant per timed block (default: %(default)s)")
@@ -426,11 +430,11 @@ def main(argv=None) -> dict[str, Any]:
     parser.error(f"--variants must name steps among {', '.join(VARIANTS)}, including dtnh and summed")
 
   started = time.perf_counter()
-  problem = make_problem(args.size, args.batch, args.width)
+  problem = make_problem(args.size, args.batch, args.width, arch=args.arch)
   num_params = sum(x.size for x in jax.tree.leaves(problem.initial["params"]))
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s)")
-  print(f"ResNet-18 width {args.width:g} ({num_params / 1e6:.2f}M parameters), {args.size}x{args.size} images, "
+  print(f"{args.arch} width {args.width:g} ({num_params / 1e6:.2f}M parameters), {args.size}x{args.size} images, "
         f"batch {args.batch}, {args.repeats} interleaved rounds per regularizer", flush=True)
 
   result: dict[str, Any] = {}
@@ -477,8 +481,8 @@ def main(argv=None) -> dict[str, Any]:
   for key in chosen:
     intervals = [result[f"{key}_intervals"][f"{a}/{b}"] for a, b in shown]
     print(f"{REGULARIZERS[key]:<12}" + "".join(f"{f'{lo:.3f}-{hi:.3f}':>16}" for lo, hi in intervals))
-  result["config"] = {"size": args.size, "batch": args.batch, "width": args.width, "repeats": args.repeats,
-                      "block": args.block,
+  result["config"] = {"arch": args.arch, "size": args.size, "batch": args.batch, "width": args.width,
+                      "repeats": args.repeats, "block": args.block,
                       "variants": list(variants),
                       "platform": device.platform, "jax": jax.__version__}
   result["total_s"] = round(time.perf_counter() - started, 1)

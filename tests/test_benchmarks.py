@@ -19,7 +19,8 @@ import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 TIMEOUT_S = 300
-TINY = ["--size", "16", "--batch", "2", "--width", "0.125"]
+# ResNet-10 (one block per stage): the layers of the ResNet-18 the scripts measure, a third less to compile
+TINY = ["--size", "16", "--batch", "2", "--arch", "resnet10", "--width", "0.125"]
 # The suite's compile settings (tests/conftest.py) reach the scripts through the environment; a smoke run
 # also needs none of jax's own optimizations.
 SMOKE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_PLATFORMS": "cpu"}
@@ -54,6 +55,7 @@ def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
   for key in ("delta_ms", "delta_compile_s", "delta_peak_mib", "delta_convolutions"):
     assert set(result[key]) == variants
   assert any("median ms" in line for line in lines) and any("dtnh/summed" in line for line in lines)
+  assert result["config"]["arch"] == "resnet10" and any(line.startswith("resnet10 width") for line in lines)
 
 
 def test_train_step_overhead_measures_every_regularizer_by_default():
@@ -73,7 +75,7 @@ def test_gpu_check_runs_small_on_a_cpu_and_ends_with_json():
   result = json.loads(lines[-1])
   assert result["l2sp"] > 0 and result["l2sp_vs_plain"] > 0
   assert set(result["images_per_s"]) == {"l2-sp", "dtnh-l2-sp", "l2-sp (summed)"}
-  assert result["platform"] == "cpu" and result["config"]["size"] == 16
+  assert result["platform"] == "cpu" and result["config"]["size"] == 16 and result["config"]["arch"] == "resnet10"
 
 
 @pytest.mark.slow
@@ -121,7 +123,8 @@ def test_gpu_check_suite_runs_every_part_and_keeps_going_past_a_failure(monkeypa
   monkeypatch.setattr(modules["aggregator_overhead"], "main", fake("aggregator_overhead", {"tree": {}}))
   monkeypatch.setitem(sys.modules, "peer_torch", None)  # as where torch is not installed: the import fails
   monkeypatch.setattr(sys, "path", [str(BENCHMARKS)] + sys.path)
-  parts = gpu_check.run_suite(gpu_check.SUITE, argparse.Namespace(size=32, batch=4, width=0.125, rounds=2))
+  parts = gpu_check.run_suite(gpu_check.SUITE, argparse.Namespace(size=32, batch=4, arch="resnet18", width=0.125,
+                                                                            rounds=2))
   assert [name for name, _ in calls] == ["train_step_overhead", "transform_overhead", "aggregator_overhead"]
   assert calls[0][1][:4] == ["--size", "32", "--batch", "4"]
   assert parts["train_step"] == {"l2sp": 1.0} and parts["aggregators"] == {"tree": {}}

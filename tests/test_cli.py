@@ -53,7 +53,7 @@ def test_every_setting_has_a_one_line_help(name):
 EXPECTED_CHOICES = {
     "method": ("scratch", "fine-tune", "l2", "dtnh-l2", "l2-sp", "dtnh-l2-sp", "knowdist", "dtnh-knowdist", "delta",
                "dtnh-delta"),
-    "arch": ("resnet18", "resnet34", "resnet50", "efficientnet-lite0"),
+    "arch": ("resnet10", "resnet18", "resnet34", "resnet50", "efficientnet-lite0"),
     "optimizer": ("sgd", "adamw"),
     "reg_schedule": ("epoch", "released-code"),
     "l2_sp_include": ("kernels", "weights_and_biases", "all"),

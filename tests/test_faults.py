@@ -183,7 +183,7 @@ def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_
     ("--reg-weight", "inf", "--reg-weight must be a finite number"),
     ("--width", "0", "--width must be positive"),
     ("--seed", "-1", "--seed must be in [0, 2**31)"),
-    ("--arch", "resnet99", "--arch must be one of resnet18, resnet34, resnet50"),
+    ("--arch", "resnet99", "--arch must be one of resnet10, resnet18, resnet34, resnet50"),
     ("--feature-layers", "layer9", "--feature-layers takes comma-separated names"),
     ("--lr-drop-factor", "-0.1", "--lr-drop-factor must be >= 0"),
     ("--compute-dtype", "float16", "--compute-dtype must be one of float32, bfloat16"),
@@ -207,10 +207,10 @@ def _garbage(path, content=b"\x80\x04 this is not a checkpoint"):
 
 
 def _orbax_source(path, width, metadata=True):
-  model = models.create_model("resnet18", num_classes=10, width=width, small_stem=True)
+  model = models.create_model(FAST["arch"], num_classes=10, width=width, small_stem=True)
   variables = models.init_variables(model, 0, 8)
   if metadata:
-    models.save_variables(path, variables, {"arch": "resnet18", "width": width, "small_stem": True})
+    models.save_variables(path, variables, {"arch": FAST["arch"], "width": width, "small_stem": True})
   else:  # a plain orbax checkpoint: no metadata to compare, only the tensors
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path.resolve(), variables)
@@ -237,12 +237,12 @@ def _resnet50_safetensors(path):
      r"--source \S*wide: the checkpoint's architecture does not match the run: width is 0.25 in the checkpoint "
      r"but 0.125 in the run"),
     (lambda d: _orbax_source(d / "wide-no-metadata", 0.25, metadata=False),
-     r"--source \S*wide-no-metadata: the checkpoint does not fit the run's resnet18 \(width 0.125.*conv1/kernel is "
-     r"\(3, 3, 3, 16\), expected \(3, 3, 3, 8\)"),
+     rf"--source \S*wide-no-metadata: the checkpoint does not fit the run's {FAST['arch']} \(width 0.125.*"
+     r"conv1/kernel is \(3, 3, 3, 16\), expected \(3, 3, 3, 8\)"),
     (lambda d: _resnet50_safetensors(d / "resnet50.safetensors"),
-     r"--source \S*resnet50.safetensors: checkpoint does not match resnet18.*look like a resnet50"),
+     rf"--source \S*resnet50.safetensors: checkpoint does not match {FAST['arch']}.*look like a resnet50"),
 ], ids=["garbage .pth", "garbage .safetensors", "empty .bin", "empty directory", "orbax of another width",
-        "orbax without metadata of another width", "resnet50 .safetensors for a resnet18"])
+        "orbax without metadata of another width", "resnet50 .safetensors for the run's resnet"])
 def test_unusable_source_checkpoint_exits_with_code_2_and_says_why(make_source, message, tmp_path, capsys):
   (tmp_path / "sources").mkdir()
   source = make_source(tmp_path / "sources")

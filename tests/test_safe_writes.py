@@ -29,9 +29,9 @@ from dtnh_jax.train import presets
 from helpers import assert_trees_equal
 
 # A ResNet-18 at the offline problem's size: saves and loads in a fraction of a second.
-TINY_MODEL = {"arch": "resnet18", "width": 0.125, "small_stem": True}
-# The offline problem's settings (see tests/test_faults.py), with the tiny model above.
+# The offline problem's settings (see tests/test_faults.py), and its model.
 FAST = presets.tiny()
+TINY_MODEL = {key: FAST[key] for key in ("arch", "width", "small_stem")}
 NAN_TENSOR = "params/layer1_0/conv1/kernel"
 
 
@@ -343,7 +343,7 @@ def _nan_orbax_source(path):
 
 
 def _nan_safetensors_source(path):
-  state_dict = models.to_torchvision(_with_nan(_tiny_variables()), "resnet18", width=0.125, small_stem=True)
+  state_dict = models.to_torchvision(_with_nan(_tiny_variables()), **TINY_MODEL)
   safetensors.numpy.save_file(state_dict, str(path))
   return path
 
