@@ -38,7 +38,6 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from dtnh_jax.train import selection
 
@@ -75,6 +74,8 @@ def paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
     return {"n": 1, "mean": mean, "std": math.nan, "low": math.nan, "high": math.nan, "confidence": confidence,
             "p_value": math.nan, "excludes_zero": False}
   std = float(differences.std(ddof=1))
+  # imported here: scipy.stats takes about a second to import, and a run that reports no interval needs none of it
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   half = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
   if std > 0:
     p_value = float(2 * scipy_stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
