@@ -5,9 +5,16 @@
 # KnowDist families from two more pre-trainings of each source (--pretrain-seed 1, 2): the source's pre-training
 # as a factor of the design. With --learning-rates, the same families from `unrelated` at learning rates 0.005
 # and 0.02 (the preset's: 0.01): the learning-rate control. A diverged run is recorded at chance and its grid
-# goes on. Interrupted, it resumes where it stopped.
+# goes on. With --official, KnowDist and DELTA ± DTNH as their official code runs them (KnowDist summed over
+# positions, DELTA averaged, the head term β 0.01, both weights the official 0.24 per example at batch 48, fixed
+# before any run) on the preset's λ grid (0.001-10 times those weights), fine-tuning beside; the preset's own
+# KnowDist and DELTA use spatial_mean for both, which makes DELTA KnowDist with a nearly flat attention. With
+# --l2-controls, the controls of L2's gain: L2 ± DTNH trained from scratch (--source scratch, fine-tuning from
+# scratch beside as its λ 0, in the preset's grid folder) and from `unrelated` at the learning-rate control's two
+# rates (added to those grids, whose fine-tuning runs are already there). Interrupted, it resumes where it stopped.
 #
-#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates]   # default runs/study-toy; logs: WORKDIR/*.log
+#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates | --official | --l2-controls]
+#   (default WORKDIR runs/study-toy; logs: WORKDIR/*.log)
 #   python benchmarks/study_records.py collect WORKDIR --out benchmarks/records/study_toy.jsonl
 #   python benchmarks/study_records.py tables benchmarks/records/study_toy.jsonl --out benchmarks/records/study_toy.md
 set -euo pipefail
@@ -16,7 +23,22 @@ mkdir -p "$workdir"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
 others="fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta"
 
-if [[ "${2:-}" == "--learning-rates" ]]; then
+if [[ "${2:-}" == "--official" ]]; then
+  for source in related unrelated; do
+    dtnh-train --preset study --source "$source" --method fine-tune,knowdist,dtnh-knowdist,delta,dtnh-delta \
+      --feature-normalize official --head-beta 0.01 --knowdist-weight 0.24 --delta-weight 0.24 \
+      --on-nonfinite record --workdir "$workdir/official" --no-progress > "$workdir/$source-official.log" 2>&1 &
+  done
+  wait
+elif [[ "${2:-}" == "--l2-controls" ]]; then
+  dtnh-train --preset study --source scratch --method fine-tune,l2,dtnh-l2 --on-nonfinite record \
+    --workdir "$workdir/study" --no-progress > "$workdir/scratch-l2.log" 2>&1 &
+  for rate in 0.005 0.02; do
+    dtnh-train --preset study --source unrelated --learning-rate "$rate" --method fine-tune,l2,dtnh-l2 \
+      --on-nonfinite record --workdir "$workdir/lr$rate" --no-progress > "$workdir/unrelated-lr$rate-l2.log" 2>&1
+  done &
+  wait
+elif [[ "${2:-}" == "--learning-rates" ]]; then
   # the learning-rate control: fine-tuning, L2-SP and KnowDist ± DTNH from `unrelated` (pre-training 0) at half
   # and twice the preset's 0.01, so that a DTNH(X) − X can be read beside what a larger step gives X alone
   for rate in 0.005 0.02; do
@@ -25,13 +47,13 @@ if [[ "${2:-}" == "--learning-rates" ]]; then
       --workdir "$workdir/lr$rate" --no-progress > "$workdir/unrelated-lr$rate.log" 2>&1 &
   done
   wait
-elif [[ "${2:-}" != "--pretrain" ]]; then
+elif [[ -z "${2:-}" ]]; then
   dtnh-train --preset study --source related --on-nonfinite record --workdir "$workdir/study" --no-progress \
     > "$workdir/related.log" 2>&1 &
   dtnh-train --preset study --source unrelated --method "$others" --on-nonfinite record \
     --workdir "$workdir/study" --no-progress > "$workdir/unrelated.log" 2>&1 &
   wait
-else
+elif [[ "${2:-}" == "--pretrain" ]]; then
   for seed in 1 2; do  # one grid per pre-training (a grid's runs are keyed by method, λ and seed, not the source's seed)
     for source in related unrelated; do
       dtnh-train --preset study --source "$source" --pretrain-seed "$seed" \
@@ -40,4 +62,7 @@ else
     done
     wait
   done
+else
+  echo "study_toy.sh: unknown option ${2}; choose --pretrain, --learning-rates, --official or --l2-controls" >&2
+  exit 2
 fi
