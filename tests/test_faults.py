@@ -196,6 +196,12 @@ def test_bad_value_exits_with_code_2_naming_the_flag(flag, value, message, tmp_p
   assert message in cli_error(args, capsys)
 
 
+@pytest.mark.parametrize("source", ["imagenet", "places365"])
+def test_a_pretrained_source_for_resnet10_is_refused_saying_none_exists(source, tmp_path, capsys):
+  error = cli_error(run_args(tmp_path) + ["--arch", "resnet10", "--source", source], capsys)
+  assert f"--source {source}: no pre-trained weights exist for resnet10" in error and "--arch resnet18" in error
+
+
 def test_workdir_that_is_a_file_is_refused(tmp_path, capsys):
   (tmp_path / "runs").write_text("not a directory")
   assert f"--workdir {tmp_path / 'runs'} is a file" in cli_error(run_args(tmp_path), capsys)
