@@ -329,7 +329,8 @@ def _over_learning_rates(marked, datasets) -> list[str]:
       chosen: dict[str, tuple[float, list[dict[str, Any]]]] = {}
       for name in arms:
         for rate, source in sorted(by_rate.items()):
-          runs = _pick(marked, dataset, source, name)
+          # at this learning rate only: from scratch is picked from any source, not from any learning rate
+          runs = [r for r in _pick(marked, dataset, source, name) if _learning_rate(r) == rate]
           if runs and (name not in chosen or _mean_of(runs, "val_accuracy") > _mean_of(chosen[name][1],
                                                                                     "val_accuracy")):
             chosen[name] = (rate, runs)

@@ -140,3 +140,14 @@ def test_the_learning_rate_is_picked_on_validation_for_every_method_alike(study_
   assert "| d | imagenet | L2-SP | λ 1, lr 0.01 |" in section   # a tie on validation: the smaller learning rate
   # L2-SP at 0.01 (fine-tuning's test + 3, 4, 5 points) against fine-tuning at 0.02 (+5 points)
   assert _cells(section, "tuned L2-SP − fine-tuning")[3].startswith("-1.00 [")
+
+
+def test_from_scratch_at_one_learning_rate_is_shown_at_that_rate(study_records):
+  """From scratch ran at the middle rate only: it is not labelled with the smallest rate of its source's runs."""
+  records = []
+  for rate in (0.005, 0.01, 0.02):
+    records += [{**r, "settings": {"learning_rate": rate}} for r in _synthetic() if r["projection"] is None]
+  records += [{**r, "method": "scratch", "source": "scratch", "settings": {"learning_rate": 0.01},
+               "test_accuracy": 0.7} for r in _synthetic() if r["method"] == "fine-tune"]
+  section = study_records.tables(records).split("### Learning rate picked on validation too")[1]
+  assert "| d | imagenet | From scratch | lr 0.01 | 50.00 ± 0.00 | 70.00 ± 0.00 | 3 |" in section
