@@ -11,9 +11,12 @@
 # KnowDist and DELTA use spatial_mean for both, which makes DELTA KnowDist with a nearly flat attention. With
 # --l2-controls, the controls of L2's gain: L2 ± DTNH trained from scratch (--source scratch, fine-tuning from
 # scratch beside as its λ 0, in the preset's grid folder) and from `unrelated` at the learning-rate control's two
-# rates (added to those grids, whose fine-tuning runs are already there). Interrupted, it resumes where it stopped.
+# rates (added to those grids, whose fine-tuning runs are already there). With --candidates, the never-hurt
+# candidates on L2-SP and KnowDist from both sources (pre-training 0), one grid each: the share bound on the moving
+# average of g at κ 0.25 (the real source's best) and on the current |g| at κ 1. Interrupted, it resumes where it
+# stopped.
 #
-#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates | --official | --l2-controls]
+#   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates | --official | --l2-controls | --candidates]
 #   (default WORKDIR runs/study-toy; logs: WORKDIR/*.log)
 #   python benchmarks/study_records.py collect WORKDIR --out benchmarks/records/study_toy.jsonl
 #   python benchmarks/study_records.py tables benchmarks/records/study_toy.jsonl --out benchmarks/records/study_toy.md
@@ -28,6 +31,17 @@ if [[ "${2:-}" == "--official" ]]; then
     dtnh-train --preset study --source "$source" --method fine-tune,knowdist,dtnh-knowdist,delta,dtnh-delta \
       --feature-normalize official --head-beta 0.01 --knowdist-weight 0.24 --delta-weight 0.24 \
       --on-nonfinite record --workdir "$workdir/official" --no-progress > "$workdir/$source-official.log" 2>&1 &
+  done
+  wait
+elif [[ "${2:-}" == "--candidates" ]]; then
+  for candidate in "average 0.25" "current 1"; do
+    read -r reference kappa <<< "$candidate"
+    for source in related unrelated; do
+      dtnh-train --preset study --source "$source" --method dtnh-l2-sp,dtnh-knowdist --projection share-bound \
+        --share-bound-reference "$reference" --share-bound-kappa "$kappa" --on-nonfinite record \
+        --workdir "$workdir/share-bound-$reference-$kappa" --no-progress \
+        > "$workdir/$source-share-bound-$reference-$kappa.log" 2>&1
+    done &
   done
   wait
 elif [[ "${2:-}" == "--l2-controls" ]]; then
@@ -63,6 +77,6 @@ elif [[ "${2:-}" == "--pretrain" ]]; then
     wait
   done
 else
-  echo "study_toy.sh: unknown option ${2}; choose --pretrain, --learning-rates, --official or --l2-controls" >&2
+  echo "study_toy.sh: unknown option ${2}; choose --pretrain, --learning-rates, --official, --l2-controls or --candidates" >&2
   exit 2
 fi
