@@ -74,7 +74,7 @@ def paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
     return {"n": 1, "mean": mean, "std": math.nan, "low": math.nan, "high": math.nan, "confidence": confidence,
             "p_value": math.nan, "excludes_zero": False}
   std = float(differences.std(ddof=1))
-  # imported here: scipy.stats takes about a second to import, and a run that reports no interval needs none of it
+  # imported here: scipy.stats is slow to import, and a run that reports no interval needs none of it
   from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   half = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
   if std > 0:
