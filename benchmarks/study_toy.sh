@@ -13,8 +13,8 @@
 # scratch beside as its λ 0, in the preset's grid folder) and from `unrelated` at the learning-rate control's two
 # rates (added to those grids, whose fine-tuning runs are already there). With --candidates, the never-hurt
 # candidates on L2-SP and KnowDist from both sources (pre-training 0), one grid each: the share bound on the moving
-# average of g at κ 0.25 (the real source's best) and on the current |g| at κ 1. Interrupted, it resumes where it
-# stopped.
+# average of g at κ 0.1, 0.25 (the real source's best) and 0.5, and on the current |g| at κ 1. Interrupted, it
+# resumes where it stopped.
 #
 #   bash benchmarks/study_toy.sh [WORKDIR] [--pretrain | --learning-rates | --official | --l2-controls | --candidates]
 #   (default WORKDIR runs/study-toy; logs: WORKDIR/*.log)
@@ -34,13 +34,17 @@ if [[ "${2:-}" == "--official" ]]; then
   done
   wait
 elif [[ "${2:-}" == "--candidates" ]]; then
-  for candidate in "average 0.25" "current 1"; do
-    read -r reference kappa <<< "$candidate"
-    for source in related unrelated; do
-      dtnh-train --preset study --source "$source" --method dtnh-l2-sp,dtnh-knowdist --projection share-bound \
-        --share-bound-reference "$reference" --share-bound-kappa "$kappa" --on-nonfinite record \
-        --workdir "$workdir/share-bound-$reference-$kappa" --no-progress \
-        > "$workdir/$source-share-bound-$reference-$kappa.log" 2>&1
+  # two processes, each a list of candidates (reference κ) run one after the other
+  for candidates in "average 0.25,average 0.1" "current 1,average 0.5"; do
+    IFS=, read -r -a list <<< "$candidates"
+    for candidate in "${list[@]}"; do
+      read -r reference kappa <<< "$candidate"
+      for source in related unrelated; do
+        dtnh-train --preset study --source "$source" --method dtnh-l2-sp,dtnh-knowdist --projection share-bound \
+          --share-bound-reference "$reference" --share-bound-kappa "$kappa" --on-nonfinite record \
+          --workdir "$workdir/share-bound-$reference-$kappa" --no-progress \
+          > "$workdir/$source-share-bound-$reference-$kappa.log" 2>&1
+      done
     done &
   done
   wait
