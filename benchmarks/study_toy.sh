@@ -26,11 +26,20 @@ mkdir -p "$workdir"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
 others="fine-tune,l2,dtnh-l2,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist,delta,dtnh-delta"
 
+# study LOG GRID FLAGS...: one dtnh-train grid of the preset, diverged runs recorded, into WORKDIR/GRID, logged to
+# WORKDIR/LOG
+study() {
+  local log=$1 grid=$2
+  shift 2
+  dtnh-train --preset study --on-nonfinite record --no-progress --workdir "$workdir/$grid" "$@" \
+    > "$workdir/$log" 2>&1
+}
+
 if [[ "${2:-}" == "--official" ]]; then
   for source in related unrelated; do
-    dtnh-train --preset study --source "$source" --method fine-tune,knowdist,dtnh-knowdist,delta,dtnh-delta \
-      --feature-normalize official --head-beta 0.01 --knowdist-weight 0.24 --delta-weight 0.24 \
-      --on-nonfinite record --workdir "$workdir/official" --no-progress > "$workdir/$source-official.log" 2>&1 &
+    study "$source-official.log" official --source "$source" \
+      --method fine-tune,knowdist,dtnh-knowdist,delta,dtnh-delta \
+      --feature-normalize official --head-beta 0.01 --knowdist-weight 0.24 --delta-weight 0.24 &
   done
   wait
 elif [[ "${2:-}" == "--candidates" ]]; then
@@ -40,43 +49,37 @@ elif [[ "${2:-}" == "--candidates" ]]; then
     for candidate in "${list[@]}"; do
       read -r reference kappa <<< "$candidate"
       for source in related unrelated; do
-        dtnh-train --preset study --source "$source" --method dtnh-l2-sp,dtnh-knowdist --projection share-bound \
-          --share-bound-reference "$reference" --share-bound-kappa "$kappa" --on-nonfinite record \
-          --workdir "$workdir/share-bound-$reference-$kappa" --no-progress \
-          > "$workdir/$source-share-bound-$reference-$kappa.log" 2>&1
+        study "$source-share-bound-$reference-$kappa.log" "share-bound-$reference-$kappa" --source "$source" \
+          --method dtnh-l2-sp,dtnh-knowdist --projection share-bound \
+          --share-bound-reference "$reference" --share-bound-kappa "$kappa"
       done
     done &
   done
   wait
 elif [[ "${2:-}" == "--l2-controls" ]]; then
-  dtnh-train --preset study --source scratch --method fine-tune,l2,dtnh-l2 --on-nonfinite record \
-    --workdir "$workdir/study" --no-progress > "$workdir/scratch-l2.log" 2>&1 &
+  study scratch-l2.log study --source scratch --method fine-tune,l2,dtnh-l2 &
   for rate in 0.005 0.02; do
-    dtnh-train --preset study --source unrelated --learning-rate "$rate" --method fine-tune,l2,dtnh-l2 \
-      --on-nonfinite record --workdir "$workdir/lr$rate" --no-progress > "$workdir/unrelated-lr$rate-l2.log" 2>&1
+    study "unrelated-lr$rate-l2.log" "lr$rate" --source unrelated --learning-rate "$rate" \
+      --method fine-tune,l2,dtnh-l2
   done &
   wait
 elif [[ "${2:-}" == "--learning-rates" ]]; then
   # the learning-rate control: fine-tuning, L2-SP and KnowDist ± DTNH from `unrelated` (pre-training 0) at half
   # and twice the preset's 0.01, so that a DTNH(X) − X can be read beside what a larger step gives X alone
   for rate in 0.005 0.02; do
-    dtnh-train --preset study --source unrelated --learning-rate "$rate" \
-      --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist --on-nonfinite record \
-      --workdir "$workdir/lr$rate" --no-progress > "$workdir/unrelated-lr$rate.log" 2>&1 &
+    study "unrelated-lr$rate.log" "lr$rate" --source unrelated --learning-rate "$rate" \
+      --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist &
   done
   wait
 elif [[ -z "${2:-}" ]]; then
-  dtnh-train --preset study --source related --on-nonfinite record --workdir "$workdir/study" --no-progress \
-    > "$workdir/related.log" 2>&1 &
-  dtnh-train --preset study --source unrelated --method "$others" --on-nonfinite record \
-    --workdir "$workdir/study" --no-progress > "$workdir/unrelated.log" 2>&1 &
+  study related.log study --source related &
+  study unrelated.log study --source unrelated --method "$others" &
   wait
 elif [[ "${2:-}" == "--pretrain" ]]; then
   for seed in 1 2; do  # one grid per pre-training (a grid's runs are keyed by method, λ and seed, not the source's seed)
     for source in related unrelated; do
-      dtnh-train --preset study --source "$source" --pretrain-seed "$seed" \
-        --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist --on-nonfinite record \
-        --workdir "$workdir/pretrain$seed" --no-progress > "$workdir/$source-pretrain$seed.log" 2>&1 &
+      study "$source-pretrain$seed.log" "pretrain$seed" --source "$source" --pretrain-seed "$seed" \
+        --method fine-tune,l2-sp,dtnh-l2-sp,knowdist,dtnh-knowdist &
     done
     wait
   done

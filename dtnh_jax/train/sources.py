@@ -247,11 +247,11 @@ def load_source(config: TrainConfig) -> dict[str, Any]:
   if source == SCRATCH:
     model = models.create_model(num_classes=1, **_model_options(config))
     return dict(models.init_variables(model, jax.random.PRNGKey(config.seed), config.recipe.crop))
-  if source in _DOWNLOAD_HELP and not os.path.exists(source) and config.model.arch == "resnet10":
-    raise ConfigError(f"--source {source}: no pre-trained weights exist for resnet10 (torchvision's ResNet with one "
-                      "block per stage); train it from --source scratch or an offline source, or use --arch resnet18 "
-                      f"with the {source} weights.")
   if source in _DOWNLOAD_HELP and not os.path.exists(source):
+    if config.model.arch == "resnet10":
+      raise ConfigError(f"--source {source}: no pre-trained weights exist for resnet10 (torchvision's ResNet with "
+                        "one block per stage); train it from --source scratch or an offline source, or use --arch "
+                        f"resnet18 with the {source} weights.")
     raise ConfigError(
         f"--source {source}: the weights cannot be downloaded here. Download {_DOWNLOAD_HELP[source]}, "
         f"convert it with `dtnh-convert FILE DIR --arch {config.model.arch}` (or pass the file itself) and "
