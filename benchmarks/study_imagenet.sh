@@ -5,13 +5,39 @@
 # current-gradient guard, subspace, the share bound on |g| and on the moving average of g; one setting per
 # workdir). Needs the imagenet-lite extra. Interrupted, it resumes where it stopped.
 #
-#   bash benchmarks/study_imagenet.sh [WORKDIR]          # default runs/study-imagenet; logs in WORKDIR/*.log
+# With --learning-rates, the learning-rate control on MNIST-5k: fine-tuning, L2-SP and DTNH(L2-SP) at a quarter,
+# half, once and twice the preset's learning rate (0.0125-0.1), 7 seeds, one process per rate, all on one host
+# (runs at one seed differ between hosts), so that the learning rate can be picked on validation for every method
+# alike. (0.0125 was added after 0.025 and 0.1 had run, so that fine-tuning's pick on validation, 0.025, lies
+# inside the grid.) Then KnowDist ± DTNH at λ 0.001 and 0.01 (the KnowDist sections' picks) at lr 0.025, with
+# fine-tuning beside, on MNIST-5k (7 seeds) and digits (10 seeds), one process per target.
+#
+#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates]   # default runs/study-imagenet; logs WORKDIR/*.log
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
 set -euo pipefail
 workdir="${1:-runs/study-imagenet}"
 mkdir -p "$workdir"
 # the compiled train steps are shared by the two targets (same shapes) through jax's persistent cache
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
+
+if [[ "${2:-}" == "--learning-rates" ]]; then
+  for rate in 0.0125 0.025 0.05 0.1; do
+    dtnh-train --preset study-imagenet --dataset offline-mnist --method fine-tune,l2-sp,dtnh-l2-sp \
+      --seeds 0,1,2,3,4,5,6 --learning-rate "$rate" --on-nonfinite record --no-progress \
+      --workdir "$workdir/offline-mnist-lr$rate" > "$workdir/offline-mnist-lr$rate.log" 2>&1 &
+  done
+  wait
+  for target in offline-mnist:0,1,2,3,4,5,6 offline-digits:0,1,2,3,4,5,6,7,8,9; do
+    dtnh-train --preset study-imagenet --dataset "${target%%:*}" --method fine-tune,knowdist,dtnh-knowdist \
+      --reg-weight 0.001,0.01 --seeds "${target#*:}" --learning-rate 0.025 --on-nonfinite record --no-progress \
+      --workdir "$workdir/${target%%:*}-knowdist-lr0.025" > "$workdir/${target%%:*}-knowdist-lr0.025.log" 2>&1 &
+  done
+  wait
+  exit
+elif [[ -n "${2:-}" ]]; then
+  echo "study_imagenet.sh: unknown option ${2}; the only option is --learning-rates" >&2
+  exit 2
+fi
 
 target() {  # the L2-SP family, then the candidate, then KnowDist and from scratch (the preset's other methods)
   local dataset="$1" failed=0  # a grid that fails (e.g. a diverged run) does not stop the next
