@@ -1,6 +1,7 @@
 """DTNH's per-step trace (``benchmarks/step_trace.py``): its arithmetic on steps made up here, collecting a run's
 logged steps, and the committed table re-derived from the committed trace, byte for byte."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -8,7 +9,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACE = os.path.join(ROOT, "benchmarks", "records", "trace", "knowdist_mnist.jsonl")
+TRACES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "trace", "*.jsonl")))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,12 @@ def test_collect_keeps_every_logged_train_step_with_its_runs_result(step_trace, 
                      "inner_product": -1.0, "empirical_norm": 1.0, "reg_weight": 0.01}
 
 
-def test_the_committed_table_is_re_derived_byte_for_byte_from_the_committed_trace(step_trace):
-  with open(TRACE[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
+def test_there_are_committed_traces():
+  assert TRACES
+
+
+@pytest.mark.parametrize("trace", TRACES, ids=os.path.basename)
+def test_the_committed_table_is_re_derived_byte_for_byte_from_the_committed_trace(step_trace, trace):
+  with open(trace[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
     committed = f.read()
-  assert step_trace.table(step_trace.read(TRACE)) == committed
+  assert step_trace.table(step_trace.read(trace)) == committed
