@@ -10,7 +10,8 @@
 # (runs at one seed differ between hosts), so that the learning rate can be picked on validation for every method
 # alike. (0.0125 was added after 0.025 and 0.1 had run, so that fine-tuning's pick on validation, 0.025, lies
 # inside the grid.) Then KnowDist ± DTNH at λ 0.001 and 0.01 (the KnowDist sections' picks) at lr 0.025, with
-# fine-tuning beside, on MNIST-5k (7 seeds) and digits (10 seeds), one process per target.
+# fine-tuning beside, on MNIST-5k (7 seeds) and digits (10 seeds), one process per target; then DELTA ± DTNH
+# likewise on digits (its official weight 0.24).
 #
 #   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates]   # default runs/study-imagenet; logs WORKDIR/*.log
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
@@ -33,6 +34,9 @@ if [[ "${2:-}" == "--learning-rates" ]]; then
       --workdir "$workdir/${target%%:*}-knowdist-lr0.025" > "$workdir/${target%%:*}-knowdist-lr0.025.log" 2>&1 &
   done
   wait
+  dtnh-train --preset study-imagenet --dataset offline-digits --method fine-tune,delta,dtnh-delta --delta-weight 0.24 \
+    --reg-weight 0.001,0.01 --seeds 0,1,2,3,4,5,6,7,8,9 --learning-rate 0.025 --on-nonfinite record --no-progress \
+    --workdir "$workdir/offline-digits-delta-lr0.025" > "$workdir/offline-digits-delta-lr0.025.log" 2>&1
   exit
 elif [[ -n "${2:-}" ]]; then
   echo "study_imagenet.sh: unknown option ${2}; the only option is --learning-rates" >&2
