@@ -102,7 +102,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   for row in rows:
     runs.setdefault((row["grid"], row["method"], row["lambda"], row["seed"]), []).append(row)
   lines = ["| grid | method | λ | seed | test % | empirical loss: lowest (step), last | conflicting steps | "
-           "scale on g: median | largest (step) | there: λ\\|r\\|/\\|g\\|, cos(g, r) | empirical loss there → next step |",
+           "scale on g: median | largest (step) | there: λ\\|r\\|/\\|g\\|, cos(g, r) | "
+           "empirical loss there → next step |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for (grid, method, lam, seed), steps in sorted(runs.items(), key=lambda kv: kv[0]):
     steps = sorted(steps, key=lambda r: r["step"])
@@ -111,11 +112,12 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     test = f"{100 * first['test_accuracy']:.2f}" + (f" (diverged at step {diverged})" if diverged is not None else "")
     if "scale_max" in s:
       following = "–" if s["loss_next"] is None else f"{s['loss_next']:.2f}"
-      dtnh = (f"{s['conflicts']}/{s['logged']} | {s['scale_median']:.3g} | {s['scale_max']:.3g} ({s['scale_max_step']}) "
-              f"| {s['pull']:.3g}, {s['cosine']:+.2f} | {s['loss_there']:.2f} → {following}")
+      dtnh = (f"{s['conflicts']}/{s['logged']} | {s['scale_median']:.3g} | {s['scale_max']:.3g} "
+              f"({s['scale_max_step']}) | {s['pull']:.3g}, {s['cosine']:+.2f} | {s['loss_there']:.2f} → {following}")
     else:
       dtnh = "– | – | – | – | –"
-    lines.append(f"| {grid} | {method} | {lam:g} | {seed} | {test} | {s['low']:.3f} ({s['low_step']}), {s['last']:.3f} | {dtnh} |")
+    losses = f"{s['low']:.3f} ({s['low_step']}), {s['last']:.3f}"
+    lines.append(f"| {grid} | {method} | {lam:g} | {seed} | {test} | {losses} | {dtnh} |")
   lines += ["", "Per run, from the train steps it logged: the minibatch's empirical (cross-entropy) loss, lowest and "
             "last; over the steps that logged ⟨g, r⟩ (every step of a DTNH run; a plain run logs them every "
             "log_every steps), how many conflicted (⟨g, r⟩ < 0) and the factor on g of DTNH's direction written as "

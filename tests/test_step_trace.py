@@ -56,9 +56,9 @@ def test_collect_keeps_every_logged_train_step_with_its_runs_result(step_trace, 
       {"step": 1, "kind": "train", "loss_empirical": 2.0}]))
   rows = step_trace.collect(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2]
-  assert rows[1] == {"grid": "dtnh-knowdist", "method": "dtnh-knowdist", "dataset": "d", "source": "s", "lambda": 0.01, "seed": 3,
-                     "test_accuracy": 0.5, "diverged_at_step": None, "step": 2, "loss_empirical": 1.0,
-                     "inner_product": -1.0, "empirical_norm": 1.0, "reg_weight": 0.01}
+  assert rows[1] == {"grid": "dtnh-knowdist", "method": "dtnh-knowdist", "dataset": "d", "source": "s",
+                     "lambda": 0.01, "seed": 3, "test_accuracy": 0.5, "diverged_at_step": None, "step": 2,
+                     "loss_empirical": 1.0, "inner_product": -1.0, "empirical_norm": 1.0, "reg_weight": 0.01}
 
 
 def test_there_are_committed_traces():
