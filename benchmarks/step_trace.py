@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,34 +29,46 @@ from typing import Any
 FIELDS = ("loss_empirical", "loss_regularizer", "empirical_norm", "regularizer_norm", "inner_product", "reg_weight",
           "conflict", "accuracy", "removed_fraction")
 #: The run-level fields kept from ``results.json``.
-RUN_FIELDS = ("method", "dataset", "source", "reg_weight", "seed", "test_accuracy", "diverged_at_step")
+RUN_FIELDS = ("method", "dataset", "source", "reg_weight", "reg_decay", "seed", "test_accuracy", "diverged_at_step")
 
 
 def collect(workdir: str) -> list[dict[str, Any]]:
   """Every logged train step of every run under ``workdir`` (a run: a folder holding ``results.json`` and
   ``metrics.jsonl``), with ``grid`` the first folder under ``workdir`` it lies in (the grid's workdir, one
-  setting each), in the order (grid, method, λ, seed, step)."""
-  rows = []
+  setting each), in the order (grid, method, λ, seed, step). Runs set aside by ``--restart`` are skipped; two
+  runs of one grid, method, λ, decay and seed are refused (a ``ValueError`` naming both)."""
+  rows, seen = [], {}
   for folder, _, files in os.walk(workdir, followlinks=True):
-    if "results.json" not in files or "metrics.jsonl" not in files:
+    if "results.json" not in files or "metrics.jsonl" not in files or "set-aside" in folder.split(os.sep):
       continue
     with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
       result = json.load(f)
     run = {"grid": os.path.relpath(folder, workdir).split(os.sep)[0],
            **{key: result.get(key) for key in RUN_FIELDS}}
     run["lambda"] = run.pop("reg_weight")
+    key = _run_key(run)
+    if key in seen:
+      raise ValueError(f"two runs of {key} under {workdir}: {seen[key]} and {folder}; collect one of them")
+    seen[key] = folder
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
       for line in f:
         entry = json.loads(line)
         if entry.get("kind") != "train":
           continue
         rows.append({**run, "step": entry["step"], **{k: _float32(entry[k]) for k in FIELDS if k in entry}})
-  return sorted(rows, key=lambda r: (r["grid"], r["method"], r["lambda"], r["seed"], r["step"]))
+  return sorted(rows, key=lambda r: (*_run_key(r), r["step"]))
 
 
-def _float32(value: float) -> float:
-  """A logged float32 value, written with the 7 significant digits it has (``0.01`` for 0.009999999776482582)."""
-  return float(f"{value:.7g}")
+def _run_key(row: dict[str, Any]) -> tuple:
+  """``(grid, method, λ, decay, seed)``: one run (a decay of None, from an older results.json, sorts as 1)."""
+  decay = row.get("reg_decay")
+  return row["grid"], row["method"], row["lambda"], 1.0 if decay is None else decay, row["seed"]
+
+
+def _float32(value: Any) -> Any:
+  """A logged float32 value, written with the 7 significant digits it has (``0.01`` for 0.009999999776482582);
+  anything else as it is."""
+  return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
 def read(path: str) -> list[dict[str, Any]]:
@@ -81,9 +94,11 @@ def summary(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """One run's figures from its steps (sorted by step): its empirical loss's lowest and last values and, over the
   steps that logged DTNH's inner products, the median and largest scale on g, with the pull ratio λ|r|/|g|, the
   cosine of g and r, and the empirical loss at that step and at the next one logged."""
-  losses = [(r["step"], r["loss_empirical"]) for r in steps if r.get("loss_empirical") is not None]
-  low_step, low = min(losses, key=lambda s: s[1])
-  out = {"low": low, "low_step": low_step, "last": losses[-1][1]}
+  losses = [(r["step"], r["loss_empirical"]) for r in steps
+            if isinstance(r.get("loss_empirical"), float) and math.isfinite(r["loss_empirical"])]
+  # a diverged run's non-finite losses are left out; a run without a finite one has none to show
+  low_step, low = min(losses, key=lambda s: s[1]) if losses else (None, math.nan)
+  out = {"low": low, "low_step": low_step, "last": losses[-1][1] if losses else math.nan}
   logged = [r for r in steps if scale_on_g(r) is not None]
   if logged:
     top = max(logged, key=scale_on_g)
@@ -100,12 +115,12 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   """The Markdown table: one row per run, ordered by grid, method, λ, seed."""
   runs: dict[tuple, list[dict[str, Any]]] = {}
   for row in rows:
-    runs.setdefault((row["grid"], row["method"], row["lambda"], row["seed"]), []).append(row)
+    runs.setdefault(_run_key(row), []).append(row)
   lines = ["| grid | method | λ | seed | test % | empirical loss: lowest (step), last | conflicting steps | "
            "scale on g: median | largest (step) | there: λ\\|r\\|/\\|g\\|, cos(g, r) | "
            "empirical loss there → next step |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for (grid, method, lam, seed), steps in sorted(runs.items(), key=lambda kv: kv[0]):
+  for (grid, method, lam, decay, seed), steps in sorted(runs.items(), key=lambda kv: kv[0]):
     steps = sorted(steps, key=lambda r: r["step"])
     s, first = summary(steps), steps[0]
     diverged = first.get("diverged_at_step")
@@ -117,13 +132,14 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     else:
       dtnh = "– | – | – | – | –"
     losses = f"{s['low']:.3f} ({s['low_step']}), {s['last']:.3f}"
-    lines.append(f"| {grid} | {method} | {lam:g} | {seed} | {test} | {losses} | {dtnh} |")
+    lines.append(f"| {grid} | {method} | {lam:g} (×{decay:g}) | {seed} | {test} | {losses} | {dtnh} |")
   lines += ["", "Per run, from the train steps it logged: the minibatch's empirical (cross-entropy) loss, lowest and "
             "last; over the steps that logged ⟨g, r⟩ (every step of a DTNH run; a plain run logs them every "
             "log_every steps), how many conflicted (⟨g, r⟩ < 0) and the factor on g of DTNH's direction written as "
             "(1 − λ·min(0, ⟨g, r⟩)/|g|²)·g + λr (1 without a conflict; for a plain run, what DTNH would have used), "
             "its median and its largest value, and at that step the pull ratio λ|r|/|g|, the cosine of g and r, and "
-            "the empirical loss there and at the next logged step. That direction equals g + λ·r⊥, r⊥ the part of r "
+            "the empirical loss there and at the next logged step. λ: the run's initial λ (× its decay per "
+            "epoch). That direction equals g + λ·r⊥, r⊥ the part of r "
             "orthogonal to g: a large factor means a large pull λr against g, of which DTNH keeps the part "
             "orthogonal to g; its component along g stays g. A candidate correction (another --projection) logs "
             "the same inner products of g and r, not its own direction."]
@@ -148,10 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   derive.add_argument("trace")
   derive.add_argument("--out", help="write there (else: print)")
   args = parser.parse_args(argv)
+  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    parser.exit(2, f"step_trace.py: error: no folder for --out {args.out}; create it first\n")
   if args.command == "collect":
     if not os.path.isdir(args.workdir):
       parser.exit(2, f"step_trace.py: error: no folder {args.workdir}\n")
-    rows = collect(args.workdir)
+    try:
+      rows = collect(args.workdir)
+    except ValueError as error:
+      parser.exit(2, f"step_trace.py: error: {error}\n")
     if not rows:
       parser.exit(2, f"step_trace.py: error: no run (results.json + metrics.jsonl) under {args.workdir}\n")
     _write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), args.out)

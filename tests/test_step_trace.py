@@ -44,11 +44,26 @@ def test_a_plain_runs_steps_without_inner_products_give_only_its_losses(step_tra
   assert s == {"low": 1.0, "low_step": 2, "last": 1.0}
 
 
+def test_a_diverged_runs_non_finite_losses_are_left_out_of_its_lowest_and_last(step_trace):
+  s = step_trace.summary([{"step": 1, "loss_empirical": 2.0}, {"step": 2, "loss_empirical": 1.5},
+                          {"step": 3, "loss_empirical": float("nan")}])
+  assert (s["low"], s["low_step"], s["last"]) == (1.5, 2, 1.5)
+
+
+def _run(folder, seed=3, steps=({"step": 1, "kind": "train", "loss_empirical": 2.0},)):
+  folder.mkdir(parents=True)
+  (folder / "results.json").write_text(json.dumps({"method": "dtnh-knowdist", "dataset": "d", "source": "s",
+                                                   "reg_weight": 0.01, "reg_decay": 0.98, "seed": seed,
+                                                   "test_accuracy": 0.5}))
+  (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in steps))
+
+
 def test_collect_keeps_every_logged_train_step_with_its_runs_result(step_trace, tmp_path):
   run = tmp_path / "dtnh-knowdist" / "lambda0.01" / "seed3"
   run.mkdir(parents=True)
   (run / "results.json").write_text(json.dumps({"method": "dtnh-knowdist", "dataset": "d", "source": "s",
-                                                "reg_weight": 0.01, "seed": 3, "test_accuracy": 0.5}))
+                                                "reg_weight": 0.01, "reg_decay": 0.98, "seed": 3,
+                                                "test_accuracy": 0.5}))
   (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
       {"step": 2, "kind": "train", "loss_empirical": 1.0, "inner_product": -1.0, "empirical_norm": 1.0,
        "reg_weight": 0.01, "other": 7},
@@ -57,8 +72,30 @@ def test_collect_keeps_every_logged_train_step_with_its_runs_result(step_trace, 
   rows = step_trace.collect(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[1] == {"grid": "dtnh-knowdist", "method": "dtnh-knowdist", "dataset": "d", "source": "s",
-                     "lambda": 0.01, "seed": 3, "test_accuracy": 0.5, "diverged_at_step": None, "step": 2,
+                     "lambda": 0.01, "reg_decay": 0.98, "seed": 3, "test_accuracy": 0.5, "diverged_at_step": None,
+                     "step": 2,
                      "loss_empirical": 1.0, "inner_product": -1.0, "empirical_norm": 1.0, "reg_weight": 0.01}
+
+
+def test_collect_skips_runs_set_aside_by_restart(step_trace, tmp_path):
+  _run(tmp_path / "grid" / "seed3")
+  _run(tmp_path / "grid" / "seed3" / "set-aside" / "1")
+  assert len(step_trace.collect(str(tmp_path))) == 1
+
+
+def test_two_runs_of_one_grid_method_lambda_and_seed_are_refused_naming_both(step_trace, tmp_path):
+  _run(tmp_path / "grid" / "a")
+  _run(tmp_path / "grid" / "b")
+  with pytest.raises(ValueError, match="two runs of .* and .*; collect one of them"):
+    step_trace.collect(str(tmp_path))
+
+
+def test_the_command_refuses_an_out_file_in_a_missing_folder_in_one_line(step_trace, tmp_path, capsys):
+  _run(tmp_path / "grid" / "seed3")
+  with pytest.raises(SystemExit) as exit_info:
+    step_trace.main(["collect", str(tmp_path), "--out", str(tmp_path / "missing" / "t.jsonl")])
+  assert exit_info.value.code == 2
+  assert "no folder for --out" in capsys.readouterr().err
 
 
 def test_there_are_committed_traces():
