@@ -7,6 +7,7 @@ implementations that the core's tests compare against are in ``tests/reference.p
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import os
 import pathlib
@@ -158,3 +159,17 @@ def torchvision_resnet(arch: str, num_classes: int = 1000):
     return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
                                             num_classes=num_classes)
   return getattr(torchvision.models, arch)(num_classes=num_classes)
+
+
+def benchmark_module(name: str):
+  """``benchmarks/NAME.py`` loaded as a module (the benchmarks are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def committed_table(records_file: str) -> str:
+  """The committed table beside a committed records file: ``NAME.md`` for ``NAME.jsonl``."""
+  with open(records_file[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
+    return f.read()

@@ -1,11 +1,11 @@
 """The mechanism test's table (``benchmarks/mechanism_table.py``): its arithmetic on runs made up here, and the
 committed table re-derived from the committed records, byte for byte."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from helpers import benchmark_module, committed_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "benchmarks", "records", "mechanism", "mechanism.jsonl")
@@ -13,11 +13,7 @@ RECORDS = os.path.join(ROOT, "benchmarks", "records", "mechanism", "mechanism.js
 
 @pytest.fixture(scope="module")
 def mechanism_table():
-  spec = importlib.util.spec_from_file_location("mechanism_table",
-                                                os.path.join(ROOT, "benchmarks", "mechanism_table.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("mechanism_table")
 
 
 def _runs(batch, accuracies):
@@ -48,6 +44,4 @@ def test_each_condition_is_a_row_with_its_paired_differences(mechanism_table):
 
 
 def test_the_committed_table_is_re_derived_byte_for_byte_from_the_committed_records(mechanism_table):
-  with open(RECORDS[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
-    committed = f.read()
-  assert mechanism_table.table(mechanism_table.read_records(RECORDS)) == committed
+  assert mechanism_table.table(mechanism_table.read_records(RECORDS)) == committed_table(RECORDS)

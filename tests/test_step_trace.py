@@ -2,11 +2,11 @@
 logged steps, and the committed table re-derived from the committed trace, byte for byte."""
 
 import glob
-import importlib.util
 import json
 import os
 
 import pytest
+from helpers import benchmark_module, committed_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "trace", "*.jsonl")))
@@ -14,10 +14,7 @@ TRACES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "trace", "
 
 @pytest.fixture(scope="module")
 def step_trace():
-  spec = importlib.util.spec_from_file_location("step_trace", os.path.join(ROOT, "benchmarks", "step_trace.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("step_trace")
 
 
 def test_the_scale_on_g_is_one_minus_lambda_times_the_conflicting_inner_product_over_g_squared(step_trace):
@@ -104,6 +101,4 @@ def test_there_are_committed_traces():
 
 @pytest.mark.parametrize("trace", TRACES, ids=os.path.basename)
 def test_the_committed_table_is_re_derived_byte_for_byte_from_the_committed_trace(step_trace, trace):
-  with open(trace[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
-    committed = f.read()
-  assert step_trace.table(step_trace.read(trace)) == committed
+  assert step_trace.table(step_trace.read(trace)) == committed_table(trace)

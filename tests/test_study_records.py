@@ -3,11 +3,11 @@
 Every ``benchmarks/records/NAME.jsonl`` has its tables in ``NAME.md`` beside it."""
 
 import glob
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from helpers import benchmark_module, committed_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "*.jsonl")))
@@ -15,10 +15,7 @@ RECORDS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "records", "*.jsonl"
 
 @pytest.fixture(scope="module")
 def study_records():
-  spec = importlib.util.spec_from_file_location("study_records", os.path.join(ROOT, "benchmarks", "study_records.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_module("study_records")
 
 
 def test_there_are_committed_records():
@@ -27,9 +24,7 @@ def test_there_are_committed_records():
 
 @pytest.mark.parametrize("records_file", RECORDS, ids=os.path.basename)
 def test_the_committed_tables_are_re_derived_byte_for_byte_from_the_committed_records(study_records, records_file):
-  with open(records_file[:-len(".jsonl")] + ".md", encoding="utf-8") as f:
-    committed = f.read()
-  assert study_records.tables(study_records.read_records(records_file)) == committed
+  assert study_records.tables(study_records.read_records(records_file)) == committed_table(records_file)
 
 
 @pytest.mark.parametrize("records_file", RECORDS, ids=os.path.basename)
