@@ -21,22 +21,28 @@ mkdir -p "$workdir"
 # the compiled train steps are shared by the two targets (same shapes) through jax's persistent cache
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$workdir/jax-cache}"
 
+# grid NAME FLAGS...: one dtnh-train grid of the preset (a diverged run recorded, the grid going on) into
+# WORKDIR/NAME, logged to WORKDIR/NAME.log
+grid() {
+  local name=$1
+  shift
+  dtnh-train --preset study-imagenet --on-nonfinite record --no-progress --workdir "$workdir/$name" "$@" \
+    > "$workdir/$name.log" 2>&1
+}
+
 if [[ "${2:-}" == "--learning-rates" ]]; then
   for rate in 0.0125 0.025 0.05 0.1; do
-    dtnh-train --preset study-imagenet --dataset offline-mnist --method fine-tune,l2-sp,dtnh-l2-sp \
-      --seeds 0,1,2,3,4,5,6 --learning-rate "$rate" --on-nonfinite record --no-progress \
-      --workdir "$workdir/offline-mnist-lr$rate" > "$workdir/offline-mnist-lr$rate.log" 2>&1 &
+    grid "offline-mnist-lr$rate" --dataset offline-mnist --method fine-tune,l2-sp,dtnh-l2-sp \
+      --seeds 0,1,2,3,4,5,6 --learning-rate "$rate" &
   done
   wait
   for target in offline-mnist:0,1,2,3,4,5,6 offline-digits:0,1,2,3,4,5,6,7,8,9; do
-    dtnh-train --preset study-imagenet --dataset "${target%%:*}" --method fine-tune,knowdist,dtnh-knowdist \
-      --reg-weight 0.001,0.01 --seeds "${target#*:}" --learning-rate 0.025 --on-nonfinite record --no-progress \
-      --workdir "$workdir/${target%%:*}-knowdist-lr0.025" > "$workdir/${target%%:*}-knowdist-lr0.025.log" 2>&1 &
+    grid "${target%%:*}-knowdist-lr0.025" --dataset "${target%%:*}" --method fine-tune,knowdist,dtnh-knowdist \
+      --reg-weight 0.001,0.01 --seeds "${target#*:}" --learning-rate 0.025 &
   done
   wait
-  dtnh-train --preset study-imagenet --dataset offline-digits --method fine-tune,delta,dtnh-delta --delta-weight 0.24 \
-    --reg-weight 0.001,0.01 --seeds 0,1,2,3,4,5,6,7,8,9 --learning-rate 0.025 --on-nonfinite record --no-progress \
-    --workdir "$workdir/offline-digits-delta-lr0.025" > "$workdir/offline-digits-delta-lr0.025.log" 2>&1
+  grid offline-digits-delta-lr0.025 --dataset offline-digits --method fine-tune,delta,dtnh-delta --delta-weight 0.24 \
+    --reg-weight 0.001,0.01 --seeds 0,1,2,3,4,5,6,7,8,9 --learning-rate 0.025
   exit
 elif [[ -n "${2:-}" ]]; then
   echo "study_imagenet.sh: unknown option ${2}; the only option is --learning-rates" >&2
