@@ -63,9 +63,9 @@ def steps(count):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tuple_form_and_extra_args_form_give_the_same_numbers(name):
+def test_tuple_form_and_extra_args_form_give_the_same_numbers(name, exact_jit):
   tx = make(name, 0.5)
-  update = jax.jit(tx.update)
+  update = exact_jit(tx.update)
   by_tuple = update((EMPIRICAL, REGULARIZER), tx.init(PARAMS), PARAMS)
   by_keyword = update(EMPIRICAL, tx.init(PARAMS), PARAMS, regularizer_grads=REGULARIZER)
   chex.assert_trees_all_equal(by_tuple, by_keyword)

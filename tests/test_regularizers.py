@@ -397,7 +397,9 @@ def test_feature_regularizers_through_split_value_and_grad_feed_dtnh(model, sour
       target["params"], target["batch_stats"])
   for index, grad in enumerate(grads):
     separate = jax.jit(jax.grad(lambda p: loss_fn(p, target["batch_stats"])[0][index]))(target["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, separate)
+    # float32 rounding of two programs, relative to the leaf's scale
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(b).max())),
+                 grad, separate)
 
   tx = dtnh_jax.dtnh([0.1, 0.2])
   direction, _ = jax.jit(tx.update)(grads, tx.init(target["params"]), target["params"])

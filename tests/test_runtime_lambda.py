@@ -95,15 +95,15 @@ def _setup(method, **overrides):
 
 
 @pytest.mark.parametrize("method", ["l2-sp", "dtnh-l2-sp"])
-def test_lambda_as_an_input_computes_exactly_what_lambda_compiled_in_does(method):
+def test_lambda_as_an_input_computes_exactly_what_lambda_compiled_in_does(method, exact_jit):
   # λ halves every 2 steps; a plain method alternates its summed and logged steps as a run with --log-every 2
   config, model, initial, batches = _setup(method, reg_weight=0.7, reg_decay=0.5)
   shared = step_lib.steps_for(model, config, 2)  # λ read from the reference
   compiled_in = [step_lib.make_train_step(model, config, 2)]
   if shared.summed_train_step is not None:
     compiled_in.insert(0, step_lib.make_train_step(model, config, 2, summed=True))
-  shared_steps = [jax.jit(fn) for fn in filter(None, (shared.summed_train_step, shared.train_step))]
-  compiled_in = [jax.jit(fn) for fn in compiled_in]
+  shared_steps = [exact_jit(fn) for fn in filter(None, (shared.summed_train_step, shared.train_step))]
+  compiled_in = [exact_jit(fn) for fn in compiled_in]
   reference = step_lib.Reference(initial)
   with_inputs = step_lib.Reference(initial, reg_weight=step_lib.RegWeight.of(config))
   state = step_lib.create_train_state(initial, shared.tx, jax.random.key(0))
