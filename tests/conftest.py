@@ -31,7 +31,7 @@ FAST_COMPILE_ENV = {
                                         "--xla_cpu_use_fusion_emitters=false"])),
     "JAX_COMPILATION_CACHE_DIR": os.environ.get(
         "DTNH_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "dtnh-jax-test-compilation-cache")),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
 }
 os.environ.update(FAST_COMPILE_ENV)
 
