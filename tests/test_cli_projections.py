@@ -65,14 +65,17 @@ def test_projection_builds_the_candidate_with_its_options(name):
 @pytest.mark.parametrize("projection", list(CANDIDATES))
 def test_a_candidate_trains_through_the_cli_labelled_and_logging_its_removed_share(projection, tmp_path):
   label = dict(zip(names.CORRECTIONS, names.CORRECTION_LABELS))[projection]
-  code, _, err = run_main(cli.train_main, ["--method", "dtnh-l2-sp", "--projection", projection, "--seeds", "0",
-                                           "--steps", "1", "--lr-drop-steps", "1", "--log-every", "1",
-                                           "--eval-every", "1", "--checkpoint-every", "1", "--no-progress",
+  options = cli.settings_to_argv(CANDIDATES[projection][0])  # its options given on the command line (K 2: small)
+  code, _, err = run_main(cli.train_main, ["--method", "dtnh-l2-sp", "--projection", projection, *options,
+                                           "--seeds", "0", "--steps", "1", "--lr-drop-steps", "1", "--log-every",
+                                           "1", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress",
                                            "--workdir", str(tmp_path), *TINY_FLAGS])
   assert code == 0, err
   run = tmp_path / "scratch" / "dtnh-l2-sp" / "seed0"
   results = json.load(open(run / "results.json"))
   assert results["label"] == f"{label} (L2-SP)" and results["projection"] == projection
+  saved = json.load(open(run / "config.json"))
+  assert all(saved[key] == value for key, value in CANDIDATES[projection][0].items())
   step = json.loads(open(run / "metrics.jsonl").readline())
   assert 0.0 <= step["removed_fraction"] <= 1.0 + 1e-6 and "angle1" in step
 

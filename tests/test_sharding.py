@@ -454,4 +454,5 @@ def test_bad_multi_host_flags_exit_with_code_2_and_a_message(args, message, caps
 
 
 if __name__ == "__main__":
+  sys.modules["tensorboardX"] = None  # as helpers.TRAIN_ENTRY: importing it imports torch, a second per process
   _worker(sys.argv[1])
