@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 
-from dtnh_jax import checksums
+from dtnh_jax import checksums, cli
 from dtnh_jax.train import TrainConfig, loop
 from dtnh_jax.train import workdir as workdir_lib
 from helpers import (FAST, assert_trees_equal, cli_error, command_env, data_with_nan_batches, newest_checkpoint,
-                     run_args, run_metrics, train_flags)
+                     run_args, run_main, run_metrics, train_flags)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -279,9 +279,13 @@ sys.exit(train_main(sys.argv[3:]))
 """
 
 
-def _dtnh_train(tmp_path, workdir, *prefix):
-  args = ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(workdir)] + train_flags(
+def _train_args(workdir):
+  return ["--method", FAST["method"], "--seeds", "0", "--no-progress", "--workdir", str(workdir)] + train_flags(
       {**FAST, "steps": 12, "lr_drop_steps": (8,), "checkpoint_every": 4})
+
+
+def _dtnh_train(tmp_path, workdir, *prefix):
+  args = _train_args(workdir)
   command = [sys.executable, "-c", _SIGNALLING_ENTRY, *prefix, *args] if prefix else (
       [sys.executable, "-c", _SIGNALLING_ENTRY, "0", "never", *args])
   return subprocess.run(command, env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
@@ -290,9 +294,10 @@ def _dtnh_train(tmp_path, workdir, *prefix):
 
 @pytest.fixture(scope="module")
 def straight_command(tmp_path_factory):
+  """The uninterrupted run of ``_dtnh_train``'s command, in this process (the same code and compile flags)."""
   tmp_path = tmp_path_factory.mktemp("straight-command")
-  finished = _dtnh_train(tmp_path, tmp_path / "runs")
-  assert finished.returncode == 0, finished.stderr[-3000:]
+  code, _, err = run_main(cli.train_main, _train_args(tmp_path / "runs"))
+  assert code == 0, err[-3000:]
   return tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
 
 
