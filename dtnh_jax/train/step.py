@@ -236,8 +236,17 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, rng:
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-  """Whether every value of ``tree`` is finite (a scalar bool)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+  """Whether every value of ``tree`` is finite (a scalar bool).
+
+  One check over one vector: the scalars' values, and for each array a scalar that is NaN where the array holds a
+  non-finite value. A conjunction of per-leaf checks was rewritten by XLA into a chain of scalar ``and``s that it
+  then copied into every fusion reading the result (in the tiny preset's DTNH step, 114 copies of 11 checks:
+  a third of the compiled program, 15% of its compile time).
+  """
+  values = [jnp.ravel(leaf).astype(jnp.float32) if jnp.size(leaf) == 1 else
+            jnp.where(jnp.all(jnp.isfinite(leaf)), 0.0, jnp.nan).astype(jnp.float32)[None]
+            for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.isfinite(jnp.concatenate(values)))
 
 
 def cross_entropy(logits, labels):
