@@ -10,6 +10,7 @@ checked on every method's compiled steps in tests/test_train.py (``test_every_me
 from __future__ import annotations
 
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +74,32 @@ def test_base_optimizer_guarded_has_the_unguarded_state():
   params = _tree(0)
   plain, guarded = step_lib.base_optimizer(config), step_lib.base_optimizer(config, guarded=True)
   assert jax.tree.structure(plain.init(params)) == jax.tree.structure(guarded.init(params))
+
+
+class _FiniteLossNaNGradient(nn.Module):
+  """A network whose loss is finite and whose gradient is NaN: ``sqrt(0 · logits)`` is 0 whatever the logits,
+  its derivative ``0.5 / sqrt(0) · 0`` is not a number. It keeps a BatchNorm-like statistic, as the step expects."""
+
+  @nn.compact
+  def __call__(self, images, train=False, return_features=False):
+    seen = self.variable("batch_stats", "seen", jnp.zeros, ())
+    if train:
+      seen.value = seen.value + 1.0
+    logits = nn.Dense(3)(images.reshape(images.shape[0], -1))
+    logits = logits + jnp.sqrt(0.0 * logits)
+    return (logits, {}) if return_features else logits
+
+
+def test_a_step_whose_gradient_is_not_finite_under_a_finite_loss_is_skipped():
+  """The step's guard reads the gradient arrays, not only the loss (fine-tuning: no correction's diagnostics)."""
+  config = presets.get("tiny", method="fine-tune")
+  model = _FiniteLossNaNGradient()
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 2, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images)
+  state = step_lib.create_train_state(variables, step_lib.make_optimizer(config, 2), jax.random.key(0))
+  step = jax.jit(step_lib.make_train_step(model, config, 2))
+  after, metrics = step(state, {"image": images, "label": jnp.arange(4) % 3}, step_lib.Reference(variables))
+  assert np.isfinite(float(metrics["loss_empirical"])) and float(metrics["skipped"]) == 1.0
+  assert_trees_equal((after.params, after.batch_stats, after.opt_state),
+                     (state.params, state.batch_stats, state.opt_state))
+  assert int(after.step) == 1
