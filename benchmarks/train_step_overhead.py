@@ -44,7 +44,8 @@ and more so the larger its own temporaries (benchmarks/RESULTS.md has the
 figures). Also reported per step, independent of the machine's load:
 the number of convolutions in the optimized XLA program(s) (each forward or
 backward pass of a ResNet-18 adds about 20, a backward pass 39: weights and
-inputs) and XLA's flop count; and the compile time (``jit(...).lower(...)``
+inputs), XLA's flop count and the optimized program's size in HLO instructions (JSON key
+``X_instructions``); and the compile time (``jit(...).lower(...)``
 then ``.compile()``) and XLA's memory analysis of the compiled step
 (arguments, outputs, temporaries; ``peak`` = arguments + outputs - donated
 aliases + temporaries: XLA's static buffer assignment, not a measured resident
@@ -227,6 +228,7 @@ class ProgramStats(NamedTuple):
   memory: dict[str, float]   # MiB, from XLA's memory analysis (empty where the backend gives none)
   convolutions: int          # convolution ops in the optimized program: forward and backward passes, counted
   gflop: float | None        # XLA's cost analysis (None where the backend gives none)
+  instructions: int = -1     # HLO instructions of the optimized program, fusions' bodies included: its size
 
 
 def compile_program(jitted, *args):
@@ -238,7 +240,7 @@ def compile_program(jitted, *args):
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   return compiled, ProgramStats(lower_s, compile_s, memory_mib(compiled), count_convolutions(compiled),
-                                gflop_of(compiled))
+                                gflop_of(compiled), count_instructions(compiled))
 
 
 def memory_mib(compiled) -> dict[str, float]:
@@ -259,6 +261,15 @@ def memory_mib(compiled) -> dict[str, float]:
 def count_convolutions(compiled) -> int:
   try:
     return len(re.findall(r"\bconvolution\(", compiled.as_text()))
+  except Exception:  # pylint: disable=broad-except
+    return -1
+
+
+def count_instructions(compiled) -> int:
+  """HLO instructions in the optimized program (every computation's, fusions' included), ``-1`` where the
+  backend gives no text: how much XLA compiled, a figure that does not depend on the machine's load."""
+  try:
+    return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", compiled.as_text(), flags=re.MULTILINE))
   except Exception:  # pylint: disable=broad-except
     return -1
 
@@ -317,6 +328,7 @@ class SeparateStep(CompiledStep):
         lower_s=sum(p.lower_s for p in parts), compile_s=sum(p.compile_s for p in parts),
         memory=max((p.memory for p in parts), key=lambda m: m.get("peak", 0.0)),
         convolutions=sum(p.convolutions for p in parts),
+        instructions=sum(p.instructions for p in parts),
         gflop=None if any(p.gflop is None for p in parts) else sum(p.gflop for p in parts))
 
   def __call__(self, count: int = 1):
@@ -453,6 +465,7 @@ def main(argv=None) -> dict[str, Any]:
     result[f"{key}_compile_s"] = {name: round(s.stats.lower_s + s.stats.compile_s, 2) for name, s in steps.items()}
     result[f"{key}_peak_mib"] = {name: round(s.stats.memory.get("peak", float("nan")), 1) for name, s in steps.items()}
     result[f"{key}_convolutions"] = {name: s.stats.convolutions for name, s in steps.items()}
+    result[f"{key}_instructions"] = {name: s.stats.instructions for name, s in steps.items()}
     for name, s in steps.items():
       rows.append((REGULARIZERS[key], name, 1e3 * float(np.median(times[name])), s.stats))
     print(f"{REGULARIZERS[key]} ({time.perf_counter() - started:.0f} s): "

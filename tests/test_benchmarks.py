@@ -52,8 +52,9 @@ def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
   for key in ("delta", "delta_naive_vs_summed", "delta_separate_vs_dtnh", "delta_plain_vs_summed",
               "delta_dtnh_vs_angles"):
     assert result[key] > 0
-  for key in ("delta_ms", "delta_compile_s", "delta_peak_mib", "delta_convolutions"):
+  for key in ("delta_ms", "delta_compile_s", "delta_peak_mib", "delta_convolutions", "delta_instructions"):
     assert set(result[key]) == variants
+  assert all(count > 0 for count in result["delta_instructions"].values())
   assert any("median ms" in line for line in lines) and any("dtnh/summed" in line for line in lines)
   assert result["config"]["arch"] == "resnet10" and any(line.startswith("resnet10 width") for line in lines)
 
