@@ -240,8 +240,8 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
   One check over one vector: the scalars' values, and for each array a scalar that is NaN where the array holds a
   non-finite value. A conjunction of per-leaf checks was rewritten by XLA into a chain of scalar ``and``s that it
-  then copied into every fusion reading the result (in the tiny preset's DTNH step, 114 copies of 11 checks:
-  a third of the compiled program, 15% of its compile time).
+  then copied into every fusion reading the result: a large share of the compiled program (its size and compile
+  time before and after: benchmarks/RESULTS.md, "The guard's check compiled once").
   """
   values = [jnp.ravel(leaf).astype(jnp.float32) if jnp.size(leaf) == 1 else
             jnp.where(jnp.all(jnp.isfinite(leaf)), 0.0, jnp.nan).astype(jnp.float32)[None]
