@@ -239,8 +239,9 @@ def compile_program(jitted, *args):
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  return compiled, ProgramStats(lower_s, compile_s, memory_mib(compiled), count_convolutions(compiled),
-                                gflop_of(compiled), count_instructions(compiled))
+  convolutions, instructions = count_ops(compiled)
+  return compiled, ProgramStats(lower_s, compile_s, memory_mib(compiled), convolutions, gflop_of(compiled),
+                                instructions)
 
 
 def memory_mib(compiled) -> dict[str, float]:
@@ -258,20 +259,16 @@ def memory_mib(compiled) -> dict[str, float]:
   return sizes
 
 
-def count_convolutions(compiled) -> int:
+def count_ops(compiled) -> tuple[int, int]:
+  """``(convolutions, instructions)`` of the optimized program, read from its text once: its convolution ops, and
+  its HLO instructions (every computation's, fusions' included: how much XLA compiled, a figure that does not
+  depend on the machine's load); ``(-1, -1)`` where the backend gives no text."""
   try:
-    return len(re.findall(r"\bconvolution\(", compiled.as_text()))
+    text = compiled.as_text()
   except Exception:  # pylint: disable=broad-except
-    return -1
-
-
-def count_instructions(compiled) -> int:
-  """HLO instructions in the optimized program (every computation's, fusions' included), ``-1`` where the
-  backend gives no text: how much XLA compiled, a figure that does not depend on the machine's load."""
-  try:
-    return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", compiled.as_text(), flags=re.MULTILINE))
-  except Exception:  # pylint: disable=broad-except
-    return -1
+    return -1, -1
+  return (len(re.findall(r"\bconvolution\(", text)),
+          len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE)))
 
 
 def gflop_of(compiled) -> float | None:
