@@ -357,7 +357,14 @@ def test_projections_conflict_with_no_row(rows, name):
 @given(row_pairs())
 def test_mgda_improves_every_row_by_at_least_its_own_squared_norm(rows):
   d = direction_of("mgda", rows)
-  assert min(d @ row for row in rows) >= d @ d - 1e-4 * _scale(rows)
+  # The solver picks the face whose float32 objective |d|² is lowest, so it may return any point of the hull
+  # within ε = 2 eps32 · scale of the min-norm value. Along the segment from such a d to a row r,
+  # |d + s(r - d)|² >= |d|² - ε gives d·r >= |d|² - sqrt(ε) |r - d|: the KKT condition holds to that slack
+  # (hypothesis found g = [1, 45, 0, 0], r = [0, 45, 82.5, 3], where the vertex g is 7e-8 above the optimum
+  # relatively and d·r falls 1 short of |d|² = 2026).
+  slack = np.sqrt(2 * np.finfo(np.float32).eps * _scale(rows))
+  for row in rows:
+    assert d @ row >= d @ d - 1e-4 * _scale(rows) - slack * np.linalg.norm(row - d)
 
 
 # --- on whole trees, and the options (the optax contract: tests/test_optax_contract.py) ------------
