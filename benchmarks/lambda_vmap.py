@@ -41,14 +41,14 @@ def build(preset: str, method: str, reg_weights: list[float]):
   steps = step_lib.steps_for(model, config, data.steps_per_epoch)
   state = step_lib.create_train_state(initial, steps.tx, jax.random.PRNGKey(0))
   batch = next(data.train_loader(0))
-  decay = np.float32(config.recipe.reg_decay)
   single = jax.jit(steps.train_step)
-  references = [step_lib.Reference(initial, None, step_lib.RegWeight(np.float32(w), decay)) for w in reg_weights]
+  references = [step_lib.Reference.of(config.replace(reg_weight=float(w)), initial) for w in reg_weights]
   k = len(reg_weights)
   stacked_state = jax.tree.map(lambda leaf: jnp.stack([leaf] * k), state)
-  stacked_reference = step_lib.Reference(initial, None, step_lib.RegWeight(
-      jnp.asarray(reg_weights, jnp.float32), jnp.full((k,), decay, jnp.float32)))
-  axes = step_lib.Reference(None, None, step_lib.RegWeight(0, 0))
+  # λ stacked along the mapped axis, the learning rate and the decay shared (the first run's)
+  stacked_reference = references[0]._replace(reg_weight=jax.tree.map(
+      lambda *values: jnp.stack(values), *(reference.reg_weight for reference in references)))
+  axes = step_lib.Reference(None, None, step_lib.RegWeight(0, 0), None)
   vmapped = jax.jit(jax.vmap(steps.train_step, in_axes=(0, None, axes)))
 
   def singles():

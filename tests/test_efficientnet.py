@@ -401,7 +401,7 @@ def test_one_dtnh_knowdist_train_step_runs(tiny_config):
   initial = models.replace_head(_reference_and_variables()[1], data.num_classes, jax.random.key(0))
   steps = step_lib.steps_for(model, config, 2)
   state = step_lib.create_train_state(initial, steps.tx, jax.random.key(0))
-  reference = step_lib.Reference(initial, None, step_lib.RegWeight.of(config))
+  reference = step_lib.Reference.of(config, initial)
   state, metrics = jax.jit(steps.train_step)(state, next(data.train_loader(0)), reference)
   assert np.isfinite(float(metrics["loss_regularizer"]))
   assert np.isfinite(float(metrics["loss_empirical"]))

@@ -44,7 +44,7 @@ def _setup(method, data, **overrides):
     attention = {k: jnp.linspace(0.5, 1.5, features[k].shape[-1]) for k in config.regularizer.feature_layers}
   steps = step_lib.steps_for(model, config, 2)
   state = step_lib.create_train_state(initial, steps.tx, jax.random.key(0))
-  return model, steps, state, step_lib.Reference(initial, attention, step_lib.RegWeight.of(config))
+  return model, steps, state, step_lib.Reference.of(config, initial, attention)
 
 
 def test_summed_step_follows_the_same_lambda_schedule(digits):

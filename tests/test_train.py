@@ -67,7 +67,7 @@ def _compiled_steps(method):
   attention = loop.delta_attention(model, config, data) if config.method_spec.regularizer == "delta" else None
   steps = step_lib.steps_for(model, config, data.steps_per_epoch)
   state = step_lib.create_train_state(initial, steps.tx, jax.random.PRNGKey(0))  # the loop's kind of key
-  reference = step_lib.Reference(initial, attention, step_lib.RegWeight.of(config))
+  reference = step_lib.Reference.of(config, initial, attention)
   placement = sharding.Placement.create(state, reference, batch_size=config.recipe.batch_size)
   reference, batch = placement.put_reference(reference), placement.put_batch(next(data.train_loader(0)))
   compiled = {name: placement.jit_train_step(getattr(steps, name)).lower(placement.put_state(state), batch,
@@ -212,7 +212,7 @@ def test_runs_that_differ_outside_the_step_groups_share_one_step_function():
   other_run = tiny(seed=3, source="unrelated", dataset="offline-related", eval_every=1, fsdp=True, plots=True,
                    pretrain_steps=7)
   assert step_lib.steps_for(model, other_run, 2) is first  # the same Steps: the same function objects
-  for changed in (tiny(learning_rate=0.5), tiny(width=0.25), tiny(projection="always"), tiny(method="l2-sp"),
+  for changed in (tiny(momentum=0.5), tiny(crop=6), tiny(width=0.25), tiny(projection="always"), tiny(method="l2-sp"),
                   tiny(knowdist_weight=2.0)):
     assert step_lib.steps_for(model, changed, 2).train_step is not first.train_step, changed
 

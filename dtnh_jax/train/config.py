@@ -47,6 +47,7 @@ __all__ = [
     "SETTINGS_FORMATS",
     "STEP_GROUPS",
     "STEP_INPUTS",
+    "STEP_UNREAD",
     "TrainConfig",
 ]
 
@@ -392,9 +393,12 @@ GROUPS: dict[str, type] = {"model": ModelConfig, "recipe": RecipeConfig, "regula
                            "dtnh": DTNHConfig, "run": RunConfig}
 #: The groups the compiled train step depends on (with the method); runs that differ elsewhere share it.
 STEP_GROUPS = ("model", "recipe", "regularizer", "dtnh")
-#: Settings of those groups that are inputs of the compiled step (``dtnh_jax.train.step.RegWeight``), not part
-#: of it: runs that differ only in them (a sweep over λ and its decay) share it too.
-STEP_INPUTS = ("reg_weight", "reg_decay")
+#: Settings of those groups that are inputs of the compiled step (``dtnh_jax.train.step.RegWeight`` and
+#: ``LearningRate``), not part of it: runs that differ only in them (a sweep over λ, its decay or the learning
+#: rate) share it too. Of ``lr_drop_steps`` only how many distinct steps it holds is part of it (the input's shape).
+STEP_INPUTS = ("reg_weight", "reg_decay", "learning_rate", "lr_drop_steps", "lr_drop_factor")
+#: Settings of those groups that the compiled step does not read (the loop does): not part of it either.
+STEP_UNREAD = ("steps",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,12 +499,17 @@ class TrainConfig:
 
   def step_key(self) -> tuple:
     """What the compiled train step depends on: the method and the groups of :data:`STEP_GROUPS`, with the
-    settings of :data:`STEP_INPUTS` at their defaults (placeholders: the step takes them as inputs)."""
+    settings of :data:`STEP_INPUTS` and :data:`STEP_UNREAD` at their defaults (placeholders: the step takes the
+    former as inputs and does not read the latter); ``lr_drop_steps`` as ``(1, ..., n)`` for its ``n`` distinct
+    steps."""
     key = [self.method]
     for name in STEP_GROUPS:
       group = getattr(self, name)
-      inputs = {field.name: field.default for field in dataclasses.fields(group) if field.name in STEP_INPUTS}
-      key.append(dataclasses.replace(group, **inputs))
+      placeholders = {field.name: field.default for field in dataclasses.fields(group)
+                      if field.name in STEP_INPUTS + STEP_UNREAD}
+      if "lr_drop_steps" in placeholders:
+        placeholders["lr_drop_steps"] = tuple(range(1, len(set(group.lr_drop_steps)) + 1))
+      key.append(dataclasses.replace(group, **placeholders))
     return tuple(key)
 
   def to_json(self) -> str:

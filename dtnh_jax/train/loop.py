@@ -302,11 +302,11 @@ def train(
     data = data or load_data(config, *sharding.process_shard())  # this process's shard of the data
     model = create_model(config, data.num_classes)
     initial = initial_variables(config, data)
-    # one compiled step for every run with the same step_key: λ and its decay are its inputs, in the reference
+    # one compiled step for every run with the same step_key: λ, its decay, the learning rate and its drops are
+    # its inputs, in the reference
     steps = step_lib.steps_for(model, config, data.steps_per_epoch)
-    reg_weight = step_lib.RegWeight.of(config)
     state = step_lib.create_train_state(initial, steps.tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-    sharding.Placement.create(state, step_lib.Reference(initial, reg_weight=reg_weight), fsdp=config.run.fsdp,
+    sharding.Placement.create(state, step_lib.Reference.of(config, initial), fsdp=config.run.fsdp,
                               batch_size=config.recipe.batch_size)  # the devices' checks (the batch must split)
 
     # checks done: the run's first writes
@@ -319,7 +319,7 @@ def train(
       attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
                                    lambda: delta_attention(model, config, data))
     return _run(config, workdir, data, steps, state,
-                step_lib.Reference(initial, attention, reg_weight), stop_after=stop_after, progress=progress,
+                step_lib.Reference.of(config, initial, attention), stop_after=stop_after, progress=progress,
                 export_to=export_to, force_export=force_export)
   finally:
     if lock is not None:

@@ -4,9 +4,11 @@ The step is ``(state, batch, reference) -> (state, metrics)`` under one
 ``jax.jit``. ``reference`` holds what the regularizers compare against: the
 variables fine-tuning started from (source backbone + new head; L2-SP's
 ``w0`` and the frozen network KnowDist/DELTA take feature maps from) and
-DELTA's channel attention; and how much they weigh: λ and its decay
-(:class:`RegWeight`). It is an argument, not a closure, so runs from
-different sources, seeds or λ reuse one compiled step.
+DELTA's channel attention; how much they weigh: λ and its decay
+(:class:`RegWeight`); and the learning rate with its drops
+(:class:`LearningRate`). It is an argument, not a closure, so runs from
+different sources, seeds, λ or learning rates reuse one compiled step
+(``Reference.of(config, variables)`` holds a run's).
 
 BatchNorm during fine-tuning: the target network runs in train mode, so it
 normalizes with the statistics of the batch and updates its running
@@ -43,6 +45,8 @@ __all__ = [
     "evaluate",
     "feature_regularizer",
     "head_mask",
+    "LearningRate",
+    "learning_rate_schedule",
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
@@ -80,26 +84,68 @@ class RegWeight(NamedTuple):
     return cls(np.float32(config.recipe.reg_weight), np.float32(config.recipe.reg_decay))
 
 
+class LearningRate(NamedTuple):
+  """The learning rate's settings as inputs of the train step, not constants compiled into it: a sweep over
+  them runs one compiled step per number of drops. ``LearningRate.of(config)`` holds ``config``'s: the initial
+  rate and the factor as float32 scalars, the drop steps sorted and distinct as int32 (see
+  :func:`learning_rate_schedule`)."""
+
+  learning_rate: Any  # at step 0
+  drop_steps: Any     # the steps at which it is multiplied by drop_factor, ascending
+  drop_factor: Any
+
+  @classmethod
+  def of(cls, config: TrainConfig) -> "LearningRate":
+    recipe = config.recipe
+    return cls(np.float32(recipe.learning_rate), np.asarray(sorted(set(recipe.lr_drop_steps)), np.int32),
+               np.float32(recipe.lr_drop_factor))
+
+
+def learning_rate_schedule(learning_rate: LearningRate) -> optax.Schedule:
+  """``optax.piecewise_constant_schedule(learning_rate, {step: drop_factor for step in drop_steps})``, computed
+  as it computes it (one factor per drop step passed, in ascending order), for settings that may be traced."""
+  value, drop_steps, drop_factor = learning_rate
+
+  def schedule(count):
+    rate = value
+    for index in range(len(drop_steps)):  # the drops' number is static: the input's shape
+      indicator = jnp.maximum(0.0, jnp.sign(drop_steps[index] - count))
+      rate = rate * indicator + (1 - indicator) * drop_factor * rate
+    return rate
+
+  return schedule
+
+
 class Reference(NamedTuple):
-  """What the regularizers compare the target network with, and λ (fixed during a run)."""
+  """What the regularizers compare the target network with, and the run's settings that are inputs of its
+  compiled step (fixed during a run). ``Reference.of(config, variables)`` is a run's."""
 
   variables: PyTree           # {"params", "batch_stats"} fine-tuning started from
   attention: PyTree = None    # DELTA's per-layer channel attention, else None
-  # λ and its decay; None: the config's, compiled into the step (make_train_step; steps_for's steps need them)
+  # λ and its decay, the learning rate and its drops; None: the config's, compiled into the step
+  # (make_train_step; steps_for's steps need them)
   reg_weight: RegWeight | None = None
+  learning_rate: LearningRate | None = None
+
+  @classmethod
+  def of(cls, config: TrainConfig, variables: PyTree, attention: PyTree = None) -> "Reference":
+    """The reference of a run of ``config`` from ``variables``, with ``config``'s λ, decay, learning rate and
+    drops as inputs of the step (:class:`RegWeight`, :class:`LearningRate`)."""
+    return cls(variables, attention, RegWeight.of(config), LearningRate.of(config))
 
 
-def base_optimizer(config: TrainConfig, *, guarded: bool = False) -> optax.GradientTransformation:
+def base_optimizer(config: TrainConfig, *, guarded: bool = False,
+                   learning_rate: LearningRate | None = None) -> optax.GradientTransformation:
   """``config.recipe.optimizer`` with step-wise learning rate drops: what follows DTNH in :func:`make_optimizer`;
   with SGD ``weight_decay``, and for KnowDist and DELTA ``head_beta``'s ``β·w`` on the head, are added first.
 
   ``optimizer="sgd"`` is the paper's SGD with momentum; ``"adamw"`` is
   ``optax.adamw`` (b1 0.9, b2 0.999) with ``config.recipe.weight_decay``.
   With ``guarded``, the same optimizer and state whose ``update`` takes ``finite=`` and changes nothing when
-  it is false (:mod:`dtnh_jax.train.guard`): what the train steps run.
+  it is false (:mod:`dtnh_jax.train.guard`): what the train steps run. The learning rate follows
+  :func:`learning_rate_schedule` of ``learning_rate`` (traced in a train step), else of ``config``'s.
   """
-  learning_rate = optax.piecewise_constant_schedule(
-      config.recipe.learning_rate, {int(step): config.recipe.lr_drop_factor for step in config.recipe.lr_drop_steps})
+  learning_rate = learning_rate_schedule(LearningRate.of(config) if learning_rate is None else learning_rate)
   if config.recipe.optimizer == "adamw":
     adamw = optax.adamw(learning_rate, weight_decay=config.recipe.weight_decay)
     chain = [guard.guarded(adamw) if guarded else adamw]
@@ -318,7 +364,7 @@ def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
   num_tensors = backbone_tensor_count(model, config) if config.recipe.reg_schedule == "released-code" else None
   tx = make_optimizer(config, steps_per_epoch, num_tensors=num_tensors)
   method = config.method_spec
-  options = {"num_tensors": num_tensors, "reg_weight_input": True}
+  options = {"num_tensors": num_tensors, "step_inputs": True}
   summed = None
   if method.has_regularizer and not method.dtnh:
     summed = make_train_step(model, config, steps_per_epoch, summed=True, **options)
@@ -327,24 +373,26 @@ def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
 
 def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
   """The :class:`Steps` of ``config``, the same function objects for every config with the same
-  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, λ and its decay,
-  bookkeeping) traces and compiles each method once when ``dtnh_jax.train.sharding.Placement`` jits them.
+  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`: a grid of runs (seeds, sources, λ and its decay, learning
+  rates and their drops, numbers of steps, bookkeeping) traces and compiles each method once when
+  ``dtnh_jax.train.sharding.Placement`` jits them.
 
-  Their train steps read λ and its decay from the reference they are called with:
-  ``Reference(..., reg_weight=RegWeight.of(config))``.
+  Their train steps read λ, its decay, the learning rate and its drops from the reference they are called
+  with: ``Reference.of(config, variables)``.
   """
   return _cached_steps(model, config.step_key(), steps_per_epoch)
 
 
 def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_tensors: int | None = None,
-                    summed: bool = False, reg_weight_input: bool = False):
+                    summed: bool = False, step_inputs: bool = False):
   """The train step of ``config``'s method, ``(state, batch, reference) -> (state, metrics)``, unjitted:
   ``dtnh_jax.train.sharding.Placement.jit_train_step`` jits it with its shardings and donates the state.
 
-  λ and its decay are ``reference.reg_weight`` (:class:`RegWeight`), inputs of the compiled step, so runs
-  that differ only in them share it; a reference without them takes ``config``'s, compiled in. With
-  ``reg_weight_input`` the reference must hold them (the steps of :func:`steps_for`, made from a
-  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`'s config, whose λ is not the run's).
+  λ and its decay (``reference.reg_weight``, :class:`RegWeight`) and the learning rate and its drops
+  (``reference.learning_rate``, :class:`LearningRate`) are inputs of the compiled step, so runs that differ
+  only in them share it; a reference without them takes ``config``'s, compiled in. With ``step_inputs`` the
+  reference must hold them (the steps of :func:`steps_for`, made from a
+  :meth:`~dtnh_jax.train.config.TrainConfig.step_key`'s config, whose λ and learning rate are not the run's).
 
   The state's optimizer is :func:`make_optimizer`'s (same ``steps_per_epoch`` and ``num_tensors``), which the
   step runs in two parts: the correction (:func:`make_correction`), then the NaN/Inf guard's decision, then
@@ -368,13 +416,13 @@ def make_train_step(model, config: TrainConfig, steps_per_epoch: int, *, num_ten
   method = config.method_spec
   if summed and (method.dtnh or not method.has_regularizer):
     raise ValueError(f"summed=True is for the plain regularized methods; {method.name} has no such step.")
-  base = base_optimizer(config, guarded=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], reference: Reference):
-    if reg_weight_input and method.has_regularizer and reference.reg_weight is None:
-      raise ValueError("this train step reads λ and its decay from its reference, and it holds none: pass "
-                       "Reference(..., reg_weight=RegWeight.of(config)).")
-    # built here: λ's schedule closes over the step's inputs (the optimizer state is the same whatever λ)
+    if step_inputs and (reference.learning_rate is None or method.has_regularizer and reference.reg_weight is None):
+      raise ValueError("this train step reads λ, its decay, the learning rate and its drops from its reference, "
+                       "and it holds none: pass Reference.of(config, variables).")
+    # built here: the schedules close over the step's inputs (the optimizer state is the same whatever they are)
+    base = base_optimizer(config, guarded=True, learning_rate=reference.learning_rate)
     correction = (make_correction(config, steps_per_epoch, num_tensors=num_tensors, reg_weight=reference.reg_weight)
                   if method.has_regularizer and not summed else None)
     summed_reg_weight = (reg_weight_schedule(config, steps_per_epoch, num_tensors, reference.reg_weight)
