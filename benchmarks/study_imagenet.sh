@@ -13,7 +13,12 @@
 # fine-tuning beside, on MNIST-5k (7 seeds) and digits (10 seeds), one process per target; then DELTA ± DTNH
 # likewise on digits (its official weight 0.24).
 #
-#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates]   # default runs/study-imagenet; logs WORKDIR/*.log
+# With --knowdist-bound, the never-hurt candidate on KnowDist from the real source: DTNH(KnowDist)'s correction
+# replaced by the share bound on the moving average of g at κ 0.1, 0.25 and 0.5, on digits at the KnowDist
+# section's λ grid (0.001-10) on its 10 seeds, one process per κ pair; fine-tuning seed 0
+# beside it, to check that the host reproduces the committed runs bit for bit (the pairing needs it).
+#
+#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates | --knowdist-bound]   # default runs/study-imagenet
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
 set -euo pipefail
 workdir="${1:-runs/study-imagenet}"
@@ -44,8 +49,20 @@ if [[ "${2:-}" == "--learning-rates" ]]; then
   grid offline-digits-delta-lr0.025 --dataset offline-digits --method fine-tune,delta,dtnh-delta --delta-weight 0.24 \
     --reg-weight 0.001,0.01 --seeds 0,1,2,3,4,5,6,7,8,9 --learning-rate 0.025
   exit
+elif [[ "${2:-}" == "--knowdist-bound" ]]; then
+  bound() {  # bound KAPPA: the candidate's grids at that κ (KnowDist's own ran λ ≥ 0.1 on 3 seeds only)
+    local flags=(--dataset offline-digits --method dtnh-knowdist --projection share-bound
+                 --share-bound-reference average --share-bound-kappa "$1")
+    grid "offline-digits-knowdist-bound-$1" "${flags[@]}" --reg-weight 0.001,0.01 --seeds 0,1,2,3,4,5,6,7,8,9
+    grid "offline-digits-knowdist-bound-$1-strong" "${flags[@]}" --reg-weight 0.1,1,10 --seeds 0,1,2,3,4,5,6,7,8,9
+  }
+  grid offline-digits-fine-tune-check --dataset offline-digits --method fine-tune --seeds 0
+  (bound 0.25; bound 0.1) &
+  bound 0.5
+  wait
+  exit
 elif [[ -n "${2:-}" ]]; then
-  echo "study_imagenet.sh: unknown option ${2}; the only option is --learning-rates" >&2
+  echo "study_imagenet.sh: unknown option ${2}; the options are --learning-rates and --knowdist-bound" >&2
   exit 2
 fi
 
