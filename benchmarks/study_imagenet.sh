@@ -17,8 +17,11 @@
 # replaced by the share bound on the moving average of g at κ 0.1, 0.25 and 0.5, on digits at the KnowDist
 # section's λ grid (0.001-10) on its 10 seeds, one process per κ pair; fine-tuning seed 0
 # beside it, to check that the host reproduces the committed runs bit for bit (the pairing needs it).
+# With --knowdist-bound-lr0.025, the same at the learning-rate control's rate (lr 0.025, where fine-tuning is
+# stronger on digits) at κ 0.25 (the pick above, not tuned again), 10 seeds, with KnowDist and DTNH(KnowDist) at
+# λ 0.1-10 on 3 seeds (the control ran λ 0.001 and 0.01 only) and fine-tuning seed 0 as the check.
 #
-#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates | --knowdist-bound]   # default runs/study-imagenet
+#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates | --knowdist-bound | --knowdist-bound-lr0.025]
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
 set -euo pipefail
 workdir="${1:-runs/study-imagenet}"
@@ -61,8 +64,19 @@ elif [[ "${2:-}" == "--knowdist-bound" ]]; then
   bound 0.5
   wait
   exit
+elif [[ "${2:-}" == "--knowdist-bound-lr0.025" ]]; then
+  rate=(--dataset offline-digits --learning-rate 0.025)
+  grid offline-digits-lr0.025-fine-tune-check "${rate[@]}" --method fine-tune --seeds 0
+  grid offline-digits-knowdist-lr0.025-strong "${rate[@]}" --method knowdist,dtnh-knowdist --reg-weight 0.1,1,10 \
+    --seeds 0,1,2 &
+  grid offline-digits-knowdist-bound-0.25-lr0.025 "${rate[@]}" --method dtnh-knowdist --projection share-bound \
+    --share-bound-reference average --share-bound-kappa 0.25 --reg-weight 0.001,0.01,0.1,1,10 \
+    --seeds 0,1,2,3,4,5,6,7,8,9
+  wait
+  exit
 elif [[ -n "${2:-}" ]]; then
-  echo "study_imagenet.sh: unknown option ${2}; the options are --learning-rates and --knowdist-bound" >&2
+  echo "study_imagenet.sh: unknown option ${2}; the options are --learning-rates, --knowdist-bound and" \
+    "--knowdist-bound-lr0.025" >&2
   exit 2
 fi
 
