@@ -20,8 +20,11 @@
 # With --knowdist-bound-lr0.025, the same at the learning-rate control's rate (lr 0.025, where fine-tuning is
 # stronger on digits) at κ 0.25 (the pick above, not tuned again), 10 seeds, with KnowDist and DTNH(KnowDist) at
 # λ 0.1-10 on 3 seeds (the control ran λ 0.001 and 0.01 only) and fine-tuning seed 0 as the check.
+# With --l2sp-bound-seeds, seeds 3-9 of the L2-SP family (fine-tuning, L2-SP, DTNH(L2-SP) at the preset's λ) and
+# of the averaged bound at κ 0.25 on it (the real-source candidates' pick on validation), digits, one process each.
 #
-#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates | --knowdist-bound | --knowdist-bound-lr0.025]
+#   bash benchmarks/study_imagenet.sh [WORKDIR] [--learning-rates | --knowdist-bound | --knowdist-bound-lr0.025 |
+#                                                --l2sp-bound-seeds]
 #   python benchmarks/study_records.py collect WORKDIR   # then: the records and tables (see that script)
 set -euo pipefail
 workdir="${1:-runs/study-imagenet}"
@@ -74,9 +77,16 @@ elif [[ "${2:-}" == "--knowdist-bound-lr0.025" ]]; then
     --seeds 0,1,2,3,4,5,6,7,8,9
   wait
   exit
+elif [[ "${2:-}" == "--l2sp-bound-seeds" ]]; then
+  seeds=(--dataset offline-digits --seeds 3,4,5,6,7,8,9)
+  grid offline-digits-seeds3-9 "${seeds[@]}" --method fine-tune,l2-sp,dtnh-l2-sp &
+  grid offline-digits-share-bound-average-0.25-seeds3-9 "${seeds[@]}" --method dtnh-l2-sp --projection share-bound \
+    --share-bound-reference average --share-bound-kappa 0.25
+  wait
+  exit
 elif [[ -n "${2:-}" ]]; then
-  echo "study_imagenet.sh: unknown option ${2}; the options are --learning-rates, --knowdist-bound and" \
-    "--knowdist-bound-lr0.025" >&2
+  echo "study_imagenet.sh: unknown option ${2}; the options are --learning-rates, --knowdist-bound," \
+    "--knowdist-bound-lr0.025 and --l2sp-bound-seeds" >&2
   exit 2
 fi
 
