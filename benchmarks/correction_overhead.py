@@ -9,7 +9,8 @@ SGD step summing the two gradients in its own jit: what a method without any
 correction pays. Variants:
 
 - ``dtnh``: Algorithm 1, the reference of every ratio;
-- ``bound``: ``share_bound(κ=1)`` on ``g + λr``; ``dtnh+bound``: after DTNH's projection;
+- ``bound``: ``share_bound(κ=1)`` on ``g + λr``; ``dtnh+bound``: after DTNH's projection; ``dtnh+bound(avg)``:
+  the bound on the moving average of ``g`` (κ 0.25, β 0.9), the candidate the real-source study recommends;
 - ``ema``: ``ema_projection(decay=0.9)``; ``ema+guard``: with ``guard_current``;
 - ``subspace(K)``: ``subspace_projection(memory=K)`` for each ``--memory`` K.
 
@@ -53,6 +54,8 @@ def corrections(memories: list[int]) -> dict:
       "dtnh": dtnh_jax.dtnh(LAMBDA),
       "bound": dtnh_jax.share_bound(LAMBDA, kappa=1.0),
       "dtnh+bound": dtnh_jax.share_bound(LAMBDA, kappa=1.0, projection="conflict"),
+      "dtnh+bound(avg)": dtnh_jax.share_bound(LAMBDA, kappa=0.25, projection="conflict", reference="average",
+                                              decay=0.9),
       "ema": dtnh_jax.ema_projection(LAMBDA, decay=0.9),
       "ema+guard": dtnh_jax.ema_projection(LAMBDA, decay=0.9, guard_current=True),
   }

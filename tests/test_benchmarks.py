@@ -144,10 +144,12 @@ def test_gpu_check_refuses_an_unknown_suite_part(capsys):
 def test_correction_overhead_runs_tiny_and_ends_with_each_variants_time_and_memory():
   lines = run_benchmark("correction_overhead", "--tiny", "--repeats", "2", "--block", "1", "--memory", "3")
   result = json.loads(lines[-1])
-  assert set(result) == {"dtnh", "bound", "dtnh+bound", "ema", "ema+guard", "subspace(3)", "g + λr"}
+  assert set(result) == {"dtnh", "bound", "dtnh+bound", "dtnh+bound(avg)", "ema", "ema+guard", "subspace(3)",
+                         "g + λr"}
   assert result["dtnh"]["vs_dtnh"] == 1.0 and all(entry["ms"] > 0 for entry in result.values())
   # memory: the moving average is one copy of the parameters; a memory of K directions, a ring of K slots
   assert result["ema"]["state_vs_params"] == pytest.approx(1.0, abs=0.05)
+  assert result["dtnh+bound(avg)"]["state_vs_params"] == pytest.approx(1.0, abs=0.05)
   assert result["subspace(3)"]["state_vs_params"] == pytest.approx(3.0, abs=0.05)
 
 
