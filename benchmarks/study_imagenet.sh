@@ -15,7 +15,7 @@
 #
 # With --knowdist-bound, the never-hurt candidate on KnowDist from the real source: DTNH(KnowDist)'s correction
 # replaced by the share bound on the moving average of g at κ 0.1, 0.25 and 0.5, on digits at the KnowDist
-# section's λ grid (0.001-10) on its 10 seeds, one process per κ pair; fine-tuning seed 0
+# section's λ grid (0.001-10) on its 10 seeds, in two processes (κ 0.25 then 0.1; κ 0.5); fine-tuning seed 0
 # beside it, to check that the host reproduces the committed runs bit for bit (the pairing needs it).
 # With --knowdist-bound-lr0.025, the same at the learning-rate control's rate (lr 0.025, where fine-tuning is
 # stronger on digits) at κ 0.25 (the pick above, not tuned again), 10 seeds, with KnowDist and DTNH(KnowDist) at
