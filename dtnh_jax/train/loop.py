@@ -306,7 +306,8 @@ def train(
     # its inputs, in the reference
     steps = step_lib.steps_for(model, config, data.steps_per_epoch)
     state = step_lib.create_train_state(initial, steps.tx, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-    sharding.Placement.create(state, step_lib.Reference.of(config, initial), fsdp=config.run.fsdp,
+    reference = step_lib.Reference.of(config, initial)
+    sharding.Placement.create(state, reference, fsdp=config.run.fsdp,
                               batch_size=config.recipe.batch_size)  # the devices' checks (the batch must split)
 
     # checks done: the run's first writes
@@ -319,7 +320,7 @@ def train(
       attention = cached_attention(os.path.join(workdir, "delta_attention.npz"),
                                    lambda: delta_attention(model, config, data))
     return _run(config, workdir, data, steps, state,
-                step_lib.Reference.of(config, initial, attention), stop_after=stop_after, progress=progress,
+                reference._replace(attention=attention), stop_after=stop_after, progress=progress,
                 export_to=export_to, force_export=force_export)
   finally:
     if lock is not None:
