@@ -2,14 +2,17 @@
 
 ``dtnh_jax.models.conv`` computes a convolution as XLA's convolution
 (``xla``), as windows concatenated on the channel axis and one matmul
-(``im2col``), or, for a depthwise layer, as k² shifted multiply-adds
-(``shifted``), and picks one per layer from a table measured here.
+(``im2col``), as XLA's convolution with the kernel's gradient one matmul per
+kernel position (``taps``), or, for a depthwise layer, as k² shifted
+multiply-adds (``shifted``), and picks one per layer from a table measured here.
 
 ``layers``: every distinct convolution of the models of ``MODELS`` (the
 ResNets and Lite0 at the sizes this project trains them: the benchmarks'
 96x96/16, the offline study's preset, its evaluation batch, Lite0 at 32x32/48),
 found by tracing the models; for each, the forward and backward pass
-(gradients of the input and the kernel, jitted, one program per formulation)
+(gradients of the input and the kernel, jitted, one program per formulation;
+a model's first layer reads the images, which a train step does not
+differentiate: the kernel's gradient only, ``input_gradient`` false)
 of every formulation that applies, timed interleaved: each round runs each
 formulation once, the order rotating; medians and the median of the per-round
 ratios to ``xla`` with a 95% bootstrap interval. ``--candidates`` adds
@@ -19,7 +22,8 @@ gradient is the transposed convolution as one stride-1 im2col matmul per
 output phase (no product with the zeros of a dilated cotangent). A layer's ``choice`` is ``xla`` unless another shipped
 formulation's median ratio is below ``conv.MARGIN`` (0.97) and its 95% interval
 below 1 (faster beyond the noise of the shared machine), then the fastest.
-``--write`` writes the table (this backend's entries; others kept) to
+``--write`` writes the table (this backend's entries, on the CPU this
+instruction set's, ``conv.table_key()``; others kept) to
 ``dtnh_jax/models/conv_table.json`` with host, date, jax version and command.
 
 ``choices``: per layer of each model of ``MODELS``, the formulation the
@@ -74,6 +78,9 @@ from dtnh_jax.train import presets
 from train_step_overhead import interleaved_times, median_interval
 
 NUM_CLASSES = 10
+#: What the table's times are.
+MEASURED = ("median ms of the forward and backward pass (the input's gradient where input_gradient, the kernel's), "
+            "float32, jitted")
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "dtnh_jax", "models",
                           conv.TABLE_FILE)
 
@@ -117,11 +124,12 @@ def _pair(value) -> tuple[int, int]:
 
 
 class Layer(dict):
-  """One convolution: ``path``, ``input_shape``, ``kernel_shape``, ``strides``, ``padding``, ``groups``."""
+  """One convolution: ``path``, ``input_shape``, ``kernel_shape``, ``strides``, ``padding``, ``groups``,
+  ``input_gradient`` (false for a model's first layer, which reads the images)."""
 
   def key(self) -> tuple:
     return (tuple(self["input_shape"]), tuple(self["kernel_shape"]), tuple(self["strides"]),
-            tuple(map(tuple, self["padding"])), self["groups"])
+            tuple(map(tuple, self["padding"])), self["groups"], self["input_gradient"])
 
 
 def model_layers(name: str) -> list[Layer]:
@@ -139,7 +147,7 @@ def model_layers(name: str) -> list[Layer]:
           kernel_shape=(*kernel_hw, x.shape[-1] // module.feature_group_count, module.features), strides=strides,
           padding=(tuple(map(tuple, module.padding)) if not isinstance(module.padding, str) else
                    tuple(lax.padtype_to_pads(x.shape[1:3], kernel_hw, strides, module.padding))),
-          groups=module.feature_group_count))
+          groups=module.feature_group_count, input_gradient=bool(layers)))
     return next_fun(*args, **kwargs)
 
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -215,8 +223,9 @@ CANDIDATES = {"im2col-autodiff": ("dense", im2col_autodiff), "im2col-transposed"
 
 
 def _layer_function(layer: Layer, formulation: str):
-  """The jitted forward and backward pass ``(x, kernel, cotangent) -> (dx, dkernel)``; ``y`` is consumed by
-  ``<y, cotangent>`` so that nothing but the convolution and its two gradients is computed."""
+  """The jitted forward and backward pass ``(x, kernel, cotangent) -> (dx, dkernel)`` (``dkernel`` alone where the
+  layer's ``input_gradient`` is false); ``y`` is consumed by ``<y, cotangent>`` so that nothing but the convolution
+  and its gradients is computed."""
   strides, padding, groups = tuple(layer["strides"]), tuple(map(tuple, layer["padding"])), layer["groups"]
   if formulation in CANDIDATES:
     candidate = CANDIDATES[formulation][1]
@@ -224,7 +233,7 @@ def _layer_function(layer: Layer, formulation: str):
   else:
     apply = lambda x, kernel: conv.conv(x, kernel, strides, padding, groups, formulation=formulation)
   loss = lambda x, kernel, cotangent: jnp.vdot(apply(x, kernel), cotangent)
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return jax.jit(jax.grad(loss, argnums=(0, 1) if layer["input_gradient"] else 1))
 
 
 def _kind(layer: Layer) -> str:
@@ -266,8 +275,8 @@ def table_entry(layer: Layer, timing: dict[str, Any], model_names: list[str]) ->
           "padding": [list(p) for p in layer["padding"]], "batch": layer["input_shape"][0],
           "in_hw": list(layer["input_shape"][1:3]), "out_hw": timing["out_hw"],
           "in_channels": layer["input_shape"][-1], "out_channels": layer["kernel_shape"][-1],
-          "ms": timing["ms"], "ratio_to_xla": timing["ratio_to_xla"], "choice": timing["choice"],
-          "models": model_names}
+          "input_gradient": layer["input_gradient"], "ms": timing["ms"], "ratio_to_xla": timing["ratio_to_xla"],
+          "choice": timing["choice"], "models": model_names}
 
 
 def run_layers(args) -> dict[str, Any]:
@@ -298,37 +307,41 @@ def run_layers(args) -> dict[str, Any]:
           f"{entry['in_hw'][0]:>4} {entry['in_channels']:>5} {entry['out_channels']:>5}  {ms:<46} {ratios:<44} "
           f"{entry['choice']}", flush=True)
   command = "python benchmarks/conv_formulations.py " + " ".join(args.argv)
-  table = {"host": host(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "jax": jax.__version__, "command": command, "repeats": args.repeats, "margin": conv.MARGIN,
-           "measured": "median ms of the forward and backward pass (input and kernel gradients), float32, jitted",
-           "backends": {backend: entries}}
+  key = conv.table_key(backend)
+  record = {"host": host(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "jax": jax.__version__, "command": command, "repeats": args.repeats, "margin": conv.MARGIN,
+            "layers": entries}
+  table = {"measured": MEASURED, "backends": {key: record}}
   if args.write:
     try:
       previous = conv.load_table(TABLE_PATH)
     except (OSError, ValueError):
       previous = {}
-    for other, other_entries in previous.get("backends", {}).items():
-      if other != backend:   # another backend's measurements (their host is the one recorded with them) stay
-        table["backends"][other] = other_entries
+    for other, other_record in previous.get("backends", {}).items():
+      if other != key:   # another backend's or instruction set's measurements stay, with their own host and date
+        table["backends"][other] = other_record
+    table["backends"] = dict(sorted(table["backends"].items()))
     with open(TABLE_PATH, "w", encoding="utf-8") as file:
       json.dump(table, file, indent=1)
       file.write("\n")
-    print(f"wrote {os.path.normpath(TABLE_PATH)}")
-  table["total_s"] = round(time.perf_counter() - started, 1)
-  print(json.dumps({key: value for key, value in table.items() if key != "backends"}
-                   | {"choices": {backend: [(e["kind"], e["kernel"][0], e["stride"][0], e["batch"], e["in_hw"][0],
-                                             e["in_channels"], e["out_channels"], e["choice"]) for e in entries]}}))
+    print(f"wrote {os.path.normpath(TABLE_PATH)} ({key})")
+  summary = {name: value for name, value in record.items() if name != "layers"}
+  summary["total_s"] = round(time.perf_counter() - started, 1)
+  print(json.dumps(summary | {"key": key, "choices": {key: [
+      (e["kind"], e["kernel"][0], e["stride"][0], e["batch"], e["in_hw"][0], e["in_channels"], e["out_channels"],
+       e["choice"]) for e in entries]}}))
   return table
 
 
 def run_choices(args) -> dict[str, Any]:
   """Per layer of each model: the shipped table's choice, and the measured ratio where the table has the shape."""
-  table = conv.load_table()
-  backend = jax.default_backend()
-  print(f"table: {table.get('host', '?')}, {table.get('date', '?')}, jax {table.get('jax', '?')}; choices on {backend}")
+  table, key = conv.load_table(), conv.table_key()
+  record = table.get("backends", {}).get(key, {})
+  print(f"table for {key}: {record.get('host', 'not measured: the first CPU table')}, {record.get('date', '?')}, "
+        f"jax {record.get('jax', '?')}")
   result = {}
   measured = {(e["kind"], tuple(e["kernel"]), tuple(e["stride"]), e["batch"], tuple(e["in_hw"]), e["in_channels"],
-               e["out_channels"]): e for e in table.get("backends", {}).get(backend, ())}
+               e["out_channels"]): e for e in conv.table_layers(table, key)}
   for name in [name for name in args.models.split(",") if name]:
     print(f"\n{name}: {MODELS[name]}; the measured time over XLA's of the other formulation (95% interval), where "
           "this shape was measured")

@@ -362,8 +362,10 @@ def jax_config(regularizer: str, dtnh: bool, args) -> TrainConfig:
 def jax_steps(problem: bench.Problem, regularizer: str, args, variants=JAX_VARIANTS,
               formulation: str = "auto") -> dict[str, bench.CompiledStep]:
   """``train_step_overhead``'s compiled steps of one method, against ``problem.initial``, with every convolution
-  that ``formulation`` can compute traced as it (``auto``: ``dtnh_jax.models.conv``'s choice per layer)."""
-  with conv.force(None if formulation == "auto" else formulation):
+  that ``formulation`` can compute traced as it (``auto``: ``dtnh_jax.models.conv``'s choice per layer;
+  ``table:KEY``: the choices of the table measured for ``KEY``, e.g. another instruction set's)."""
+  key = formulation.removeprefix("table:") if formulation.startswith("table:") else None
+  with conv.force(None if formulation == "auto" or key else formulation), conv.choose_from(key):
     return bench.build_steps(problem, regularizer, argparse.Namespace(size=args.size, batch=args.batch,
                                                                       width=args.width), variants)
 
@@ -584,8 +586,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--small-stem", action="store_true", help="ResNet-18 with a 3x3 stride-1 stem, no max-pool")
   parser.add_argument("--conv-formulations", default="auto",
                       help=f"comma-separated: JAX's steps once per formulation of its convolutions, interleaved, "
-                      f"among auto (dtnh_jax.models.conv's choice per layer), {', '.join(conv.FORMULATIONS)}; the "
-                      "first is the one the main table shows (default: %(default)s)")
+                      f"among auto (dtnh_jax.models.conv's choice per layer), {', '.join(conv.FORMULATIONS)} and "
+                      "table:KEY (the choices of the table measured for KEY, e.g. table:cpu-avx512); the first is the "
+                      "one the main table shows (default: %(default)s)")
   parser.add_argument("--check", action="store_true",
                       help="first check that both frameworks compute the same steps (exit 1 if not)")
   parser.add_argument("--check-only", action="store_true", help="the check and no timing")
@@ -601,8 +604,10 @@ def main(argv=None) -> dict[str, Any]:
   if set(args.jax_variants.split(",")) - set(JAX_CHOICES) or "dtnh" not in jax_variants or len(jax_variants) < 2:
     parser.error(f"--jax-variants must name dtnh and one of summed, plain, angles, among {', '.join(JAX_CHOICES)}")
   formulations = [name for name in args.conv_formulations.split(",") if name]
-  if not formulations or set(formulations) - {"auto", *conv.FORMULATIONS} or len(set(formulations)) < len(formulations):
-    parser.error(f"--conv-formulations must name distinct formulations among auto, {', '.join(conv.FORMULATIONS)}")
+  known = {"auto", *conv.FORMULATIONS, *(f"table:{key}" for key in conv.load_table()["backends"]
+                                          if key.startswith("cpu-"))}
+  if not formulations or set(formulations) - known or len(set(formulations)) < len(formulations):
+    parser.error(f"--conv-formulations must name distinct formulations among {', '.join(sorted(known))}")
   jax_device = jax.devices()[0]
   if args.device == "auto":
     args.device = "cuda" if jax_device.platform == "gpu" and torch.cuda.is_available() else "cpu"

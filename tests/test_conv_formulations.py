@@ -12,6 +12,7 @@ under every formulation.
 from __future__ import annotations
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -73,24 +74,25 @@ DENSE_CASES = [(kernel_size, stride, size, padding)
 
 
 @pytest.mark.parametrize("kernel_size,stride,size,padding_rule", DENSE_CASES)
-def test_im2col_equals_xla_convolution_in_value_and_gradients(kernel_size, stride, size, padding_rule):
+def test_im2col_and_taps_equal_xla_convolution_in_value_and_gradients(kernel_size, stride, size, padding_rule):
   padding = padding_rule(kernel_size, size, stride)
   padding = (padding[0], padding_rule(kernel_size, size + 1, stride)[1])
   strides = (stride, stride)
   x, kernel, cotangent = _problem(2, size, 6, (kernel_size, kernel_size, 6, 5), strides, padding, 1)
   expected = _value_and_gradients(x, kernel, cotangent, strides, padding, 1, None)
-  for formulation in ("im2col", "xla"):
+  for formulation in ("im2col", "taps", "xla"):
     _assert_agree(_value_and_gradients(x, kernel, cotangent, strides, padding, 1, formulation), expected, 1e-5)
 
 
-def test_im2col_takes_unequal_kernel_sides_strides_and_paddings():
+@pytest.mark.parametrize("formulation", ["im2col", "taps"])
+def test_dense_formulations_take_unequal_kernel_sides_strides_and_paddings(formulation):
   strides, padding = (2, 1), ((1, 0), (0, 2))
   rng = np.random.RandomState(1)
   x = jnp.asarray(rng.randn(2, 7, 6, 3), jnp.float32)
   kernel = jnp.asarray(rng.randn(3, 2, 3, 4), jnp.float32)
   y = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSIONS)
   cotangent = jnp.asarray(rng.randn(*y.shape), jnp.float32)
-  _assert_agree(_value_and_gradients(x, kernel, cotangent, strides, padding, 1, "im2col"),
+  _assert_agree(_value_and_gradients(x, kernel, cotangent, strides, padding, 1, formulation),
                 _value_and_gradients(x, kernel, cotangent, strides, padding, 1, None), 1e-5)
 
 
@@ -104,7 +106,7 @@ def test_shifted_equals_xla_depthwise_convolution_in_value_and_gradients(kernel_
     _assert_agree(_value_and_gradients(x, kernel, cotangent, strides, padding, 6, formulation), expected, 1e-5)
 
 
-@pytest.mark.parametrize("formulation,groups", [("im2col", 1), ("shifted", 6)])
+@pytest.mark.parametrize("formulation,groups", [("im2col", 1), ("taps", 1), ("shifted", 6)])
 def test_bfloat16_inputs_give_xla_convolutions_bfloat16_results(formulation, groups):
   """bfloat16 in, bfloat16 out, the products summed in float32 and rounded once as XLA's convolution does."""
   strides, padding = (2, 2), ((1, 1), (1, 1))
@@ -115,22 +117,38 @@ def test_bfloat16_inputs_give_xla_convolutions_bfloat16_results(formulation, gro
   _assert_agree(_value_and_gradients(x, kernel, cotangent, strides, padding, groups, formulation), expected, 3e-2)
 
 
-def test_im2col_gradients_batch_under_vmap():
+@pytest.mark.parametrize("formulation", ["im2col", "taps"])
+def test_dense_gradients_batch_under_vmap(formulation):
   """``split_value_and_grad(backward="vmap")`` pulls several cotangents back through one vmapped backward pass."""
   strides, padding = (1, 1), ((1, 1), (1, 1))
   x, kernel, cotangent = _problem(2, 5, 3, (3, 3, 3, 4), strides, padding, 1)
-  _, pullback = jax.vjp(lambda k: conv.conv(x, k, strides, padding, formulation="im2col"), kernel)
+  _, pullback = jax.vjp(lambda k: conv.conv(x, k, strides, padding, formulation=formulation), kernel)
   _, reference = jax.vjp(lambda k: conv.conv(x, k, strides, padding, formulation="xla"), kernel)
   cotangents = jnp.stack([cotangent, -2 * cotangent])
   np.testing.assert_allclose(jax.vmap(pullback)(cotangents)[0], jax.vmap(reference)(cotangents)[0], rtol=1e-5,
                              atol=1e-4)
 
 
+def test_taps_computes_no_input_gradient_where_only_the_kernel_is_differentiated():
+  """A model's first layer: the images take no gradient, and XLA drops the one the backward pass would compute."""
+  strides, padding = (2, 2), ((3, 3), (3, 3))
+  x, kernel, cotangent = _problem(2, 12, 3, (7, 7, 3, 8), strides, padding, 1)
+
+  def loss(kernel, x, cotangent, formulation):   # not linear in the kernel: the forward pass is needed
+    return jnp.vdot(jnp.square(conv.conv(x, kernel, strides, padding, formulation=formulation)), cotangent)
+
+  kernel_only = {formulation: jax.jit(jax.grad(functools.partial(loss, formulation=formulation)))
+                 for formulation in ("taps", "xla")}
+  _assert_agree((kernel_only["taps"](kernel, x, cotangent),), (kernel_only["xla"](kernel, x, cotangent),), 1e-5)
+  program = kernel_only["taps"].lower(kernel, x, cotangent).compile().as_text()
+  assert program.count(" convolution(") == 1, program   # the forward pass; the kernel's gradient is matmuls
+
+
 def test_a_formulation_that_cannot_compute_the_layer_is_refused():
   x = jnp.zeros((1, 4, 4, 6))
   with pytest.raises(ValueError, match=r"formulation must be one of \('xla', 'shifted'\)"):
     conv.conv(x, jnp.zeros((3, 3, 1, 6)), 1, "SAME", feature_group_count=6, formulation="im2col")
-  with pytest.raises(ValueError, match=r"formulation must be one of \('xla', 'im2col'\)"):
+  with pytest.raises(ValueError, match=r"formulation must be one of \('xla', 'im2col', 'taps'\)"):
     conv.conv(x, jnp.zeros((3, 3, 6, 2)), 1, "SAME", formulation="shifted")
 
 
@@ -159,29 +177,76 @@ def test_no_formulation_changes_a_models_parameters(arch, size):
     with conv.force(formulation):
       variables = jax.eval_shape(lambda: models.init_variables(models.create_model(arch, 10), 0, size))
     shapes[formulation] = jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), variables)
-  assert shapes["im2col"] == shapes["xla"] == shapes["shifted"]
+  assert all(shape == shapes["xla"] for shape in shapes.values())
 
 
 # --- the choice ----------------------------------------------------------------------------------------------------
 
 
-_TABLE = {"backends": {"cpu": [
+def _record(*layers):
+  return {"host": "a test", "date": "2026-12-07", "jax": "0.10.2", "command": "by hand", "layers": list(layers)}
+
+
+_TABLE = {"backends": {"cpu-avx512": _record(
     {"kind": "dense", "kernel": [3, 3], "stride": [1, 1], "batch": 16, "out_hw": [3, 3], "in_channels": 512,
      "out_channels": 512, "choice": "im2col"},
     {"kind": "dense", "kernel": [3, 3], "stride": [1, 1], "batch": 16, "out_hw": [24, 24], "in_channels": 64,
      "out_channels": 64, "choice": "xla"},
     {"kind": "depthwise", "kernel": [3, 3], "stride": [1, 1], "batch": 16, "out_hw": [8, 8], "in_channels": 32,
      "out_channels": 32, "choice": "shifted"},
-]}}
+), "cpu-avx2": _record(
+    {"kind": "dense", "kernel": [3, 3], "stride": [1, 1], "batch": 16, "out_hw": [24, 24], "in_channels": 64,
+     "out_channels": 64, "choice": "taps"},
+)}}
 
 
 def test_choice_is_the_nearest_measured_layers():
-  choose = functools.partial(conv.choose, strides=1, padding=((1, 1), (1, 1)), backend="cpu", table=_TABLE)
+  choose = functools.partial(conv.choose, strides=1, padding=((1, 1), (1, 1)), backend="cpu-avx512", table=_TABLE)
   assert choose((16, 3, 3, 512), (3, 3, 512, 512)) == "im2col"
   assert choose((8, 4, 4, 384), (3, 3, 384, 384)) == "im2col"    # deep: nearer the 3x3x512 layer
   assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == "xla"
   assert choose((32, 32, 32, 32), (3, 3, 32, 48)) == "xla"       # shallow
   assert choose((16, 8, 8, 96), (3, 3, 1, 96), feature_group_count=96) == "shifted"
+
+
+def test_choice_is_the_table_of_the_cpus_instruction_set():
+  choose = functools.partial(conv.choose, strides=1, padding=((1, 1), (1, 1)), table=_TABLE)
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64), backend="cpu-avx2") == "taps"
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64), backend="cpu-avx512") == "xla"
+  # an instruction set not measured: the file's first CPU table
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64), backend="cpu-arm64") == "xla"
+  assert conv.table_layers(_TABLE, "cpu-arm64") is _TABLE["backends"]["cpu-avx512"]["layers"]
+  # "cpu" (or jax's default backend): this machine's instruction set
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64), backend="cpu") == (
+      "taps" if conv.table_key("cpu") == "cpu-avx2" else "xla")
+
+
+def test_choose_from_another_instruction_sets_table_while_tracing_inside_it():
+  choose = functools.partial(conv.choose, strides=1, padding=((1, 1), (1, 1)), backend="cpu", table=_TABLE)
+  mine = choose((16, 24, 24, 64), (3, 3, 64, 64))
+  for key, expected in (("cpu-avx2", "taps"), ("cpu-avx512", "xla")):
+    with conv.choose_from(key):
+      assert conv.table_key("cpu") == key and conv.table_key("gpu") == "gpu"
+      assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == expected
+      with conv.force("im2col"):
+        assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == "im2col"
+  assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == mine
+  with pytest.raises(ValueError, match="key must name a CPU table"):
+    with conv.choose_from("gpu"):
+      pass
+
+
+def test_table_key_names_the_cpus_instruction_set():
+  import platform  # pylint: disable=g-import-not-at-top
+  key = conv.table_key("cpu")
+  if platform.machine().lower() in ("x86_64", "amd64") and os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo", encoding="utf-8") as file:
+      flags = next(line for line in file if line.startswith("flags")).split()
+    assert key == ("cpu-avx512" if "avx512f" in flags else "cpu-avx2" if "avx2" in flags else "cpu-x86_64")
+  else:
+    assert key == f"cpu-{platform.machine().lower()}"
+  assert conv.table_key("gpu") == "gpu"
+  assert conv.table_key() == conv.table_key(jax.default_backend())
 
 
 def test_choice_is_xla_on_a_backend_the_table_does_not_cover():
@@ -190,12 +255,12 @@ def test_choice_is_xla_on_a_backend_the_table_does_not_cover():
 
 
 def test_choice_is_xla_for_grouped_convolutions_that_are_not_depthwise():
-  assert conv.choose((16, 8, 8, 96), (3, 3, 2, 96), 1, "SAME", 48, backend="cpu", table=_TABLE) == "xla"
+  assert conv.choose((16, 8, 8, 96), (3, 3, 2, 96), 1, "SAME", 48, backend="cpu-avx512", table=_TABLE) == "xla"
 
 
 def test_force_applies_where_the_formulation_can_compute_the_layer():
   dense, depthwise = ((16, 3, 3, 512), (3, 3, 512, 512)), ((16, 8, 8, 96), (3, 3, 1, 96))
-  choose = functools.partial(conv.choose, strides=1, padding="SAME", backend="cpu", table=_TABLE)
+  choose = functools.partial(conv.choose, strides=1, padding="SAME", backend="cpu-avx512", table=_TABLE)
   with conv.force("xla"):
     assert choose(*dense) == "xla"
     assert choose(*depthwise, feature_group_count=96) == "xla"
@@ -215,7 +280,7 @@ def test_force_refuses_an_unknown_formulation():
 
 def test_environment_variable_forces_where_no_force_block_does(monkeypatch):
   monkeypatch.setenv(conv.ENVIRONMENT_VARIABLE, "im2col")
-  choose = functools.partial(conv.choose, strides=1, padding="SAME", backend="cpu", table=_TABLE)
+  choose = functools.partial(conv.choose, strides=1, padding="SAME", backend="cpu-avx512", table=_TABLE)
   assert choose((16, 24, 24, 64), (3, 3, 64, 64)) == "im2col"
   with conv.force("xla"):
     assert choose((16, 3, 3, 512), (3, 3, 512, 512)) == "xla"
@@ -224,7 +289,7 @@ def test_environment_variable_forces_where_no_force_block_does(monkeypatch):
 def test_environment_variable_naming_no_formulation_is_refused_in_one_line(monkeypatch):
   monkeypatch.setenv(conv.ENVIRONMENT_VARIABLE, "fast")
   with pytest.raises(ValueError, match=r"DTNH_JAX_CONV='fast' is not a formulation; set one of"):
-    conv.choose((16, 3, 3, 512), (3, 3, 512, 512), backend="cpu", table=_TABLE)
+    conv.choose((16, 3, 3, 512), (3, 3, 512, 512), backend="cpu-avx512", table=_TABLE)
 
 
 def test_a_layers_own_formulation_wins_over_force():
@@ -246,19 +311,24 @@ def test_force_decides_what_a_traced_model_computes():
     assert text.count("stablehlo.convolution") == convolutions, formulation
 
 
-def test_shipped_table_records_its_measurement_and_covers_resnet18_at_the_benchmark_size():
+def test_shipped_table_records_its_measurements_and_covers_resnet18_at_the_benchmark_size():
   table = conv.load_table()
-  assert {"host", "date", "jax", "command"} <= set(table)
-  cpu = table["backends"]["cpu"]
-  measured = {(e["kind"], tuple(e["kernel"]), tuple(e["stride"]), e["batch"], tuple(e["out_hw"]), e["in_channels"],
-               e["out_channels"]) for e in cpu}
-  # ResNet-18 at 96x96, batch 16 (benchmarks/peer_torch.py): every conv shape measured, not extrapolated
-  for size, channels, stride in ((24, 64, 1), (12, 128, 1), (6, 256, 1), (3, 512, 1), (3, 512, 2)):
-    in_channels = channels // stride
-    assert ("dense", (3, 3), (stride, stride), 16, (size, size), in_channels, channels) in measured
-  assert all(e["choice"] in conv.applicable(e["in_channels"], (*e["kernel"], 1 if e["kind"] == "depthwise"
-                                                               else e["in_channels"], e["out_channels"]),
-                                            e["in_channels"] if e["kind"] == "depthwise" else 1) for e in cpu)
+  assert {"cpu-avx512", "cpu-avx2"} <= set(table["backends"])
+  for key, record in table["backends"].items():
+    assert {"host", "date", "jax", "command", "layers"} <= set(record), key
+    layers = record["layers"]
+    measured = {(e["kind"], tuple(e["kernel"]), tuple(e["stride"]), e["batch"], tuple(e["out_hw"]), e["in_channels"],
+                 e["out_channels"]) for e in layers}
+    # ResNet-18 at 96x96, batch 16 (benchmarks/peer_torch.py): every conv shape measured, not extrapolated
+    for size, channels, stride in ((24, 64, 1), (12, 128, 1), (6, 256, 1), (3, 512, 1), (3, 512, 2)):
+      in_channels = channels // stride
+      assert ("dense", (3, 3), (stride, stride), 16, (size, size), in_channels, channels) in measured, key
+    assert all(e["choice"] in conv.applicable(e["in_channels"], (*e["kernel"], 1 if e["kind"] == "depthwise"
+                                                                 else e["in_channels"], e["out_channels"]),
+                                              e["in_channels"] if e["kind"] == "depthwise" else 1) for e in layers)
+  # measured since the stems were: a first layer (the images: 3 channels) without the input's gradient
+  stems = [e for e in table["backends"]["cpu-avx2"]["layers"] if e["in_channels"] == 3]
+  assert stems and not any(e["input_gradient"] for e in stems)
 
 
 # --- the models ----------------------------------------------------------------------------------------------------
@@ -289,10 +359,11 @@ def test_resnet_gradients_are_the_same_under_every_formulation():
     return jnp.sum(jax.nn.log_softmax(model.apply({**variables, "params": params}, images))[:, 0])
 
   grads = {}
-  for formulation in ("xla", "im2col"):
+  for formulation in ("xla", "im2col", "taps"):
     with conv.force(formulation):
       grads[formulation] = jax.jit(jax.grad(loss))(variables["params"])
-  for path, expected in jax.tree_util.tree_leaves_with_path(grads["xla"]):
-    actual = functools.reduce(lambda tree, key: tree[key.key], path, grads["im2col"])
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(expected))),
-                               err_msg=jax.tree_util.keystr(path))
+  for formulation in ("im2col", "taps"):
+    for path, expected in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+      actual = functools.reduce(lambda tree, key: tree[key.key], path, grads[formulation])
+      np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(expected))),
+                                 err_msg=f"{formulation}: {jax.tree_util.keystr(path)}")

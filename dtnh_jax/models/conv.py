@@ -12,6 +12,12 @@ layer and the machine:
   kernel's gradient contracting the patches with the cotangent over the
   pixels, the input's scattering ``cotangent @ kernel^T`` back through the
   windows.
+* ``"taps"``: XLA's convolution forward and for the input's gradient, the
+  kernel's gradient one contraction per kernel position ("tap"): the strided
+  window of the input that position multiplies (:func:`windows`) with the
+  cotangent, over the batch and the pixels. XLA:CPU computes the kernel's
+  gradient of a convolution with large maps as a convolution over the whole
+  map, at a fraction of the speed of its forward pass; the taps are matmuls.
 * ``"shifted"``, for depthwise convolutions (``feature_group_count`` equal to
   the input channels, one output channel per input channel): the sum over the
   kernel positions of a strided window of the padded input (:func:`windows`)
@@ -25,7 +31,11 @@ is measured inside ``jit``): :func:`choose` takes the formulation measured
 fastest, forward and backward pass together, for the nearest layer shape in a
 table measured once per backend by ``benchmarks/conv_formulations.py`` and
 shipped beside this module (``conv_table.json``, with its host, date and
-command). A backend the table does not cover gets ``"xla"``.
+command). On the CPU the instruction set changes which is fastest (XLA:CPU's
+convolution and its matmuls take other paths with AVX-512 than with AVX2), so
+the CPU has one table per instruction set (:func:`table_key`); a CPU whose
+instruction set the file has not measured takes its first CPU table's choices.
+A backend the table does not cover gets ``"xla"``.
 
 Every formulation computes with the same ``(kh, kw, C_in / groups, C_out)``
 kernel under the same parameter name as ``flax.linen.Conv``: the choice changes
@@ -38,7 +48,7 @@ no parameter, no initial value and no checkpoint. To choose by hand, give
 or set the environment variable ``DTNH_JAX_CONV`` (e.g. ``DTNH_JAX_CONV=xla
 dtnh-train ...``). Both act when a function is traced: a jitted function
 already traced for these shapes keeps its program (trace a new ``jax.jit``).
-``"im2col"`` and ``"shifted"`` have hand-written backward passes: reverse-mode
+``"im2col"``, ``"taps"`` and ``"shifted"`` have hand-written backward passes: reverse-mode
 differentiation (``jax.grad``, ``jax.vjp``, also under ``jax.vmap``) works,
 forward mode (``jax.jvp``) needs ``"xla"``.
 """
@@ -52,6 +62,7 @@ import importlib.resources
 import json
 import math
 import os
+import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -68,17 +79,20 @@ __all__ = [
     "Conv",
     "applicable",
     "choose",
+    "choose_from",
     "conv",
     "force",
     "forced",
     "layer_kind",
     "load_table",
     "patches",
+    "table_key",
+    "table_layers",
     "windows",
 ]
 
 #: Every formulation, in the order the table lists them.
-FORMULATIONS = ("xla", "im2col", "shifted")
+FORMULATIONS = ("xla", "im2col", "taps", "shifted")
 #: The measured table shipped with the package (``benchmarks/conv_formulations.py --write`` regenerates it).
 TABLE_FILE = "conv_table.json"
 #: Another formulation is chosen only if its measured time over XLA's is below this, with its 95% interval below 1
@@ -89,6 +103,7 @@ ENVIRONMENT_VARIABLE = "DTNH_JAX_CONV"
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("dtnh_jax_conv_formulation", default=None)
+_TABLE_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("dtnh_jax_conv_table_key", default=None)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -116,7 +131,7 @@ def layer_kind(in_channels: int, kernel_shape: Sequence[int], feature_group_coun
 
 def applicable(in_channels: int, kernel_shape: Sequence[int], feature_group_count: int = 1) -> tuple[str, ...]:
   """The formulations that compute a convolution with this kernel (HWIO) and grouping."""
-  return {"dense": ("xla", "im2col"), "depthwise": ("xla", "shifted"), "grouped": ("xla",)}[
+  return {"dense": ("xla", "im2col", "taps"), "depthwise": ("xla", "shifted"), "grouped": ("xla",)}[
       layer_kind(in_channels, kernel_shape, feature_group_count)]
 
 
@@ -128,10 +143,11 @@ def applicable(in_channels: int, kernel_shape: Sequence[int], feature_group_coun
 def load_table(path: str | None = None) -> Mapping[str, Any]:
   """The measured table: the shipped ``conv_table.json``, or the JSON file at ``path``.
 
-  ``{"host": ..., "date": ..., "command": ..., "backends": {backend: [entry, ...]}}``, each entry a layer shape
-  (``kind``, ``kernel``, ``stride``, ``batch``, ``out_hw``, ``in_channels``, ``out_channels``), the median
-  ms of each applicable formulation's forward and backward pass (``ms``) and the ``choice`` (the fastest, with
-  ``MARGIN``).
+  ``{"measured": ..., "backends": {key: {"host", "date", "jax", "command", "repeats", "margin", "layers":
+  [entry, ...]}}}``, one record per :func:`table_key` measured, each entry a layer shape (``kind``, ``kernel``,
+  ``stride``, ``batch``, ``out_hw``, ``in_channels``, ``out_channels``, ``input_gradient``: whether the
+  measurement includes the input's gradient, which a model's first layer does not need), the median ms of each
+  applicable formulation's forward and backward pass (``ms``) and the ``choice`` (the fastest, with ``MARGIN``).
   """
   if path is None:
     text = importlib.resources.files(__package__).joinpath(TABLE_FILE).read_text()
@@ -139,6 +155,44 @@ def load_table(path: str | None = None) -> Mapping[str, Any]:
     with open(path, encoding="utf-8") as file:
       text = file.read()
   return json.loads(text)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_instruction_set() -> str:
+  machine = platform.machine().lower()
+  if machine not in ("x86_64", "amd64"):
+    return machine or "unknown"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as file:
+      flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+  except OSError:
+    flags = []
+  return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "x86_64"
+
+
+def table_key(backend: str | None = None) -> str:
+  """The table's key for ``backend`` (``jax.default_backend()``) on this machine.
+
+  The backend's name, and on the CPU its instruction set too: ``"cpu-avx512"``, ``"cpu-avx2"``, ``"cpu-x86_64"``
+  (an x86 CPU with neither, or whose flags cannot be read), ``"cpu-arm64"``/``"cpu-aarch64"`` (the machine's name).
+  Inside :func:`choose_from`, on the CPU, the key it names.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return backend
+  return _TABLE_KEY.get() or f"cpu-{_cpu_instruction_set()}"
+
+
+def table_layers(table: Mapping[str, Any] | None = None, key: str | None = None) -> Sequence[Mapping[str, Any]]:
+  """The measured layers :func:`choose` reads for ``key`` (:func:`table_key`'s) in ``table`` (:func:`load_table`'s):
+  that key's, or for a CPU key the file does not have its first CPU table's; ``()`` where there is none."""
+  table = load_table() if table is None else table
+  key = table_key() if key is None else key
+  backends = table.get("backends", {})
+  record = backends.get(key)
+  if record is None and key.startswith("cpu"):   # an instruction set not measured: the first CPU table's choices
+    record = next((value for name, value in backends.items() if name.startswith("cpu")), None)
+  return () if record is None else record["layers"]
 
 
 def _features(kernel_hw, strides, batch, out_hw, in_channels, out_channels) -> tuple[float, ...]:
@@ -168,7 +222,8 @@ def choose(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: int
 
   A formulation forced with :func:`force` (or else by ``DTNH_JAX_CONV``) if it applies to this layer; else
   the choice of the nearest layer of the same kind (dense, depthwise) measured on ``backend``
-  (``jax.default_backend()``) in ``table`` (:func:`load_table`'s); ``"xla"`` where the table has none. The
+  (``jax.default_backend()``; on the CPU, this machine's instruction set: :func:`table_key`) in ``table``
+  (:func:`load_table`'s); ``"xla"`` where the table has none. The
   distance is taken in log scale over the kernel size and stride (weighted most), the batch, the output
   pixels and the channels.
   """
@@ -181,7 +236,7 @@ def choose(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: int
   out_hw = tuple((size + low + high - k) // s + 1
                  for size, (low, high), k, s in zip(input_shape[1:3], padding, kernel_hw, strides))
   table = load_table() if table is None else table
-  entries = table.get("backends", {}).get(backend or jax.default_backend(), ())
+  entries = table_layers(table, backend if backend and backend.startswith("cpu-") else table_key(backend))
   entry = _nearest(entries, layer_kind(input_shape[-1], kernel_shape, feature_group_count),
                    _features(kernel_hw, strides, input_shape[0], out_hw, input_shape[-1], kernel_shape[-1]))
   if entry is None or entry["choice"] not in candidates:
@@ -218,6 +273,23 @@ def force(formulation: str | None) -> Iterator[None]:
     yield
   finally:
     _FORCED.reset(token)
+
+
+@contextlib.contextmanager
+def choose_from(key: str | None) -> Iterator[None]:
+  """While tracing inside this block, CPU layers choose from the table measured for ``key`` (e.g.
+  ``"cpu-avx512"`` on an AVX2 machine: what that machine's choices compute here); ``None``: this machine's.
+
+  For comparisons (``benchmarks/peer_torch.py --conv-formulations auto,table:cpu-avx512``); :func:`force` and a
+  layer's own ``formulation`` still win.
+  """
+  if key is not None and not key.startswith("cpu-"):
+    raise ValueError(f"key must name a CPU table ('cpu-avx512', 'cpu-avx2', ...) or be None, got {key!r}.")
+  token = _TABLE_KEY.set(key)
+  try:
+    yield
+  finally:
+    _TABLE_KEY.reset(token)
 
 
 # ----------------------------------------------------------------------------
@@ -316,6 +388,39 @@ def _im2col_backward(strides, padding, in_hw, residuals, cotangent):
 _im2col_conv.defvjp(_im2col_forward, _im2col_backward)
 
 
+def _xla_conv(x, kernel, strides, padding, feature_group_count=1):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS,
+                                  feature_group_count=feature_group_count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _taps_conv(x, kernel, strides, padding):
+  return _xla_conv(x, kernel, strides, padding)
+
+
+def _taps_forward(x, kernel, strides, padding):
+  # the residuals XLA's own differentiation keeps: the input (for the kernel's gradient) and the kernel
+  return _taps_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _taps_backward(strides, padding, residuals, cotangent):
+  x, kernel = residuals
+  # the input's gradient as XLA differentiates its convolution (a convolution of the cotangent with the flipped
+  # kernel); a train step that does not differentiate the input (a model's first layer) drops it unused
+  _, pullback = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)
+  input_grad, = pullback(cotangent)
+  # the kernel's: per position (i, j), the window of x it multiplied contracted with the cotangent over the batch
+  # and the pixels, a (C_in, C_out) matmul; float32 sums for low-precision inputs, as XLA's convolution
+  accumulation = jnp.promote_types(x.dtype, jnp.float32)
+  taps = [lax.dot_general(window, cotangent, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=accumulation)
+          for window in windows(x, kernel.shape[:2], strides, padding)]
+  kernel_grad = jnp.stack(taps).reshape(kernel.shape)
+  return input_grad, kernel_grad.astype(kernel.dtype)
+
+
+_taps_conv.defvjp(_taps_forward, _taps_backward)
+
+
 def _windows_sum(padded: jax.Array, kernel: jax.Array, strides, out_hw) -> jax.Array:
   """Σ over kernel positions (i, j) of the strided window of ``padded`` at (i, j) times ``kernel[i, j, 0]``."""
   windows = _windows(padded, kernel.shape[:2], strides, out_hw)
@@ -389,10 +494,11 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = 1,
                      f"{feature_group_count} group(s)), got {formulation!r}.")
   if formulation == "im2col":
     return _im2col_conv(x, kernel, strides, padding, tuple(x.shape[1:3]))
+  if formulation == "taps":
+    return _taps_conv(x, kernel, strides, padding)
   if formulation == "shifted":
     return _shifted_conv(x, kernel, strides, padding)
-  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS,
-                                  feature_group_count=feature_group_count)
+  return _xla_conv(x, kernel, strides, padding, feature_group_count)
 
 
 class Conv(nn.Module):
