@@ -410,12 +410,21 @@ def _taps_backward(strides, padding, residuals, cotangent):
   _, pullback = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)
   input_grad, = pullback(cotangent)
   # the kernel's: per position (i, j), the window of x it multiplied contracted with the cotangent over the batch
-  # and the pixels, a (C_in, C_out) matmul; float32 sums for low-precision inputs, as XLA's convolution
+  # and the pixels, a (C_in, C_out) matmul; float32 sums for low-precision inputs, as XLA's convolution.
+  # XLA:CPU's matmul wants its first operand's contracted (pixel) axis minor, so it transposes that operand: the
+  # windows (one copy per position) where they have fewer channels than the cotangent, else the cotangent once,
+  # as the first operand of k² (C_out, C_in) matmuls (ResNet-18's layer1 at 96²/16 on AVX2: 18 ms against 21 with
+  # the windows first; its stem, 3 channels in: 14 against 37).
   accumulation = jnp.promote_types(x.dtype, jnp.float32)
-  taps = [lax.dot_general(window, cotangent, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=accumulation)
-          for window in windows(x, kernel.shape[:2], strides, padding)]
-  kernel_grad = jnp.stack(taps).reshape(kernel.shape)
-  return input_grad, kernel_grad.astype(kernel.dtype)
+  contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  windows_of_x = windows(x, kernel.shape[:2], strides, padding)
+  if x.shape[-1] < cotangent.shape[-1]:
+    taps = jnp.stack([lax.dot_general(window, cotangent, contract, preferred_element_type=accumulation)
+                      for window in windows_of_x])
+  else:
+    taps = jnp.swapaxes(jnp.stack([lax.dot_general(cotangent, window, contract, preferred_element_type=accumulation)
+                                   for window in windows_of_x]), 1, 2)
+  return input_grad, taps.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _taps_conv.defvjp(_taps_forward, _taps_backward)
