@@ -413,8 +413,8 @@ def _taps_backward(strides, padding, residuals, cotangent):
   # and the pixels, a (C_in, C_out) matmul; float32 sums for low-precision inputs, as XLA's convolution.
   # XLA:CPU's matmul wants its first operand's contracted (pixel) axis minor, so it transposes that operand: the
   # windows (one copy per position) where they have fewer channels than the cotangent, else the cotangent once,
-  # as the first operand of k² (C_out, C_in) matmuls (ResNet-18's layer1 at 96²/16 on AVX2: 18 ms against 21 with
-  # the windows first; its stem, 3 channels in: 14 against 37).
+  # as the first operand of k² (C_out, C_in) matmuls (measured both ways: benchmarks/RESULTS.md, "The kernel's
+  # gradient as matmuls").
   accumulation = jnp.promote_types(x.dtype, jnp.float32)
   contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
   windows_of_x = windows(x, kernel.shape[:2], strides, padding)
