@@ -226,9 +226,9 @@ class ProgramStats(NamedTuple):
   lower_s: float
   compile_s: float
   memory: dict[str, float]   # MiB, from XLA's memory analysis (empty where the backend gives none)
-  convolutions: int          # convolution ops in the optimized program: forward and backward passes, counted
+  convolutions: int | None   # convolution ops in the optimized program: forward and backward passes, counted
   gflop: float | None        # XLA's cost analysis (None where the backend gives none)
-  instructions: int = -1     # HLO instructions of the optimized program, fusions' bodies included: its size
+  instructions: int | None   # HLO instructions of the optimized program, fusions' bodies included: its size
 
 
 def compile_program(jitted, *args):
@@ -259,14 +259,14 @@ def memory_mib(compiled) -> dict[str, float]:
   return sizes
 
 
-def count_ops(compiled) -> tuple[int, int]:
+def count_ops(compiled) -> tuple[int | None, int | None]:
   """``(convolutions, instructions)`` of the optimized program, read from its text once: its convolution ops, and
   its HLO instructions (every computation's, fusions' included: how much XLA compiled, a figure that does not
-  depend on the machine's load); ``(-1, -1)`` where the backend gives no text."""
+  depend on the machine's load); ``(None, None)`` where the backend gives no text."""
   try:
     text = compiled.as_text()
   except Exception:  # pylint: disable=broad-except
-    return -1, -1
+    return None, None
   return (len(re.findall(r"\bconvolution\(", text)),
           len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE)))
 
@@ -321,12 +321,13 @@ class SeparateStep(CompiledStep):
     loss = jax.ShapeDtypeStruct((), jnp.float32)
     self.update, update_stats = compile_program(update, self.state, grad, grad, new_batch_stats, (loss, loss))
     parts = (empirical_stats, regularizer_stats, update_stats)
+    # a count one program lacks makes the sum unknown, not smaller
+    total = lambda field: None if any(getattr(p, field) is None for p in parts) else sum(getattr(p, field)
+                                                                                        for p in parts)
     self.stats = ProgramStats(
         lower_s=sum(p.lower_s for p in parts), compile_s=sum(p.compile_s for p in parts),
         memory=max((p.memory for p in parts), key=lambda m: m.get("peak", 0.0)),
-        convolutions=sum(p.convolutions for p in parts),
-        instructions=sum(p.instructions for p in parts),
-        gflop=None if any(p.gflop is None for p in parts) else sum(p.gflop for p in parts))
+        convolutions=total("convolutions"), instructions=total("instructions"), gflop=total("gflop"))
 
   def __call__(self, count: int = 1):
     for _ in range(count):
@@ -477,7 +478,8 @@ def main(argv=None) -> dict[str, Any]:
     memory = lambda k: f"{stats.memory[k]:{7 if k != 'outputs' and k != 'aliased' else 8}.1f}" if k in stats.memory \
         else "n/a".rjust(7)
     gflop = f"{stats.gflop:7.2f}" if stats.gflop is not None else "n/a".rjust(7)
-    print(f"{regularizer:<9} {name:<9} {ms:10.1f} {stats.lower_s + stats.compile_s:10.1f} {stats.convolutions:6d} "
+    convolutions = f"{stats.convolutions:6d}" if stats.convolutions is not None else "n/a".rjust(6)
+    print(f"{regularizer:<9} {name:<9} {ms:10.1f} {stats.lower_s + stats.compile_s:10.1f} {convolutions} "
           f"{gflop} {memory('arguments')} {memory('outputs')} {memory('aliased')} {memory('temporaries')} "
           f"{memory('peak')}")
   print("\nmedians of per-round time ratios; targets: dtnh/summed (DTNH(X) over X) <= 1.03x L2-SP and <= naive/summed "

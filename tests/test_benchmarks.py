@@ -59,6 +59,14 @@ def test_train_step_overhead_prints_a_table_and_ends_with_the_ratios_as_json():
   assert result["config"]["arch"] == "resnet10" and any(line.startswith("resnet10 width") for line in lines)
 
 
+def test_program_counts_are_unknown_not_negative_where_the_backend_gives_no_text():
+  class NoText:
+    def as_text(self):
+      raise NotImplementedError("this backend prints no program")
+
+  assert import_benchmark("train_step_overhead").count_ops(NoText()) == (None, None)
+
+
 def test_train_step_overhead_measures_every_regularizer_by_default():
   assert set(import_benchmark("train_step_overhead").REGULARIZERS) == {"l2", "l2sp", "knowdist", "delta"}
 
