@@ -9,6 +9,7 @@ of the GPU check, and the L2-SP pair of the PyTorch comparison's check.
 """
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -65,6 +66,37 @@ def test_program_counts_are_unknown_not_negative_where_the_backend_gives_no_text
       raise NotImplementedError("this backend prints no program")
 
   assert import_benchmark("train_step_overhead").count_ops(NoText()) == (None, None)
+
+
+def test_step_profile_puts_a_compiled_programs_operations_in_their_classes():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  profile = import_benchmark("step_profile")
+
+  def loss(x, kernel, weights):
+    y = jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO",
+                                                                                              "NHWC")))
+    return jnp.sum(y.reshape(2, -1) @ weights)
+
+  x, kernel, weights = jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 4)), jnp.ones((400, 5))
+  program = profile.operations(jax.jit(jax.grad(loss, argnums=(1, 2))).lower(x, kernel, weights).compile().as_text())
+  by_class = collections.defaultdict(list)
+  for name, operation in program.items():
+    by_class[profile.classify(operation)].append(name)
+  # the forward convolution's window is the kernel's; the kernel's gradient's covers the 10x10 map
+  assert by_class["convolution, forward"] and by_class["convolution, kernel gradient"], dict(by_class)
+  assert by_class["matmul, forward"] or by_class["matmul, backward"], dict(by_class)
+  forward = by_class["convolution, forward"][0]
+  assert profile.totals({forward: 3000.0, "not-in-the-program": 7.0}, program, steps=2) == {
+      "convolution, forward": 1.5}
+
+
+@pytest.mark.slow
+def test_step_profile_runs_tiny_and_ends_with_the_classes_as_json():
+  result = json.loads(run_benchmark("step_profile", *TINY, "--steps", "1", "--top", "3")[-1])
+  assert result["step_ms"] > 0 and len(result["top"]) == 3
+  assert any(name.startswith("convolution") for name in result["classes_ms"]), result["classes_ms"]
+  assert all(row["class"] in result["classes_ms"] for row in result["top"])
 
 
 def test_train_step_overhead_measures_every_regularizer_by_default():
