@@ -360,10 +360,11 @@ def test_bn_momentum_sets_the_decay_of_every_running_statistic(arch):
   """running <- m * running + (1 - m) * batch statistic, at every BatchNorm, from init's mean 0 and var 1."""
   from dtnh_jax import models  # pylint: disable=g-import-not-at-top
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  # the momentum acts on the update only: both models start from the same variables, initialized once
+  variables = models.init_variables(models.create_model(arch, num_classes=3, width=0.25), 0, 32)
 
   def running_stats(momentum):
     model = models.create_model(arch, num_classes=3, width=0.25, bn_momentum=momentum)
-    variables = models.init_variables(model, 0, 32)
     # jitted: one program, not one dispatch per operation of the network
     _, updates = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(variables)
     return jax.tree.leaves_with_path(updates["batch_stats"])
