@@ -260,7 +260,15 @@ def forced() -> str | None:
 
 
 @contextlib.contextmanager
-def force(formulation: str | None) -> Iterator[None]:
+def _while_set(variable: contextvars.ContextVar, value: Any) -> Iterator[None]:
+  token = variable.set(value)
+  try:
+    yield
+  finally:
+    variable.reset(token)
+
+
+def force(formulation: str | None) -> contextlib.AbstractContextManager[None]:
   """While tracing inside this block, every convolution that ``formulation`` can compute uses it.
 
   The others (e.g. the dense layers under ``force("shifted")``) and layers whose :class:`Conv` names its own
@@ -268,15 +276,10 @@ def force(formulation: str | None) -> Iterator[None]:
   """
   if formulation is not None and formulation not in FORMULATIONS:
     raise ValueError(f"formulation must be one of {FORMULATIONS} or None, got {formulation!r}.")
-  token = _FORCED.set(formulation)
-  try:
-    yield
-  finally:
-    _FORCED.reset(token)
+  return _while_set(_FORCED, formulation)
 
 
-@contextlib.contextmanager
-def choose_from(key: str | None) -> Iterator[None]:
+def choose_from(key: str | None) -> contextlib.AbstractContextManager[None]:
   """While tracing inside this block, CPU layers choose from the table measured for ``key`` (e.g.
   ``"cpu-avx512"`` on an AVX2 machine: what that machine's choices compute here); ``None``: this machine's.
 
@@ -285,11 +288,7 @@ def choose_from(key: str | None) -> Iterator[None]:
   """
   if key is not None and not key.startswith("cpu-"):
     raise ValueError(f"key must name a CPU table ('cpu-avx512', 'cpu-avx2', ...) or be None, got {key!r}.")
-  token = _TABLE_KEY.set(key)
-  try:
-    yield
-  finally:
-    _TABLE_KEY.reset(token)
+  return _while_set(_TABLE_KEY, key)
 
 
 # ----------------------------------------------------------------------------
