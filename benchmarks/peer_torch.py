@@ -683,7 +683,8 @@ def main(argv=None) -> dict[str, Any]:
                       "jax_variants": list(jax_variants), "torch_device": str(device),
                       "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": jax_device.platform,
-                      "jax": jax.__version__, "torch": torch.__version__}
+                      "keeps_freed_memory": bench.KEEPS_FREED_MEMORY, "jax": jax.__version__,
+                      "torch": torch.__version__}
   result["total_s"] = round(time.perf_counter() - started, 1)
   print(f"total {result['total_s']:.0f} s")
   print(json.dumps(result))

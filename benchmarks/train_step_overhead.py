@@ -70,6 +70,13 @@ import re
 import time
 from typing import Any, Callable, NamedTuple
 
+from dtnh_jax import host_memory
+
+#: Whether XLA:CPU's freed memory is kept for the next step (``dtnh_jax.host_memory``), as ``dtnh-train`` does
+#: with ``DTNH_JAX_KEEP_FREED_MEMORY=1``: set, if so, before any JAX computation of the benchmarks that import this
+#: module, and recorded in their JSON.
+KEEPS_FREED_MEMORY = host_memory.wanted() and host_memory.keep_freed_memory()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -496,7 +503,8 @@ def main(argv=None) -> dict[str, Any]:
   result["config"] = {"arch": args.arch, "size": args.size, "batch": args.batch, "width": args.width,
                       "repeats": args.repeats, "block": args.block,
                       "variants": list(variants),
-                      "platform": device.platform, "jax": jax.__version__}
+                      "platform": device.platform, "keeps_freed_memory": KEEPS_FREED_MEMORY,
+                      "jax": jax.__version__}
   result["total_s"] = round(time.perf_counter() - started, 1)
   print(f"total {result['total_s']:.0f} s")
   print(json.dumps(result))

@@ -49,7 +49,7 @@ _EXPORTS = {
 
 #: The submodules, reachable as attributes (``dtnh_jax.train``) once the package is imported.
 _SUBMODULES = ("accumulate", "aggregators", "checksums", "cli", "corrections", "data", "demo", "gradients",
-               "models", "names", "projection", "regularizers", "train", "transform")
+               "host_memory", "models", "names", "projection", "regularizers", "train", "transform")
 
 __all__ = [
     "AggregatorState",

@@ -433,6 +433,9 @@ def _unraisable(previous_hook, unraisable) -> None:
 
 def _train(args, plan) -> int:
   """The runs of ``plan`` (``plan.Plan``): one with --export, else a grid (methods x seeds x sources)."""
+  from dtnh_jax import host_memory  # pylint: disable=g-import-not-at-top
+  if host_memory.wanted():  # DTNH_JAX_KEEP_FREED_MEMORY=1: before any JAX computation
+    host_memory.keep_freed_memory()
   from dtnh_jax import names  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import config as config_lib, grid, loop, plan as plan_lib, sharding  # pylint: disable=g-import-not-at-top
   from dtnh_jax.train import sources as sources_lib  # pylint: disable=g-import-not-at-top
