@@ -92,6 +92,15 @@ def test_step_profile_puts_a_compiled_programs_operations_in_their_classes():
 
 
 @pytest.mark.slow
+def test_step_memory_runs_tiny_and_records_whether_freed_memory_was_kept():
+  import platform  # pylint: disable=g-import-not-at-top
+  result = json.loads(run_benchmark("step_memory", *TINY, "--steps", "2", "--warmup", "1",
+                                    env={"DTNH_JAX_KEEP_FREED_MEMORY": "1"})[-1])
+  assert result["minor_faults_per_step"] >= 0 and result["wall_ms_per_step"] > 0
+  assert result["resident_mib"] > 0 and result["peak_resident_mib"] > 0
+  assert result["config"]["keeps_freed_memory"] is (platform.libc_ver()[0] == "glibc")
+
+
 def test_step_profile_runs_tiny_and_ends_with_the_classes_as_json():
   result = json.loads(run_benchmark("step_profile", *TINY, "--steps", "1", "--top", "3")[-1])
   assert result["step_ms"] > 0 and len(result["top"]) == 3

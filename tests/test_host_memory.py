@@ -9,6 +9,7 @@ seven times, each call's minor page faults counted (``resource.getrusage``); the
 """
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -20,7 +21,6 @@ import pytest
 from dtnh_jax import host_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-needs_glibc = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 
 _FAULTS = textwrap.dedent("""
     import json, resource, sys
@@ -38,33 +38,38 @@ _FAULTS = textwrap.dedent("""
       program(x).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = sorted(faults)[3]  # the median call: the heap may still grow once in a while (see host_memory)
-    late = host_memory.keep_freed_memory() if sys.argv[1] == "late" else None
+    late = host_memory.keep_freed_memory() if sys.argv[1] == "default" else None  # too late: JAX has started
     print(json.dumps({"kept": kept, "late": late, "faults_per_call": faults}))
 """)
 
 
 def _faults(mode: str) -> dict:
-  done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning" if mode != "late" else "default", "-c",
-                         _FAULTS, mode], capture_output=True, text=True, timeout=300,
-                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr[-2000:]
   return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
-@needs_glibc
-def test_kept_memory_is_reused_by_the_next_execution_without_page_faults():
-  default, kept = _faults("default"), _faults("keep")
-  assert kept["kept"] is True
+@pytest.fixture(scope="module")
+def runs():
+  """``{"default": ..., "keep": ...}``: one process each (the default one also calls it late, at its end)."""
+  if not GLIBC:
+    pytest.skip("mallopt is glibc's")
+  return {mode: _faults(mode) for mode in ("default", "keep")}
+
+
+def test_kept_memory_is_reused_by_the_next_execution_without_page_faults(runs):
+  default, kept = runs["default"], runs["keep"]
+  assert kept["kept"] is True and "RuntimeWarning" not in kept["stderr"]
   # 100 MB of temporaries are 24,000 pages of 4 KiB or more; kept, the next call maps none afresh
   assert default["faults_per_call"] > 10_000
   assert kept["faults_per_call"] < default["faults_per_call"] / 100
 
 
-@needs_glibc
-def test_called_after_jax_started_it_changes_nothing_and_says_why():
-  late = _faults("late")
-  assert late["late"] is False
-  assert "after JAX started its backends" in late["stderr"] and "before the first JAX computation" in late["stderr"]
+def test_called_after_jax_started_it_changes_nothing_and_says_why(runs):
+  assert runs["default"]["late"] is False
+  assert "after JAX started its backends" in runs["default"]["stderr"]
+  assert "before the first JAX computation" in runs["default"]["stderr"]
 
 
 def test_on_another_c_library_it_does_nothing(monkeypatch):
