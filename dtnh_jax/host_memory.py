@@ -13,11 +13,11 @@ afresh".
 (``M_ARENA_MAX`` 1), never to map a block on its own (``M_MMAP_MAX`` 0) and to keep up to 2 GiB of freed
 memory at the top of the heap (``M_TRIM_THRESHOLD``): the next execution reuses the pages the last one freed,
 and a step faults in no page. The price is resident memory: the heap holds what the largest executions freed,
-and in one heap other allocations can split a freed block so that the next one is placed above it. The
-ResNet-18 process above settled at 1,385 MB instead of 1,264 after two steps; a program with 200 MB of
-temporaries settled within 20 calls at anywhere between 1.4 and 4.7 times its default resident size
-(970-3,260 MB against 700), from run to run. So it is not the default: call it where memory is plentiful, or
-set ``DTNH_JAX_KEEP_FREED_MEMORY=1`` for ``dtnh-train`` (which then calls it when JAX runs on the CPU).
+and in one heap other allocations can split a freed block so that the next one is placed above it. The heap
+grows for the first few executions, then stays, at a size that varies from run to run: the ResNet-18 processes
+above settled 120-420 MiB (10-35%) above their resident size without it, a program with 200 MB of temporaries
+at 1.4 to 4.7 times its size without it. So it is not the default: call it where memory is plentiful, or set
+``DTNH_JAX_KEEP_FREED_MEMORY=1`` for ``dtnh-train`` (which then calls it when JAX runs on the CPU).
 
 It acts for the whole process, on every later allocation, and only where it is called before XLA's threads
 first allocate, that is before the first JAX computation (a thread keeps the allocator's arena it first
@@ -89,7 +89,8 @@ def keep_freed_memory() -> bool:
                   "first JAX computation (at the top of the script or notebook).", RuntimeWarning, stacklevel=2)
     return False
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-  # mallopt returns 1 on success; M_ARENA_MAX first: the other two are per arena in effect
+  # mallopt returns 1 on success. One arena: the threads XLA starts later take the main heap, whose blocks
+  # are never mapped separately (M_MMAP_MAX 0; a thread's own arena maps a block this large regardless)
   done = all(libc.mallopt(parameter, value) == 1
              for parameter, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES)))
   _kept = done
