@@ -42,15 +42,7 @@ def resident_mib() -> float:
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", type=int, default=96, help="image height and width (default: %(default)s)")
-  parser.add_argument("--batch", type=int, default=16, help="images per step (default: %(default)s)")
-  parser.add_argument("--width", type=float, default=1.0, help="the ResNet's channel multiplier (default: 1)")
-  parser.add_argument("--arch", default="resnet18", help="a ResNet of dtnh_jax.names.ARCHITECTURES "
-                      "(default: %(default)s)")
-  parser.add_argument("--regularizer", default="l2-sp", choices=["l2-sp", "knowdist"],
-                      help="X of the step (default: %(default)s)")
-  parser.add_argument("--variant", default="summed", choices=["summed", "plain", "dtnh"],
-                      help="as step_profile.py's (default: %(default)s)")
+  step_profile.add_step_arguments(parser)
   parser.add_argument("--warmup", type=int, default=3, help="steps run first, not counted (default: 3)")
   parser.add_argument("--steps", type=int, default=10, help="steps counted (default: %(default)s)")
   args = parser.parse_args(argv)

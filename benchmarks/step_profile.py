@@ -113,14 +113,9 @@ def trace_events(directory: str) -> dict[str, float]:
   return dict(summed)
 
 
-def build_step(args) -> bench.CompiledStep:
-  problem = bench.make_problem(args.size, args.batch, args.width, arch=args.arch)
-  shapes = argparse.Namespace(size=args.size, batch=args.batch, width=args.width)
-  return bench.build_steps(problem, args.regularizer, shapes, [args.variant])[args.variant]
-
-
-def main(argv=None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+  """The step's flags (``--size --batch --width --arch --regularizer --variant``), as :func:`build_step` reads them;
+  also ``step_memory.py``'s."""
   parser.add_argument("--size", type=int, default=96, help="image height and width (default: %(default)s)")
   parser.add_argument("--batch", type=int, default=16, help="images per step (default: %(default)s)")
   parser.add_argument("--width", type=float, default=1.0, help="the ResNet's channel multiplier (default: 1)")
@@ -131,6 +126,17 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--variant", default="summed", choices=["summed", "plain", "dtnh"],
                       help="summed: one backward pass of J + λΩ; plain: the library's X; dtnh: DTNH(X) "
                       "(default: %(default)s)")
+
+
+def build_step(args) -> bench.CompiledStep:
+  problem = bench.make_problem(args.size, args.batch, args.width, arch=args.arch)
+  shapes = argparse.Namespace(size=args.size, batch=args.batch, width=args.width)
+  return bench.build_steps(problem, args.regularizer, shapes, [args.variant])[args.variant]
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_step_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="steps timed, then as many profiled (default: 5)")
   parser.add_argument("--top", type=int, default=15, help="operations listed (default: %(default)s)")
   args = parser.parse_args(argv)
