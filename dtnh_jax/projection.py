@@ -431,11 +431,16 @@ def max_angle_scales(
   gg = grams[:, 0, 0]
   g_reg = grams[:, 0, 1:] @ lam                                          # <g, R>
   reg_reg = jnp.einsum("i,pij,j->p", lam, grams[:, 1:, 1:], lam)         # |R|²
-  # |Algorithm 1's direction|² = |a g + R|²
-  length = jnp.sqrt(jnp.maximum(scale_empirical ** 2 * gg + 2 * scale_empirical * g_reg + reg_reg, 0))
   norm_g, norm_reg = jnp.sqrt(jnp.maximum(gg, 0)), jnp.sqrt(jnp.maximum(reg_reg, 0))
   has_g, has_reg = norm_g > 0, norm_reg > 0
   safe_norm_g, safe_norm_reg = jnp.where(has_g, norm_g, 1), jnp.where(has_reg, norm_reg, 1)
+  # |Algorithm 1's direction|² = |a g + R|² = |g|²(a + <g,R>/|g|²)² + |R⊥|², R⊥ = R's part orthogonal to g,
+  # |R⊥|² = (|g|²|R|² - <g,R>²)/|g|²: two terms, not a² |g|² + 2a<g,R> + |R|², whose terms cancel in float32
+  # when g and R are nearly antiparallel and |a| is large (a = 1 - <g,R>/|g|² where Algorithm 1 projects).
+  safe_gg = safe_norm_g ** 2
+  along = gg * (scale_empirical + g_reg / safe_gg) ** 2
+  across = jnp.where(has_g, jnp.maximum(gg * reg_reg - g_reg ** 2, 0) / safe_gg, reg_reg)
+  length = jnp.sqrt(jnp.maximum(along + across, 0))
   cos_theta = jnp.clip(g_reg / (safe_norm_g * safe_norm_reg), -1, 1)
   sin_theta = jnp.sqrt(jnp.maximum(1 - cos_theta ** 2, 0))
   theta = jnp.arccos(cos_theta)
@@ -444,9 +449,11 @@ def max_angle_scales(
   along_g = has_g & (~has_reg | (theta <= s))
   along_reg = ~along_g & has_reg & (~has_g | (sin_theta ** 2 < PARALLEL_SIN2))
   safe_sin = jnp.where(along_g | along_reg, 1, sin_theta)
+  # sin(θ - s) expanded: sin(arccos(cos θ)) loses digits where g and R are nearly antiparallel (θ near π)
+  sin_theta_minus_s = sin_theta * jnp.cos(s) - cos_theta * jnp.sin(s)
   unit_g = jnp.where(along_g, 1 / safe_norm_g, jnp.where(along_reg, 0, jnp.sin(s) / (safe_norm_g * safe_sin)))
   unit_reg = jnp.where(along_g, 0, jnp.where(along_reg, 1 / safe_norm_reg,
-                                                 jnp.sin(theta - s) / (safe_norm_reg * safe_sin)))
+                                                 sin_theta_minus_s / (safe_norm_reg * safe_sin)))
   scale_g = (length * unit_g).at[-1].set(1)
   scale_reg = (length * unit_reg).at[-1].set(1)
   return scale_g, scale_reg[:, None] * lam

@@ -238,7 +238,7 @@ def test_apply_if_finite_around_the_whole_chain_with_the_tuple_form_is_unsupport
 
 # --- max_angle: the paper's Eq. 5 ------------------------------------------------------
 
-from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, example, given, settings, strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from reference import angle_degrees  # noqa: E402
@@ -306,6 +306,8 @@ finite_vectors = hnp.arrays(np.float64, 7, elements=st.floats(-10, 10, allow_nan
 
 @settings(max_examples=40, deadline=None)
 @given(finite_vectors, finite_vectors, st.floats(0.05, 5), st.floats(0, 180))
+# nearly antiparallel with a large projection scale: float32 cancellation once put |d| off by 3e-5 (CI, 2026-12-07)
+@example(np.ones(7), np.array([-8.5] + [-9.0] * 6), 1.0, 0.0)
 def test_max_angle_matches_the_brute_force_on_random_pairs(g, r, lam, s):
   reg = lam * r
   norms = np.linalg.norm(g) * np.linalg.norm(reg)
