@@ -159,6 +159,26 @@ def _venv(root, with_pip=True):
   return root / "bin" / "python"
 
 
+@pytest.fixture(scope="module")
+def _venv_with_pip(tmp_path_factory):
+  """A new virtual environment with pip, made once for the module: ``python -m venv`` runs ensurepip, seconds of
+  CPU each time. The install tests get copies of it (:func:`new_venv_with_pip`), so each installs into its own."""
+  return _venv(tmp_path_factory.mktemp("template") / "venv").parent.parent
+
+
+@pytest.fixture
+def new_venv_with_pip(_venv_with_pip):
+  """Factory: ``new_venv_with_pip(root)`` -> the python of a fresh copy of the module's new venv with pip at ``root``
+  (its ``bin/python`` a link to the base interpreter, as ``python -m venv`` makes it; the copy's ``pyvenv.cfg``
+  makes ``root`` its ``sys.prefix``)."""
+
+  def make(root):
+    shutil.copytree(_venv_with_pip, root, symlinks=True)
+    return root / "bin" / "python"
+
+  return make
+
+
 @notebook_paths
 def test_notebook_installs_dtnh_jax_in_its_first_code_cell(path):
   first = _code_cells(nbformat.read(path, as_version=4))[0]
@@ -174,8 +194,8 @@ def test_install_cell_outside_a_checkout_without_a_source_says_what_to_set(path,
 
 @pytest.mark.slow
 @notebook_paths
-def test_install_cell_installs_from_the_checkout_it_runs_in(path, tmp_path):
-  python = _venv(tmp_path / "venv")
+def test_install_cell_installs_from_the_checkout_it_runs_in(path, tmp_path, new_venv_with_pip):
+  python = new_venv_with_pip(tmp_path / "venv")
   notebooks = _checkout_copy(path, tmp_path / "clone")
   result = _run_install_cell(path, python, cwd=notebooks, PIP_NO_DEPS="1")
   assert result.returncode == 0, result.stderr
@@ -183,10 +203,10 @@ def test_install_cell_installs_from_the_checkout_it_runs_in(path, tmp_path):
 
 
 @pytest.mark.slow
-def test_install_cell_installs_from_DTNH_JAX_SOURCE(tmp_path):
+def test_install_cell_installs_from_DTNH_JAX_SOURCE(tmp_path, new_venv_with_pip):
   # The cell's code is the same in every notebook; the checkout test above runs each one's requirements.
   path = NOTEBOOKS_DIR / "quickstart.ipynb"
-  python = _venv(tmp_path / "venv")
+  python = new_venv_with_pip(tmp_path / "venv")
   copy_build_inputs(tmp_path / "elsewhere")
   result = _run_install_cell(path, python, cwd=tmp_path, PIP_NO_DEPS="1",
                              **{SOURCE_VARIABLE: str(tmp_path / "elsewhere")})
