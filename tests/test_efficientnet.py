@@ -163,11 +163,22 @@ def _apply(model, variables, images, feature_masks=None, *, train=False, return_
                      mutable=["batch_stats"] if train else False)
 
 
+def _variables(model, size):
+  """The variables of ``model.init`` for a (1, size, size, 3) batch as shape-dtype structs, nothing computed."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
 def _shapes(model, size, **kwargs):
   """Shapes of the variables and of ``model.apply``'s output for a (1, size, size, 3) batch, nothing computed."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  variables = _variables(model, size)
   output = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), **kwargs), variables)
   return jax.tree.map(np.shape, variables), jax.tree.map(np.shape, output)
+
+
+def _variable_shapes(model, size):
+  """The first half of :func:`_shapes` (the variables' shapes), for tests that assert nothing of the output: Lite0's
+  ``apply`` is not traced."""
+  return jax.tree.map(np.shape, _variables(model, size))
 
 
 # --- (a) against the PyTorch reference ---------------------------------------------------------------------------
@@ -184,7 +195,7 @@ def test_parameters_are_the_checkpoints_tensors():
 
 def test_model_init_has_the_converted_layout():
   _, variables = _reference_and_variables()
-  assert _shapes(_lite0(), 32)[0] == jax.tree.map(np.shape, variables)
+  assert _variable_shapes(_lite0(), 32) == jax.tree.map(np.shape, variables)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -356,7 +367,7 @@ def test_create_model_builds_lite0():
 
 
 def test_width_scales_the_blocks_not_the_stem_and_head():
-  params = _shapes(models.efficientnet_lite0(num_classes=3, width=0.5), 32)[0]["params"]
+  params = _variable_shapes(models.efficientnet_lite0(num_classes=3, width=0.5), 32)["params"]
   assert params["conv_stem"]["kernel"] == (3, 3, 3, 32)
   assert params["blocks_0"]["project_conv"]["kernel"] == (1, 1, 32, 8)
   assert params["blocks_15"]["project_conv"]["kernel"] == (1, 1, 576, 160)
