@@ -35,9 +35,11 @@ weights are themselves only accurate to ~2e-4: our float64 run differs
 from it by that much).
 """
 
+import functools
 import importlib.metadata
 from unittest import mock
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,14 +87,36 @@ CASES = jacobians()
 IDS = [name for name, _ in CASES]
 
 
+def _correction(name, k, options):
+  return getattr(aggregators, name)(1.0 if k == 1 else [1.0] * k, **options)
+
+
+@functools.partial(jax.jit, static_argnames="name")
+def _jitted_update(name, rows, state, options):
+  """``update`` of the correction ``name``, its ``options`` traced: one program per shape for every value."""
+  return _correction(name, len(rows) - 1, options).update(rows, state, rows[0])
+
+
+#: Every Jacobian's rows are given to ours in this many columns, zeros appended (the cases have 3 to 8).
+WIDTH = 8
+
+
 def ours(name, jacobian, state=None, **options):
-  """Our correction of the rows of ``jacobian`` (λ = 1), float32, and its state."""
-  rows = [{"v": jnp.asarray(row, jnp.float32)} for row in jacobian]
-  k = len(rows) - 1
-  tx = getattr(aggregators, name)(1.0 if k == 1 else [1.0] * k, **options)
-  state = tx.init(rows[0]) if state is None else state
-  direction, state = tx.update(tuple(rows), state, rows[0])
-  return np.asarray(direction["v"], np.float64), state
+  """Our correction of the rows of ``jacobian`` (λ = 1), float32, and its state.
+
+  Jitted (:func:`_jitted_update`), with the rows zero-padded to ``WIDTH`` columns: the same vectors in a larger
+  space (the same Gram matrix, the same direction with zeros appended, which is checked). So each correction
+  compiles one program per number of rows, where its ops dispatched one by one compiled ~1 s of small programs per
+  shape: most of this file's time.
+  """
+  width = jacobian.shape[1]
+  assert width <= WIDTH
+  rows = tuple({"v": jnp.asarray(np.pad(row, (0, WIDTH - width)), jnp.float32)} for row in jacobian)
+  state = _correction(name, len(rows) - 1, options).init(rows[0]) if state is None else state
+  direction, state = _jitted_update(name, rows, state, options)
+  direction = np.asarray(direction["v"], np.float64)
+  np.testing.assert_array_equal(direction[width:], 0)
+  return direction[:width], state
 
 
 def theirs(aggregator, jacobian):
@@ -142,10 +166,10 @@ def test_upgrad_agrees_with_torchjds_regularization(name, jacobian):
   pytest.importorskip("quadprog")
   m = len(jacobian)
   want = theirs(tjd.UPGrad(pref_vector=torch.ones(m, dtype=torch.float64)), jacobian)
-  np.testing.assert_allclose(ours("upgrad", jacobian, reg_eps=1e-4)[0], want, atol=_dual_cone_tolerance(name, jacobian))
+  mine = ours("upgrad", jacobian, reg_eps=1e-4)[0]
+  np.testing.assert_allclose(mine, want, atol=_dual_cone_tolerance(name, jacobian))
   # TorchJD's default averages: ours is m times it
-  np.testing.assert_allclose(ours("upgrad", jacobian, reg_eps=1e-4)[0], m * theirs(tjd.UPGrad(), jacobian),
-                             atol=_dual_cone_tolerance(name, jacobian))
+  np.testing.assert_allclose(mine, m * theirs(tjd.UPGrad(), jacobian), atol=_dual_cone_tolerance(name, jacobian))
 
 
 @pytest.mark.parametrize("name,jacobian", CASES, ids=IDS)
@@ -153,10 +177,9 @@ def test_dualproj_agrees_with_torchjds_regularization(name, jacobian):
   pytest.importorskip("quadprog")
   m = len(jacobian)
   want = theirs(tjd.DualProj(pref_vector=torch.ones(m, dtype=torch.float64)), jacobian)
-  np.testing.assert_allclose(ours("dualproj", jacobian, reg_eps=1e-4)[0], want,
-                             atol=_dual_cone_tolerance(name, jacobian))
-  np.testing.assert_allclose(ours("dualproj", jacobian, reg_eps=1e-4)[0], m * theirs(tjd.DualProj(), jacobian),
-                             atol=_dual_cone_tolerance(name, jacobian))
+  mine = ours("dualproj", jacobian, reg_eps=1e-4)[0]
+  np.testing.assert_allclose(mine, want, atol=_dual_cone_tolerance(name, jacobian))
+  np.testing.assert_allclose(mine, m * theirs(tjd.DualProj(), jacobian), atol=_dual_cone_tolerance(name, jacobian))
 
 
 # Exact projections (our default) against TorchJD's solver with almost no regularization; quadprog needs a
@@ -182,6 +205,9 @@ def _cagrad_objective(weights, gram, c):
   return weights @ gram @ mean + c * np.sqrt(mean @ gram @ mean) * np.sqrt(max(weights @ gram @ weights, 0))
 
 
+#: ``c`` traced: one compile per number of rows for the 117 cases.
+_jitted_cagrad_weights = jax.jit(aggregators.cagrad_weights)
+
 PARETO_STATIONARY_WITH_HARMLESS_SUM = ("zero-row",)
 CAGRAD_CASES = [(name, j) for name, j in CASES if not name.startswith(PARETO_STATIONARY_WITH_HARMLESS_SUM)]
 
@@ -196,7 +222,7 @@ def test_cagrad_agrees_up_to_torchjds_mean_convention(name, jacobian, c):
   # The weights of the inner problem: ours reach an objective at least as low as TorchJD's.
   gram = jacobian @ jacobian.T
   theirs_weights = tjd.CAGradWeighting(c=c)(torch.tensor(gram)).numpy() * m - 1
-  our_weights = np.asarray(aggregators.cagrad_weights(jnp.asarray(gram, jnp.float32)[None], c)[0], np.float64) - 1
+  our_weights = np.asarray(_jitted_cagrad_weights(jnp.asarray(gram, jnp.float32)[None], c)[0], np.float64) - 1
   if np.abs(theirs_weights).sum() > 1e-9 and our_weights.sum() > 1e-9:
     assert (_cagrad_objective(our_weights / our_weights.sum(), gram, c)
             <= _cagrad_objective(theirs_weights / theirs_weights.sum(), gram, c) + 1e-8)
