@@ -8,6 +8,7 @@ decomposition, a different problem from the library's dual QP), and a dense
 search over the ball for CAGrad.
 """
 
+import functools
 import itertools
 
 import jax
@@ -50,19 +51,44 @@ def unflatten_like(tree, vector):
   return jax.tree.unflatten(treedef, out)
 
 
+@functools.partial(jax.jit, static_argnames="name")
+def _jitted_first_step(name, g, rs, lam, options):
+  """``update`` of ``name`` from its initial state, the weights and options traced: one program per tree structure
+  and number of rows, whatever the values."""
+  tx = make(name, lam, **options)
+  return tx.update((g, *rs), tx.init(g), g)
+
+
 def apply(name, g, rs, lam, **kwargs):
-  tx = make(name, lam, **kwargs)
-  direction, state = tx.update((g, *rs), tx.init(g), g)
-  return direction, state
+  """The correction's first step on trees, jitted: one compile for every call with the same trees' structure and
+  number of rows (granularity and unprojected leaves, which shape the program, compile a program of their own).
+  Dispatched op by op instead, each op compiled on its own for every shape: most of this file's time."""
+  options = {**OPTIONS[name], **kwargs}
+  structural = {key: options.pop(key) for key in ("granularity", "unprojected") if key in options}
+  if structural:
+    tx = make(name, lam, **options, **structural)
+    return jax.jit(tx.update)((g, *rs), tx.init(g), g)
+  return _jitted_first_step(name, g, tuple(rs), lam, options)
+
+
+#: The rows given to ``direction_of`` are zero-padded to this many entries (the widest: the test tree's 105).
+WIDTH = 128
 
 
 def direction_of(name, rows, **kwargs):
-  """The correction of the flat float64 rows [g, r_1, ...] with λ = 1, as a flat vector."""
-  g = {"v": jnp.asarray(rows[0], jnp.float32)}
-  rs = [{"v": jnp.asarray(row, jnp.float32)} for row in rows[1:]]
-  lam = 1.0 if len(rows) == 2 else [1.0] * (len(rows) - 1)
-  direction, _ = apply(name, g, rs, lam, **kwargs)
-  return np.asarray(direction["v"], np.float64)
+  """The correction of the flat float64 rows [g, r_1, ...] with λ = 1, as a flat vector.
+
+  The rows go in float32 with zeros appended up to ``WIDTH`` entries: the same vectors in a larger space (the same
+  Gram matrix, the same direction with zeros appended, which is checked), so that every case of a correction with
+  as many rows runs one compiled program (``apply``), whatever its width.
+  """
+  width = len(rows[0])
+  assert width <= WIDTH
+  g, *rs = ({"v": jnp.asarray(np.pad(row, (0, WIDTH - width)), jnp.float32)} for row in rows)
+  direction, _ = apply(name, g, rs, 1.0 if len(rs) == 1 else [1.0] * len(rs), **kwargs)
+  direction = np.asarray(direction["v"], np.float64)
+  np.testing.assert_array_equal(direction[width:], 0)
+  return direction[:width]
 
 
 # --- independent references ------------------------------------------------------
@@ -178,13 +204,13 @@ def test_pcgrad_matches_the_papers_loop(m, kind):
 @pytest.mark.parametrize("m", [2, 3])
 def test_gradvac_matches_the_papers_loop_over_several_steps(m):
   tx = make("gradvac", 1.0 if m == 2 else [1.0] * (m - 1), beta=0.3)
-  state, targets = None, np.zeros((m, m))
+  state, targets, update = None, np.zeros((m, m)), jax.jit(tx.update)
   for step in range(4):
     rows = random_rows(100 + step, m, kind="near_opposite" if step % 2 else "random")
     g = {"v": jnp.asarray(rows[0], jnp.float32)}
     rs = [{"v": jnp.asarray(row, jnp.float32)} for row in rows[1:]]
     state = tx.init(g) if state is None else state
-    direction, state = tx.update((g, *rs), state, g)
+    direction, state = update((g, *rs), state, g)
     want = gradvac_reference(rows, targets, beta=0.3)
     np.testing.assert_allclose(np.asarray(direction["v"]), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state.target_cosine[0]), targets, atol=1e-4)   # float32 cosines
@@ -193,6 +219,9 @@ def test_gradvac_matches_the_papers_loop_over_several_steps(m):
 def test_gradvac_first_step_is_pcgrad():
   rows = random_rows(7, 3, kind="near_opposite")
   np.testing.assert_allclose(direction_of("gradvac", rows), pcgrad_reference(rows), rtol=1e-5, atol=1e-5)
+
+
+_jitted_mgda_weights = jax.jit(aggregators.mgda_weights)   # one compile per number of rows
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -204,7 +233,7 @@ def test_mgda_is_the_min_norm_point_of_the_hull(m, kind):
   # Optimality in the hull: <d, V_i> >= |d|² for every row (d is then the min-norm point) ...
   assert min(d @ row for row in rows) >= d @ d - 1e-5 * scale
   # ... and d is in the hull: a convex combination of the rows (non-negative least squares on the simplex).
-  weights = aggregators.mgda_weights(jnp.asarray(np.array(rows) @ np.array(rows).T, jnp.float32)[None])[0]
+  weights = _jitted_mgda_weights(jnp.asarray(np.array(rows) @ np.array(rows).T, jnp.float32)[None])[0]
   assert float(weights.min()) >= 0 and abs(float(weights.sum()) - 1) < 1e-6
   np.testing.assert_allclose(np.asarray(weights, np.float64) @ np.array(rows), d, atol=1e-5 * np.sqrt(scale))
 
@@ -376,8 +405,9 @@ REGULARIZER = {"w": jnp.array([[-0.5, 0.8], [0.1, -0.2]]), "b": jnp.array([-1.0,
 
 @pytest.mark.parametrize("name", NAMES)
 def test_direction_matches_the_reference_on_the_whole_tree(name):
-  direction, _ = apply(name, EMPIRICAL, [REGULARIZER], 0.5)
-  rows = [flat(leaves64(EMPIRICAL)), 0.5 * flat(leaves64(REGULARIZER))]
+  g, r = random_tree(14), random_tree(15)   # shaped as test_without_conflict_...'s trees: one program for both
+  direction, _ = apply(name, g, [r], 0.5)
+  rows = [flat(leaves64(g)), 0.5 * flat(leaves64(r))]
   want = direction_of(name, rows)
   np.testing.assert_allclose(flat(leaves64(direction)), want, rtol=1e-5, atol=1e-6)
   if name in ("pcgrad", "gradvac"):
@@ -408,11 +438,11 @@ def test_unprojected_leaves_get_the_plain_sum_and_stay_out_of_the_gram_matrix(na
 
 @pytest.mark.parametrize("name", NAMES)
 def test_diagnostics_describe_the_returned_direction(name):
-  lams = [0.5, 2.0]
-  g, r1, r2 = random_tree(7), random_tree(8), random_tree(9)
-  direction, state = apply(name, g, [r1, r2], lams)
+  lams = [0.5, 2.0, 0.3]   # as many rows as test_several_regularizers_...: one program for both
+  g, *rs = (random_tree(s) for s in (7, 8, 9, 16))
+  direction, state = apply(name, g, rs, lams)
   gv, dv = flat(leaves64(g)), flat(leaves64(direction))
-  rvs = [flat(leaves64(r)) for r in (r1, r2)]
+  rvs = [flat(leaves64(r)) for r in rs]
   combined = sum(lam * rv for lam, rv in zip(lams, rvs))
   diag = state.diagnostics
   np.testing.assert_allclose(diag.angle1, angle_degrees(dv, gv), atol=0.05)
@@ -450,6 +480,6 @@ def test_gradvac_state_holds_one_target_matrix_per_projected_group():
   tx = aggregators.gradvac([0.1, 0.2], granularity="leaf", unprojected={"w": False, "b": True})
   state = tx.init(PARAMS)
   assert state.target_cosine.shape == (1, 3, 3)
-  _, state = tx.update((EMPIRICAL, REGULARIZER, REGULARIZER), state, PARAMS)
+  _, state = jax.jit(tx.update)((EMPIRICAL, REGULARIZER, REGULARIZER), state, PARAMS)
   assert float(jnp.abs(state.target_cosine).sum()) > 0
 
