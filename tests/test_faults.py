@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,9 +132,24 @@ def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(
         f"completed checkpoints seen: {sorted(completed_before_kills)}")
 
 
-def test_metric_lines_after_the_checkpoint_resumed_from_are_not_written_twice(straight_run, tmp_path):
+@pytest.fixture(scope="module")
+def _stopped_run(tmp_path_factory):
+  """A FAST run stopped after 4 of its 6 steps (checkpoints of steps 2 and 4), trained once for the tests that
+  damage it and resume it: they differ only in the damage."""
+  workdir = tmp_path_factory.mktemp("stopped")
+  loop.train(TrainConfig.create(**FAST), workdir, stop_after=4)
+  return workdir
+
+
+@pytest.fixture
+def stopped_run(_stopped_run, tmp_path):
+  """``tmp_path`` holding a copy of the FAST run stopped after 4 steps, to damage and resume."""
+  shutil.copytree(_stopped_run, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+def test_metric_lines_after_the_checkpoint_resumed_from_are_not_written_twice(straight_run, stopped_run, tmp_path):
   config = TrainConfig.create(**FAST)
-  loop.train(config, tmp_path, stop_after=4)
   with open(tmp_path / "metrics.jsonl", "a") as f:  # as a kill after writing them and before the next checkpoint
     f.writelines(line for line in open(straight_run / "metrics.jsonl") if json.loads(line)["step"] > 4)
     f.write('{"step": 6, "kind": "train", "loss_emp')  # and a line cut short
@@ -163,9 +179,8 @@ DAMAGES = {
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, after a failed restore
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_newest_checkpoint_is_set_aside_with_a_warning_and_the_previous_one_used(damage, straight_run,
-                                                                                         tmp_path):
+                                                                                         stopped_run, tmp_path):
   config = TrainConfig.create(**FAST)
-  loop.train(config, tmp_path, stop_after=4)
   DAMAGES[damage](tmp_path / "checkpoints" / "4")
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*falling back to the previous checkpoint \(step 2\)"):
     loop.train(config, tmp_path)
