@@ -230,9 +230,16 @@ def _garbage(path, content=b"\x80\x04 this is not a checkpoint"):
   return path
 
 
+def _zero_variables(model, size):
+  """Zeros in the shapes of ``model``'s variables (traced, never compiled or run): what a source that does not fit
+  is refused for is its metadata or its shapes, not its values."""
+  shapes = jax.eval_shape(lambda: models.init_variables(model, 0, size))
+  return jax.tree.map(lambda shape: np.zeros(shape.shape, shape.dtype), shapes)
+
+
 def _orbax_source(path, width, metadata=True):
   model = models.create_model(FAST["arch"], num_classes=10, width=width, small_stem=True)
-  variables = models.init_variables(model, 0, 8)
+  variables = _zero_variables(model, 8)
   if metadata:
     models.save_variables(path, variables, {"arch": FAST["arch"], "width": width, "small_stem": True})
   else:  # a plain orbax checkpoint: no metadata to compare, only the tensors
@@ -246,7 +253,7 @@ def _orbax_source(path, width, metadata=True):
 def _resnet50_safetensors(path):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   model = models.create_model("resnet50", num_classes=10, width=0.125)
-  state_dict = models.to_torchvision(models.init_variables(model, 0, 32), arch="resnet50", width=0.125)
+  state_dict = models.to_torchvision(_zero_variables(model, 32), arch="resnet50", width=0.125)
   safetensors.numpy.save_file(state_dict, str(path))
   return path
 
