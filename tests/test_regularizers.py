@@ -459,11 +459,12 @@ def test_unknown_include_raises(source, target):
 # ---------------------------------------------------------------------------- the project's ResNet-18
 
 
-def test_resnet18_knowdist_delta_and_l2_sp_run_through_split_value_and_grad():
+def test_resnet10_knowdist_delta_and_l2_sp_run_through_split_value_and_grad():
   models = pytest.importorskip("dtnh_jax.models")
-  if not hasattr(models, "resnet18"):
-    pytest.skip("dtnh_jax.models.resnet18 is not there yet")
-  model = models.resnet18(num_classes=5, width=0.125, small_stem=True)
+  if not hasattr(models, "resnet10"):
+    pytest.skip("dtnh_jax.models.resnet10 is not there yet")
+  # ResNet-10: the layers and features of ResNet-18 with one block per stage, half the program to compile
+  model = models.resnet10(num_classes=5, width=0.125, small_stem=True)
   x, y = images(17, n=2, shape=(16, 16, 3)), labels(17, n=2, classes=5)
   source_variables = init_variables(model, 0, image_shape=(16, 16, 3), scale=0.2)
   attention = reg.delta_channel_attention(model, source_variables, [(x, y)], ("layer1",))
