@@ -110,10 +110,25 @@ def test_second_process_on_a_workdir_exits_2_naming_the_first_and_a_dead_holder_
 # --- metrics that survive damage ---------------------------------------------------------------------------------
 
 
-def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, straight_run):
+@pytest.fixture(scope="module")
+def _stopped_run(tmp_path_factory):
+  """A FAST run stopped after 4 of its 6 steps (checkpoints of steps 2 and 4), trained once for the tests that
+  damage its metrics or checkpoints and resume it or read it back: they differ only in the damage."""
+  workdir = tmp_path_factory.mktemp("stopped")
+  loop.train(TrainConfig.create(**FAST), workdir, stop_after=4)
+  return workdir
+
+
+@pytest.fixture
+def stopped_run(_stopped_run, tmp_path):
+  """``tmp_path`` holding a copy of the FAST run stopped after 4 steps, to damage."""
+  shutil.copytree(_stopped_run, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, straight_run, stopped_run):
   """Before: one damaged line made the resumed run cut metrics.jsonl at that line."""
   config = TrainConfig.create(**FAST)
-  loop.train(config, tmp_path, stop_after=4)
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
   damaged = '{"step": 2, "kind": "tr\x00\x00 garbage\n'
   (tmp_path / "metrics.jsonl").write_text("".join(lines[:1] + [damaged] + lines[2:]))
@@ -176,10 +191,10 @@ def _flip_bytes(step_dir):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_verifies_used(tmp_path, straight_run):
+def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_verifies_used(tmp_path, straight_run,
+                                                                                          stopped_run):
   """Before: flipped bytes in an array file were restored without complaint."""
   config = TrainConfig.create(**FAST)
-  loop.train(config, tmp_path, stop_after=4)
   _flip_bytes(tmp_path / "checkpoints" / "4")
   with pytest.warns(RuntimeWarning, match=r"checkpoint at step 4 .*(do not match their checksums|unreadable).*"
                                           r"previous checkpoint \(step 2\)"):
@@ -189,10 +204,8 @@ def test_checkpoint_with_flipped_bytes_is_set_aside_and_the_newest_one_that_veri
   assert (tmp_path / "unreadable-checkpoints" / "4").is_dir()
 
 
-def test_checkpoint_whose_arrays_differ_from_their_checksums_is_not_restored(tmp_path):
+def test_checkpoint_whose_arrays_differ_from_their_checksums_is_not_restored(tmp_path, stopped_run):
   """The check itself, independent of how orbax lays out its files: a changed checksum record."""
-  config = TrainConfig.create(**FAST)
-  loop.train(config, tmp_path, stop_after=4)
   extra_file = tmp_path / "checkpoints" / "4" / "extra" / "metadata"
   extra = json.loads(extra_file.read_text())
   name = "params/fc/kernel"
