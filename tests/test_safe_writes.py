@@ -7,6 +7,7 @@ verifies the arrays' checksums; NaN/Inf weights are refused by name; a damaged
 cache of an offline source is set aside and rebuilt.
 """
 
+import functools
 import glob
 import os
 import shutil
@@ -35,9 +36,16 @@ TINY_MODEL = {key: FAST[key] for key in ("arch", "width", "small_stem")}
 NAN_TENSOR = "params/layer1_0/conv1/kernel"
 
 
-def _tiny_variables(seed=0):
+@functools.lru_cache(maxsize=None)
+def _initialized_variables(seed):
   model = models.create_model(num_classes=10, **TINY_MODEL)
   return jax.tree.map(np.asarray, models.init_variables(model, seed, 8))
+
+
+def _tiny_variables(seed=0):
+  """The tiny model's variables of ``seed``: a copy of those initialized once per seed (~0.25 s each, called by
+  most tests here)."""
+  return jax.tree.map(np.copy, _initialized_variables(seed))
 
 
 def _save(path, seed=0, **kwargs):
