@@ -28,7 +28,12 @@ import tempfile
 FAST_COMPILE_ENV = {
     "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
                                         "--xla_llvm_disable_expensive_passes=true",
-                                        "--xla_cpu_use_fusion_emitters=false"])),
+                                        "--xla_cpu_use_fusion_emitters=false",
+                                        # one LLVM module per program, not 32 compiled apart: less CPU where both
+                                        # cores are busy anyway (tiny DTNH-KnowDist step 2.4 -> 1.8 CPU-s to
+                                        # compile; test_pool + test_released_code + test_plain_step 59/65 ->
+                                        # 53/48 CPU-s, 2026-12-07)
+                                        "--xla_cpu_parallel_codegen_split_count=1"])),
     "JAX_COMPILATION_CACHE_DIR": os.environ.get(
         "DTNH_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "dtnh-jax-test-compilation-cache")),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
