@@ -414,14 +414,16 @@ def test_a_single_run_shows_a_step_bar_with_loss_reg_weight_conflict_and_test_ac
 def test_export_prints_the_runs_result_in_labelled_lines(tmp_path):
   """Before: --export printed the result as a Python dict."""
   export = tmp_path / "exported"
-  code, out, err = run_main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "fine-tune", "--seeds",
-                                             "0", "--no-progress", "--steps", "2", "--lr-drop-steps", "1",
-                                             "--eval-every", "2", *TINY_FLAGS, "--export", str(export)])
+  # tiny_adamw_run's method and optimizer (2 steps): the steps compiled for it in this module serve this run too
+  code, out, err = run_main(cli.train_main, ["--workdir", str(tmp_path / "runs"), "--method", "dtnh-l2-sp", "--seeds",
+                                             "0", "--optimizer", "adamw", "--no-progress", "--steps", "2",
+                                             "--lr-drop-steps", "1", "--eval-every", "2", *TINY_FLAGS, "--export",
+                                             str(export)])
   assert code == 0, err
-  result = json.loads((tmp_path / "runs" / "scratch" / "fine-tune" / "seed0" / "results.json").read_text())
+  result = json.loads((tmp_path / "runs" / "scratch" / "dtnh-l2-sp" / "seed0" / "results.json").read_text())
   assert "{'" not in out
-  assert (f"\nrun:                 Fine-tuning from scratch on offline-digits, seed 0, 2 steps "
-          f"({tmp_path / 'runs' / 'scratch' / 'fine-tune' / 'seed0'})\n"
+  assert (f"\nrun:                 DTNH (L2-SP) from scratch on offline-digits, seed 0, 2 steps "
+          f"({tmp_path / 'runs' / 'scratch' / 'dtnh-l2-sp' / 'seed0'})\n"
           f"test accuracy:       {100 * result['test_accuracy']:.2f}% (loss {result['test_loss']:.4f})\n"
           f"exported to:         {export} (--source {export} starts a run from it)\n") in out
 
