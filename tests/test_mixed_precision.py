@@ -61,14 +61,22 @@ def _vdot64(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("regularizer", ["l2-sp", "knowdist", "delta"])
-def test_dtnh_invariants_hold_on_the_gradients_of_a_bf16_step(regularizer):
-  model = models.create_model("resnet18", num_classes=10, width=0.125, small_stem=True, dtype=jnp.bfloat16)
+@pytest.fixture(scope="module")
+def bf16_networks():
+  """``(model, source, target, images, labels, source_features)``: a bf16 ResNet-10 (the tiny preset's, with the
+  ResNet-18's stages), its "pre-trained" variables and those being fine-tuned away from them, a batch and the
+  source's features on it. The same for every regularizer's case: built once for the module."""
+  model = models.create_model("resnet10", num_classes=10, width=0.125, small_stem=True, dtype=jnp.bfloat16)
   source = models.init_variables(model, 0, 8)   # the "pre-trained" network
   target = models.init_variables(model, 1, 8)   # the network being fine-tuned, away from it
   images = jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 3))
   labels = jnp.arange(16) % 10
-  source_features = regularizers.source_features(model, source, images, LAYERS)
+  return model, source, target, images, labels, regularizers.source_features(model, source, images, LAYERS)
+
+
+@pytest.mark.parametrize("regularizer", ["l2-sp", "knowdist", "delta"])
+def test_dtnh_invariants_hold_on_the_gradients_of_a_bf16_step(regularizer, bf16_networks):
+  model, source, target, images, labels, source_features = bf16_networks
   attention = {layer: jnp.full(source_features[layer].shape[-1:], 1.0 / source_features[layer].shape[-1])
                for layer in LAYERS}
 
