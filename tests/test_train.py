@@ -57,23 +57,67 @@ def _optimizer_state_copies(compiled_text: str) -> int:
   return len(re.findall(r"copy\(%state_opt_state\w*trace", compiled_text))
 
 
-def _compiled_steps(method):
-  """A method's steps as ``loop.train`` builds, places and jits them, compiled: ``(config, data, model, steps,
-  placement, state, reference, batch, {step name: compiled})`` for the steps it has (a plain method: two)."""
-  config = tiny(method=method)
+@pytest.fixture(scope="module")
+def tiny_problem():
+  """``(data, initial variables)`` of the tiny problem from the related source: the same for every method (neither
+  depends on it), loaded once for the module's step builds, as a grid's runs share them."""
+  config = tiny()
   data = load_data(config)
-  model = loop.create_model(config, data.num_classes)
-  initial = loop.initial_variables(config, data)
-  attention = loop.delta_attention(model, config, data) if config.method_spec.regularizer == "delta" else None
-  steps = step_lib.steps_for(model, config, data.steps_per_epoch)
-  state = step_lib.create_train_state(initial, steps.tx, jax.random.PRNGKey(0))  # the loop's kind of key
-  reference = step_lib.Reference.of(config, initial, attention)
-  placement = sharding.Placement.create(state, reference, batch_size=config.recipe.batch_size)
-  reference, batch = placement.put_reference(reference), placement.put_batch(next(data.train_loader(0)))
-  compiled = {name: placement.jit_train_step(getattr(steps, name)).lower(placement.put_state(state), batch,
-                                                                         reference).compile()
-              for name in ("summed_train_step", "train_step") if getattr(steps, name) is not None}
-  return config, data, model, steps, placement, state, reference, batch, compiled
+  return data, loop.initial_variables(config, data)
+
+
+@pytest.fixture(scope="module")
+def counted_delta_attention(tiny_problem):
+  """``(attention, seen)``: DELTA's attention on the tiny problem as ``loop.train`` computes it, once for the module,
+  with the examples its head was fitted on and the batches its channels were ranked on counted (``seen``). It is
+  the source's on the target data, the same for DELTA and DTNH (DELTA): both methods' steps take it."""
+  from dtnh_jax import regularizers  # pylint: disable=g-import-not-at-top
+  data, _ = tiny_problem
+  config = tiny(method="delta")
+  seen = {}
+  fit_head, rank = regularizers.fit_head, regularizers.delta_channel_attention
+
+  def counting_fit_head(model, variables, batches, **kwargs):
+    batches = list(batches)
+    seen["head"] = sum(len(b["label"]) for b in batches)
+    return fit_head(model, variables, batches, **kwargs)
+
+  def counting_rank(model, variables, batches, layers):
+    seen["ranked"] = len(batches)
+    return rank(model, variables, batches, layers)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(regularizers, "fit_head", counting_fit_head)
+    patch.setattr(regularizers, "delta_channel_attention", counting_rank)
+    attention = loop.delta_attention(loop.create_model(config, data.num_classes), config, data)
+  return attention, seen
+
+
+@pytest.fixture(scope="module")
+def compiled_steps(tiny_problem):
+  """``compiled_steps(method, attention=None)``: a method's steps as ``loop.train`` builds, places and jits them,
+  compiled: ``(config, data, model, steps, placement, state, reference, batch, {step name: compiled})`` for the
+  steps it has (a plain method: two); DELTA's take its ``attention``. Each method's once for the module: KnowDist's
+  and DELTA's cases compare with fine-tuning's compiled step, the one fine-tuning's own case ran."""
+  data, initial = tiny_problem
+  built = {}
+
+  def compile_steps(method, attention=None):
+    if method not in built:
+      config = tiny(method=method)
+      model = loop.create_model(config, data.num_classes)
+      steps = step_lib.steps_for(model, config, data.steps_per_epoch)
+      state = step_lib.create_train_state(initial, steps.tx, jax.random.PRNGKey(0))  # the loop's kind of key
+      reference = step_lib.Reference.of(config, initial, attention)
+      placement = sharding.Placement.create(state, reference, batch_size=config.recipe.batch_size)
+      reference, batch = placement.put_reference(reference), placement.put_batch(next(data.train_loader(0)))
+      compiled = {name: placement.jit_train_step(getattr(steps, name)).lower(placement.put_state(state), batch,
+                                                                             reference).compile()
+                  for name in ("summed_train_step", "train_step") if getattr(steps, name) is not None}
+      built[method] = config, data, model, steps, placement, state, reference, batch, compiled
+    return built[method]
+
+  return compile_steps
 
 
 def _convolutions(compiled) -> int:
@@ -81,14 +125,15 @@ def _convolutions(compiled) -> int:
 
 
 @pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
-def test_every_method_builds_its_steps_and_takes_one_of_each(method):
+def test_every_method_builds_its_steps_and_takes_one_of_each(method, compiled_steps, request):
   """Each method's steps as ``loop.train`` builds and jits them (the loop itself: the tests of runs, on a few
   methods), one step of each on one batch, then an evaluation. Each compiled step is also checked for what
   tests/test_guard.py and tests/test_plain_step.py promise of it (one compilation serves them all): the guarded
   step copies no optimizer state (the momentum is updated in place); a plain method's summed step (``J + λ Ω``)
   makes the split-gradient step's update, metrics and state, and compiles one backward pass (KnowDist's and
   DELTA's: fine-tuning's convolutions plus the source's forward pass; the split step that logs the angles, more)."""
-  config, data, model, steps, placement, state, reference, batch, compiled = _compiled_steps(method)
+  attention = request.getfixturevalue("counted_delta_attention")[0] if "delta" in method else None
+  config, data, model, steps, placement, state, reference, batch, compiled = compiled_steps(method, attention)
   taken = {}
   for name, step in compiled.items():
     text = step.as_text()
@@ -111,7 +156,7 @@ def test_every_method_builds_its_steps_and_takes_one_of_each(method):
       assert not {"loss_regularizer", "loss_total"} & set(summed_metrics)
     assert jax.tree.structure(summed) == jax.tree.structure(split)  # the same state: the two can alternate
     if traced:
-      one_backward = _convolutions(_compiled_steps("fine-tune")[-1]["train_step"])  # forward + one backward
+      one_backward = _convolutions(compiled_steps("fine-tune")[-1]["train_step"])  # forward + one backward
       source_forward = _convolutions(jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
           reference.variables, batch["image"]).compile())
       assert _convolutions(compiled["summed_train_step"]) == one_backward + source_forward
@@ -177,14 +222,17 @@ def test_cli_offline_default_prints_the_paper_style_table(tmp_path, capsys):
 
 def test_cli_trains_on_mock_tfds_data_and_exports_the_model(tmp_path, capsys):
   export = tmp_path / "exported"
+  # the tiny preset's ResNet-10 (a third less to compile than cifar10's default ResNet-18, checked below)
   args = ["--dataset", "cifar10", "--source", "scratch", "--method", "dtnh-l2-sp", "--workdir", str(tmp_path / "run"),
-          "--width", "0.125", "--small-stem", "--resize", "10", "--crop", "8", "--batch-size", "8", "--steps", "3",
-          "--lr-drop-steps", "2", "--eval-every", "3", "--eval-batch-size", "8", "--export", str(export)]
+          "--arch", "resnet10", "--width", "0.125", "--small-stem", "--resize", "10", "--crop", "8", "--batch-size",
+          "8", "--steps", "3", "--lr-drop-steps", "2", "--eval-every", "3", "--eval-batch-size", "8", "--export",
+          str(export)]
   with tfds.testing.mock_data(num_examples=24):
     assert cli.train_main(args) == 0
   from dtnh_jax import models
   variables, metadata = models.load_variables(export)
-  assert metadata["arch"] == "resnet18" and variables["params"]["fc"]["kernel"].shape[-1] == 10
+  assert metadata["arch"] == "resnet10" and variables["params"]["fc"]["kernel"].shape[-1] == 10
+  assert TrainConfig.create(dataset="cifar10").model.arch == "resnet18"  # what the run has without --arch
 
 
 @pytest.mark.parametrize("args,message,mock", [
@@ -255,7 +303,7 @@ def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
 def test_cli_sweep_picks_the_best_mean_validation_accuracy_and_draws_the_lambda_curve_and_figures(tmp_path, capsys):
   args = ["--workdir", str(tmp_path), "--preset", "tiny", "--method", "fine-tune,l2-sp,dtnh-l2-sp", "--source",
           "related", "--seeds", "0,1", "--reg-weight", "0.1,1", "--val-fraction", "0.2", "--steps", "3",
-          "--eval-every", "3", "--no-progress"]
+          "--eval-every", "3", "--checkpoint-every", "3", "--no-progress"]  # one checkpoint a run: none is read
   assert cli.train_main(args) == 0
   # Figures 3-5 of the paper from the swept runs (their drawing from made-up runs: tests/test_report_figures.py)
   drawn = json.load(open(tmp_path / "figures.json"))
@@ -316,27 +364,12 @@ def test_results_record_where_they_were_computed(tmp_path):
   assert json.load(open(tmp_path / "results.json"))["provenance"] == record
 
 
-def test_delta_attention_fits_its_head_on_a_whole_epoch_and_ranks_channels_on_four_batches(monkeypatch):
-  from dtnh_jax import regularizers
-  config = tiny(method="delta", target_per_class=20)
-  data = load_data(config)
+def test_delta_attention_fits_its_head_on_a_whole_epoch_and_ranks_channels_on_four_batches(tiny_problem,
+                                                                                          counted_delta_attention):
+  data, _ = tiny_problem
+  attention, seen = counted_delta_attention
   assert data.steps_per_epoch > 4  # so that a whole epoch and the released code's 4 batches differ
-  seen = {}
-  fit_head, rank = regularizers.fit_head, regularizers.delta_channel_attention
-
-  def counting_fit_head(model, variables, batches, **kwargs):
-    batches = list(batches)
-    seen["head"] = sum(len(b["label"]) for b in batches)
-    return fit_head(model, variables, batches, **kwargs)
-
-  def counting_rank(model, variables, batches, layers):
-    seen["ranked"] = len(batches)
-    return rank(model, variables, batches, layers)
-
-  monkeypatch.setattr(regularizers, "fit_head", counting_fit_head)
-  monkeypatch.setattr(regularizers, "delta_channel_attention", counting_rank)
-  attention = loop.delta_attention(loop.create_model(config, data.num_classes), config, data)
-  assert seen == {"head": data.steps_per_epoch * config.recipe.batch_size, "ranked": 4}
+  assert seen == {"head": data.steps_per_epoch * tiny().recipe.batch_size, "ranked": 4}
   assert all(np.isclose(weights.sum(), 1.0) for weights in attention.values())
 
 
