@@ -106,10 +106,11 @@ def cone_multipliers(aa, ab, bb, ha, hb, rr, *, guard_current: bool) -> tuple[ja
   both_b = jnp.where(independent, (ab * ha - aa * hb) / safe_det, jnp.nan)
   mu_a = jnp.stack([zero, only_a, zero, both_a], axis=-1)
   mu_b = jnp.stack([zero, zero, only_b, both_b], axis=-1)
+  # a zero constraint (|a|² may also underflow in float32 while <r, a> does not) holds for every point
   inside = jnp.stack([
-      (ha >= 0) & (hb >= 0),
-      hb + only_a * ab >= -tol_b,
-      ha + only_b * ab >= -tol_a,
+      ((ha >= 0) | ~has_a) & ((hb >= 0) | ~has_b),
+      (hb + only_a * ab >= -tol_b) | ~has_b,
+      (ha + only_b * ab >= -tol_a) | ~has_a,
       jnp.isfinite(both_a) & jnp.isfinite(both_b),
   ], axis=-1)
   distance = mu_a ** 2 * aa[..., None] + 2 * mu_a * mu_b * ab[..., None] + mu_b ** 2 * bb[..., None]
