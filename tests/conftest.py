@@ -169,6 +169,24 @@ def straight_run(_straight_fast_run):
   return _straight_fast_run[0]
 
 
+@pytest.fixture(scope="session")
+def _stopped_fast_run(tmp_path_factory):
+  """The workdir of a ``helpers.FAST`` run stopped after 4 of its 6 steps (checkpoints of steps 2 and 4), trained
+  once per pytest process for the tests that damage it and resume it or read it back."""
+  from dtnh_jax.train import TrainConfig, loop, presets  # pylint: disable=g-import-not-at-top  # core's tests: no flax
+  workdir = tmp_path_factory.mktemp("stopped")
+  loop.train(TrainConfig.create(**presets.tiny()), workdir, stop_after=4)
+  return workdir
+
+
+@pytest.fixture
+def stopped_run(_stopped_fast_run, tmp_path):
+  """``tmp_path`` holding a copy of the FAST run stopped after 4 steps, to damage and resume."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(_stopped_fast_run, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
 @pytest.fixture
 def straight_run_results(_straight_fast_run):
   """What ``loop.train`` returned for the ``straight_run``."""

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -130,22 +129,6 @@ def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(
   assert not (run / "unreadable-checkpoints").exists()  # a kill never leaves a damaged checkpoint
   print(f"{len(plan)} kills (after the saves of steps {targets} began), {interrupted_saves} of them during a save; "
         f"completed checkpoints seen: {sorted(completed_before_kills)}")
-
-
-@pytest.fixture(scope="module")
-def _stopped_run(tmp_path_factory):
-  """A FAST run stopped after 4 of its 6 steps (checkpoints of steps 2 and 4), trained once for the tests that
-  damage it and resume it: they differ only in the damage."""
-  workdir = tmp_path_factory.mktemp("stopped")
-  loop.train(TrainConfig.create(**FAST), workdir, stop_after=4)
-  return workdir
-
-
-@pytest.fixture
-def stopped_run(_stopped_run, tmp_path):
-  """``tmp_path`` holding a copy of the FAST run stopped after 4 steps, to damage and resume."""
-  shutil.copytree(_stopped_run, tmp_path, dirs_exist_ok=True)
-  return tmp_path
 
 
 def test_metric_lines_after_the_checkpoint_resumed_from_are_not_written_twice(straight_run, stopped_run, tmp_path):

@@ -110,22 +110,6 @@ def test_second_process_on_a_workdir_exits_2_naming_the_first_and_a_dead_holder_
 # --- metrics that survive damage ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _stopped_run(tmp_path_factory):
-  """A FAST run stopped after 4 of its 6 steps (checkpoints of steps 2 and 4), trained once for the tests that
-  damage its metrics or checkpoints and resume it or read it back: they differ only in the damage."""
-  workdir = tmp_path_factory.mktemp("stopped")
-  loop.train(TrainConfig.create(**FAST), workdir, stop_after=4)
-  return workdir
-
-
-@pytest.fixture
-def stopped_run(_stopped_run, tmp_path):
-  """``tmp_path`` holding a copy of the FAST run stopped after 4 steps, to damage."""
-  shutil.copytree(_stopped_run, tmp_path, dirs_exist_ok=True)
-  return tmp_path
-
-
 def test_damaged_metrics_line_is_set_aside_and_no_other_line_is_lost(tmp_path, straight_run, stopped_run):
   """Before: one damaged line made the resumed run cut metrics.jsonl at that line."""
   config = TrainConfig.create(**FAST)
