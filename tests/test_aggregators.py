@@ -405,9 +405,12 @@ REGULARIZER = {"w": jnp.array([[-0.5, 0.8], [0.1, -0.2]]), "b": jnp.array([-1.0,
 
 @pytest.mark.parametrize("name", NAMES)
 def test_direction_matches_the_reference_on_the_whole_tree(name):
-  g, r = random_tree(14), random_tree(15)   # shaped as test_without_conflict_...'s trees: one program for both
-  direction, _ = apply(name, g, [r], 0.5)
+  # shaped as test_without_conflict_...'s trees (one program for both), r turned against g: the correction acts
+  g = random_tree(14)
+  r = jax.tree.map(lambda a, b: a - 0.5 * b, random_tree(15), g)
   rows = [flat(leaves64(g)), 0.5 * flat(leaves64(r))]
+  assert rows[0] @ rows[1] < 0
+  direction, _ = apply(name, g, [r], 0.5)
   want = direction_of(name, rows)
   np.testing.assert_allclose(flat(leaves64(direction)), want, rtol=1e-5, atol=1e-6)
   if name in ("pcgrad", "gradvac"):
