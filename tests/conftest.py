@@ -141,12 +141,16 @@ def random_torchvision_resnet():
 
 @pytest.fixture(scope="session", autouse=True)
 def _sources_out_of_the_users_cache(tmp_path_factory):
-  """Offline sources a test pre-trains go to a folder of this pytest process (one per xdist worker, so two
-  workers never write the same source at once), never to the user's ``~/.cache/dtnh_jax`` or
-  ``$DTNH_JAX_CACHE``: a tiny source cached by a test would otherwise be found by the user's next run of the
-  same key. Tests that need their own cache set it on top (monkeypatch restores this one)."""
+  """Offline sources a test pre-trains go to a folder of this pytest session, shared by its xdist workers (a
+  source one worker pre-trained is loaded by the other; ``sources.pretraining_lock`` makes the second wait for
+  the first instead of training it again), never to the user's ``~/.cache/dtnh_jax`` or ``$DTNH_JAX_CACHE``: a
+  tiny source cached by a test would otherwise be found by the user's next run of the same key. Tests that need
+  their own cache set it on top (monkeypatch restores this one)."""
   previous = os.environ.get("DTNH_JAX_CACHE")
-  os.environ["DTNH_JAX_CACHE"] = str(tmp_path_factory.mktemp("dtnh-jax-sources"))
+  session = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base folder is in the session's
+    session = session.parent
+  os.environ["DTNH_JAX_CACHE"] = str(session / "dtnh-jax-sources")
   yield
   if previous is None:
     os.environ.pop("DTNH_JAX_CACHE", None)
