@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dtnh_jax.models import resnet
 from dtnh_jax.train import loop, presets
 from dtnh_jax.train import step as step_lib
 from dtnh_jax.train.data import load_data
@@ -124,16 +125,27 @@ def _setup(method, **overrides):
   return config, model, initial, batches
 
 
+def _one_block_setup(method, **overrides):
+  """``_setup`` with the tiny preset's ResNet cut to its stem, one residual block and the head (the ResNet-10 has
+  four blocks and three downsampling shortcuts): the same kinds of layers, a quarter of the program to compile."""
+  config, _, _, batches = _setup(method, **overrides)
+  model = resnet.ResNet(block_cls=resnet.BasicBlock, stage_sizes=(1, 0, 0, 0), num_classes=10,
+                        width=config.model.width, small_stem=config.model.small_stem)
+  initial = dict(model.init(jax.random.key(1), batches[0]["image"], train=False))
+  return config, model, initial, batches
+
+
 # fine-tuning's steps read their learning rate through the same optimizer as L2-SP's plain steps (step.py's
 # base_optimizer, whatever the method): L2-SP's case checks that input for both; fine-tuning's own rule (no λ
 # needed, the learning rate still is) is test_a_shared_step_given_no_inputs_says_where_they_go's
 @pytest.mark.parametrize("method", ["l2-sp", "dtnh-l2-sp"])
 def test_inputs_compute_exactly_what_the_settings_compiled_in_do(method, exact_jit):
   # λ halves every 2 steps, the learning rate drops twice; a plain method alternates its summed and logged steps
-  # as a run with --log-every 2. Half the tiny preset's width: each step here is compiled twice with XLA's slower
-  # default emitters, and how λ and the learning rate reach the update does not depend on the width
-  config, model, initial, batches = _setup(method, reg_weight=0.7, reg_decay=0.5, learning_rate=0.05,
-                                           lr_drop_steps=(3, 2), lr_drop_factor=0.3, width=0.0625)
+  # as a run with --log-every 2. Half the tiny preset's width and one residual block: each step here is compiled
+  # twice with XLA's slower default emitters (4 of 6 CPU-s per step for the tiny ResNet-10), and how λ and the
+  # learning rate reach the update depends on neither the width nor the depth
+  config, model, initial, batches = _one_block_setup(method, reg_weight=0.7, reg_decay=0.5, learning_rate=0.05,
+                                                     lr_drop_steps=(3, 2), lr_drop_factor=0.3, width=0.0625)
   shared = step_lib.steps_for(model, config, 2)  # λ read from the reference
   compiled_in = [step_lib.make_train_step(model, config, 2)]
   if shared.summed_train_step is not None:
