@@ -83,3 +83,17 @@ def test_train_package_exports_resolve():
   for name in train.__all__:
     assert getattr(train, name) is not None
   assert set(train.__all__) <= set(dir(train))
+
+
+def test_the_metrics_log_writes_tensorboard_scalars_without_loading_pytorch(tmp_path):
+  """tensorboardX imports PyTorch where it is installed (2-3 s of a training process's start); the log hides it."""
+  pytest.importorskip("tensorboardX")
+  pytest.importorskip("torch")
+  code = ("import sys\nfrom dtnh_jax.train import metrics\n"
+          f"log = metrics.MetricsLog({str(tmp_path)!r}, resume_step=0)\n"
+          "log.write({'step': 1, 'kind': 'train', 'loss': 0.5}); log.close()\n"
+          "assert 'torch' not in sys.modules, 'the log loaded PyTorch'\n"
+          "import torch  # importable again afterwards\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -139,11 +140,9 @@ class MetricsLog:
         write_atomically(self.path, "".join(kept))
     self._file = open(self.path, "a")
     self._tensorboard = None
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional)
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-    except ImportError:
-      pass
+    summary_writer = _summary_writer_class()
+    if summary_writer is not None:
+      self._tensorboard = summary_writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, record: dict[str, Any]) -> None:
     self._file.write(encode(record) + "\n")
@@ -162,6 +161,28 @@ class MetricsLog:
     self._file.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's ``SummaryWriter``, or None where tensorboardX is not installed.
+
+  tensorboardX imports PyTorch when it is installed, only to accept its tensors (this log writes Python floats);
+  that import would double a training process's start-up and hold PyTorch's memory. Unless PyTorch is already
+  imported, tensorboardX is imported with PyTorch hidden (``sys.modules["torch"] = None`` makes ``import torch``
+  raise ImportError, which tensorboardX handles), and PyTorch is importable again right after.
+  """
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None
+    try:
+      return _summary_writer_class()
+    finally:
+      if sys.modules.get("torch", ...) is None:
+        del sys.modules["torch"]
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional)
+  except ImportError:
+    return None
+  return SummaryWriter
 
 
 class OtherProcessLog:
