@@ -116,13 +116,14 @@ def test_a_second_grid_in_the_workdir_adds_its_runs_to_the_summary(finished_grid
   """Before: the second grid's results.json and results.md replaced the first's (two grids: only the last)."""
   workdir = _copy(finished_grid, tmp_path)
   first = json.loads((workdir / "results.json").read_text())
-  code, out, err = run_main(cli.train_main, _grid(workdir, "l2-sp"))
+  # training from scratch: another method whose steps are the first grid's (fine-tuning from no source), compiled
+  code, out, err = run_main(cli.train_main, _grid(workdir, "scratch"))
   assert code == 0, err
   records = json.loads((workdir / "results.json").read_text())
   assert [(r["method"], r["run"]) for r in records] == [("fine-tune", "scratch/fine-tune/seed0"),
-                                                        ("l2-sp", "scratch/l2-sp/seed0")]
+                                                        ("scratch", "scratch/scratch/seed0")]
   assert records[0]["test_accuracy"] == first[0]["test_accuracy"]
-  assert "| source | target | Fine-tuning | L2-SP |" in (workdir / "results.md").read_text()
+  assert "| source | target | Fine-tuning | From scratch |" in (workdir / "results.md").read_text()
   assert "2 runs, " in _header(out)
 
 
