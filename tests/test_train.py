@@ -124,8 +124,25 @@ def _convolutions(compiled) -> int:
   return compiled.as_text().count(" convolution(")
 
 
+@pytest.fixture(scope="module")
+def source_forward_convolutions():
+  """``source_forward_convolutions(model, variables, images)``: the convolutions of the source network's compiled
+  forward pass. The methods whose Ω reads the source's features (KnowDist, DELTA and their DTNH variants) pass the
+  same model, variables and batch (``tiny_problem``'s): the program is compiled once for the module."""
+  counted = {}
+
+  def count(model, variables, images):
+    if "forward" not in counted:
+      counted["forward"] = _convolutions(jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+          variables, images).compile())
+    return counted["forward"]
+
+  return count
+
+
 @pytest.mark.parametrize("method", [m.name for m in ALL_METHODS])
-def test_every_method_builds_its_steps_and_takes_one_of_each(method, compiled_steps, request):
+def test_every_method_builds_its_steps_and_takes_one_of_each(method, compiled_steps, source_forward_convolutions,
+                                                            request):
   """Each method's steps as ``loop.train`` builds and jits them (the loop itself: the tests of runs, on a few
   methods), one step of each on one batch, then an evaluation. Each compiled step is also checked for what
   tests/test_guard.py and tests/test_plain_step.py promise of it (one compilation serves them all): the guarded
@@ -157,8 +174,7 @@ def test_every_method_builds_its_steps_and_takes_one_of_each(method, compiled_st
     assert jax.tree.structure(summed) == jax.tree.structure(split)  # the same state: the two can alternate
     if traced:
       one_backward = _convolutions(compiled_steps("fine-tune")[-1]["train_step"])  # forward + one backward
-      source_forward = _convolutions(jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-          reference.variables, batch["image"]).compile())
+      source_forward = source_forward_convolutions(model, reference.variables, batch["image"])
       assert _convolutions(compiled["summed_train_step"]) == one_backward + source_forward
       assert _convolutions(compiled["train_step"]) > one_backward + source_forward  # a second backward pass
   evaluation = step_lib.evaluate(placement.jit_eval_step(steps.eval_step), after,
@@ -199,7 +215,7 @@ def test_other_settings_in_the_same_workdir_are_refused(tmp_path):
 
 
 def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
-  loop.train(tiny(method="dtnh-l2-sp", plots=True), tmp_path)
+  loop.train(tiny(method="dtnh-l2-sp", plots=True, checkpoint_every=6), tmp_path)  # one checkpoint: none is read
   for name in ("metrics.jsonl", "results.json", "results.md", "losses.png", "angles.png", "config.json"):
     assert (tmp_path / name).exists(), name
   assert any((tmp_path / "tensorboard").iterdir())
@@ -208,8 +224,10 @@ def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
 
 
 def test_cli_offline_default_prints_the_paper_style_table(tmp_path, capsys):
+  # one checkpoint and one evaluation a run (none is read, the last evaluation is the table's): 6 runs
+  settings = {**TINY, "checkpoint_every": TINY["steps"], "eval_every": TINY["steps"]}
   args = ["--workdir", str(tmp_path), "--seeds", "0", "--method", "fine-tune,l2-sp,dtnh-l2-sp",
-          "--no-progress"] + cli.settings_to_argv({k: v for k, v in TINY.items() if k not in ("method", "source")})
+          "--no-progress"] + cli.settings_to_argv({k: v for k, v in settings.items() if k not in ("method", "source")})
   assert cli.train_main(args) == 0
   out = capsys.readouterr().out
   assert "| source | target | Fine-tuning | L2-SP | DTNH (L2-SP) |" in out
