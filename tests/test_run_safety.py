@@ -5,6 +5,7 @@ Each test reproduces a failure of the code before these guarantees (noted in
 its docstring) and checks the behaviour that replaced it.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from dtnh_jax import checksums, cli
-from dtnh_jax.train import TrainConfig, loop
+from dtnh_jax.train import TrainConfig, grid, loop
+from dtnh_jax.train.data import load_data
 from dtnh_jax.train import workdir as workdir_lib
 from helpers import (FAST, assert_trees_equal, cli_error, command_env, data_with_nan_batches, newest_checkpoint,
                      run_args, run_main, run_metrics, train_flags)
@@ -246,34 +248,25 @@ def test_skipped_steps_are_counted_across_a_resume(tmp_path):
 
 # --- clean interrupts ----------------------------------------------------------------------------------------------
 
-# dtnh-train whose data loader sends this process a signal: at a training step, or while the data loads
-_SIGNALLING_ENTRY = """
-import os, signal, sys
-sys.modules['tensorboardX'] = None
-from dtnh_jax.train import grid
-signum, at = int(sys.argv[1]), sys.argv[2]
-load_data = grid.load_data
+class _SignallingBatches:
+  """The run's training batches; after drawing the batch of step ``at``, this process gets ``signum``."""
 
-class Signalling:
-  def __init__(self, loader): self.loader = loader
-  def __iter__(self): return self
+  def __init__(self, loader, signum, at):
+    self._loader, self._signum, self._at = loader, signum, at
+
+  def __iter__(self):
+    return self
+
   def __next__(self):
-    if str(self.loader.step) == at:
-      os.kill(os.getpid(), signum)
-    return next(self.loader)
-  def get_state(self): return self.loader.get_state()
-  def set_state(self, state): self.loader.set_state(state)
+    if self._loader.step == self._at:
+      os.kill(os.getpid(), self._signum)
+    return next(self._loader)
 
-def signalling_data(config, *shard):
-  if at == 'start':
-    os.kill(os.getpid(), signum)
-  data = load_data(config, *shard)
-  return data.__class__(**{**data.__dict__, 'train_loader': lambda seed: Signalling(data.train_loader(seed))})
+  def get_state(self):
+    return self._loader.get_state()
 
-grid.load_data = signalling_data
-from dtnh_jax.cli import train_main
-sys.exit(train_main(sys.argv[3:]))
-"""
+  def set_state(self, state):
+    self._loader.set_state(state)
 
 
 def _train_args(workdir):
@@ -281,10 +274,20 @@ def _train_args(workdir):
       {**FAST, "steps": 12, "lr_drop_steps": (8,), "checkpoint_every": 4})
 
 
-def _dtnh_train(tmp_path, workdir, signum, at):
-  command = [sys.executable, "-c", _SIGNALLING_ENTRY, signum, at, *_train_args(workdir)]
-  return subprocess.run(command, env=command_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                        timeout=300)
+def _dtnh_train(workdir, monkeypatch, signum, at):
+  """``(exit code, stdout, stderr)`` of dtnh-train in this process, whose data loader sends this process ``signum``
+  at the training step ``at``, or while the data loads (``at="start"``). The signal reaches the CLI as it reaches a
+  process of its own (that process signalled itself the same way, and cost a start-up: imports, tracing)."""
+  def signalling_data(config, *shard):
+    if at == "start":
+      os.kill(os.getpid(), signum)
+    data = load_data(config, *shard)
+    return dataclasses.replace(data, train_loader=lambda seed: _SignallingBatches(data.train_loader(seed), signum,
+                                                                                  at))
+
+  with monkeypatch.context() as patch:
+    patch.setattr(grid, "load_data", signalling_data)
+    return run_main(cli.train_main, _train_args(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -296,31 +299,30 @@ def straight_command(tmp_path_factory):
   return tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
 
 
-def test_interrupts_checkpoint_the_step_print_one_line_and_the_reruns_resume(tmp_path, straight_command):
+def test_interrupts_checkpoint_the_step_print_one_line_and_the_reruns_resume(tmp_path, straight_command, monkeypatch):
   """Before: Ctrl-C printed a 25-line traceback and left an orbax temporary folder; SIGTERM saved nothing. Here
   one run is interrupted twice, by SIGINT and then, resumed, by SIGTERM, and resumed again to its end."""
   run = tmp_path / "runs" / "scratch" / FAST["method"] / "seed0"
-  for signum, code, at, step in ((signal.SIGINT, 130, "6", 7), (signal.SIGTERM, 143, "9", 10)):
-    interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signum)), at)
-    assert interrupted.returncode == code, interrupted.stderr[-3000:]
-    lines = [line for line in interrupted.stderr.splitlines() if line.strip()]
+  for signum, code, at, step in ((signal.SIGINT, 130, 6, 7), (signal.SIGTERM, 143, 9, 10)):
+    interrupted_code, _, err = _dtnh_train(tmp_path / "runs", monkeypatch, signum, at)
+    assert interrupted_code == code, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] == f"dtnh-train: interrupted at step {step} (checkpoint written); run the same command to resume."
-    assert "Traceback" not in interrupted.stderr
+    assert "Traceback" not in err
     checkpoints = os.listdir(run / "checkpoints")
     assert str(step) in checkpoints and all(name.isdigit() for name in checkpoints)  # no temporary folder
   # the interrupts' checkpoints (7, 10) and the regular one between them, the newest keep_checkpoints (3)
   assert sorted(os.listdir(run / "checkpoints"), key=int) == ["7", "8", "10"]
-  # the same command again, to the end: in this process, as the reference (the interrupts and what they left on disk
-  # are the processes'; one more would only cost its start-up)
+  # the same command again, to the end
   code, _, err = run_main(cli.train_main, _train_args(tmp_path / "runs"))
   assert code == 0, err[-3000:]
   assert (run / "metrics.jsonl").read_text() == (straight_command / "metrics.jsonl").read_text()
 
 
-def test_interrupt_before_training_exits_with_one_line_and_leaves_nothing(tmp_path):
-  interrupted = _dtnh_train(tmp_path, tmp_path / "runs", str(int(signal.SIGTERM)), "start")
-  assert interrupted.returncode == 143, interrupted.stderr[-3000:]
-  assert interrupted.stderr.strip().splitlines()[-1] == (
+def test_interrupt_before_training_exits_with_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+  code, _, err = _dtnh_train(tmp_path / "runs", monkeypatch, signal.SIGTERM, "start")
+  assert code == 143, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
       "dtnh-train: interrupted before a checkpoint of this command was written; run the same command to resume.")
-  assert "Traceback" not in interrupted.stderr
+  assert "Traceback" not in err
   assert not (tmp_path / "runs").exists()
