@@ -363,13 +363,16 @@ def test_bn_momentum_sets_the_decay_of_every_running_statistic(arch):
   # the momentum acts on the update only: both models start from the same variables, initialized once
   variables = models.init_variables(models.create_model(arch, num_classes=3, width=0.25), 0, 32)
 
-  def running_stats(momentum):
+  # jitted: one program, not one dispatch per operation of the network; and one for both momenta, an input of it
+  # (the model's attribute is traced, the code that reads it the same)
+  @jax.jit
+  def running_stats(variables, momentum):
     model = models.create_model(arch, num_classes=3, width=0.25, bn_momentum=momentum)
-    # jitted: one program, not one dispatch per operation of the network
-    _, updates = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(variables)
-    return jax.tree.leaves_with_path(updates["batch_stats"])
+    _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return updates["batch_stats"]
 
-  for (path, batch_value), (_, value) in zip(running_stats(0.0), running_stats(0.75)):
+  batch, decayed = (jax.tree.leaves_with_path(running_stats(variables, jnp.float32(m))) for m in (0.0, 0.75))
+  for (path, batch_value), (_, value) in zip(batch, decayed):
     start = 0.0 if path[-1].key == "mean" else 1.0
     np.testing.assert_allclose(value, 0.75 * start + 0.25 * batch_value, rtol=1e-5, atol=1e-6, err_msg=str(path))
 
