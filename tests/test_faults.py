@@ -40,9 +40,9 @@ def _checkpoint_at(workdir, step):
 
 # --- a run killed at random points resumes exactly -------------------------------------------------------------
 
-# The run as a command (a subprocess that SIGKILL stops anywhere): 30 steps, a checkpoint
-# every 3 (with the metrics every 2 and evaluations every 10 in between), the last 2 kept.
-KILLED_RUN = {**FAST, "steps": 30, "lr_drop_steps": (20,), "checkpoint_every": 3, "keep_checkpoints": 2,
+# The run as a command (a subprocess that SIGKILL stops anywhere): 18 steps, a checkpoint
+# every 3 (with the metrics every 2 and an evaluation at 10 in between), the last 2 kept.
+KILLED_RUN = {**FAST, "steps": 18, "lr_drop_steps": (12,), "checkpoint_every": 3, "keep_checkpoints": 2,
               "log_every": 2, "eval_every": 10}
 
 
@@ -91,7 +91,9 @@ def test_run_killed_at_random_points_resumes_to_the_same_parameters_and_metrics(
   rng = random.Random(0)
   # one kill during start-up, then kills at random times after the saves of random checkpoints begin
   # (during the save itself, the steps after it, an evaluation, the metrics' writing)
-  targets = sorted(rng.sample(range(KILLED_RUN["checkpoint_every"], 25, KILLED_RUN["checkpoint_every"]), 3))
+  # (the last at least 6 steps before the end, so that the run is still going at its kill)
+  targets = sorted(rng.sample(range(KILLED_RUN["checkpoint_every"], KILLED_RUN["steps"] - 5,
+                                    KILLED_RUN["checkpoint_every"]), 3))
   plan = [(None, rng.uniform(0.5, 4.0))] + [(target, rng.uniform(0.0, 0.3)) for target in targets]
   run = _run_dir(tmp_path / "killed")
   completed_before_kills, newest, interrupted_saves = set(), 0, 0
