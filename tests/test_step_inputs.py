@@ -80,6 +80,28 @@ def test_runs_that_differ_only_in_their_step_inputs_or_length_share_one_step_fun
   assert step_lib.steps_for(model, other.replace(lr_drop_steps=(9,)), 2) is first
 
 
+def test_runs_of_every_method_of_one_model_evaluate_with_one_traced_program():
+  """The eval step is one function per model and is compiled on the parameters and BatchNorm statistics alone:
+  optimizer states of other structures (another method) trace it no second time."""
+  from dtnh_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  config = tiny()
+  data = load_data(config)
+  model = loop.create_model(config, data.num_classes)
+  initial = loop.initial_variables(config, data)
+  batch = next(iter(data.eval_batches()))
+  methods = ("dtnh-l2-sp", "knowdist", "fine-tune")  # three optimizer states of different structures
+  steps = [step_lib.steps_for(model, config.replace(method=method), 2) for method in methods]
+  assert all(s.eval_step is steps[0].eval_step for s in steps)
+  traced = []
+  counted = lambda state, batch: traced.append(1) or steps[0].eval_step(state, batch)
+  for method_steps in steps:
+    state = step_lib.create_train_state(initial, method_steps.tx, jax.random.PRNGKey(0))
+    placement = sharding.Placement.create(state, step_lib.Reference(initial))
+    sums = placement.jit_eval_step(counted)(placement.put_state(state), placement.put_batch(batch))
+    assert float(sums["count"]) == len(batch["label"])
+  assert len(traced) == 1
+
+
 def test_the_number_of_distinct_learning_rate_drops_is_part_of_the_step():
   model = loop.create_model(tiny(), num_classes=10)
   one = step_lib.steps_for(model, tiny(lr_drop_steps=(4,)), 2)

@@ -36,9 +36,10 @@ need a directory that every process sees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -264,8 +265,25 @@ class Placement:
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
   def jit_eval_step(self, eval_step):
-    """``eval_step(state, batch) -> sums`` on the mesh, the sums replicated (readable on every process)."""
-    return jax.jit(eval_step, in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=self.replicated)
+    """``eval_step(state, batch) -> sums`` on the mesh, the sums replicated (readable on every process).
+
+    Compiled on the state's ``params`` and ``batch_stats`` alone (``eval_step`` reads nothing else of it): the
+    runs of one model share the program whatever their optimizer state, that is whatever their method."""
+    on_variables = jax.jit(_on_variables(eval_step), out_shardings=self.replicated, in_shardings=(
+        self.state_shardings.params, self.state_shardings.batch_stats, self.batch_sharding))
+    return lambda state, batch: on_variables(state.params, state.batch_stats, batch)
+
+
+class _Variables(NamedTuple):
+  """What an eval step reads of a train state."""
+  params: Any
+  batch_stats: Any
+
+
+@functools.lru_cache(maxsize=16)
+def _on_variables(eval_step):
+  # one function object per eval step, so that jax's trace cache serves every run that evaluates with it
+  return lambda params, batch_stats, batch: eval_step(_Variables(params, batch_stats), batch)
 
 
 def local_data_state(data_state: dict[str, Any]) -> dict[str, Any]:

@@ -368,7 +368,13 @@ def _cached_steps(model, step_key: tuple, steps_per_epoch: int) -> Steps:
   summed = None
   if method.has_regularizer and not method.dtnh:
     summed = make_train_step(model, config, steps_per_epoch, summed=True, **options)
-  return Steps(tx, make_train_step(model, config, steps_per_epoch, **options), make_eval_step(model), summed)
+  return Steps(tx, make_train_step(model, config, steps_per_epoch, **options), _cached_eval_step(model), summed)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_eval_step(model) -> Callable:
+  # every method's runs of one model evaluate with the same function, so they trace and compile it once
+  return make_eval_step(model)
 
 
 def steps_for(model, config: TrainConfig, steps_per_epoch: int) -> Steps:
