@@ -6,6 +6,7 @@ logits, the running statistics after a train-mode step, the intermediate
 feature maps and masked forward passes must agree to float32 rounding.
 """
 
+import functools
 import logging
 
 import jax
@@ -64,6 +65,12 @@ def _assert_close(actual, reference, rtol, record=None, name=None):
   assert difference <= rtol * max(1.0, scale), (difference, scale)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def _apply(model, variables, images, *, train=False):
+  """``model.apply`` compiled: one program per network and shape, not one dispatch per operation."""
+  return model.apply(variables, images, train=train, mutable=["batch_stats"] if train else False)
+
+
 @pytest.fixture
 def converted(random_torchvision_resnet):
   """(torchvision model, Flax model, Flax variables) for an arch."""
@@ -85,7 +92,7 @@ def test_eval_logits_match_torchvision(converted, record_parity, arch, size):
   with torch.no_grad():
     expected = torch_model.eval()(_to_torch(images)).numpy()
   with jax.default_matmul_precision("highest"):
-    logits = model.apply(variables, images, train=False)
+    logits = _apply(model, variables, images)
   assert logits.dtype == jnp.float32
   _assert_close(logits, expected, RTOL, record_parity,
                 f"{arch} eval logits ({size}x{size})")
@@ -101,8 +108,7 @@ def test_train_mode_matches_torchvision(converted, record_parity, arch, size):
   with torch.no_grad():
     expected = torch_model.train()(_to_torch(images)).numpy()
   with jax.default_matmul_precision("highest"):
-    logits, updates = model.apply(variables, images, train=True,
-                                  mutable=["batch_stats"])
+    logits, updates = _apply(model, variables, images, train=True)
   _assert_close(logits, expected, RTOL, record_parity,
                 f"{arch} train logits ({size}x{size})")
 
