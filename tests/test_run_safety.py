@@ -54,9 +54,8 @@ def cli_train(args):
   return cli.train_main(args)
 
 
-def test_workdir_with_a_run_of_other_settings_is_refused_naming_the_flags_and_the_ways_out(tmp_path):
-  loop.train(TrainConfig.create(**FAST), tmp_path, stop_after=2)
-  before = _files(tmp_path)
+def test_workdir_with_a_run_of_other_settings_is_refused_naming_the_flags_and_the_ways_out(tmp_path, stopped_run):
+  before = _files(tmp_path)  # a FAST run stopped after 4 steps
   with pytest.raises(loop.ConfigError) as error:
     loop.train(TrainConfig.create(**{**FAST, "learning_rate": 0.5, "small_stem": False}), tmp_path)
   message = str(error.value)
