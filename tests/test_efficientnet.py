@@ -198,15 +198,34 @@ def test_model_init_has_the_converted_layout():
   assert _variable_shapes(_lite0(), 32) == jax.tree.map(np.shape, variables)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_eval_logits_match_the_pytorch_reference(size):
+@pytest.fixture(scope="module")
+def odd_size_eval():
+  """``((logits, features), (expected logits, maps))``: the converted reference in eval mode on ``_images(37)``,
+  and the PyTorch reference on the same images: one compiled program (``return_features=True``) for the checks of the
+  logits and of the feature maps at the odd size, not one each."""
   import torch  # pylint: disable=g-import-not-at-top
   reference, variables = _reference_and_variables()
-  images = _images(size)
+  images = _images(37)
+  maps = {}
   with torch.no_grad():
-    expected = reference.eval()(_to_torch(images)).numpy()
+    expected = reference.eval()(_to_torch(images), maps).numpy()
   with jax.default_matmul_precision("highest"):
-    logits = _apply(_lite0(), variables, images)
+    logits, features = _apply(_lite0(), variables, images, return_features=True)
+  return (logits, features), (expected, maps)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_eval_logits_match_the_pytorch_reference(size, request):
+  import torch  # pylint: disable=g-import-not-at-top
+  if size == 37:  # the logits of the features' program (the same forward pass, its features also returned)
+    (logits, _), (expected, _) = request.getfixturevalue("odd_size_eval")
+  else:
+    reference, variables = _reference_and_variables()
+    images = _images(size)
+    with torch.no_grad():
+      expected = reference.eval()(_to_torch(images)).numpy()
+    with jax.default_matmul_precision("highest"):
+      logits = _apply(_lite0(), variables, images)
   assert logits.dtype == jnp.float32
   _assert_close(logits, expected, RTOL)
 
@@ -232,15 +251,8 @@ def test_train_mode_matches_the_pytorch_reference(size):
       _assert_close(updated[key], tensor.numpy(), STATS_RTOL)
 
 
-def test_features_are_the_documented_maps():
-  import torch  # pylint: disable=g-import-not-at-top
-  reference, variables = _reference_and_variables()
-  images = _images(37)
-  expected = {}
-  with torch.no_grad():
-    reference.eval()(_to_torch(images), expected)
-  with jax.default_matmul_precision("highest"):
-    _, features = _apply(_lite0(), variables, images, return_features=True)
+def test_features_are_the_documented_maps(odd_size_eval):
+  (_, features), (_, expected) = odd_size_eval
   assert tuple(features) == models.FEATURE_NAMES
   expected_maps = {**{name: f"block{index}" for name, index in efficientnet.FEATURE_BLOCKS.items()},
                    "layer4": "head"}
