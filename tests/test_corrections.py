@@ -96,6 +96,36 @@ def run(tx, steps, params=PARAMS, update=None):
   return directions, state
 
 
+#: Options that shape a candidate's program: static under jit (the weights and the other options are traced).
+STATIC_OPTIONS = ("memory", "guard_current", "projection", "reference")
+
+
+@functools.partial(jax.jit, static_argnames=("factory", "static"))
+def _shared_update(g, state, params, regularizer_grads, reg_weight, numeric, factory, static):
+  """``update`` of ``factory(reg_weight, **numeric, **static)`` with the weights and numeric options traced: one
+  program per candidate, static options and number of regularizers, whatever the values, shared by the tests."""
+  return factory(reg_weight, **numeric, **dict(static)).update(g, state, params, regularizer_grads=regularizer_grads)
+
+
+def shared_update(factory, reg_weight, **options):
+  """``factory(reg_weight, **options).update`` through the program its structure shares (:func:`_shared_update`)
+  rather than one jitted for each test's values."""
+  static = tuple(sorted((key, value) for key, value in options.items() if key in STATIC_OPTIONS))
+  numeric = {key: value for key, value in options.items() if key not in STATIC_OPTIONS}
+  return functools.partial(_shared_update, reg_weight=reg_weight, numeric=numeric, factory=factory, static=static)
+
+
+def run_shared(factory, reg_weight, steps, **options):
+  """:func:`run` of ``factory(reg_weight, **options)`` through :func:`shared_update`."""
+  return run(factory(reg_weight, **options), steps, update=shared_update(factory, reg_weight, **options))
+
+
+def run_variant(name, reg_weight, steps, **kwargs):
+  """:func:`run_shared` of the variant ``name`` (with its test options)."""
+  factory, options = VARIANTS[name]
+  return run_shared(factory, reg_weight, steps, **{**options, **kwargs})
+
+
 def flat_steps(steps):
   return [(flat(leaves64(g)), [flat(leaves64(r)) for r in rs]) for g, rs in steps]
 
@@ -206,7 +236,7 @@ def reference_for(name, **options):
 def test_direction_matches_the_reference_over_several_steps(name, num_regularizers):
   lams = [0.7, 0.3][:num_regularizers]
   steps = conflicting_steps(5, seed=10 + num_regularizers, num_regularizers=num_regularizers)
-  directions, _ = run(make(name, lams if num_regularizers > 1 else lams[0]), steps)
+  directions, _ = run_variant(name, lams if num_regularizers > 1 else lams[0], steps)
   reference = reference_for(name)
   for got, (g, rs) in zip(directions, flat_steps(steps)):
     np.testing.assert_allclose(got, reference.step(g, rs, lams), rtol=1e-4, atol=1e-4)
@@ -235,7 +265,7 @@ def test_subspace_projection_with_memory_one_is_dtnh():
 
 def test_ema_projection_with_decay_zero_is_dtnh():
   steps = conflicting_steps(3, seed=5, num_regularizers=2)
-  got, _ = run(corrections.ema_projection([0.7, 0.3], decay=0.0), steps)
+  got, _ = run_shared(corrections.ema_projection, [0.7, 0.3], steps, decay=0.0)
   want, _ = run(dtnh_jax.dtnh([0.7, 0.3]), steps)
   np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
@@ -246,7 +276,7 @@ def test_guarded_ema_projection_where_the_average_is_parallel_to_g(second):
   plane, and r keeps exactly its part orthogonal to g."""
   (g, rs), = conflicting_steps(1, seed=14)
   steps = [(g, rs), (jax.tree.map(lambda x: second * x, g), rs)]
-  directions, _ = run(corrections.ema_projection(0.7, decay=0.8, guard_current=True), steps)
+  directions, _ = run_shared(corrections.ema_projection, 0.7, steps, decay=0.8, guard_current=True)
   reference = EMAReference(0.8, guard_current=True)
   for got, (gv, rvs) in zip(directions, flat_steps(steps)):
     np.testing.assert_allclose(got, reference.step(gv, rvs, [0.7]), rtol=1e-4, atol=1e-4)
@@ -268,7 +298,7 @@ def test_without_conflict_the_direction_is_the_regularized_gradient(name):
   g = random_tree(1)
   r = unflatten_like(g, 0.3 * flat(leaves64(g)) + 0.01 * flat(leaves64(random_tree(2))))   # along g
   options = {"kappa": 10.0} if name.startswith("bound") else {}
-  directions, _ = run(make(name, 0.5, **options), [(g, [r])] * 3)
+  directions, _ = run_variant(name, 0.5, [(g, [r])] * 3, **options)
   for direction in directions:
     np.testing.assert_allclose(direction, flat(leaves64(g)) + 0.5 * flat(leaves64(r)), rtol=1e-5, atol=1e-6)
 
@@ -288,7 +318,7 @@ def test_share_bound_on_the_average_binds_where_noise_cancels_and_the_bound_on_g
   # g alternates in sign (pure noise): the average is short, |m̂| << |g|, and only the average bound shrinks the pull
   g, r = random_tree(13), random_tree(14)
   steps = [(jax.tree.map(lambda x, sign=sign: sign * x, g), [r]) for sign in (1.0, -1.0, 1.0, -1.0)]
-  current, _ = run(corrections.share_bound(0.2, kappa=1.0), steps)
+  current, _ = run_shared(corrections.share_bound, 0.2, steps, kappa=1.0)
   average, _ = run(corrections.share_bound(0.2, kappa=1.0, reference="average", decay=0.9), steps)
   gv, rv = flat_steps(steps)[-1][0], flat_steps(steps)[-1][1][0]
   assert 0.2 * np.linalg.norm(rv) < np.linalg.norm(gv)                     # below |g|: the current bound is idle
@@ -308,10 +338,11 @@ def test_subspace_basis_stays_orthonormal_and_fills_in_turn():
 @pytest.mark.parametrize("name", ["subspace", "ema"])
 def test_a_non_finite_empirical_gradient_leaves_the_memory_there_as_it_was(name):
   steps = conflicting_steps(2, seed=11)
-  _, state = run(make(name, 0.7), steps[:1])
+  _, state = run_variant(name, 0.7, steps[:1])
   g, rs = steps[1]
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
-  direction, after = jax.jit(make(name, 0.7).update)(bad, state, PARAMS, regularizer_grads=rs[0])
+  factory, options = VARIANTS[name]
+  direction, after = shared_update(factory, 0.7, **options)(bad, state, PARAMS, regularizer_grads=rs[0])
   assert not np.isfinite(flat(leaves64(direction))).all()
   if name == "ema":   # the non-finite elements keep their average; the others take the step as usual
     want = jax.tree.map(lambda m, x: jnp.where(jnp.isfinite(x), 0.8 * m + 0.2 * x, m), state.ema, bad)
@@ -342,7 +373,7 @@ def test_unprojected_leaves_get_the_plain_sum_and_keep_no_memory():
 def test_diagnostics_and_removed_fraction_describe_the_returned_direction(name):
   lams = [0.5, 2.0]
   steps = conflicting_steps(2, seed=13, num_regularizers=2)
-  directions, state = run(make(name, lams), steps)
+  directions, state = run_variant(name, lams, steps)
   (gv, rvs), dv = flat_steps(steps)[-1], directions[-1]
   combined = sum(lam * rv for lam, rv in zip(lams, rvs))
   diag = state.diagnostics
