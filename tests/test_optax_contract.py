@@ -15,6 +15,8 @@ compile and ``lax.cond`` run jitted, dtypes and unknown extra args are traced (`
 tracers).
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,20 +92,43 @@ def test_update_ignores_unknown_extra_args(name):
   chex.assert_trees_all_equal_shapes_and_dtypes(traced, plain)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jitted_step_does_not_recompile_on_second_call(name):
-  tx = optax.chain(make(name, optax.exponential_decay(0.5, 5, 0.5)), optax.sgd(0.01, momentum=0.9))
+def _jitted_run(name):
+  """``name`` chained with SGD, its weight a schedule, stepped three times by one jitted program in which
+  ``lax.cond`` applies the update or keeps the state, then once more with the update off: the states, and the
+  program's cache size after the four calls."""
+  tx = optax.chain(make(name, optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5)),
+                   optax.sgd(0.01, momentum=0.9))
 
   @jax.jit
-  def step(params, state):
+  def step(flag, params, state):
     # gradients that change with the parameters, as a training step's do
     g = jax.tree.map(lambda e, p: e + 0.1 * p, EMPIRICAL, params)
-    updates, state = tx.update((g, REGULARIZER), state, params)
-    return optax.apply_updates(params, updates), state
 
-  params, state = step(PARAMS, tx.init(PARAMS))
-  step(params, state)
-  assert step._cache_size() == 1
+    def apply(operand):
+      params, state = operand
+      updates, state = tx.update((g, REGULARIZER), state, params)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.cond(flag, apply, lambda operand: operand, (params, state))
+
+  params, states = PARAMS, [tx.init(PARAMS)]
+  for _ in range(3):
+    params, state = step(True, params, states[-1])
+    states.append(state)
+  _, skipped = step(False, params, states[0])
+  return {"initial": states[0], "stepped": states[1:], "skipped": skipped, "cache_size": step._cache_size()}
+
+
+@pytest.fixture(scope="module")
+def jitted_run():
+  """``jitted_run(name)``: :func:`_jitted_run` of the transformation, run once per transformation for the tests of
+  one compile, of ``lax.cond`` and of schedules (one program serves the three, where each compiled its own)."""
+  return functools.cache(_jitted_run)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jitted_step_does_not_recompile_on_second_call(name, jitted_run):
+  assert jitted_run(name)["cache_size"] == 1   # the initial state, the updated ones and the update off: one program
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,27 +156,18 @@ def test_updates_keep_the_parameters_dtype(name, dtype):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_is_stable_under_lax_cond(name):
-  tx = make(name, 0.1)
-  state = tx.init(PARAMS)
-
-  @jax.jit
-  def maybe_update(flag, state):
-    return jax.lax.cond(flag, lambda s: tx.update((EMPIRICAL, REGULARIZER), s, PARAMS)[1], lambda s: s, state)
-
-  updated = maybe_update(True, state)
+def test_state_is_stable_under_lax_cond(name, jitted_run):
+  run = jitted_run(name)
+  updated, state = run["stepped"][0], run["initial"]
   chex.assert_trees_all_equal_structs(updated, state)
   chex.assert_trees_all_equal_shapes_and_dtypes(updated, state)
-  assert int(updated.count) == 1 and int(maybe_update(False, state).count) == 0
+  assert int(updated[0].count) == 1 and int(run["skipped"][0].count) == 0
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_schedule_weight_is_evaluated_at_the_step_count(name):
-  tx = make(name, optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5))
-  state = tx.init(PARAMS)
-  for step in range(3):
-    _, state = tx.update((EMPIRICAL, REGULARIZER), state, PARAMS)
-    np.testing.assert_allclose(state.diagnostics.reg_weight, 0.5 ** step)
+def test_schedule_weight_is_evaluated_at_the_step_count(name, jitted_run):
+  for step, state in enumerate(jitted_run(name)["stepped"]):
+    np.testing.assert_allclose(state[0].diagnostics.reg_weight, 0.5 ** step)
 
 
 @pytest.mark.parametrize("name", NAMES)
