@@ -1,10 +1,10 @@
 """``dtnh_jax.host_memory``: XLA:CPU's freed memory kept for the next execution, so that it faults in no pages.
 
 Each case that needs a fresh process (glibc's arenas are chosen by a thread's first allocation) runs one: a
-jitted program with 100 MB of temporaries, run 24 times (kept, the heap settles within about 20 calls), then
+jitted program with three 36 MB temporaries, run 24 times (kept, the heap settles within about 20 calls), then
 seven times, each call's minor page faults counted (``resource.getrusage``); the median call's is compared
 (while the heap settles, a call now and then faults in its pages anew: ``dtnh_jax.host_memory``). Measured on a
-2-core AMD EPYC, glibc 2.36, jax 0.10.2: 36,600 faults per call as glibc and XLA leave it, 0 with
+2-core AMD EPYC, glibc 2.36, jax 0.10.2: 26,400 faults per call as glibc and XLA leave it, 0 with
 :func:`keep_freed_memory` called first.
 """
 
@@ -27,8 +27,9 @@ _FAULTS = textwrap.dedent("""
     from dtnh_jax import host_memory
     kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
     import jax, jax.numpy as jnp
-    x = jnp.ones((2, 12_500_000), jnp.float32)
-    # 50 MB intermediates that XLA keeps in its temporary buffers (x's rows, each through sin and cos)
+    x = jnp.ones((2, 9_000_000), jnp.float32)
+    # 36 MB intermediates that XLA keeps in its temporary buffers (x's rows, each through sin and cos): each above
+    # glibc's largest mmap threshold (32 MiB), so mapped afresh by every call unless the freed memory is kept
     program = jax.jit(lambda x: jnp.sum(jnp.sin(x[0]) * jnp.cos(x[1])) + jnp.sum(jnp.cos(x[0] + x[1])))
     for _ in range(24):
       program(x).block_until_ready()
@@ -61,7 +62,7 @@ def runs():
 def test_kept_memory_is_reused_by_the_next_execution_without_page_faults(runs):
   default, kept = runs["default"], runs["keep"]
   assert kept["kept"] is True and "RuntimeWarning" not in kept["stderr"]
-  # 100 MB of temporaries are 24,000 pages of 4 KiB or more; kept, the next call maps none afresh
+  # 108 MB of temporaries are 26,000 pages of 4 KiB or more; kept, the next call maps none afresh
   assert default["faults_per_call"] > 10_000
   assert kept["faults_per_call"] < default["faults_per_call"] / 100
 
