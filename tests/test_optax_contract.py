@@ -11,8 +11,8 @@ name it.
 Numbers are compared unjitted, op by op: jitting each case's programs (two per test and transformation) was most
 of this file's time, and the primitives one case compiles are reused by the next; ``inject_hyperparams``'s many
 small ops are one jitted program for both updates instead. What jit adds is checked where it is the property: one
-compile and ``lax.cond`` run jitted, dtypes and unknown extra args are traced (``jax.eval_shape``, extra args as
-tracers).
+compile and ``lax.cond`` run jitted (one run per transformation, which the schedule's test reads too), dtypes and
+unknown extra args are traced (``jax.eval_shape``, extra args as tracers).
 """
 
 import functools
