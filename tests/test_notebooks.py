@@ -161,9 +161,15 @@ def _venv(root, with_pip=True):
 
 @pytest.fixture(scope="module")
 def _venv_with_pip(tmp_path_factory):
-  """A new virtual environment with pip, made once for the module: ``python -m venv`` runs ensurepip, seconds of
-  CPU each time. The install tests get copies of it (:func:`new_venv_with_pip`), so each installs into its own."""
-  return _venv(tmp_path_factory.mktemp("template") / "venv").parent.parent
+  """A new virtual environment with pip, made once for the module: ``python -m venv --without-pip`` with this
+  environment's pip linked into its site-packages (``python -m venv`` would run ensurepip, seconds of CPU, for the
+  same pip). The install tests get copies of it (:func:`new_venv_with_pip`), so each installs into its own."""
+  import pip  # pylint: disable=g-import-not-at-top
+  python = _venv(tmp_path_factory.mktemp("template") / "venv", with_pip=False)
+  site = pathlib.Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+  (site / "pip").symlink_to(pathlib.Path(pip.__file__).parent)
+  return python.parent.parent
 
 
 @pytest.fixture
@@ -204,8 +210,9 @@ def test_install_cell_installs_from_the_checkout_it_runs_in(path, tmp_path, new_
 
 @pytest.mark.slow
 def test_install_cell_installs_from_DTNH_JAX_SOURCE(tmp_path, new_venv_with_pip):
-  # The cell's code is the same in every notebook; the checkout test above runs each one's requirements.
-  path = NOTEBOOKS_DIR / "quickstart.ipynb"
+  # The cell's code is the same in every notebook; the checkout test above runs each one's requirements. This
+  # notebook's are dtnh-jax alone (the quickstart's add matplotlib, seconds more to install).
+  path = NOTEBOOKS_DIR / "reproduce_paper.ipynb"
   python = new_venv_with_pip(tmp_path / "venv")
   copy_build_inputs(tmp_path / "elsewhere")
   result = _run_install_cell(path, python, cwd=tmp_path, PIP_NO_DEPS="1",
