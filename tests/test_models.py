@@ -8,6 +8,7 @@ feature maps and masked forward passes must agree to float32 rounding.
 
 import functools
 import logging
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,25 @@ def test_init_variables_accepts_raw_keys_and_int_seeds():
   jax.tree.map(np.testing.assert_array_equal, from_int, from_key)
   from_raw = resnet.init_variables(model, jax.random.PRNGKey(5), 8)
   assert jax.tree.structure(from_raw) == jax.tree.structure(from_key)
+
+
+def test_init_variables_again_with_the_same_arguments_traces_the_model_no_second_time():
+  model = _tiny_model(width=0.125)
+  traced = []
+  original = resnet.ResNet.lazy_init
+  counting = lambda self, *args, **kwargs: traced.append(1) or original(self, *args, **kwargs)
+  with mock.patch.object(resnet.ResNet, "lazy_init", counting):
+    first = resnet.init_variables(model, jax.random.PRNGKey(11), 8)
+    first["params"]["fc"] = None  # a caller's change to its dicts is its own
+    again = resnet.init_variables(model, jax.random.PRNGKey(11), 8)
+    assert len(traced) == 1
+    other_seed = resnet.init_variables(model, jax.random.PRNGKey(12), 8)
+    other_size = resnet.init_variables(model, jax.random.PRNGKey(11), 12)
+    assert len(traced) == 3
+  expected = jax.jit(model.init)(jax.random.PRNGKey(11), jnp.zeros((1, 8, 8, 3)))
+  jax.tree.map(np.testing.assert_array_equal, again, dict(expected))
+  assert not np.array_equal(other_seed["params"]["conv1"]["kernel"], again["params"]["conv1"]["kernel"])
+  assert jax.tree.structure(other_size) == jax.tree.structure(again)
 
 
 def test_new_widths_and_sizes_compile_no_new_random_number_code(caplog):

@@ -53,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -513,7 +514,9 @@ def init_variables(model: nn.Module, rng: jax.Array | int,
   distribution. The first call in a process takes about a second on a CPU and
   later calls a fraction of one, for any architecture, width or image size,
   where an eager ``model.init`` also compiles every operation of the forward
-  pass for the new shapes.
+  pass for the new shapes. The variables of the last two calls (model, key,
+  size) are kept and returned again (in new dicts; the arrays are immutable)
+  for a call with the same arguments, without tracing the model again.
 
   Args:
     model: a :class:`ResNet` (or any Flax module called as
@@ -530,8 +533,46 @@ def init_variables(model: nn.Module, rng: jax.Array | int,
     rng = jax.random.key(rng)
   height, width = ((image_size, image_size) if isinstance(image_size, int)
                    else tuple(image_size))
+  key = _initialization_key(model, rng, height, width)
+  if key is None:  # traced (under jit or eval_shape), or a module that is not hashable
+    return _lazy_init(model, rng, height, width)
+  # new containers around the same (immutable) arrays: a caller may change its dicts
+  return jax.tree.map(lambda leaf: leaf, _remembered_init(key, model, rng, height, width))
+
+
+def _lazy_init(model, rng, height: int, width: int) -> dict[str, Any]:
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   return dict(model.lazy_init(rng, images, train=False))
+
+
+def _initialization_key(model, rng, height: int, width: int) -> tuple | None:
+  """What determines the initial variables, hashable; None where they cannot be remembered."""
+  if isinstance(rng, jax.core.Tracer):
+    return None
+  try:
+    hash(model)
+  except TypeError:
+    return None
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  data = np.asarray(jax.random.key_data(rng) if typed else rng)
+  return (model, str(rng.dtype), data.shape, data.tobytes(), height, width, jax.config.jax_enable_x64,
+          str(jax.config.jax_default_device))
+
+
+# The last two initializations' variables: the runs of a grid that start from scratch (one seed, one model) trace
+# the forward pass for lazy_init once, not once per run.
+_REMEMBERED = collections.OrderedDict()
+_REMEMBERED_COUNT = 2
+
+
+def _remembered_init(key: tuple, model, rng, height: int, width: int) -> dict[str, Any]:
+  if key in _REMEMBERED:
+    _REMEMBERED.move_to_end(key)
+  else:
+    _REMEMBERED[key] = _lazy_init(model, rng, height, width)
+    while len(_REMEMBERED) > _REMEMBERED_COUNT:
+      _REMEMBERED.popitem(last=False)
+  return _REMEMBERED[key]
 
 
 def replace_head(variables: Mapping[str, Any], num_classes: int,
