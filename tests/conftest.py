@@ -158,6 +158,17 @@ def _sources_out_of_the_users_cache(tmp_path_factory):
     os.environ["DTNH_JAX_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_the_session_folder(tmp_path_factory):
+  """``tempfile``'s folder is one of this pytest process's (pytest keeps the last three sessions' and removes the
+  older ones): TFDS's builders leave an empty ``tmp*tfds`` folder behind for each mocked dataset they open
+  (``DatasetInfo.initialize_from_bucket``), 1,254 of them in the system's folder after a few dozen runs."""
+  previous = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+  yield
+  tempfile.tempdir = previous
+
+
 @pytest.fixture(scope="session")
 def _straight_fast_run(tmp_path_factory):
   """``(workdir, results)`` of one uninterrupted run of ``helpers.FAST``, trained once per pytest process."""
