@@ -46,14 +46,20 @@ def run_benchmark(name, *args, env=None):
 def run_script(monkeypatch, capsys):
   """``run_script(name, *args)``: the printed lines of ``python benchmarks/NAME.py ARGS`` run in this process:
   the file executed as ``__main__`` with that ``sys.argv`` (a non-zero exit raises ``SystemExit``); the
-  ``sys.path`` entry it adds is removed after the test."""
+  ``sys.path`` entry and the environment variables it sets are removed after it."""
   monkeypatch.setattr(sys, "path", list(sys.path))
 
   def run(name, *args):
     script = BENCHMARKS / f"{name}.py"
     monkeypatch.setattr(sys, "argv", [str(script), *args])
     capsys.readouterr()
-    runpy.run_path(str(script), run_name="__main__")
+    environment = dict(os.environ)
+    try:
+      runpy.run_path(str(script), run_name="__main__")
+    finally:
+      for key in set(os.environ) - set(environment):
+        del os.environ[key]
+      os.environ.update(environment)
     return capsys.readouterr().out.strip().splitlines()
 
   return run
