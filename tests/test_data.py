@@ -220,18 +220,22 @@ def test_threads_do_not_change_the_batches():
 
 @pytest.mark.slow
 def test_worker_processes_do_not_change_the_batches():
+  """One pool of worker processes (each start imports the libraries: ~2 CPU-s a worker) in a loader restored
+  mid-stream: its batches are the in-process loader's, and the state it gives after them resumes an in-process
+  loader exactly."""
   source = _indexed_source(16, size=10)
   kwargs = dict(batch_size=4, seed=0, resize=10, crop=8)
-  in_process = _take(data.make_train_loader(source, **kwargs), 5)
-  with data.make_train_loader(source, num_workers=2, **kwargs) as loader:
-    _take(loader, 2)
-    state = loader.get_state()
-    with_workers = _take(loader, 3)
-  _assert_same_batches(with_workers, in_process[2:])
-  restored = data.make_train_loader(source, num_workers=2, **kwargs)
-  restored.set_state(state)
-  _assert_same_batches(_take(restored, 3), in_process[2:])
-  restored.close()
+  expected = _take(data.make_train_loader(source, **kwargs), 7)
+  in_process = data.make_train_loader(source, **kwargs)
+  _take(in_process, 2)
+  state = in_process.get_state()
+  with data.make_train_loader(source, num_workers=2, **kwargs) as with_workers:
+    with_workers.set_state(state)
+    _assert_same_batches(_take(with_workers, 3), expected[2:5])
+    state = with_workers.get_state()
+  resumed = data.make_train_loader(source, **kwargs)
+  resumed.set_state(state)
+  _assert_same_batches(_take(resumed, 2), expected[5:7])
 
 
 def test_two_shards_are_disjoint_and_cover_the_data():
