@@ -336,14 +336,16 @@ def test_shipped_table_records_its_measurements_and_covers_resnet18_at_the_bench
 # --- the models ----------------------------------------------------------------------------------------------------
 
 
-def test_converted_resnet18_matches_torchvision_with_every_conv_as_im2col(random_torchvision_resnet):
-  """tests/test_models.py checks the measured choice (and XLA's convolutions off the CPU); this, im2col everywhere."""
+def test_converted_resnet10_matches_torchvision_with_every_conv_as_im2col(random_torchvision_resnet):
+  """tests/test_models.py checks the measured choice (and XLA's convolutions off the CPU); this, im2col everywhere.
+  ResNet-10: every kind of ResNet convolution (stem, 3x3 of stride 1 and 2, 1x1 downsampling), half ResNet-18's
+  blocks to compile."""
   torch = pytest.importorskip("torch")
-  torch_model = random_torchvision_resnet("resnet18")
-  variables = convert.convert_torchvision(torch_model.state_dict(), "resnet18")
+  torch_model = random_torchvision_resnet("resnet10", num_classes=10)
+  variables = convert.convert_torchvision(torch_model.state_dict(), "resnet10")
   images = np.random.RandomState(0).randn(2, 57, 57, 3).astype(np.float32)   # odd: every padding is exercised
   with conv.force("im2col"):
-    logits = jax.jit(lambda v, x: resnet.resnet18().apply(v, x))(variables, images)
+    logits = jax.jit(lambda v, x: resnet.resnet10(num_classes=10).apply(v, x))(variables, images)
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   difference = float(np.max(np.abs(np.asarray(logits, np.float64) - expected)))
