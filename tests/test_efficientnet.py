@@ -214,6 +214,11 @@ def odd_size_eval():
   return (logits, features), (expected, maps)
 
 
+def _feature_masks():
+  """Masks of ones for layer2 and layer4: passed, they change no value."""
+  return {"layer2": np.ones(40, np.float32), "layer4": np.ones(1280, np.float32)}
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_eval_logits_match_the_pytorch_reference(size, request):
   import torch  # pylint: disable=g-import-not-at-top
@@ -224,8 +229,10 @@ def test_eval_logits_match_the_pytorch_reference(size, request):
     images = _images(size)
     with torch.no_grad():
       expected = reference.eval()(_to_torch(images)).numpy()
+    # the masked tests' program (masks are inputs of it) with masks of ones, which change nothing: one compiled
+    # program at 32 for both; the forward pass without masks is the odd size's and the depthwise test's
     with jax.default_matmul_precision("highest"):
-      logits = _apply(_lite0(), variables, images)
+      logits = _apply(_lite0(), variables, images, _feature_masks())
   assert logits.dtype == jnp.float32
   _assert_close(logits, expected, RTOL)
 
@@ -284,7 +291,7 @@ def test_feature_mask_equals_zeroing_the_channel_in_pytorch(layer, channels):
       expected = reference.eval()(_to_torch(images)).numpy()
   finally:
     handle.remove()
-  masks = {"layer2": np.ones(40, np.float32), "layer4": np.ones(1280, np.float32)}  # one program for both cases
+  masks = _feature_masks()  # one program for both cases (and for the eval logits at 32)
   masks[layer][channel] = 0
   assert masks[layer].shape == (channels,)
   with jax.default_matmul_precision("highest"):
