@@ -287,21 +287,38 @@ def _all_finite(tree):
   return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
 
 
-def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def stopped_then_skipped(tmp_path_factory):
+  """One run stopped by a NaN loss at step 3 and resumed as its message advises, skipping the step, with a checkpoint
+  after every step: what the stop left (read before the resume) and the skipping run's checkpoints, shared by the
+  stop test and the skipped-step test (one run and one resume instead of a run for each)."""
+  workdir = tmp_path_factory.mktemp("stopped-then-skipped")
   config = TrainConfig.create(**{**FAST, "log_every": 5})  # found when the checkpoint of step 4 is due
-  with pytest.raises(loop.NonFiniteLossError,
-                     match=r"step 3: the loss or the update is not finite.*newest checkpoint \(step 2\)"):
-    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
-  step, state, _, _ = newest_checkpoint(tmp_path)
-  assert step == 2 and sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [2]
-  assert _all_finite(state)
-  last = run_metrics(tmp_path)[-1]
+  with pytest.raises(loop.NonFiniteLossError) as stop:
+    loop.train(config, workdir, data=_data_with_nan_batch(config, 3))
+  step, state, _, _ = newest_checkpoint(workdir)
+  stopped = {"error": str(stop.value), "step": step, "finite": _all_finite(state), "last": run_metrics(workdir)[-1],
+             "checkpoints": sorted(int(p) for p in os.listdir(workdir / "checkpoints"))}
+  # the message's advice: the same run goes on from there, skipping the step (checkpoints are bookkeeping: one
+  # after every step, all kept, to compare the states around the skipped step)
+  with pytest.warns(RuntimeWarning) as warnings:
+    loop.train(config.replace(on_nonfinite="skip", checkpoint_every=1, keep_checkpoints=10), workdir,
+               data=_data_with_nan_batch(config, 3))
+  return workdir, stopped, [str(w.message) for w in warnings if issubclass(w.category, RuntimeWarning)]
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(stopped_then_skipped):
+  workdir, stopped, warnings = stopped_then_skipped
+  assert re.search(r"step 3: the loss or the update is not finite.*newest checkpoint \(step 2\)", stopped["error"]), \
+      stopped["error"]
+  assert stopped["step"] == 2 and stopped["checkpoints"] == [2]
+  assert stopped["finite"]
+  last = stopped["last"]
   assert last["step"] == 3 and last["skipped"] == 1.0 and math.isnan(last["loss_empirical"])
 
   # the message's advice: the same run goes on from there, skipping the step
-  with pytest.warns(RuntimeWarning, match=r"step 3: .*skipped"):
-    loop.train(config.replace(on_nonfinite="skip"), tmp_path, data=_data_with_nan_batch(config, 3))
-  assert [r["skipped"] for r in run_metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
+  assert any(re.search(r"step 3: .*skipped", warning) for warning in warnings), warnings
+  assert [r["skipped"] for r in run_metrics(workdir) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
 
 
 def test_cli_stops_on_a_nonfinite_loss_with_exit_code_1_and_the_step(tmp_path, capsys, monkeypatch):
@@ -342,11 +359,10 @@ def test_a_grid_records_a_diverged_run_and_goes_on_to_the_next(tmp_path, capsys,
   assert "at step 2" in capsys.readouterr().out
 
 
-def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchanged(tmp_path):
-  config = TrainConfig.create(**{**FAST, "on_nonfinite": "skip", "checkpoint_every": 1, "keep_checkpoints": 10})
-  with pytest.warns(RuntimeWarning, match=r"step 3: the loss or the update is not finite.*skipped"):
-    loop.train(config, tmp_path, data=_data_with_nan_batch(config, 3))
-  before, skipped, after = (_checkpoint_at(tmp_path, step) for step in (2, 3, 4))
+def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchanged(stopped_then_skipped):
+  workdir, _, warnings = stopped_then_skipped
+  assert any(re.search(r"step 3: the loss or the update is not finite.*skipped", warning) for warning in warnings)
+  before, skipped, after = (_checkpoint_at(workdir, step) for step in (2, 3, 4))
   for part in ("params", "opt_state", "batch_stats"):
     assert_trees_equal(skipped["state"][part], before["state"][part], part)
   # the step counter, the RNG and the data position advance as for any step
@@ -355,4 +371,4 @@ def test_skipped_nonfinite_step_leaves_params_optimizer_and_batch_stats_unchange
   assert not np.array_equal(skipped["state"]["rng"], before["state"]["rng"])
   assert not np.array_equal(after["state"]["params"]["fc"]["kernel"], skipped["state"]["params"]["fc"]["kernel"])
   assert _all_finite(after["state"])
-  assert [r["skipped"] for r in run_metrics(tmp_path) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
+  assert [r["skipped"] for r in run_metrics(workdir) if r["kind"] == "train"] == [0, 0, 1, 0, 0, 0]
