@@ -194,11 +194,20 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(method, 
   assert lines("resumed") == lines("straight")
 
 
-def test_checkpoint_holds_state_data_position_and_rng(tmp_path):
-  loop.train(tiny(method="l2-sp"), tmp_path, stop_after=2)
-  assert {"data", "extra", "state"} <= set(os.listdir(tmp_path / "checkpoints" / "2"))
+@pytest.fixture(scope="module")
+def stopped_l2_sp_run(tmp_path_factory):
+  """The workdir of an L2-SP run stopped after 2 steps (its checkpoint of step 2), trained once for the module: the
+  checkpoint test reads it back, the settings test is refused in it (before anything is written there)."""
+  sources.pretrain_sources(TrainConfig.create(**TINY))  # as small_offline_sources: a module fixture comes first
+  workdir = tmp_path_factory.mktemp("stopped_l2_sp")
+  loop.train(tiny(method="l2-sp"), workdir, stop_after=2)
+  return workdir
+
+
+def test_checkpoint_holds_state_data_position_and_rng(stopped_l2_sp_run):
+  assert {"data", "extra", "state"} <= set(os.listdir(stopped_l2_sp_run / "checkpoints" / "2"))
   from dtnh_jax.train import checkpoint
-  step, state, data_state, extra = checkpoint.Checkpoints(tmp_path).restore(None)
+  step, state, data_state, extra = checkpoint.Checkpoints(stopped_l2_sp_run).restore(None)
   assert step == 2 and data_state["step"] == 2 and extra["method"] == "l2-sp"
   assert {"params", "batch_stats", "opt_state", "rng", "step"} <= set(state)
 
@@ -208,10 +217,9 @@ def test_last_n_checkpoints_are_kept(tmp_path):
   assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [4, 6]
 
 
-def test_other_settings_in_the_same_workdir_are_refused(tmp_path):
-  loop.train(tiny(method="l2-sp"), tmp_path, stop_after=1)
+def test_other_settings_in_the_same_workdir_are_refused(stopped_l2_sp_run):
   with pytest.raises(ConfigError, match="holds a run with other settings"):
-    loop.train(tiny(method="knowdist"), tmp_path)
+    loop.train(tiny(method="knowdist"), stopped_l2_sp_run)
 
 
 def test_run_writes_metrics_plots_results_and_tensorboard(tmp_path):
@@ -290,15 +298,24 @@ def test_the_library_steps_are_unjitted_and_placement_jits_them():
   assert hasattr(jax.jit(train_step), "lower")
 
 
-def test_validation_split_is_carved_from_the_training_pool_and_evaluated(tmp_path):
+@pytest.fixture(scope="module")
+def validation_run(tmp_path_factory):
+  """``(workdir, results)`` of one short run with a validation split, trained once for the module: the validation
+  test reads its evaluations, the provenance test its record (any run's: no run of its own)."""
+  sources.pretrain_sources(TrainConfig.create(**TINY))  # as small_offline_sources: a module fixture comes first
+  workdir = tmp_path_factory.mktemp("validation_run")
+  return workdir, loop.train(tiny(val_fraction=0.2, steps=2, eval_every=2), workdir)
+
+
+def test_validation_split_is_carved_from_the_training_pool_and_evaluated(validation_run):
   pool = load_data(tiny())
   data = load_data(tiny(val_fraction=0.2, seed=1))
   assert data.val_batches is not None and data.split["seed"] == 1  # the run's seed redraws the split
   val_count = sum(int(b["mask"].sum()) for b in data.val_batches())
   assert data.num_train + val_count == pool.num_train and val_count == data.split["num_val"] > 0
   assert load_data(tiny(val_fraction=0.2, seed=1, split_seed=5)).split["seed"] == 5
-  results = loop.train(tiny(val_fraction=0.2, steps=2, eval_every=2), tmp_path)
-  evaluations = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+  workdir, results = validation_run
+  evaluations = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eval"' in line]
   assert results["val_accuracy"] == evaluations[-1]["val_accuracy"] and "test_accuracy" in evaluations[-1]
   assert (results["reg_weight"], results["reg_decay"]) == (tiny().recipe.reg_weight, tiny().recipe.reg_decay)
 
@@ -374,12 +391,12 @@ def test_max_angle_reaches_dtnh_and_is_refused_with_an_aggregator():
   assert step_lib.make_optimizer(tiny(max_angle=60.0), 2) is not None
 
 
-def test_results_record_where_they_were_computed(tmp_path):
-  results = loop.train(tiny(steps=2, eval_every=2), tmp_path)
+def test_results_record_where_they_were_computed(validation_run):
+  workdir, results = validation_run
   record = results["provenance"]
   assert record["versions"]["jax"] == jax.__version__ and record["backend"] == jax.default_backend()
   assert record["cpu"] and record["devices"].startswith(f"{jax.device_count()} x ")
-  assert json.load(open(tmp_path / "results.json"))["provenance"] == record
+  assert json.load(open(workdir / "results.json"))["provenance"] == record
 
 
 def test_delta_attention_fits_its_head_on_a_whole_epoch_and_ranks_channels_on_four_batches(tiny_problem,
