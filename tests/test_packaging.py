@@ -1,11 +1,12 @@
 """The package as users get it: the wheel's files and metadata, and a core that works without Flax.
 
 The build backend that pyproject.toml names (``setuptools.build_meta``) builds the wheel once for the module,
-with this environment's setuptools where it meets ``build-system.requires`` (else ``pip wheel``). The clean environment is ``python -m venv --without-pip`` with the
-wheel installed by this interpreter's pip (``pip --python``), and beside it only the distributions that the
-wheel's unconditional ``Requires-Dist`` pull in, transitively, linked from this environment. So that environment
-needs no network, takes a few seconds, and holds exactly what ``pip install dtnh-jax`` would bring: if the core
-imported anything undeclared, or Flax, the import there fails.
+with this environment's setuptools where it meets ``build-system.requires`` (else ``pip wheel``). The clean
+environment is ``python -m venv --without-pip`` with the wheel installed by this interpreter's pip (``pip
+--python``), and beside it only the distributions that the wheel's unconditional ``Requires-Dist`` pull in,
+transitively, linked from this environment. So that environment needs no network, takes a few seconds, and holds
+exactly what ``pip install dtnh-jax`` would bring: if the core imported anything undeclared, or Flax, the import
+there fails.
 """
 
 import email.parser
