@@ -97,7 +97,7 @@ def tree_checksums(tree: Any, *, on_device: bool | None = None) -> dict[str, str
   """
   named = [(_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
            if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
-  on_host = [not on_device and (on_device is False or _in_host_memory(leaf)) for _, leaf in named]
+  on_host = [_in_host_memory(leaf) if on_device is None else not on_device for _, leaf in named]
   rows = [_host_sums(leaf) if host else None for (_, leaf), host in zip(named, on_host)]
   device = [index for index, host in enumerate(on_host) if not host]
   if device:

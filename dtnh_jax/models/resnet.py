@@ -53,7 +53,7 @@ Example::
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -537,7 +537,7 @@ def init_variables(model: nn.Module, rng: jax.Array | int,
   if key is None:  # traced (under jit or eval_shape), or a module that is not hashable
     return _lazy_init(model, rng, height, width)
   # new containers around the same (immutable) arrays: a caller may change its dicts
-  return jax.tree.map(lambda leaf: leaf, _remembered_init(key, model, rng, height, width))
+  return jax.tree.map(lambda leaf: leaf, _remembered_init(_Initialization(key, model, rng, height, width)))
 
 
 def _lazy_init(model, rng, height: int, width: int) -> dict[str, Any]:
@@ -559,20 +559,21 @@ def _initialization_key(model, rng, height: int, width: int) -> tuple | None:
           str(jax.config.jax_default_device))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Initialization:
+  """The arguments of one initialization, equal (and hashed) by their ``key`` alone."""
+  key: tuple
+  model: Any = dataclasses.field(compare=False)
+  rng: Any = dataclasses.field(compare=False)
+  height: int = dataclasses.field(compare=False)
+  width: int = dataclasses.field(compare=False)
+
+
 # The last two initializations' variables: the runs of a grid that start from scratch (one seed, one model) trace
 # the forward pass for lazy_init once, not once per run.
-_REMEMBERED = collections.OrderedDict()
-_REMEMBERED_COUNT = 2
-
-
-def _remembered_init(key: tuple, model, rng, height: int, width: int) -> dict[str, Any]:
-  if key in _REMEMBERED:
-    _REMEMBERED.move_to_end(key)
-  else:
-    _REMEMBERED[key] = _lazy_init(model, rng, height, width)
-    while len(_REMEMBERED) > _REMEMBERED_COUNT:
-      _REMEMBERED.popitem(last=False)
-  return _REMEMBERED[key]
+@functools.lru_cache(maxsize=2)
+def _remembered_init(call: _Initialization) -> dict[str, Any]:
+  return _lazy_init(call.model, call.rng, call.height, call.width)
 
 
 def replace_head(variables: Mapping[str, Any], num_classes: int,

@@ -171,17 +171,16 @@ def _summary_writer_class():
   imported, tensorboardX is imported with PyTorch hidden (``sys.modules["torch"] = None`` makes ``import torch``
   raise ImportError, which tensorboardX handles), and PyTorch is importable again right after.
   """
-  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+  hide_torch = "tensorboardX" not in sys.modules and "torch" not in sys.modules
+  if hide_torch:
     sys.modules["torch"] = None
-    try:
-      return _summary_writer_class()
-    finally:
-      if sys.modules.get("torch", ...) is None:
-        del sys.modules["torch"]
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional)
   except ImportError:
     return None
+  finally:
+    if hide_torch and sys.modules.get("torch", ...) is None:
+      del sys.modules["torch"]
   return SummaryWriter
 
 
