@@ -22,10 +22,11 @@ tfds = pytest.importorskip("tensorflow_datasets")
 TINY = {**presets.tiny(), "source": "related", "log_every": 2}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def small_offline_sources():
   """The offline sources pre-trained for a few steps (the tiny preset's), once per pytest process: into the
-  suite's own source cache (tests/conftest.py), where the other modules' tiny runs find them too."""
+  suite's own source cache (tests/conftest.py), where the other modules' tiny runs find them too. Module-scoped
+  and autouse, so it comes before the module fixtures that load them, whichever test runs first."""
   sources.pretrain_sources(TrainConfig.create(**TINY))
 
 
@@ -198,7 +199,6 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(method, 
 def stopped_l2_sp_run(tmp_path_factory):
   """The workdir of an L2-SP run stopped after 2 steps (its checkpoint of step 2), trained once for the module: the
   checkpoint test reads it back, the settings test is refused in it (before anything is written there)."""
-  sources.pretrain_sources(TrainConfig.create(**TINY))  # as small_offline_sources: a module fixture comes first
   workdir = tmp_path_factory.mktemp("stopped_l2_sp")
   loop.train(tiny(method="l2-sp"), workdir, stop_after=2)
   return workdir
@@ -302,7 +302,6 @@ def test_the_library_steps_are_unjitted_and_placement_jits_them():
 def validation_run(tmp_path_factory):
   """``(workdir, results)`` of one short run with a validation split, trained once for the module: the validation
   test reads its evaluations, the provenance test its record (any run's: no run of its own)."""
-  sources.pretrain_sources(TrainConfig.create(**TINY))  # as small_offline_sources: a module fixture comes first
   workdir = tmp_path_factory.mktemp("validation_run")
   return workdir, loop.train(tiny(val_fraction=0.2, steps=2, eval_every=2), workdir)
 
